@@ -1,0 +1,175 @@
+"""One adapter for every model: pixel-space NCHW images in [0, 1] go in, checked logits come out.
+
+The engine talks only to :class:`LogitsModel`. It applies the user's preprocessing inside the graph,
+unwraps dict outputs that carry ``logits``, and on its first call checks that the output is a batch of
+logits whose width matches the class list. TensorFlow models join through the gradient bridge in
+``leapcore.frameworks.tensorflow``, which returns a torch module of the same kind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from leapcore.errors import InputError, ModelOutputError
+
+Preprocessing = (
+    Callable[[torch.Tensor], torch.Tensor] | Sequence[Callable[[torch.Tensor], torch.Tensor]] | None
+)
+
+
+def compose_preprocessing(
+    preprocessing: Preprocessing,
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Accept None, one callable, or leap-ie's list of callables (applied in order)."""
+    if preprocessing is None:
+        return None
+    if callable(preprocessing) and not isinstance(preprocessing, (list, tuple)):
+        return preprocessing
+    steps = list(preprocessing)
+    for step in steps:
+        if not callable(step):
+            raise InputError(
+                f"preprocessing must be a callable or a list of callables; got an item of type "
+                f"{type(step).__name__}."
+            )
+    if not steps:
+        return None
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            x = step(x)
+        return x
+
+    return apply
+
+
+def unwrap_logits(output: Any) -> torch.Tensor:
+    """Take the logits out of a model output: a tensor, a dict with ``logits``, or an HF-style object."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        if "logits" in output:
+            return output["logits"]
+        raise ModelOutputError(
+            f"the model returned a dict with keys {sorted(map(str, output))} and no 'logits' key. "
+            "Wrap the model so that it returns the logits tensor (see README: 'Models that return "
+            "something else')."
+        )
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ModelOutputError(
+        f"the model returned {type(output).__name__}; expected a tensor of logits [batch, classes]."
+    )
+
+
+def check_logits(logits: torch.Tensor, num_classes: int) -> None:
+    """Raise a clear error unless ``logits`` is ``[batch, num_classes]`` of unnormalised scores."""
+    if logits.ndim != 2:
+        raise ModelOutputError(
+            f"the model returned shape {list(logits.shape)}; expected logits of shape "
+            f"[batch, {num_classes}]. Segmentation or feature models need a wrapper that returns "
+            "class logits."
+        )
+    if logits.shape[1] != num_classes:
+        raise ModelOutputError(
+            f"the model returns {logits.shape[1]} outputs but class_list has {num_classes} names; "
+            "pass one class name per model output."
+        )
+    with torch.no_grad():
+        values = logits.detach().float()
+        in_unit = bool(((values >= 0) & (values <= 1)).all())
+        sums_to_one = bool(
+            torch.allclose(values.sum(dim=1), torch.ones(1, device=values.device), atol=1e-3)
+        )
+    if in_unit and sums_to_one and num_classes > 1:
+        raise ModelOutputError(
+            "the model returns probabilities (rows in [0, 1] summing to 1), not logits. Remove the "
+            "final softmax, or wrap the model to return the scores before it: optimising "
+            "probabilities saturates and gives no useful gradient."
+        )
+
+
+class LogitsModel(nn.Module):
+    """Pixel-space images ``[B, C, H, W]`` in [0, 1] -> logits ``[B, K]``; the engine's only model view.
+
+    Args:
+        model: a torch module (or any callable on tensors) returning logits.
+        num_classes: length of the class list; checked against the output width.
+        preprocessing: applied inside the graph before the model.
+        input_shape: ``(C, H, W)`` the model expects.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[torch.Tensor], Any],
+        num_classes: int,
+        preprocessing: Preprocessing = None,
+        input_shape: tuple[int, int, int] = (3, 224, 224),
+    ):
+        super().__init__()
+        self.model = model
+        self.num_classes = num_classes
+        self.preprocess = compose_preprocessing(preprocessing)
+        self.input_shape = tuple(input_shape)
+        self._checked = False
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(pixels) if self.preprocess is not None else pixels
+        logits = unwrap_logits(self.model(x))
+        if not self._checked:
+            check_logits(logits, self.num_classes)
+            self._checked = True
+        return logits
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """Put every submodule in eval mode for the run and restore each one's mode afterwards, on error too.
+
+    Frozen parameters too: prototypes need gradients for the input only.
+    """
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in grads:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+        for p, needed in grads:
+            p.requires_grad_(needed)
+
+
+@dataclass
+class ModelInfo:
+    """What leapcore knows about a model beyond its weights (the adapter's metadata)."""
+
+    framework: str = "pt"
+    input_shape: tuple[int, int, int] = (3, 224, 224)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    class_list: list[str] = field(default_factory=list)
+    weights_digest: str | None = None
+    source: str | None = None
+
+
+def model_device(model: Any) -> torch.device | None:
+    """The device of a torch module's first parameter or buffer, if any."""
+    if isinstance(model, nn.Module):
+        for t in list(model.parameters()) + list(model.buffers()):
+            return t.device
+    return None

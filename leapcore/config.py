@@ -1,0 +1,469 @@
+"""The engine's configuration: one typed model that both validates user input and writes the docs.
+
+Every option of leap-ie's two reference pages is accepted with a default; where those pages disagree
+(``lr``, ``hf_weight``, ``max_steps``, ``isolation``, ``alpha_weight``) or where their default fails on
+real ImageNet weights (``baseline_init``), the choice made here is stated in the option's ``note``.
+``docs/config.md`` is generated from this module (``python -m leapcore.config``) and a test checks that
+the committed file matches, so the docs cannot drift from the validation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from leapcore.errors import ConfigError
+
+TRANSFORM_PRESETS = ("s", "m", "l", "xl")
+PARAMETERISATIONS = ("pixel", "fourier")
+
+# Stage names used in the docs and by the pipeline's cache keys.
+LR = "lr_finding"
+BASELINE = "baseline"
+PROTOTYPES = "prototypes"
+ENTANGLEMENT = "entanglement"
+ISOLATION = "isolation"
+ALL = "all"
+
+
+def _opt(default: Any, description: str, stage: str, note: str = "", **kwargs: Any) -> Any:
+    extra = {"stage": stage}
+    if note:
+        extra["note"] = note
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
+
+
+class EngineConfig(BaseModel):
+    """All options of ``engine.generate``; unknown keys are rejected with the closest valid name."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    # --- accounts (accepted for compatibility, never sent anywhere) ---
+    leap_api_key: SecretStr | None = _opt(
+        None, "Accepted for leap-ie compatibility and ignored: leapcore needs no account.", ALL
+    )
+    wandb_api_key: SecretStr | None = _opt(
+        None,
+        "W&B API key. With it (or WANDB_API_KEY) the pipeline logs online; without, offline.",
+        ALL,
+    )
+    wandb_entity: str | None = _opt(None, "W&B entity (team or user) for online logging.", ALL)
+    project_name: str | None = _opt(
+        None,
+        "Project name; the `project_name` argument of `generate` wins when both are given.",
+        ALL,
+    )
+    mode: Literal["pt", "tf"] | None = _opt(
+        None, "Framework, 'pt' or 'tf'; the `mode` argument of `generate` wins.", ALL
+    )
+    samples: Any = _opt(
+        None, "Accepted for compatibility; pass samples to `generate` instead.", ALL
+    )
+
+    # --- shapes ---
+    input_dim: list[int] | None = _opt(
+        None,
+        "Input shape the model expects, with or without the batch dimension: [3, 224, 224] (pt) or "
+        "[224, 224, 3] (tf). Default: the model's own metadata, else 224x224 with 3 channels.",
+        ALL,
+    )
+    channel_ix: int | None = _opt(
+        None, "Index of the channel dimension in `input_dim`; found automatically when None.", ALL
+    )
+
+    # --- learning-rate finding ---
+    find_lr_steps: int = _opt(
+        500,
+        "Steps of the learning-rate range test before prototype optimisation; 0 uses `lr` as given.",
+        LR,
+        ge=0,
+    )
+    min_lr: float = _opt(0.0001, "Lowest rate of the range test.", LR, gt=0)
+    max_lr: float = _opt(1.0, "Highest rate of the range test.", LR, gt=0)
+    num_lr_windows: int = _opt(
+        50, "Windows the range test is split into; one loss is recorded per window.", LR, ge=2
+    )
+    stop_lr_early: bool = _opt(
+        True, "Stop the range test once the loss diverges (4x its best window).", LR
+    )
+
+    # --- baseline ---
+    baseline_init: float | list[float] | Literal["r"] = _opt(
+        0.5,
+        "Start image in pixel space [0, 1]: a number, one number per channel (e.g. the training "
+        "mean), or 'r' for uniform noise.",
+        BASELINE,
+        note="leap-ie documents 0; a black start saturates real ImageNet models so that the "
+        "gradient is exactly zero, so leapcore starts from mid-grey.",
+    )
+    use_baseline: bool = _opt(
+        False,
+        "First optimise the start image to be equidistant (all classes equally likely), so no "
+        "prototype is biased by initialisation.",
+        BASELINE,
+    )
+    baseline_steps: int = _opt(
+        200,
+        "Most steps of the equidistant-baseline optimisation (stops early when flat).",
+        BASELINE,
+        ge=0,
+    )
+
+    # --- prototype optimisation ---
+    lr: float = _opt(
+        0.05,
+        "Adam step size for prototypes; found automatically when `find_lr_steps` > 0.",
+        PROTOTYPES,
+        note="leap-ie's pages say 0.01 and 0.05; 0.05 suits both parameterisations here.",
+        gt=0,
+    )
+    max_steps: int = _opt(
+        1000,
+        "Optimisation steps for prototypes (and for isolation unless `isolation_steps` is set).",
+        PROTOTYPES,
+        note="leap-ie's pages say 1000 and 1500.",
+        ge=0,
+    )
+    transform: Literal["s", "m", "l", "xl"] | None = _opt(
+        "xl",
+        "Robustness preset applied every step: random rotation (5/10/20/30 degrees), translation "
+        "(5/5/10/20 %), scale (0.95-1.05 / 0.9-1.1 / 0.8-1.2 / 0.7-1.3) and horizontal flips; "
+        "out-of-frame pixels are noise. None disables transforms.",
+        PROTOTYPES,
+    )
+    transform_samples: int = _opt(
+        1,
+        "Independently transformed copies of each prototype per step whose objectives are "
+        "averaged (more robust prototypes; costs a proportionally larger batch).",
+        PROTOTYPES,
+        ge=1,
+    )
+    blur_min: float = _opt(
+        0.01, "Smallest Gaussian blur sigma (pixels) applied per step.", PROTOTYPES, ge=0
+    )
+    blur_max: float = _opt(
+        1.0, "Largest Gaussian blur sigma (pixels) applied per step.", PROTOTYPES, ge=0
+    )
+    hf_weight: float = _opt(
+        0.0,
+        "Penalty on high-frequency patterns (mean absolute difference of neighbouring pixels).",
+        PROTOTYPES,
+        note="leap-ie's pages say 0 and 1.",
+        ge=0,
+    )
+    parameterisation: Literal["pixel", "fourier"] = _opt(
+        "fourier",
+        "How the prototype is parameterised: 'pixel' optimises pixels directly; 'fourier' "
+        "optimises a decorrelated-colour Fourier spectrum scaled by 1/frequency (Lucid/MACO "
+        "style), which gives natural-looking prototypes that survive crops and flips.",
+        PROTOTYPES,
+    )
+    use_alpha: bool = _opt(
+        False,
+        "Add an alpha channel: the model sees x * a + noise * (1 - a), so the prototype can say "
+        "which pixels do not matter.",
+        PROTOTYPES,
+    )
+    alpha_only: bool = _opt(
+        False,
+        "Optimise the alpha channel alone over the start image (shape, no colour).",
+        PROTOTYPES,
+    )
+    alpha_mask: bool = _opt(
+        False,
+        "Favour centred, compact prototypes (alpha penalised more far from the centre).",
+        PROTOTYPES,
+    )
+    alpha_weight: float = _opt(
+        0.0,
+        "Penalty on mean alpha (pushes prototypes to be minimal) when `use_alpha` is on.",
+        PROTOTYPES,
+        note="leap-ie's pages say 0.0 and 1.",
+        ge=0,
+    )
+    prototypes_per_class: int = _opt(
+        1, "Prototypes generated for each target, all in the same batch.", PROTOTYPES, ge=1
+    )
+    diversity_weight: float = _opt(
+        0.0,
+        "Push several prototypes of one target apart (penalises their cosine similarity).",
+        PROTOTYPES,
+        ge=0,
+    )
+    objective_weight: float = _opt(
+        1.0,
+        "Weight of the target logits; -1 minimises them (an 'antitype').",
+        PROTOTYPES,
+    )
+    equalise: float = _opt(
+        0.0,
+        "Post-processing contrast equalisation of prototypes, 0 (none) to 1 (full).",
+        PROTOTYPES,
+        ge=0,
+        le=1,
+    )
+    seed: int = _opt(0, "Random seed; the same seed on the CPU gives identical results.", ALL)
+    log_freq: int = _opt(
+        100,
+        "Record every class's probability (the trajectory) and check for NaN/Inf every "
+        "`log_freq` steps; the only host syncs of the step loop.",
+        PROTOTYPES,
+        ge=1,
+    )
+    always_update: bool = _opt(
+        False,
+        "Keep the last image even if the target probability fell below its best logged value "
+        "(default: keep the best logged image).",
+        PROTOTYPES,
+    )
+    max_batch_size: int | None = _opt(
+        None,
+        "Largest batch sent through the model at once; bigger batches are split into chunks "
+        "(results are identical). None: derived from `memory_budget_mb`.",
+        ALL,
+        ge=1,
+    )
+    memory_budget_mb: float | None = _opt(
+        None,
+        "Memory budget for one chunk (activations + gradients), measured on a probe batch. "
+        "None: no limit on the CPU, 80 % of free memory on a GPU.",
+        ALL,
+        gt=0,
+    )
+
+    # --- isolation ---
+    isolation: bool = _opt(
+        True,
+        "Isolate the features of the most entangled classes in each prototype.",
+        ISOLATION,
+        note="leap-ie's pages say True and False.",
+    )
+    isolate_classes: list[list[int]] | list[int] | None = _opt(
+        None,
+        "Classes to isolate for EACH target, e.g. [[2, 7, 8], [2, 3]] (or one flat list for all); "
+        "else the top `max_isolate_classes` by logit.",
+        ISOLATION,
+    )
+    max_isolate_classes: int = _opt(
+        3, "How many classes to isolate when `isolate_classes` is not given.", ISOLATION, ge=1
+    )
+    isolation_lr: float = _opt(0.05, "Adam step size for isolation masks.", ISOLATION, gt=0)
+    isolation_steps: int | None = _opt(
+        None, "Steps of mask optimisation; None uses min(`max_steps`, 300).", ISOLATION, ge=0
+    )
+    isolation_hf_weight: float = _opt(
+        1.0, "Penalty on high-frequency patterns in the isolation mask.", ISOLATION, ge=0
+    )
+    isolation_alpha_weight: float = _opt(
+        1.0,
+        "Penalty on mask coverage: higher values keep fewer pixels.",
+        ISOLATION,
+        ge=0,
+    )
+    use_hipe: bool = _opt(
+        False,
+        "Use Hierarchical Perturbation (occlusion on refining grids) instead of mask optimisation: "
+        "much faster, model-agnostic.",
+        ISOLATION,
+    )
+    hipe_min_cell: int = _opt(
+        8, "Smallest grid cell (pixels) that hierarchical perturbation refines to.", ISOLATION, ge=1
+    )
+
+    # --- output ---
+    output_dir: str | None = _opt(
+        None,
+        "Folder for PNG files; default `leap_results/<project_name>` in the working folder.",
+        ALL,
+    )
+
+    @field_validator("baseline_init")
+    @classmethod
+    def _baseline_in_range(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else ([] if value == "r" else [value])
+        for v in values:
+            if not 0.0 <= float(v) <= 1.0:
+                raise ValueError(
+                    f"baseline_init values are pixel intensities in [0, 1]; got {v}. "
+                    "Pass the training mean in pixel space (e.g. [0.485, 0.456, 0.406]) or 'r'."
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> EngineConfig:
+        if self.min_lr >= self.max_lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be below max_lr ({self.max_lr}).")
+        if self.blur_min > self.blur_max:
+            raise ValueError(
+                f"blur_min ({self.blur_min}) must not exceed blur_max ({self.blur_max})."
+            )
+        if self.input_dim is not None and len(self.input_dim) not in (3, 4):
+            raise ValueError(
+                f"input_dim must be [C, H, W] or [1, C, H, W] (pt) / [H, W, C] (tf); got {self.input_dim}."
+            )
+        return self
+
+    def secret_free(self) -> dict[str, Any]:
+        """The options as plain JSON-able values, with every secret left out."""
+        return sanitise(self.model_dump(mode="json", exclude={"samples"}))
+
+    @property
+    def steps_for_isolation(self) -> int:
+        return min(self.max_steps, 300) if self.isolation_steps is None else self.isolation_steps
+
+
+_SECRET_HINTS = ("key", "token", "password", "secret", "credential")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an option name looks like it holds a secret (``*_key``, ``*token*``, passwords)."""
+    lowered = name.lower()
+    return any(h in lowered for h in _SECRET_HINTS)
+
+
+def sanitise(values: dict[str, Any]) -> dict[str, Any]:
+    """Drop every secret-looking field (recursively) and credentials inside URIs."""
+    from leapcore.secrets import redact_uri
+
+    clean: dict[str, Any] = {}
+    for name, value in values.items():
+        if is_secret_name(name):
+            continue
+        if isinstance(value, dict):
+            value = sanitise(value)
+        elif isinstance(value, str):
+            value = redact_uri(value)
+        clean[name] = value
+    return clean
+
+
+def option_stage(name: str) -> str:
+    extra = EngineConfig.model_fields[name].json_schema_extra or {}
+    return extra["stage"]  # type: ignore[index]
+
+
+def options_for_stage(stage: str) -> list[str]:
+    """Names of the options a stage reads (the stage's own plus the ones every stage reads)."""
+    return [n for n in EngineConfig.model_fields if option_stage(n) in (stage, ALL)]
+
+
+ConfigLike = dict | str | os.PathLike | EngineConfig | None
+
+
+def load_config(config: ConfigLike) -> EngineConfig:
+    """Validate a config given as a dict, a JSON file path or an ``EngineConfig``.
+
+    Raises:
+        ConfigError: naming every wrong key (with the closest valid name) or value.
+    """
+    if isinstance(config, EngineConfig):
+        return config
+    if config is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist; pass a dict or a JSON file path."
+            )
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(
+                f"config file {str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}."
+            ) from None
+    elif isinstance(config, dict):
+        raw = dict(config)
+    else:
+        raise ConfigError(
+            f"config must be a dict or a JSON file path, not {type(config).__name__}."
+        )
+    if not isinstance(raw, dict):
+        raise ConfigError("config must hold a JSON object of option names and values.")
+    # leap-ie's page spells one option with a stray backslash ("blur\\max").
+    if "blur\\max" in raw:
+        raw["blur_max"] = raw.pop("blur\\max")
+    unknown = [k for k in raw if k not in EngineConfig.model_fields]
+    if unknown:
+        names = list(EngineConfig.model_fields)
+        parts = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            parts.append(f"{key!r}{hint}")
+        raise ConfigError(
+            f"unknown config option {', '.join(parts)}. Valid options are listed in docs/config.md."
+        )
+    try:
+        return EngineConfig(**raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"]) or "config"
+        value = item.get("input")
+        shown = "<secret>" if is_secret_name(loc) else repr(value)
+        msg = item["msg"].removeprefix("Value error, ")
+        lines.append(f"config option {loc!r} = {shown}: {msg}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def render_markdown() -> str:
+    """The config reference, generated from :class:`EngineConfig` (docs/config.md)."""
+    out = [
+        "# Config reference",
+        "",
+        "Generated from `leapcore/config.py` by `python -m leapcore.config > docs/config.md`; a test",
+        "checks that this file matches the code. Pass options to `engine.generate(config=...)` as a dict",
+        "or a JSON file path. Unknown options are rejected with the closest valid name.",
+        "",
+        "| option | default | allowed | stage | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, field in EngineConfig.model_fields.items():
+        extra = field.json_schema_extra or {}
+        default = field.default
+        if isinstance(default, SecretStr):
+            default = "****"
+        allowed = _allowed(field)
+        meaning = field.description or ""
+        if extra.get("note"):
+            meaning += f" *Note: {extra['note']}*"
+        out.append(
+            f"| `{name}` | `{json.dumps(default)}` | {allowed} | {extra.get('stage')} | {meaning} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def _allowed(field: Any) -> str:
+    bounds = []
+    for meta in field.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(meta, attr, None) is not None:
+                bounds.append(f"{sym} {getattr(meta, attr)}")
+    ann = field.annotation
+    text = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+    text = text.replace("pydantic.types.", "").replace("|", "or")
+    return (text + (" " + ", ".join(bounds) if bounds else "")).replace("|", "or")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(render_markdown())

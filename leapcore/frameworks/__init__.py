@@ -1,0 +1,1 @@
+"""Adapters for frameworks other than PyTorch, imported only when used."""

