@@ -99,16 +99,13 @@ def optimise_prototypes(
         targets, num_classes, config.objective_weight, config.prototypes_per_class, start.device
     )
     problem = PrototypeProblem(model, start, weights, group, config, chunk_size, config.seed)
-    if (
-        config.prototypes_per_class > 1
-        and config.diversity_weight == 0
-        and config.baseline_init != "r"
-    ):
-        # Identical starts and identical draws would give identical prototypes; jitter the start.
+    if config.prototypes_per_class > 1 and config.baseline_init != "r":
+        # Identical starts are a fixed point of the diversity term (its gradient vanishes there), so
+        # several prototypes of one target start from slightly different images.
         with torch.no_grad():
             jitter_gen = torch.Generator(device=start.device).manual_seed(config.seed + 2)
             problem.colour.offset.add_(
-                0.5
+                0.25
                 * torch.randn(
                     problem.colour.offset.shape, generator=jitter_gen, device=start.device
                 )

@@ -1,18 +1,36 @@
 """Model sources: one registry of named sources, each turning a URI into a :class:`LoadedModel`.
 
-``load_model("efficientnet_lite0")``, ``load_model("models:/name@alias")``, ``load_model("path/to/model.pt2")``:
-the first source whose ``matches`` accepts the URI loads it. Sources register with
-:func:`register_source`; :func:`list_sources` names them. Loading never runs untrusted code: pickles
-and Keras ``Lambda`` layers need ``trusted=True`` (see each source).
+``load_model("efficientnet_lite0")``, ``load_model("models:/name@alias")``,
+``load_model("path/to/model.pt2")``: the first source (by priority) whose ``matches`` accepts the URI
+loads it; ``source="file"`` forces one. Sources register with :func:`register_source`;
+:func:`list_sources` names them.
+
+Every source returns the same adapter: the model, its framework and input layout, the preprocessing
+(mean and std), the input shape, the class list and a digest of the weights (the pipeline's cache
+key). Options that every source takes (``class_list``, ``mean``, ``std``, ``input_shape``) override
+what the source found; the model is then run once on a small input to check that its output width
+matches the class list.
+
+Loading never runs untrusted code: pickled models and Keras ``Lambda`` layers are refused with an
+:class:`~leapcore.errors.UntrustedSourceError` unless ``trusted=True`` is passed (MLflow registry
+models may also be trusted with ``LEAPCORE_TRUST_MLFLOW_REGISTRY=1``; see ``sources/mlflow.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import json
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from leapcore.errors import ModelSourceError
+from leapcore.errors import ModelOutputError, ModelSourceError
+
+log = logging.getLogger(__name__)
+
+COMMON_OPTIONS = ("class_list", "mean", "std", "input_shape", "check")
 
 
 @dataclass
@@ -20,16 +38,19 @@ class LoadedModel:
     """A model and what leapcore knows about it (the adapter the engine and pipeline use).
 
     Attributes:
-        model: a torch module, or a Keras model when ``framework == "tf"``.
-        framework: ``"pt"`` or ``"tf"``.
-        preprocessing: callables applied inside the graph (pixel values in [0, 1] go in).
+        model: a torch module, or a Keras model / TensorFlow callable when ``framework == "tf"``.
+        framework: ``"pt"`` or ``"tf"`` (the engine's ``mode``).
+        preprocessing: callables applied inside the graph (pixel values in [0, 1] go in); for both
+            frameworks a torch ``Normalize`` built from ``mean``/``std``, applied to NCHW pixels.
         class_list: one name per output.
-        input_shape: ``(C, H, W)``.
-        layout: ``"NCHW"`` or ``"NHWC"`` (the model's own input layout).
+        input_shape: ``(C, H, W)`` whatever the layout.
         digest: content digest of the weights (the pipeline's cache key).
         uri: what was asked for.
         source: the name of the source that loaded it.
-        metadata: anything else the source found (registry name/version/alias, run id, ...).
+        layout: ``"NCHW"`` or ``"NHWC"`` (the model's own input layout).
+        metadata: anything else the source found (registry name/version/alias, run id, file format).
+        mean: per-channel mean of the preprocessing, when known.
+        std: per-channel std of the preprocessing, when known.
     """
 
     model: Any
@@ -42,6 +63,8 @@ class LoadedModel:
     source: str
     layout: str = "NCHW"
     metadata: dict[str, Any] = field(default_factory=dict)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     @property
     def mode(self) -> str:
@@ -54,47 +77,222 @@ class ModelSource:
     matches: Callable[[str], bool]
     load: Callable[..., LoadedModel]
     description: str = ""
+    priority: int = 50
 
 
 _SOURCES: dict[str, ModelSource] = {}
 
 
-def register_source(name: str, matches: Callable[[str], bool], description: str = "") -> Callable:
-    """Decorator: register ``load(uri, **options) -> LoadedModel`` under ``name``."""
+def register_source(
+    name: str, matches: Callable[[str], bool], description: str = "", priority: int = 50
+) -> Callable:
+    """Decorator: register ``load(uri, **options) -> LoadedModel`` under ``name``.
+
+    Sources with a lower ``priority`` are asked first when no source is named.
+    """
 
     def wrap(load: Callable[..., LoadedModel]) -> Callable[..., LoadedModel]:
-        _SOURCES[name] = ModelSource(name, matches, load, description)
+        _SOURCES[name] = ModelSource(name, matches, load, description, priority)
         return load
 
     return wrap
 
 
 def list_sources() -> list[str]:
+    """The names of the registered sources."""
     _ensure_builtin()
     return sorted(_SOURCES)
 
 
-def load_model(uri: str, source: str | None = None, **options: Any) -> LoadedModel:
+def describe_sources() -> dict[str, str]:
+    """``{name: what it loads}`` for every registered source."""
+    _ensure_builtin()
+    return {name: _SOURCES[name].description for name in sorted(_SOURCES)}
+
+
+def find_source(uri: str) -> str | None:
+    """The name of the source that would load ``uri``, or None."""
+    _ensure_builtin()
+    for candidate in sorted(_SOURCES.values(), key=lambda s: s.priority):
+        if candidate.matches(uri):
+            return candidate.name
+    return None
+
+
+def load_model(uri: str | Path, source: str | None = None, **options: Any) -> LoadedModel:
     """Load ``uri`` with the named ``source``, or the first registered source that matches it.
 
+    Args:
+        uri: a zoo name, an MLflow URI or a model file/folder path.
+        source: force one source (see :func:`list_sources`).
+        **options: ``class_list`` (a list, or a ``.txt`` file with one name a line, or a ``.json``
+            list), ``mean``, ``std``, ``input_shape`` (``(C, H, W)``) override what the source found;
+            ``check=False`` skips the trial forward pass; ``trusted=True`` allows pickles and Keras
+            ``Lambda`` layers; other options belong to one source (e.g. ``arch`` for weight files).
+
     Raises:
-        ModelSourceError: unknown source name (the known ones are listed) or no source matches.
+        ModelSourceError: unknown source name (the known ones are listed), no source matches, the
+            model cannot be found or read, or its output width disagrees with the class list.
+        UntrustedSourceError: loading would unpickle or run code and ``trusted`` was not set.
     """
     _ensure_builtin()
+    uri = str(uri)
     if source is not None:
         if source not in _SOURCES:
-            raise ModelSourceError(f"unknown model source {source!r}; known sources: {', '.join(list_sources())}.")
-        return _SOURCES[source].load(uri, **options)
-    for candidate in _SOURCES.values():
-        if candidate.matches(uri):
-            return candidate.load(uri, **options)
+            raise ModelSourceError(
+                f"unknown model source {source!r}; known sources: {', '.join(list_sources())}."
+            )
+        chosen = _SOURCES[source]
+    else:
+        name = find_source(uri)
+        if name is None:
+            raise ModelSourceError(
+                f"no model source matches {uri!r}. Give a zoo name (efficientnet_lite0, a torchvision "
+                "or timm name, hf-hub:org/name), an MLflow URI (models:/name/version, "
+                "models:/name@alias, runs:/<run_id>/<path>) or the path of an existing model file or "
+                f"folder. Known sources: {', '.join(list_sources())}."
+            )
+        chosen = _SOURCES[name]
+    common = {k: options.pop(k) for k in COMMON_OPTIONS if k in options}
+    _check_options(chosen, options)
+    loaded = chosen.load(uri, **options)
+    return finish(loaded, **common)
+
+
+def _check_options(chosen: ModelSource, options: dict[str, Any]) -> None:
+    params = inspect.signature(chosen.load).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or n != "uri"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ModelSourceError(
+            f"source {chosen.name!r} takes no option {', '.join(map(repr, unknown))}; its options: "
+            f"{', '.join(accepted + list(COMMON_OPTIONS))}."
+        )
+
+
+# ---------------------------------------------------------------------------------------------- #
+# What every source shares: class lists, preprocessing, the trial forward pass
+# ---------------------------------------------------------------------------------------------- #
+def read_class_list(value: Any) -> list[str]:
+    """A list of names, or a file: ``.json`` (a list, or ``{"class_list": [...]}``) or text (one a line)."""
+    if isinstance(value, (str, Path)):
+        path = Path(value)
+        if not path.is_file():
+            raise ModelSourceError(
+                f"class_list {str(value)!r} is not a file; pass a list of names or the path of a "
+                ".txt file (one name a line) or a .json list."
+            )
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+            if isinstance(data, dict):
+                data = data.get("class_list", data.get("classes"))
+            if not isinstance(data, list):
+                raise ModelSourceError(
+                    f"{path} holds no list of class names (expected a JSON list or "
+                    '{"class_list": [...]}).'
+                )
+            return [str(c) for c in data]
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(value, Sequence) and len(value) > 0:
+        return [str(c) for c in value]
     raise ModelSourceError(
-        f"no model source matches {uri!r}. Give a zoo name (efficientnet_lite0, a torchvision or timm "
-        "name), an MLflow URI (models:/name/version, models:/name@alias, runs:/<run_id>/<path>) or a "
-        f"model file path. Known sources: {', '.join(list_sources())}."
+        "class_list must be a non-empty list of names or the path of a .txt/.json file."
     )
 
 
+def normalize_steps(mean: Sequence[float] | None, std: Sequence[float] | None) -> list[Callable]:
+    """``[Normalize(mean, std)]`` (torch, NCHW; the TF bridge runs it before the model), or ``[]``."""
+    if mean is None and std is None:
+        return []
+    from leapcore.models import Normalize
+
+    channels = len(mean) if mean is not None else len(std)
+    mean = tuple(float(m) for m in mean) if mean is not None else (0.0,) * channels
+    std = tuple(float(s) for s in std) if std is not None else (1.0,) * channels
+    return [Normalize(mean, std)]
+
+
+def _shape(value: Any) -> tuple[int, int, int]:
+    shape = tuple(int(v) for v in value)
+    if len(shape) != 3:
+        raise ModelSourceError(f"input_shape must be (C, H, W), got {list(shape)}.")
+    return shape  # type: ignore[return-value]
+
+
+def finish(
+    loaded: LoadedModel,
+    class_list: Any = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    input_shape: Sequence[int] | None = None,
+    check: bool = True,
+) -> LoadedModel:
+    """Apply the user's overrides, then check the model's output width against the class list."""
+    if input_shape is not None:
+        loaded.input_shape = _shape(input_shape)
+    if mean is not None or std is not None:
+        loaded.mean = tuple(mean) if mean is not None else loaded.mean
+        loaded.std = tuple(std) if std is not None else loaded.std
+        loaded.preprocessing = normalize_steps(loaded.mean, loaded.std)
+    where = loaded.metadata.get("class_list_from", f"the {loaded.source} source")
+    if class_list is not None:
+        loaded.class_list = read_class_list(class_list)
+        where = "the class_list option"
+    if check:
+        width = output_width(loaded)
+        if not loaded.class_list:
+            log.warning(
+                "%s has no class list; naming its %d outputs '0'..'%d'. Pass class_list=[...].",
+                loaded.uri,
+                width,
+                width - 1,
+            )
+            loaded.class_list = [str(i) for i in range(width)]
+        elif width != len(loaded.class_list):
+            raise ModelSourceError(
+                f"{loaded.uri} returns {width} outputs but the class list from {where} has "
+                f"{len(loaded.class_list)} names; pass class_list with one name per output."
+            )
+    return loaded
+
+
+def output_width(loaded: LoadedModel) -> int:
+    """Run the model once on a mid-grey batch of one and return the width of its logits."""
+    c, h, w = loaded.input_shape
+    try:
+        if loaded.framework == "tf":
+            from leapcore.frameworks.tensorflow import keras_output
+
+            out = keras_output(loaded.model, (1, h, w, c))
+        else:
+            import torch
+
+            from leapcore.adapter import unwrap_logits
+
+            x = torch.full((1, c, h, w), 0.5)
+            for step in loaded.preprocessing:
+                x = step(x)
+            with torch.no_grad():
+                out = unwrap_logits(loaded.model(x))
+    except ModelOutputError:
+        raise
+    except Exception as err:
+        raise ModelSourceError(
+            f"{loaded.uri} did not run on an input of shape (C, H, W) = {loaded.input_shape}: "
+            f"{type(err).__name__}: {str(err)[:300]}. Pass input_shape=(C, H, W) if the model "
+            "takes another size."
+        ) from err
+    if out.ndim != 2:
+        raise ModelSourceError(
+            f"{loaded.uri} returns shape {list(out.shape)} for one image; expected logits "
+            "[batch, classes]. Wrap the model so that it returns class logits."
+        )
+    return int(out.shape[1])
+
+
 def _ensure_builtin() -> None:
-    # Importing the modules registers them; the MLflow one imports mlflow only when it loads.
-    from leapcore.sources import zoo  # noqa: F401
+    # Importing the modules registers them; mlflow and tensorflow are imported only when loading.
+    from leapcore.sources import files, mlflow, zoo  # noqa: F401
