@@ -62,7 +62,6 @@ def schedule_of(spec: dict[str, Any]) -> Any:
     if "cron" in spec:
         return Cron(spec["cron"], day_or=spec.get("day_or", True), **common)
     if "interval" in spec:
-        common.pop("timezone", None)
         return Interval(timedelta(seconds=float(spec["interval"])), **common)
     if "rrule" in spec:
         return RRule(spec["rrule"], **common)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextvars
 import hashlib
 import hmac
 import json
@@ -34,7 +35,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from pydantic import SecretStr
+from starlette.concurrency import run_in_threadpool
+
+from flows.hooks import UnknownModelError
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +140,7 @@ def create_app(
     request: Callable[..., Any] | None = None,
     path: str = DEFAULT_PATH,
     tolerance_s: float = 300.0,
-) -> Any:
+) -> FastAPI:
     """The FastAPI app: ``POST {path}`` takes MLflow deliveries, ``GET /health`` answers ok.
 
     Args:
@@ -143,10 +149,6 @@ def create_app(
             :func:`flows.hooks.request_audit`.
         tolerance_s: oldest accepted delivery timestamp, in seconds.
     """
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
-
     if not isinstance(secret, SecretStr) or not secret.get_secret_value():
         raise ValueError(f"the webhook secret is empty; set {SECRET_ENV}.")
     if request is None:
@@ -198,6 +200,9 @@ def create_app(
         model_uri, reason = target
         try:
             result = await run_in_threadpool(request, model_uri, requested_by="webhook")
+        except UnknownModelError as err:
+            log.warning("MLflow delivery %s names no model version: %s", delivery_id, err)
+            return JSONResponse({"detail": "unknown model version"}, status_code=404)
         except Exception as err:
             seen.forget(delivery_id)  # let MLflow's retry try again
             log.error("audit request for %s (%s) failed: %s", model_uri, reason, err)
@@ -223,7 +228,12 @@ def run_in_thread(app: Any, host: str, port: int) -> tuple[Any, threading.Thread
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="leap-webhook", daemon=True)
+    # The thread runs in a copy of this context, so Prefect settings set here (a profile,
+    # temporary_settings) apply to the requests it serves.
+    context = contextvars.copy_context()
+    thread = threading.Thread(
+        target=context.run, args=(server.run,), name="leap-webhook", daemon=True
+    )
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started and thread.is_alive() and time.monotonic() < deadline:

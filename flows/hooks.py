@@ -43,7 +43,21 @@ _RUNS = re.compile(r"^runs:/(?P<run_id>[^/]+)/.+$")
 
 
 class AuditRequestError(RuntimeError):
-    """An audit could not be requested (no Prefect server, unknown model version, ...)."""
+    """An audit could not be requested (no Prefect server, unreachable registry, ...)."""
+
+
+class UnknownModelError(AuditRequestError):
+    """The model version, alias or run does not exist (asking again will not help)."""
+
+
+def _describe(err: Exception) -> str:
+    from leapcore.secrets import redact_uri
+
+    return redact_uri(f"{type(err).__name__}: {err}")[:300]
+
+
+def _not_found(err: Exception) -> bool:
+    return getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
 
 
 @dataclass(frozen=True)
@@ -86,16 +100,32 @@ def pin_model_uri(model_uri: str, client: Any) -> tuple[str, str, str | None]:
         try:
             mv = client.get_model_version_by_alias(m["name"], m["alias"])
         except Exception as err:
-            raise AuditRequestError(
-                f"cannot resolve {model_uri!r}: no version of {m['name']!r} has alias {m['alias']!r} "
-                f"({type(err).__name__})."
-            ) from None
+            _explain_missing_alias(client, model_uri, m["name"], m["alias"])
+            raise AuditRequestError(f"cannot resolve {model_uri!r} ({_describe(err)}).") from None
         return f"models:/{mv.name}/{mv.version}", mv.name, str(mv.version)
     if model_uri.startswith("models:/"):
         raise AuditRequestError(
             f"model URI {model_uri!r} is not models:/<name>/<version> or models:/<name>@<alias>."
         )
     return model_uri, "", None
+
+
+def _explain_missing_alias(client: Any, model_uri: str, name: str, alias: str) -> None:
+    """Raise :class:`UnknownModelError` if the model or its alias does not exist."""
+    try:
+        aliases = dict(getattr(client.get_registered_model(name), "aliases", {}) or {})
+    except Exception as err:
+        if _not_found(err):
+            raise UnknownModelError(
+                f"cannot resolve {model_uri!r}: there is no registered model {name!r}."
+            ) from None
+        return
+    if alias not in aliases:
+        known = ", ".join(sorted(aliases)) or "none"
+        raise UnknownModelError(
+            f"cannot resolve {model_uri!r}: no version of {name!r} has alias {alias!r} "
+            f"(its aliases: {known})."
+        )
 
 
 def event_id_for(pinned_uri: str) -> uuid.UUID:
@@ -127,7 +157,9 @@ class _Claim:
                 tags = self.client.get_run(self.run_id).data.tags
         except Exception as err:
             what = f"models:/{self.name}/{self.version}" if self.version else f"run {self.run_id}"
-            raise AuditRequestError(f"cannot read {what} ({type(err).__name__}).") from None
+            if _not_found(err):
+                raise UnknownModelError(f"{what} does not exist in the MLflow registry.") from None
+            raise AuditRequestError(f"cannot read {what} ({_describe(err)}).") from None
         return (tags or {}).get(REQUESTED_TAG)
 
     def write(self, value: str) -> None:
@@ -164,9 +196,10 @@ def iter_unaudited_versions(
                 filter_string=filter_string, max_results=page_size, page_token=token
             )
             for mv in page:
-                if str(mv.status) in ("READY", "ModelVersionStatus.READY") and REQUESTED_TAG not in (
-                    mv.tags or {}
-                ):
+                if str(mv.status) in (
+                    "READY",
+                    "ModelVersionStatus.READY",
+                ) and REQUESTED_TAG not in (mv.tags or {}):
                     found.append(mv)
             token = page.token
             if not token:
@@ -240,13 +273,11 @@ def send_event(event: Any) -> None:
         )
     try:
         with get_client(sync_client=True) as client:
-            response = client.request(
-                "POST", "/events", json=[event.model_dump(mode="json")]
-            )
+            response = client.request("POST", "/events", json=[event.model_dump(mode="json")])
             response.raise_for_status()
     except Exception as err:
         raise AuditRequestError(
-            f"the Prefect server did not accept the audit request event ({type(err).__name__}: {err})."
+            f"the Prefect server did not accept the audit request event ({_describe(err)})."
         ) from None
 
 
@@ -298,7 +329,9 @@ def request_audit(
     claim.write(value)
     if claim.read() != value:  # someone else claimed it between our read and write
         log.info("audit of %s was claimed concurrently; nothing sent", pinned)
-        return AuditRequest(pinned, model_uri, False, _event_of(claim.read()), "claimed concurrently")
+        return AuditRequest(
+            pinned, model_uri, False, _event_of(claim.read()), "claimed concurrently"
+        )
     try:
         send_event(audit_event(pinned, model_uri, requested_by, event_id, name, version))
     except Exception:

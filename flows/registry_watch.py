@@ -19,12 +19,16 @@ def find_unaudited_versions(
     models: list[str] | None, limit: int, tracking_uri: str | None = None
 ) -> list[str]:
     client = mlflow_client(tracking_uri)
-    return [f"models:/{mv.name}/{mv.version}" for mv in iter_unaudited_versions(client, models, limit)]
+    return [
+        f"models:/{mv.name}/{mv.version}" for mv in iter_unaudited_versions(client, models, limit)
+    ]
 
 
 @task(name="request-audit")
 def request_version_audit(model_uri: str, tracking_uri: str | None = None) -> bool:
-    return request_audit(model_uri, requested_by="registry-watch", tracking_uri=tracking_uri).emitted
+    return request_audit(
+        model_uri, requested_by="registry-watch", tracking_uri=tracking_uri
+    ).emitted
 
 
 @flow(name="leap-registry-watch", log_prints=False)

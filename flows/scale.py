@@ -19,20 +19,27 @@ less a fixed reserve for the interpreter and torch.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
+from prefect import get_run_logger, task
+
+WORKERS_ENV = "LEAP_DASK_WORKERS"
+WORKER_MEMORY_ENV = "LEAP_DASK_WORKER_MEMORY_MB"
 THREADS = "threads"
 DASK = "dask"
 RAY = "ray"
-# Resident memory of a worker process with torch imported, before any model: measured 300-400 MiB
-# on Linux with torch 2.x (see tests/deployments/test_scale.py); rounded up.
-WORKER_RESERVE_MB = 512.0
+# Resident memory of a Dask worker process with torch, prefect and leapcore imported, before any
+# model: measured about 580 MiB on Linux with torch 2.14 (tests/deployments/test_scale.py).
+WORKER_RESERVE_MB = 768.0
+# Dask pauses a worker whose process memory passes 80 % of its limit: plan for that.
+HEADROOM = 0.8
 
 
 def make_task_runner(
     spec: str | Any | None = THREADS,
     *,
-    n_workers: int = 2,
+    n_workers: int | None = None,
     threads_per_worker: int = 1,
     worker_memory_mb: float | None = None,
     max_workers: int | None = None,
@@ -41,10 +48,11 @@ def make_task_runner(
 
     Args:
         spec: ``"threads"``, ``"dask"``, a Dask scheduler address, ``"ray"`` or a Ray address.
-        n_workers: workers of a local Dask cluster.
+        n_workers: workers of a local Dask cluster (default ``LEAP_DASK_WORKERS`` or 2).
         threads_per_worker: threads per local Dask worker (1 keeps torch's threads in charge).
-        worker_memory_mb: memory limit of each local Dask worker; Dask pauses and restarts
-            workers that exceed it. None leaves Dask's default (system memory / workers).
+        worker_memory_mb: memory limit of each local Dask worker (default
+            ``LEAP_DASK_WORKER_MEMORY_MB``, else Dask's: system memory / workers); Dask pauses a
+            worker at 80 % of it, and chunks of classes are sized to stay below that.
         max_workers: threads of the thread pool runner (default: Prefect's).
 
     Raises:
@@ -64,11 +72,14 @@ def make_task_runner(
         from prefect_dask import DaskTaskRunner
 
         if lowered == DASK:
+            n_workers = n_workers or int(os.environ.get(WORKERS_ENV, "2"))
+            if worker_memory_mb is None and os.environ.get(WORKER_MEMORY_ENV):
+                worker_memory_mb = float(os.environ[WORKER_MEMORY_ENV])
             kwargs: dict[str, Any] = {
                 "n_workers": n_workers,
                 "threads_per_worker": threads_per_worker,
                 "processes": True,
-                "dashboard_address": None,
+                "dashboard_address": "127.0.0.1:0",  # loopback, a free port
                 "host": "127.0.0.1",
             }
             if worker_memory_mb is not None:
@@ -88,15 +99,6 @@ def make_task_runner(
         f"unknown task runner {spec!r}; use 'threads', 'dask' (a local cluster), a Dask scheduler "
         "address such as 'tcp://10.0.0.5:8786', or 'ray'."
     )
-
-
-def is_distributed(spec: str | Any | None) -> bool:
-    """Whether ``spec`` sends tasks to other processes (so chunks must fit a worker's memory)."""
-    if spec is None:
-        return False
-    if not isinstance(spec, str):
-        return type(spec).__name__ != "ThreadPoolTaskRunner"
-    return spec.strip().lower() not in (THREADS, "thread", "threadpool")
 
 
 def classes_per_chunk(
@@ -121,8 +123,8 @@ def classes_per_chunk(
         max_chunk: an upper bound, e.g. to give every worker at least one chunk.
 
     Returns:
-        At least 1: a single class that does not fit is still run (the engine then splits its
-        rows by ``memory_budget_mb``, see :func:`chunk_config`).
+        At least 1: a single class that does not fit is still run; set ``memory_budget_mb`` in
+        the engine config so that the engine splits its rows into batches that fit.
     """
     free = worker_memory_mb * 2**20 - reserve_mb * 2**20 - model_bytes
     per_class = max(1, row_bytes * max(1, rows_per_class))
@@ -131,6 +133,22 @@ def classes_per_chunk(
     if max_chunk is not None:
         chunk = max(1, min(chunk, max_chunk))
     return chunk
+
+
+def rows_per_class(config: Any) -> int:
+    """Rows one target puts through the model at once: the larger of optimisation
+    (``prototypes_per_class * transform_samples``) and isolation (``* max_isolate_classes``)."""
+    isolation = config.max_isolate_classes if config.isolation else 1
+    return config.prototypes_per_class * max(config.transform_samples, isolation)
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes of a torch model's parameters and buffers (0 for anything else)."""
+    try:
+        tensors = list(model.parameters()) + list(model.buffers())
+    except (AttributeError, TypeError):
+        return 0
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def chunk_plan(
@@ -144,40 +162,79 @@ def chunk_plan(
 ) -> int:
     """Classes per chunk for ``model`` under ``config`` (an ``EngineConfig``), measured on the CPU.
 
-    The larger of the two stages' rows per class counts; with several workers the chunk is also
-    capped so that every worker gets work (``ceil(num_classes / n_workers)``).
+    With several workers the chunk is also capped so that every worker gets work
+    (``ceil(num_classes / n_workers)``).
     """
     import torch
 
     from leapcore.device import estimate_row_bytes
 
     row_bytes = estimate_row_bytes(model, input_shape, torch.device("cpu"))
-    per_class = config.prototypes_per_class * max(
-        config.transform_samples, config.max_isolate_classes if config.isolation else 1
-    )
-    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return classes_per_chunk(
         num_classes,
         row_bytes,
-        per_class,
-        model_bytes,
+        rows_per_class(config),
+        model_bytes(model),
         worker_memory_mb,
         reserve_mb,
         max_chunk=math.ceil(num_classes / max(1, n_workers)),
     )
 
 
-def chunk_config(config: dict[str, Any] | None, worker_memory_mb: float | None) -> dict[str, Any]:
-    """``config`` with ``memory_budget_mb`` set from the worker's limit (unless the user set it),
-    so the engine splits a chunk's rows into batches that fit even when one class is too large."""
-    out = dict(config or {})
-    if worker_memory_mb is not None and out.get("memory_budget_mb") is None:
-        out["memory_budget_mb"] = max(64.0, worker_memory_mb - WORKER_RESERVE_MB)
-    return out
+@task(name="plan_class_chunks", retries=1, retry_delay_seconds=2)
+def plan_class_chunks(
+    model: Any, locator: Any, config: Any, num_targets: int, device: str | None = None
+) -> int:
+    """Run on a Dask worker: classes per chunk from that worker's memory limit (see
+    :func:`classes_per_chunk`; ``HEADROOM`` of the limit, Dask pauses a worker at 80 %)."""
+    import psutil
+    from distributed import get_client, get_worker
+
+    from leapcore.device import estimate_row_bytes, pick_device
+    from tasks.model import engine_model
+
+    dev = pick_device(device)
+    net, loaded = engine_model(model, locator, config, dev)
+    limit = get_worker().memory_manager.memory_limit or 0
+    n_workers = max(1, len(get_client().scheduler_info()["workers"]))
+    if not limit:
+        limit = psutil.virtual_memory().total / n_workers
+    budget_mb = HEADROOM * limit / 2**20
+    row_bytes = estimate_row_bytes(net, net.input_shape, dev)
+    size = classes_per_chunk(
+        num_targets,
+        row_bytes,
+        rows_per_class(config),
+        model_bytes(loaded.model),
+        budget_mb,
+        max_chunk=math.ceil(num_targets / n_workers),
+    )
+    get_run_logger().info(
+        "class chunks of %d target(s): %d worker(s) with %.0f MiB each (%.0f MiB usable), "
+        "%.2f MiB per batch row, %d rows per target",
+        size,
+        n_workers,
+        limit / 2**20,
+        budget_mb - WORKER_RESERVE_MB,
+        row_bytes / 2**20,
+        rows_per_class(config),
+    )
+    return size
 
 
-def chunks(classes: list[Any], size: int) -> list[list[Any]]:
-    """``classes`` in consecutive chunks of ``size`` (the last may be shorter)."""
-    if size < 1:
-        raise ValueError(f"chunk size must be at least 1, not {size}.")
-    return [classes[i : i + size] for i in range(0, len(classes), size)]
+def planned_chunk_size(
+    model: Any, locator: Any, config: Any, num_targets: int, device: str | None = None
+) -> int | None:
+    """Classes per chunk for the task runner of the current flow run.
+
+    None (one chunk, as before) on threads; on a Dask runner, :func:`plan_class_chunks` sizes the
+    chunks on a worker so that each fits the worker's memory limit and every worker gets work.
+    A threaded run with the ``class_chunk_size`` logged here gives identical results.
+    """
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    runner = getattr(context, "task_runner", None)
+    if num_targets <= 1 or type(runner).__name__ != "DaskTaskRunner":
+        return None
+    return plan_class_chunks.submit(model, locator, config, num_targets, device).result()

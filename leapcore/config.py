@@ -260,9 +260,16 @@ class EngineConfig(BaseModel):
     max_isolate_classes: int = _opt(
         3, "How many classes to isolate when `isolate_classes` is not given.", ISOLATION, ge=1
     )
-    isolation_lr: float = _opt(0.05, "Adam step size for isolation masks.", ISOLATION, gt=0)
+    isolation_lr: float = _opt(
+        0.1,
+        "Adam step size for isolation masks (mask logits on a grid 8x coarser than the image).",
+        ISOLATION,
+        note="leap-ie's page says 0.05; with masks starting at 0.5, 0.1 reaches a sparse mask in "
+        "100 steps on real ImageNet weights.",
+        gt=0,
+    )
     isolation_steps: int | None = _opt(
-        None, "Steps of mask optimisation; None uses min(`max_steps`, 300).", ISOLATION, ge=0
+        None, "Steps of mask optimisation; None uses min(`max_steps`, 100).", ISOLATION, ge=0
     )
     isolation_hf_weight: float = _opt(
         1.0, "Penalty on high-frequency patterns in the isolation mask.", ISOLATION, ge=0
@@ -322,7 +329,7 @@ class EngineConfig(BaseModel):
 
     @property
     def steps_for_isolation(self) -> int:
-        return min(self.max_steps, 300) if self.isolation_steps is None else self.isolation_steps
+        return min(self.max_steps, 100) if self.isolation_steps is None else self.isolation_steps
 
 
 _SECRET_HINTS = ("key", "token", "password", "secret", "credential")

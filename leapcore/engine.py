@@ -115,7 +115,7 @@ def check_samples(samples: Any, shape: tuple[int, int, int], mode: str) -> torch
         try:
             import tensorflow as tf  # noqa: F401  (only when a TF tensor is passed)
 
-            samples = torch.from_numpy(np.asarray(samples))
+            samples = torch.from_numpy(np.array(samples))
         except Exception:
             raise InputError(
                 f"samples must be a tensor or array, not {type(samples).__name__}."
@@ -187,6 +187,54 @@ def build_model(
 # ---------------------------------------------------------------------------------------------- #
 # The chain of stages
 # ---------------------------------------------------------------------------------------------- #
+def prototype_chunk_size(
+    model: LogitsModel, rows: int, config: EngineConfig, device: torch.device
+) -> int:
+    """Prototype rows per model call for a batch of ``rows`` (each ``transform_samples`` copies)."""
+    chunk = chunk_size_for(
+        model,
+        model.input_shape,
+        rows * config.transform_samples,
+        device,
+        config.max_batch_size,
+        config.memory_budget_mb,
+    )
+    return max(1, chunk // config.transform_samples)
+
+
+def isolation_inputs(
+    prototypes: PrototypeResult,
+    isolate_classes: list[list[int]] | list[int] | None,
+    config: EngineConfig,
+    num_classes: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """What isolation sees for each prototype row, and the classes to isolate in it.
+
+    Alpha prototypes are shown on a fixed background (seeded by ``config.seed``); ``isolate_classes``
+    is one flat list for all rows, one list per target of ``prototypes`` (shared by that target's
+    prototypes) or one list per row; None picks the top ``max_isolate_classes`` by logit.
+    """
+    rows = len(prototypes.images)
+    isolate = isolate_classes
+    if isolate is not None and not all(isinstance(c, int) for c in isolate):
+        # One list per target; every prototype of a target shares it.
+        isolate = (
+            [isolate[prototypes.row_target(r)] for r in range(rows)]
+            if len(isolate) == len(prototypes.targets)
+            else isolate
+        )
+    classes = choose_classes(prototypes.logits, isolate, config.max_isolate_classes, num_classes)
+    shown = prototypes.images.to(device)
+    if prototypes.alphas is not None:
+        alpha = prototypes.alphas.to(device)
+        background = torch.rand(
+            shown.shape[1:], generator=torch.Generator().manual_seed(config.seed + 1)
+        ).to(device)
+        shown = shown * alpha + background * (1 - alpha)
+    return shown, classes
+
+
 def run_prototypes(
     model: LogitsModel,
     targets: list[list[int]],
@@ -196,15 +244,7 @@ def run_prototypes(
 ) -> Audit:
     shape = model.input_shape
     rows = len(targets) * config.prototypes_per_class
-    chunk = chunk_size_for(
-        model,
-        shape,
-        rows * config.transform_samples,
-        device,
-        config.max_batch_size,
-        config.memory_budget_mb,
-    )
-    chunk = max(1, chunk // config.transform_samples)
+    chunk = prototype_chunk_size(model, rows, config, device)
 
     began = time.perf_counter()
     audit.baseline = make_baseline(model, shape, config, rows, device)
@@ -226,24 +266,9 @@ def run_prototypes(
 
     if config.isolation:
         began = time.perf_counter()
-        isolate = config.isolate_classes
-        if isolate is not None and not all(isinstance(c, int) for c in isolate):
-            # One list per target; every prototype of a target shares it.
-            isolate = (
-                [isolate[r // config.prototypes_per_class] for r in range(rows)]
-                if len(isolate) == len(targets)
-                else isolate
-            )
-        classes = choose_classes(
-            audit.prototypes.logits, isolate, config.max_isolate_classes, model.num_classes
+        shown, classes = isolation_inputs(
+            audit.prototypes, config.isolate_classes, config, model.num_classes, device
         )
-        shown = audit.prototypes.images.to(device)
-        if audit.prototypes.alphas is not None:
-            alpha = audit.prototypes.alphas.to(device)
-            background = torch.rand(
-                shown.shape[1:], generator=torch.Generator().manual_seed(config.seed + 1)
-            ).to(device)
-            shown = shown * alpha + background * (1 - alpha)
         audit.isolation = isolate_features(model, shown, classes, config, chunk)
         audit.timings["isolation"] = time.perf_counter() - began
     return audit
@@ -309,7 +334,7 @@ def run(
             if isinstance(wrapped.preprocess, torch.nn.Module):
                 wrapped.preprocess.to(dev)
             if samples is not None:
-                tensor = check_samples(samples, shape, mode)
+                tensor = check_samples(samples, wrapped.input_shape, mode)
                 targets = (
                     None
                     if target_classes is None

@@ -327,6 +327,80 @@ def isolations_from_arrow(table: pa.Table):
     )
 
 
+def baseline_to_arrow(result) -> pa.Table:
+    """A :class:`~leapcore.baseline.BaselineResult`: a row per start image with its logits."""
+    table = pa.table(
+        {
+            "row": pa.array(list(range(len(result.image))), pa.int32()),
+            "image": tensor_column(result.image),
+            "logits": pa.array(list(result.logits.cpu().numpy()), pa.list_(pa.float32())),
+        }
+    )
+    meta = {"spread": repr(result.spread), "steps": str(result.steps)}
+    return _with_schema(table, "baseline", meta)
+
+
+def baseline_from_arrow(table: pa.Table):
+    from leapcore.baseline import BaselineResult
+
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    logits = np.stack(table.column("logits").to_numpy(zero_copy_only=False)).astype(np.float32)
+    return BaselineResult(
+        image=column_tensor(table.column("image")),
+        logits=torch.from_numpy(logits),
+        spread=float(meta["leapcore.spread"]),
+        steps=int(meta["leapcore.steps"]),
+    )
+
+
+def learning_rate_to_arrow(result) -> pa.Table:
+    """A :class:`~leapcore.lr_finder.LearningRateResult`: a row per range-test window."""
+    table = pa.table(
+        {
+            "rate": pa.array(result.rates, pa.float64()),
+            "loss": pa.array(result.losses, pa.float64()),
+        }
+    )
+    meta = {"lr": repr(result.lr), "fell_back": str(result.fell_back), "reason": result.reason}
+    return _with_schema(table, "learning_rate", meta)
+
+
+def learning_rate_from_arrow(table: pa.Table):
+    from leapcore.lr_finder import LearningRateResult
+
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    return LearningRateResult(
+        lr=float(meta["leapcore.lr"]),
+        rates=table.column("rate").to_pylist(),
+        losses=table.column("loss").to_pylist(),
+        fell_back=meta["leapcore.fell_back"] == "True",
+        reason=meta.get("leapcore.reason", ""),
+    )
+
+
+def samples_to_arrow(
+    samples: torch.Tensor, logits: torch.Tensor | None = None, names: list[str] | None = None
+) -> pa.Table:
+    """User images ``[N, C, H, W]`` in [0, 1] (sample mode), with their logits once known."""
+    columns: dict[str, Any] = {
+        "sample_index": pa.array(list(range(len(samples))), pa.int32()),
+        "name": pa.array(names or [str(i) for i in range(len(samples))]),
+        "image": tensor_column(samples),
+    }
+    if logits is not None:
+        columns["logits"] = pa.array(list(logits.cpu().numpy()), pa.list_(pa.float32()))
+    return _with_schema(pa.table(columns), "samples")
+
+
+def samples_from_arrow(table: pa.Table) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """``(samples, logits or None, names)`` from a ``samples`` table."""
+    logits = None
+    if "logits" in table.column_names:
+        stacked = np.stack(table.column("logits").to_numpy(zero_copy_only=False))
+        logits = torch.from_numpy(stacked.astype(np.float32))
+    return column_tensor(table.column("image")), logits, table.column("name").to_pylist()
+
+
 def audit_tables(audit) -> dict[str, pa.Table]:
     """Every result of an audit as Arrow tables, keyed by schema name."""
     tables: dict[str, pa.Table] = {}

@@ -163,7 +163,7 @@ def _check_options(chosen: ModelSource, options: dict[str, Any]) -> None:
     params = inspect.signature(chosen.load).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
-    accepted = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or n != "uri"]
+    accepted = [n for n in params if n != "uri"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ModelSourceError(

@@ -63,19 +63,26 @@ def is_pt2(names: list[str]) -> bool:
 
 
 def pickle_globals(data: bytes) -> list[str]:
-    """The ``module.name`` globals a pickle stream references, read without unpickling it."""
+    """The ``module.name`` globals that pickle streams reference, read without unpickling them.
+
+    ``data`` may hold several pickles back to back (torch's legacy format does).
+    """
     names: list[str] = []
-    strings: list[str] = []
-    try:
-        for opcode, arg, _ in pickletools.genops(data):
-            if opcode.name == "GLOBAL":
-                names.append(str(arg).replace(" ", "."))
-            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(f"{strings[-2]}.{strings[-1]}")
-            if isinstance(arg, str) and "UNICODE" in opcode.name:
-                strings.append(arg)
-    except Exception:
-        pass
+    stream = io.BytesIO(data)
+    for _ in range(16):
+        strings: list[str] = []
+        try:
+            for opcode, arg, _pos in pickletools.genops(stream):
+                if opcode.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                if isinstance(arg, str) and "UNICODE" in opcode.name:
+                    strings.append(arg)
+        except Exception:
+            break
+        if stream.tell() >= len(data):
+            break
     return sorted(set(names))
 
 
@@ -174,7 +181,9 @@ def check_pt2_pickle_free(data: bytes, where: str | Path) -> None:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
-        raise ModelSourceError(f"{where} is not a torch.export .pt2 archive (not a zip file).") from None
+        raise ModelSourceError(
+            f"{where} is not a torch.export .pt2 archive (not a zip file)."
+        ) from None
     with archive:
         raw = _raw_tensor_records(archive)
         for info in archive.infolist():

@@ -1,0 +1,298 @@
+"""``explain_samples``: feature isolation for a batch of the user's images (files or a folder).
+
+Stages: fetch model -> load samples -> isolate samples (``engine.run_samples``) -> render report ->
+export results, publish to MLflow, publish to W&B. Cached by content like ``audit_model``: the
+images are keyed by the hash of their bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.runtime import flow_run as current_flow_run
+
+from leapcore.config import EngineConfig, load_config
+from leapcore.errors import InputError
+from tasks import (
+    ArtifactStore,
+    AuditResult,
+    SampleFile,
+    close_audit_run,
+    export_results,
+    fetch_model,
+    isolate_samples,
+    load_samples,
+    locate_model,
+    markdown_summary,
+    open_audit_run,
+    publish_mlflow,
+    publish_wandb,
+    render_report,
+    resolve_targets,
+    run_stage,
+    run_tags,
+    secret_safe_flow,
+    summarise,
+    tracking_uri,
+)
+from tasks.mlflow_registry import DEFAULT_EXPERIMENT
+from tasks.redaction import clean_text, scrubbed_errors, secret_values
+from tasks.runtime import SKIPPED, stage_finished
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+OPTIONAL = ("render_report", "export_results", "publish_mlflow", "publish_wandb")
+ALIASES = {
+    "report": "render_report",
+    "export": "export_results",
+    "mlflow": "publish_mlflow",
+    "wandb": "publish_wandb",
+}
+
+
+def image_files(images: list[str] | str) -> list[SampleFile]:
+    """The image files named by ``images`` (files, or folders whose images are taken in name order),
+    each with the SHA-256 of its bytes.
+
+    Raises:
+        InputError: a path that does not exist, a file that is not an image, or no images at all.
+    """
+    items = [images] if isinstance(images, (str, Path)) else list(images or [])
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise InputError(
+                    f"folder {str(path)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})."
+                )
+            paths.extend(found)
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise InputError(
+                    f"{str(path)!r} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})."
+                )
+            paths.append(path)
+        else:
+            raise InputError(f"no such image file or folder: {str(path)!r}.")
+    if not paths:
+        raise InputError("give at least one image file or a folder of images.")
+    return [SampleFile(str(p.resolve()), hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths]
+
+
+def _skipped(skip: list[str] | str | None) -> set[str]:
+    names = [skip] if isinstance(skip, str) else list(skip or [])
+    off = set()
+    for name in names:
+        stage = ALIASES.get(str(name).strip().lower(), str(name).strip().lower())
+        if stage not in OPTIONAL:
+            raise InputError(
+                f"stage {name!r} cannot be skipped in explain_samples; optional: {', '.join(OPTIONAL)}."
+            )
+        off.add(stage)
+    return off
+
+
+@secret_safe_flow(
+    name="explain-samples",
+    description="Isolate the features behind a model's predictions on the user's images.",
+    validate_parameters=False,
+)
+def explain_samples(
+    model_uri: str,
+    images: list[str] | str,
+    target_classes: list[Any] | None = None,
+    config: dict[str, Any] | str | EngineConfig | None = None,
+    skip: list[str] | None = None,
+    artifact_store: str | None = None,
+    experiment: str | None = None,
+    wandb_project: str | None = None,
+    model_options: dict[str, Any] | None = None,
+    device: str | None = None,
+    output_dir: str | None = None,
+) -> AuditResult:
+    """Isolate, in each image, the features of its top classes (or of ``target_classes``).
+
+    Args:
+        model_uri: as for ``audit_model``.
+        images: image files and/or folders of images (read at the model's input size).
+        target_classes: classes to isolate in every image (indices or names); default each image's
+            top ``max_isolate_classes`` predictions.
+        config: engine options (``isolation_steps``, ``use_hipe``, ...).
+        skip: any of ``report``, ``export``, ``mlflow``, ``wandb``.
+        artifact_store, experiment, wandb_project, model_options, device, output_dir: as for
+            ``audit_model``.
+
+    Returns:
+        An :class:`~tasks.runtime.AuditResult`.
+    """
+    began = time.perf_counter()
+    cfg = load_config(config)
+    secrets = secret_values(cfg, model_uri, artifact_store, model_options)
+    with scrubbed_errors(secrets):
+        off = _skipped(skip)
+        files = image_files(images)
+        store = ArtifactStore(artifact_store)
+        mlflow_uri = tracking_uri()
+        locator = locate_model(model_uri, model_options, mlflow_uri)
+        registry = dict(locator.identity.registry) if locator.identity else {}
+        flow_run_id = str(current_flow_run.id)
+        run_name = f"explain {Path(model_uri).stem or model_uri} {flow_run_id[:8]}"
+        exp_name = experiment or DEFAULT_EXPERIMENT
+        run_id = None
+        if "publish_mlflow" not in off:
+            tags = run_tags(None, model_uri, registry, flow_run_id, {"leapcore.kind": "explain"})
+            run_id = open_audit_run(mlflow_uri, exp_name, run_name, tags, registry)
+        try:
+            result = _explain(
+                cfg,
+                locator,
+                files,
+                target_classes,
+                store,
+                device,
+                off,
+                output_dir,
+                mlflow_uri,
+                run_id,
+                wandb_project,
+                run_name,
+            )
+        except BaseException as err:
+            if run_id is not None:
+                close_audit_run(
+                    mlflow_uri,
+                    run_id,
+                    "FAILED",
+                    registry,
+                    error=clean_text(f"{type(err).__name__}: {err}", secrets),
+                )
+            raise
+        if run_id is not None:
+            close_audit_run(mlflow_uri, run_id, "FINISHED", registry)
+            result.mlflow_run_id = run_id
+            result.mlflow_tracking_uri = clean_text(mlflow_uri, secrets)
+            result.mlflow_experiment = exp_name
+        result.flow_run_id = result.stages_flow_run_id = flow_run_id
+        result.seconds = time.perf_counter() - began
+        markdown_summary(
+            "explain",
+            [f"# Explained {len(files)} image(s) with `{result.model_uri}`", ""]
+            + [f"- **{s}**: {st}" for s, st in result.stages.items()]
+            + [""]
+            + [f"    {line}" for line in result.where_to_look()],
+        )
+        for line in result.where_to_look():
+            get_run_logger().info(line)
+        return result
+
+
+def _explain(
+    cfg,
+    locator,
+    files,
+    target_classes,
+    store,
+    device,
+    off,
+    output_dir,
+    mlflow_uri,
+    run_id,
+    wandb_project,
+    run_name,
+) -> AuditResult:
+    states: dict[str, str] = {}
+    model, states["fetch_model"] = run_stage(fetch_model, locator=locator, store=store)
+    targets = None if target_classes is None else resolve_targets(target_classes, model.class_list)
+    samples, states["load_samples"] = run_stage(
+        load_samples, files=files, model=model, config=cfg, store=store
+    )
+    isolated, states["isolate_samples"] = run_stage(
+        isolate_samples,
+        model=model,
+        locator=locator,
+        config=cfg,
+        samples=samples,
+        targets=targets,
+        store=store,
+        device=device,
+    )
+    summarise("explain", "isolate_samples", [isolated], states["isolate_samples"])
+    report, states["render_report"] = run_stage(
+        render_report,
+        model=model,
+        config=cfg,
+        store=store,
+        isolations=[isolated],
+        samples=isolated,
+        title=f"Explanations by {model.uri}",
+        html="render_report" not in off,
+    )
+    for stage in OPTIONAL:
+        if stage in off and stage not in states:
+            states[stage] = SKIPPED
+            stage_finished(stage, SKIPPED)
+    out_dir = (
+        output_dir
+        or cfg.output_dir
+        or str(Path("leap_results") / (cfg.project_name or f"{model.name}-explain"))
+    )
+    result = AuditResult(
+        flow_run_id=None,
+        model_uri=model.uri,
+        model_digest=model.digest,
+        registry=dict(model.registry),
+        targets=targets or [],
+        target_names=[],
+        stages=states,
+        outputs={
+            "fetch_model": model,
+            "load_samples": samples,
+            "isolate_samples": isolated,
+            "render_report": report,
+        },
+        metrics=dict(report.metrics),
+        output_dir=str(Path(out_dir).resolve()),
+    )
+    params = cfg.secret_free()
+    params.pop("samples", None)
+    params["explain"] = {
+        "model_uri": model.uri,
+        "images": [Path(f.path).name for f in files],
+        "targets": targets,
+    }
+    seconds = {"seconds.isolate_samples": isolated.seconds}
+    pending = {}
+    if "export_results" not in off:
+        pending["export_results"] = export_results.submit(report, store, out_dir)
+    if run_id is not None:
+        pending["publish_mlflow"] = publish_mlflow.submit(
+            mlflow_uri, run_id, model, params, seconds, report, store, {"leapcore.kind": "explain"}
+        )
+    if "publish_wandb" not in off:
+        pending["publish_wandb"] = publish_wandb.submit(
+            model,
+            cfg,
+            params,
+            report,
+            store,
+            isolations=[isolated],
+            samples=isolated,
+            project=wandb_project,
+            run_name=run_name,
+            tags=["leapcore", "explain"],
+        )
+    for stage, future in pending.items():
+        value = future.result()
+        states[stage] = future.state.name
+        stage_finished(stage, states[stage])
+        if stage == "export_results":
+            result.report_path = value
+        elif stage == "publish_wandb":
+            result.wandb_run_dir, result.wandb_mode = value.run_dir, value.mode
+            result.wandb_sync_command, result.wandb_url = value.sync_command, value.url
+    return result

@@ -1,0 +1,498 @@
+"""``leap``: audit a model, explain images, run the demo, serve the deployments.
+
+    leap audit MODEL_URI --classes 1 2 tabby --config cfg.json
+    leap explain MODEL_URI photo.jpg photos/ --classes tabby
+    leap demo
+    leap serve          # the deployments of deployments/prefect.yaml, from one process
+    leap server         # how to start Prefect and MLflow servers on 127.0.0.1
+
+Prefect, MLflow and W&B are imported inside the subcommands only, so ``import leapcore`` never
+imports them. Without ``PREFECT_API_URL`` Prefect starts a temporary local server; without
+``MLFLOW_TRACKING_URI`` MLflow uses ``mlflow.db`` in the working folder; without a W&B key, W&B runs
+offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = "efficientnet-lite0"
+DEMO_ALIAS = "demo"
+DEMO_CLASSES = ["goldfish", "tabby", "golden retriever", "Granny Smith"]
+DEMO_CONFIG: dict[str, Any] = {
+    "max_steps": 80,
+    "find_lr_steps": 0,
+    "lr": 0.05,
+    "transform": "m",
+    "isolation_steps": 30,
+    "max_isolate_classes": 2,
+    "log_freq": 10,
+    "project_name": "leapcore-demo",
+}
+
+
+def _say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Progress
+# ---------------------------------------------------------------------------------------------- #
+class ProgressDisplay(logging.Handler):
+    """Progress bars fed by the pipeline's stage records and the engine's step logs.
+
+    One bar per stage; prototype optimisation advances with the engine's ``prototypes step i/n``
+    records (every ``log_freq`` steps). Without a terminal, plain lines are printed instead.
+    """
+
+    def __init__(self, enabled: bool = True):
+        super().__init__(logging.INFO)
+        self.live = enabled and sys.stdout.isatty()
+        self.enabled = enabled
+        self.bars: dict[str, Any] = {}
+        self.progress: Any = None
+        if self.live:
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description:<28}"),
+                BarColumn(),
+                TextColumn("{task.fields[state]}"),
+                TimeElapsedColumn(),
+            )
+
+    def __enter__(self) -> ProgressDisplay:
+        for name in ("leapcore.pipeline", "leapcore.prototypes"):
+            logger = logging.getLogger(name)
+            logger.addHandler(self)
+            logger.setLevel(logging.INFO)
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name in ("leapcore.pipeline", "leapcore.prototypes"):
+            logging.getLogger(name).removeHandler(self)
+        if self.progress is not None:
+            self.progress.stop()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.enabled:
+            return
+        try:
+            stage = getattr(record, "leap_stage", None)
+            if stage is not None:
+                self._stage(stage, record)
+            elif record.name == "leapcore.prototypes" and isinstance(record.args, tuple):
+                step, total = int(record.args[0]), int(record.args[1])
+                self._advance("optimise_prototypes", step, total)
+        except Exception:  # progress must never break an audit
+            self.handleError(record)
+
+    def _stage(self, stage: str, record: logging.LogRecord) -> None:
+        event = getattr(record, "leap_event", "")
+        if not self.live:
+            if event == "end":
+                seconds = getattr(record, "leap_seconds", None)
+                took = f" ({seconds:.1f} s of compute)" if seconds else ""
+                _say(f"  {stage}: {getattr(record, 'leap_state', '')}{took}")
+            return
+        if event == "start" and stage not in self.bars:
+            self.bars[stage] = self.progress.add_task(stage, total=None, state="running")
+        elif event == "end":
+            state = getattr(record, "leap_state", "")
+            if stage not in self.bars:
+                self.bars[stage] = self.progress.add_task(stage, total=1, state=state)
+            self.progress.update(self.bars[stage], total=1, completed=1, state=state)
+
+    def _advance(self, stage: str, step: int, total: int) -> None:
+        if not self.live or stage not in self.bars:
+            return
+        self.progress.update(self.bars[stage], total=total, completed=min(step, total))
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Arguments shared by the subcommands
+# ---------------------------------------------------------------------------------------------- #
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--classes",
+        nargs="+",
+        metavar="CLASS",
+        help="target classes: indices or names; 'a+b' for a hybrid of two classes",
+    )
+    parser.add_argument("--config", metavar="FILE", help="JSON file of engine options")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="set one engine option (value in JSON, e.g. --set max_steps=200); repeatable",
+    )
+    parser.add_argument(
+        "--skip", nargs="+", default=[], metavar="STAGE", help="stages to switch off (e.g. wandb)"
+    )
+    parser.add_argument("--store", metavar="URI", help="artifact store (folder or s3://, gs://)")
+    parser.add_argument("--experiment", help="MLflow experiment (default leapcore-audits)")
+    parser.add_argument("--wandb-project", help="W&B project (default the config's project_name)")
+    parser.add_argument(
+        "--class-list", metavar="FILE", help="class names (one a line, or a JSON list)"
+    )
+    parser.add_argument(
+        "--trusted", action="store_true", help="allow loading pickled models (runs their code)"
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    parser.add_argument("--output-dir", help="where the report, tables and images are written")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect's run logs")
+
+
+def _config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    config: dict[str, Any] = dict(base or {})
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise SystemExit(f"leap: config file {args.config!r} does not exist.")
+        try:
+            loaded = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise SystemExit(
+                f"leap: {args.config} is not valid JSON: {err.msg} at line {err.lineno}."
+            ) from None
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"leap: {args.config} must hold a JSON object of options.")
+        config.update(loaded)
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"leap: --set takes OPTION=VALUE, not {item!r}.")
+        key, raw = item.split("=", 1)
+        try:
+            config[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            config[key.strip()] = raw
+    return config
+
+
+def _model_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if args.class_list:
+        options["class_list"] = args.class_list
+    if args.trusted:
+        options["trusted"] = True
+    return options
+
+
+def _classes(values: list[str] | None) -> list[Any] | None:
+    if not values:
+        return None
+    return [int(v) if v.lstrip("-").isdigit() else v for v in values]
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    # Prefect's console handler only; the Prefect UI still gets every log line.
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def _report(result: Any, as_json: bool) -> None:
+    if as_json:
+        _say(
+            json.dumps(
+                {
+                    "flow_run_id": result.flow_run_id,
+                    "model_uri": result.model_uri,
+                    "model_digest": result.model_digest,
+                    "targets": result.targets,
+                    "stages": result.stages,
+                    "metrics": result.metrics,
+                    "report_path": result.report_path,
+                    "output_dir": result.output_dir,
+                    "mlflow_run_id": result.mlflow_run_id,
+                    "mlflow_tracking_uri": result.mlflow_tracking_uri,
+                    "wandb_run_dir": result.wandb_run_dir,
+                    "wandb_sync_command": result.wandb_sync_command,
+                    "seconds": result.seconds,
+                },
+                indent=2,
+            )
+        )
+        return
+    _say()
+    _say(f"Done in {result.seconds:.0f} s. Where to look:")
+    for line in result.where_to_look():
+        _say(f"  {line}")
+
+
+def _fail(err: BaseException, verbose: bool) -> int:
+    if verbose:
+        raise err
+    sys.stderr.write(f"leap: {type(err).__name__}: {err}\n")
+    return 1
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Subcommands
+# ---------------------------------------------------------------------------------------------- #
+def cmd_audit(args: argparse.Namespace) -> int:
+    _quiet_prefect(args.verbose)
+    from flows.audit import audit_model
+
+    try:
+        with ProgressDisplay(not args.no_progress and not args.json):
+            result = audit_model(
+                args.model_uri,
+                target_classes=_classes(args.classes),
+                config=_config(args),
+                skip=args.skip,
+                class_chunk_size=args.chunk_size,
+                task_runner=args.task_runner,
+                artifact_store=args.store,
+                experiment=args.experiment,
+                wandb_project=args.wandb_project,
+                model_options=_model_options(args),
+                device=args.device,
+                output_dir=args.output_dir,
+            )
+    except Exception as err:
+        return _fail(err, args.verbose)
+    _report(result, args.json)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    _quiet_prefect(args.verbose)
+    from flows.explain import explain_samples
+
+    try:
+        with ProgressDisplay(not args.no_progress and not args.json):
+            result = explain_samples(
+                args.model_uri,
+                args.images,
+                target_classes=_classes(args.classes),
+                config=_config(args),
+                skip=args.skip,
+                artifact_store=args.store,
+                experiment=args.experiment,
+                wandb_project=args.wandb_project,
+                model_options=_model_options(args),
+                device=args.device,
+                output_dir=args.output_dir,
+            )
+    except Exception as err:
+        return _fail(err, args.verbose)
+    _report(result, args.json)
+    return 0
+
+
+def register_demo_model(name: str = DEMO_MODEL, alias: str = DEMO_ALIAS) -> str:
+    """Register the bundled pretrained EfficientNet-Lite0 in the MLflow registry (once per weights
+    digest) under ``alias``; returns ``models:/<name>@<alias>``."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from leapcore.sources import load_model
+    from leapcore.sources.mlflow import log_model_with_metadata
+    from tasks.mlflow_registry import tracking_uri
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    loaded = load_model("efficientnet_lite0")
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+        if (current.tags or {}).get("leapcore.digest") == loaded.digest:
+            return f"models:/{name}@{alias}"
+    except Exception:
+        pass  # not registered yet
+    _say(f"Registering the bundled EfficientNet-Lite0 as models:/{name}@{alias} in {uri} ...")
+    mlflow.set_experiment("leapcore-models")
+    with mlflow.start_run(run_name="efficientnet-lite0 (bundled ImageNet weights)"):
+        ref = log_model_with_metadata(
+            loaded, registered_model_name=name, alias=alias, input_example=None
+        )
+    client.set_model_version_tag(name, ref.version, "leapcore.digest", loaded.digest)
+    return ref.uri
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _quiet_prefect(args.verbose)
+    began = time.perf_counter()
+    from flows.audit import audit_model
+
+    config = dict(DEMO_CONFIG)
+    if args.max_steps is not None:
+        config["max_steps"] = args.max_steps
+    if args.isolation_steps is not None:
+        config["isolation_steps"] = args.isolation_steps
+    try:
+        uri = register_demo_model()
+        classes = args.classes or DEMO_CLASSES
+        _say(f"Auditing {uri} for {', '.join(map(str, classes))} ({config['max_steps']} steps) ...")
+        with ProgressDisplay(not args.no_progress):
+            result = audit_model(
+                uri,
+                target_classes=_classes(classes),
+                config=config,
+                skip=args.skip,
+                artifact_store=args.store,
+                output_dir=args.output_dir,
+            )
+    except Exception as err:
+        return _fail(err, args.verbose)
+    result.seconds = time.perf_counter() - began
+    _report(result, False)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
+    try:
+        from deployments.serve import main as serve_main
+    except ImportError as err:
+        sys.stderr.write(
+            "leap serve needs deployments/serve.py (the deployments of deployments/prefect.yaml), "
+            f"which is not available here ({err}). Run it from a checkout of the leapcore "
+            "repository, or start the flows from Python: from flows import audit_model.\n"
+        )
+        return 2
+    return int(serve_main(rest) or 0)
+
+
+SERVER_HELP = """Long-running servers on this machine (127.0.0.1 only):
+
+  Prefect (flow runs, schedules, the UI on http://127.0.0.1:4200):
+    prefect server start --host 127.0.0.1 --port 4200
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+
+  MLflow (tracking, registry, the UI on http://127.0.0.1:5000), on the same store leap uses:
+    mlflow server --host 127.0.0.1 --port 5000 \\
+        --backend-store-uri sqlite:///$PWD/mlflow.db --artifacts-destination $PWD/mlartifacts
+    export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+
+Then `leap serve` runs the deployments (nightly audit, registry watcher, audit trigger) against
+them. Without these servers, `leap audit` uses a temporary Prefect server and the local
+mlflow.db; `mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db` browses the results.
+"""
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    _say(SERVER_HELP)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Parser
+# ---------------------------------------------------------------------------------------------- #
+def build_parser() -> argparse.ArgumentParser:
+    """The ``leap`` argument parser (every subcommand has ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="leap",
+        description="Interpretability audits for image classifiers: prototypes, entanglement and "
+        "feature isolation, registered in MLflow and W&B. No server or account needed.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    audit = sub.add_parser(
+        "audit",
+        help="audit a model: prototypes, entanglement, isolations -> MLflow, W&B, HTML report",
+        description="Audit MODEL_URI (models:/name/version, models:/name@alias, runs:/<id>/<path>, "
+        "a model file or folder, or a zoo name such as efficientnet_lite0).",
+    )
+    audit.add_argument("model_uri", metavar="MODEL_URI")
+    _add_run_options(audit)
+    audit.add_argument(
+        "--chunk-size", type=int, metavar="N", help="classes per prototype/isolation task"
+    )
+    audit.add_argument(
+        "--task-runner",
+        default="threads",
+        metavar="RUNNER",
+        help="threads (default), dask, or a Dask scheduler address",
+    )
+    audit.set_defaults(handler=cmd_audit)
+
+    explain = sub.add_parser(
+        "explain",
+        help="isolate the features behind a model's predictions on your images",
+        description="Feature isolation on IMAGE files and folders of images.",
+    )
+    explain.add_argument("model_uri", metavar="MODEL_URI")
+    explain.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    _add_run_options(explain)
+    explain.set_defaults(handler=cmd_explain)
+
+    demo = sub.add_parser(
+        "demo",
+        help="register the bundled EfficientNet-Lite0 in MLflow and audit a few ImageNet classes",
+        description="The main job: register the bundled pretrained EfficientNet-Lite0 in the local "
+        "MLflow registry and audit a few ImageNet classes (a few minutes on 2 CPU cores). No "
+        "server or account needed.",
+    )
+    demo.add_argument(
+        "--classes", nargs="+", metavar="CLASS", help=f"default: {', '.join(DEMO_CLASSES)}"
+    )
+    demo.add_argument("--max-steps", type=int, help=f"default {DEMO_CONFIG['max_steps']}")
+    demo.add_argument(
+        "--isolation-steps", type=int, help=f"default {DEMO_CONFIG['isolation_steps']}"
+    )
+    demo.add_argument("--skip", nargs="+", default=[], metavar="STAGE")
+    demo.add_argument("--store", metavar="URI", help="artifact store (default .leap/artifacts)")
+    demo.add_argument("--output-dir", help="default leap_results/leapcore-demo")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("-v", "--verbose", action="store_true")
+    demo.set_defaults(handler=cmd_demo)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the deployments of deployments/prefect.yaml from this process",
+        description="Serve the audit deployments (schedules, triggers, registry watcher); every "
+        "further argument goes to deployments/serve.py (leap serve -- --help).",
+        add_help=False,
+    )
+    serve.set_defaults(handler=None)
+
+    server = sub.add_parser(
+        "server",
+        help="how to start Prefect and MLflow servers on 127.0.0.1",
+        description="Print the commands that start Prefect and MLflow servers on 127.0.0.1.",
+    )
+    server.set_defaults(handler=cmd_server)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``leap`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        rest = argv[1:]
+        if rest[:1] == ["--"]:
+            rest = rest[1:]
+        return cmd_serve(argparse.Namespace(), rest)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,493 @@
+"""MLflow models: ``models:/name/version``, ``models:/name@alias``, ``runs:/<run_id>/<path>``.
+
+Reads the ``pytorch`` flavor in both formats (``pt2``, MLflow 3's default, checked to be pickle-free;
+``pickle`` only when trusted), and the ``keras`` / ``tensorflow`` flavors (Keras ``safe_mode``, or a
+SavedModel). Class list, mean, std and input shape come from the model's ``leapcore`` metadata, as
+:func:`log_model_with_metadata` writes it; the input shape falls back to the model's signature.
+
+Trust: a pickled model loads only with ``trusted=True``, or, for ``models:/`` URIs (models of the
+tracking server you point MLflow at), with the environment setting
+``LEAPCORE_TRUST_MLFLOW_REGISTRY=1``.
+
+``mlflow`` is imported inside functions only: ``import leapcore`` never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from leapcore.errors import ModelSourceError, UntrustedSourceError
+from leapcore.sources import LoadedModel, register_source
+
+log = logging.getLogger(__name__)
+
+TRUST_REGISTRY_ENV = "LEAPCORE_TRUST_MLFLOW_REGISTRY"
+METADATA_KEY = "leapcore"
+_MODELS = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))?/?$")
+_RUNS = re.compile(r"^runs:/(?P<run_id>[^/]+)/(?P<path>.+)$")
+
+
+def is_mlflow_uri(uri: str) -> bool:
+    return uri.startswith(("models:/", "runs:/"))
+
+
+def registry_trusted() -> bool:
+    """Whether ``LEAPCORE_TRUST_MLFLOW_REGISTRY`` says to trust ``models:/`` URIs."""
+    return os.environ.get(TRUST_REGISTRY_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _import_mlflow() -> Any:
+    try:
+        import mlflow
+    except ImportError:
+        raise ModelSourceError(
+            "MLflow URIs need mlflow: pip install 'leapcore[pipeline]'."
+        ) from None
+    return mlflow
+
+
+@register_source(
+    "mlflow",
+    is_mlflow_uri,
+    "MLflow models:/name/version, models:/name@alias, runs:/<run_id>/<path> (pytorch pt2 / "
+    "pickle, keras, tensorflow flavors)",
+    priority=10,
+)
+def load_mlflow(
+    uri: str,
+    trusted: bool = False,
+    tracking_uri: str | None = None,
+    registry_uri: str | None = None,
+) -> LoadedModel:
+    """Load an MLflow model URI from the tracking server (the current one, or ``tracking_uri``).
+
+    Raises:
+        ModelSourceError: the model, version, alias, run or path does not exist (the message lists
+            what does), or the flavor is not one leapcore reads.
+        UntrustedSourceError: the model is pickled and neither ``trusted`` nor
+            ``LEAPCORE_TRUST_MLFLOW_REGISTRY`` allows it.
+    """
+    mlflow = _import_mlflow()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+    server = tracking_uri or mlflow.get_tracking_uri()
+    info = _resolve(client, uri, server)
+    trust = trusted or (uri.startswith("models:/") and registry_trusted())
+    with tempfile.TemporaryDirectory(prefix="leapcore-mlflow-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=registry_uri
+            )
+        except Exception as err:
+            raise _not_found(client, uri, server, err) from None
+        loaded = load_model_folder(Path(local), uri, trusted=trust, source="mlflow")
+    loaded.metadata.update(info)
+    loaded.metadata["tracking_uri"] = server
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Resolving names, versions, aliases and runs, with errors that list what exists
+# ---------------------------------------------------------------------------------------------- #
+def _resolve(client: Any, uri: str, server: str) -> dict[str, Any]:
+    from mlflow.exceptions import MlflowException
+
+    models, runs = _MODELS.match(uri), _RUNS.match(uri)
+    if models is None and runs is None:
+        raise ModelSourceError(
+            f"{uri!r} is not an MLflow model URI leapcore reads: use models:/<name>/<version>, "
+            "models:/<name>@<alias> or runs:/<run_id>/<path>."
+        )
+    if runs is not None:
+        run_id = runs["run_id"]
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise ModelSourceError(f"MLflow has no run {run_id!r} on {server}.") from None
+        return {"run_id": run_id, "artifact_path": runs["path"]}
+    name, version, alias = models["name"], models["version"], models["alias"]
+    if name.startswith("m-") and version is None and alias is None:
+        return {"model_id": name}  # a logged model's id (MLflow 3), not a registry name
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException:
+        raise ModelSourceError(
+            f"MLflow has no registered model {name!r} on {server}; registered models: "
+            f"{_registered_names(client) or 'none'}."
+        ) from None
+    if alias is not None:
+        aliases = dict(getattr(registered, "aliases", {}) or {})
+        if alias not in aliases:
+            known = ", ".join(f"{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
+            raise ModelSourceError(
+                f"registered model {name!r} has no alias {alias!r}; its aliases: {known}."
+            )
+        version = str(aliases[alias])
+    elif version is None:
+        raise ModelSourceError(
+            f"{uri!r} names no version: use models:/{name}/<version> or models:/{name}@<alias>."
+        )
+    elif version.isdigit():
+        try:
+            client.get_model_version(name, version)
+        except MlflowException:
+            versions = sorted(
+                (int(v.version) for v in client.search_model_versions(f"name='{name}'")),
+            )
+            raise ModelSourceError(
+                f"registered model {name!r} has no version {version}; its versions: "
+                f"{', '.join(map(str, versions)) or 'none'}."
+            ) from None
+    return {"registered_model": name, "version": version, "alias": alias}
+
+
+def _registered_names(client: Any) -> str:
+    try:
+        return ", ".join(sorted(m.name for m in client.search_registered_models(max_results=20)))
+    except Exception:
+        return ""
+
+
+def _not_found(client: Any, uri: str, server: str, err: Exception) -> ModelSourceError:
+    runs = _RUNS.match(uri)
+    if runs is not None:
+        names = _run_model_names(client, runs["run_id"])
+        listed = f"; models logged in this run: {', '.join(names)}" if names else ""
+        return ModelSourceError(
+            f"run {runs['run_id']} on {server} has no model at {runs['path']!r}{listed}."
+        )
+    return ModelSourceError(f"could not download {uri!r} from {server}: {str(err)[:300]}")
+
+
+def _run_model_names(client: Any, run_id: str) -> list[str]:
+    try:
+        run = client.get_run(run_id)
+        models = client.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+        )
+        return sorted({m.name for m in models})
+    except Exception:
+        return []
+
+
+# ---------------------------------------------------------------------------------------------- #
+# A downloaded (or local) MLflow model folder
+# ---------------------------------------------------------------------------------------------- #
+def load_model_folder(
+    path: Path, uri: str, trusted: bool = False, source: str = "mlflow"
+) -> LoadedModel:
+    """Load a local MLflow model folder (one with an ``MLmodel`` file)."""
+    _import_mlflow()
+    from mlflow.models import Model
+
+    mlmodel = Model.load(str(path / "MLmodel"))
+    meta = dict((mlmodel.metadata or {}).get(METADATA_KEY, {}) or {})
+    flavors = mlmodel.flavors
+    if "pytorch" in flavors:
+        loaded = _load_pytorch_flavor(path, flavors["pytorch"], uri, trusted, source)
+    elif "keras" in flavors or "tensorflow" in flavors:
+        loaded = _load_tf_flavor(path, flavors, uri, trusted, source)
+    else:
+        readable = ", ".join(sorted(f for f in flavors if f != "python_function")) or "pyfunc only"
+        raise ModelSourceError(
+            f"{uri} has MLflow flavor(s) {readable}; leapcore reads the pytorch, keras and "
+            "tensorflow flavors."
+        )
+    _apply_metadata(loaded, meta, mlmodel, uri)
+    return loaded
+
+
+def _load_pytorch_flavor(
+    path: Path, flavor: dict[str, Any], uri: str, trusted: bool, source: str
+) -> LoadedModel:
+    import torch
+
+    from leapcore.sources.files import torch_loaded
+    from leapcore.sources.torch_files import is_torchscript, load_pt2, load_torchscript, zip_names
+
+    data = path / flavor.get("model_data", "data")
+    if (data / "model.pt2").is_file():
+        model = load_pt2((data / "model.pt2").read_bytes(), uri, trusted)
+        return torch_loaded(model, uri, source, {"format": "pt2"})
+    pth = data / "model.pth"
+    if not pth.is_file():
+        raise ModelSourceError(
+            f"{uri} is a pytorch model with neither data/model.pt2 nor model.pth."
+        )
+    raw = pth.read_bytes()
+    names = zip_names(raw)
+    if names is not None and is_torchscript(names):
+        return torch_loaded(load_torchscript(raw), uri, source, {"format": "torchscript"})
+    if not trusted:
+        raise UntrustedSourceError(
+            f"{uri} is saved in MLflow's pickle format (serialization_format='pickle'): "
+            "unpickling it can run arbitrary code, so leapcore refused to load it. If you trust "
+            "it, pass trusted=True (CLI: --trusted), or set "
+            f"{TRUST_REGISTRY_ENV}=1 to trust the models:/ URIs of your own tracking server; or "
+            "re-log it with serialization_format='pt2'."
+        )
+    info = data / "pickle_module_info.txt"
+    module_name = info.read_text().strip() if info.is_file() else "pickle"
+    log.warning("unpickling %s with %s because it is trusted", uri, module_name)
+    model = torch.load(
+        io.BytesIO(raw),
+        map_location="cpu",
+        weights_only=False,
+        pickle_module=importlib.import_module(module_name),
+    )
+    return torch_loaded(model, uri, source, {"format": "pickle"})
+
+
+def _load_tf_flavor(
+    path: Path, flavors: dict[str, Any], uri: str, trusted: bool, source: str
+) -> LoadedModel:
+    from leapcore.sources.files import DEFAULT_SHAPE, keras_loaded
+
+    if "keras" in flavors:  # Keras 3 flavor: data/model.keras, or an exported SavedModel
+        flavor = flavors["keras"]
+        data = path / flavor.get("data", "data")
+        model_path = data / "model" if data.is_dir() else data
+        if flavor.get("save_exported_model"):
+            return _saved_model_loaded(model_path, uri, trusted, source, DEFAULT_SHAPE)
+        return keras_loaded(Path(f"{model_path}.keras"), uri, trusted, source)
+    flavor = flavors["tensorflow"]
+    if flavor.get("model_type", "keras") == "keras":
+        data = path / flavor.get("data", "data")
+        for candidate in ("model.keras", "model.h5", "model"):
+            if (data / candidate).exists():
+                return keras_loaded(data / candidate, uri, trusted, source)
+        raise ModelSourceError(f"{uri}: no Keras model file under {data}.")
+    saved = path / flavor.get("saved_model_dir", "tf2model")
+    return _saved_model_loaded(saved, uri, trusted, source, DEFAULT_SHAPE)
+
+
+def _saved_model_loaded(
+    saved: Path, uri: str, trusted: bool, source: str, default: tuple[int, int, int]
+) -> LoadedModel:
+    from leapcore.frameworks.tensorflow import load_saved_model, tf_weights_digest
+
+    fn, shape = load_saved_model(saved, trusted)
+    return LoadedModel(
+        model=fn,
+        framework="tf",
+        preprocessing=[],
+        class_list=[],
+        input_shape=shape or default,
+        digest=tf_weights_digest(fn),
+        uri=uri,
+        source=source,
+        layout="NHWC",
+        metadata={"format": "savedmodel"},
+    )
+
+
+def _apply_metadata(loaded: LoadedModel, meta: dict[str, Any], mlmodel: Any, uri: str) -> None:
+    from leapcore.sources import normalize_steps
+
+    if meta.get("class_list"):
+        loaded.class_list = [str(c) for c in meta["class_list"]]
+        loaded.metadata["class_list_from"] = f"the MLflow metadata of {uri}"
+    if meta.get("mean") is not None or meta.get("std") is not None:
+        loaded.mean = tuple(meta["mean"]) if meta.get("mean") is not None else None
+        loaded.std = tuple(meta["std"]) if meta.get("std") is not None else None
+        loaded.preprocessing = normalize_steps(loaded.mean, loaded.std)
+    shape = meta.get("input_shape") or _signature_shape(mlmodel, loaded.layout)
+    if shape:
+        loaded.input_shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
+
+
+def _signature_shape(mlmodel: Any, layout: str) -> tuple[int, int, int] | None:
+    try:
+        shape = mlmodel.signature.inputs.inputs[0].shape
+    except (AttributeError, IndexError, TypeError):
+        return None
+    if shape is None or len(shape) != 4 or any(int(s) < 1 for s in shape[1:]):
+        return None
+    _, a, b, c = (int(s) for s in shape)
+    return (a, b, c) if layout == "NCHW" else (c, a, b)
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Logging a model with leapcore's metadata
+# ---------------------------------------------------------------------------------------------- #
+@dataclass
+class LoggedModelRef:
+    """Where :func:`log_model_with_metadata` put a model.
+
+    Attributes:
+        uri: the URI to load it with: ``models:/<name>@<alias>``, else ``models:/<name>/<version>``
+            when registered, else MLflow's ``models:/<model_id>``.
+        model_uri: MLflow's own ``models:/<model_id>`` URI of the logged model.
+        run_id: the run it was logged in.
+        name: its artifact name inside the run (``runs:/<run_id>/<name>`` also loads it).
+        registered_model_name: the registry name, when registered.
+        version: the registry version, when registered.
+        alias: the alias set, if any.
+    """
+
+    uri: str
+    model_uri: str
+    run_id: str
+    name: str
+    registered_model_name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+
+    @property
+    def runs_uri(self) -> str:
+        return f"runs:/{self.run_id}/{self.name}"
+
+
+@contextlib.contextmanager
+def _active_run(mlflow: Any) -> Iterator[Any]:
+    if mlflow.active_run() is not None:
+        yield mlflow.active_run()
+        return
+    with mlflow.start_run() as run:
+        yield run
+
+
+def log_model_with_metadata(
+    model: Any,
+    class_list: Sequence[str] | None = None,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    input_shape: Sequence[int] | None = None,
+    name: str = "model",
+    registered_model_name: str | None = None,
+    alias: str | None = None,
+    serialization_format: str = "pt2",
+    input_example: Any = None,
+) -> LoggedModelRef:
+    """Log a PyTorch or Keras model to the current MLflow run (one is started if none is active),
+    with the metadata the ``mlflow`` source reads back, and optionally register it and set an alias.
+
+    Args:
+        model: a ``torch.nn.Module`` (logged with the ``pytorch`` flavor), a Keras model (``keras``
+            flavor), or a :class:`LoadedModel` (its class list, mean, std and shape are the defaults).
+        class_list: one name per output.
+        mean: per-channel mean of the preprocessing (pixel values in [0, 1]); None for none.
+        std: per-channel std.
+        input_shape: ``(C, H, W)``, also for Keras models (default ``(3, 224, 224)``).
+        name: the artifact name in the run.
+        registered_model_name: register the model under this name (a new version each call).
+        alias: set this registry alias (e.g. ``"champion"``) on the new version.
+        serialization_format: ``"pt2"`` (``torch.export``; safe to load) or ``"pickle"``
+            (loads only when trusted). PyTorch only.
+        input_example: the ``torch.export`` example; default a random batch of 2 (so that the
+            batch size stays dynamic). Keras models are logged with a signature instead.
+
+    Returns:
+        A :class:`LoggedModelRef`; ``load_model(ref.uri)`` loads the model back.
+    """
+    mlflow = _import_mlflow()
+    if isinstance(model, LoadedModel):
+        class_list = class_list if class_list is not None else model.class_list
+        mean = mean if mean is not None else model.mean
+        std = std if std is not None else model.std
+        input_shape = input_shape or model.input_shape
+        model = model.model
+    if not class_list:
+        raise ModelSourceError("log_model_with_metadata needs class_list (one name per output).")
+    if alias is not None and registered_model_name is None:
+        raise ModelSourceError("alias needs registered_model_name: aliases name registry versions.")
+    shape = tuple(int(s) for s in (input_shape or (3, 224, 224)))
+    if len(shape) != 3:
+        raise ModelSourceError(f"input_shape must be (C, H, W), got {list(shape)}.")
+    import numpy as np
+
+    is_torch = _is_torch_module(model)
+    meta = {
+        "class_list": [str(c) for c in class_list],
+        "mean": [float(m) for m in mean] if mean is not None else None,
+        "std": [float(s) for s in std] if std is not None else None,
+        "input_shape": list(shape),
+        "layout": "NCHW" if is_torch else "NHWC",
+        "framework": "pt" if is_torch else "tf",
+    }
+    common = {
+        "name": name,
+        "metadata": {METADATA_KEY: meta},
+        "registered_model_name": registered_model_name,
+    }
+    c, h, w = shape
+    with _active_run(mlflow) as run:
+        if is_torch:
+            import torch
+
+            model.eval()
+            example = input_example
+            if example is None:
+                example = np.random.default_rng(0).random((2, c, h, w), dtype=np.float32)
+            if isinstance(example, torch.Tensor):
+                example = example.detach().cpu().numpy()
+            info = mlflow.pytorch.log_model(
+                model,
+                input_example=example,
+                serialization_format=serialization_format,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                **common,
+            )
+        elif _is_keras_model(model):
+            import keras
+            from mlflow.models.signature import ModelSignature
+            from mlflow.types.schema import Schema, TensorSpec
+
+            # A signature, not an input_example: mlflow.keras writes the example before it has
+            # created the model folder (MLflow 3.17).
+            float32 = np.dtype("float32")
+            signature = ModelSignature(
+                inputs=Schema([TensorSpec(float32, (-1, h, w, c))]),
+                outputs=Schema([TensorSpec(float32, (-1, len(class_list)))]),
+            )
+            info = mlflow.keras.log_model(
+                model,
+                signature=signature,
+                pip_requirements=[f"keras=={keras.__version__}"],
+                **common,
+            )
+        else:
+            raise ModelSourceError(
+                f"log_model_with_metadata takes a torch.nn.Module or a Keras model, not "
+                f"{type(model).__name__}."
+            )
+        run_id = run.info.run_id
+    version = getattr(info, "registered_model_version", None)
+    version = str(version) if version is not None else None
+    if alias is not None:
+        from mlflow import MlflowClient
+
+        MlflowClient().set_registered_model_alias(registered_model_name, alias, version)
+    if alias is not None:
+        uri = f"models:/{registered_model_name}@{alias}"
+    elif registered_model_name is not None:
+        uri = f"models:/{registered_model_name}/{version}"
+    else:
+        uri = info.model_uri
+    return LoggedModelRef(uri, info.model_uri, run_id, name, registered_model_name, version, alias)
+
+
+def _is_torch_module(model: Any) -> bool:
+    import torch
+
+    return isinstance(model, torch.nn.Module)
+
+
+def _is_keras_model(model: Any) -> bool:
+    return any(
+        (lib := sys.modules.get(name)) is not None and isinstance(model, lib.Model)
+        for name in ("keras", "tf_keras")
+    )

@@ -1,0 +1,177 @@
+"""MLflow registration: one run per audit, opened before the first stage and closed with its outcome.
+
+The run is opened (``RUNNING``) before any stage runs, so a failing stage leaves a ``FAILED`` run, never
+a ``FINISHED`` one. ``publish_mlflow`` logs the secret-free config as params, the headline metrics and
+the stage times, and the download bundle (Parquet tables, PNGs, heatmap, HTML report) as artifacts.
+When the model came from the registry, its version is tagged with the audit's run id and status.
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else a SQLite store ``mlflow.db`` in the working
+folder (artifacts next to it, in ``mlruns/``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from leapcore import __version__
+from leapcore.secrets import redact_uri
+from tasks.artifacts import ArtifactStore
+from tasks.model import ModelRef
+from tasks.redaction import redacting
+from tasks.report import ReportOutput
+
+DEFAULT_EXPERIMENT = "leapcore-audits"
+TAG_RUN_ID = "leapcore.audit_run_id"
+TAG_STATUS = "leapcore.audit_status"
+_MAX_PARAM = 6000
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<working folder>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    registry = os.environ.get("MLFLOW_REGISTRY_URI") or uri
+    return MlflowClient(tracking_uri=uri, registry_uri=registry)
+
+
+def flatten_params(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested options as ``a.b`` params; lists as JSON; values cut to MLflow's limit."""
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_params(value, f"{name}."))
+            continue
+        text = value if isinstance(value, str) else json.dumps(value)
+        out[name] = text[:_MAX_PARAM]
+    return out
+
+
+def open_audit_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str],
+    registry: dict[str, str] | None = None,
+) -> str:
+    """Create the audit's run (``RUNNING``) and tag the registry version; returns the run id."""
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else _create_experiment(client, experiment)
+    run = client.create_run(
+        experiment_id,
+        run_name=run_name,
+        tags={**tags, "leapcore.version": __version__, "mlflow.runName": run_name},
+    )
+    run_id = run.info.run_id
+    _tag_version(client, registry, run_id, "RUNNING")
+    return run_id
+
+
+def _create_experiment(client: Any, name: str) -> str:
+    try:
+        return client.create_experiment(name)
+    except Exception:
+        found = client.get_experiment_by_name(name)  # created concurrently
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def close_audit_run(
+    uri: str,
+    run_id: str,
+    status: str,
+    registry: dict[str, str] | None = None,
+    error: str | None = None,
+) -> None:
+    """End the run as ``FINISHED`` or ``FAILED`` (with the cleaned error text) and tag the version."""
+    client = _client(uri)
+    if error:
+        client.set_tag(run_id, "leapcore.error", error[:4900])
+    client.set_tag(run_id, "leapcore.status", status)
+    client.set_terminated(run_id, status=status)
+    _tag_version(client, registry, run_id, status)
+
+
+def _tag_version(client: Any, registry: dict[str, str] | None, run_id: str, status: str) -> None:
+    if not registry or not registry.get("name") or not registry.get("version"):
+        return
+    name, version = registry["name"], registry["version"]
+    client.set_model_version_tag(name, version, TAG_RUN_ID, run_id)
+    client.set_model_version_tag(name, version, TAG_STATUS, status)
+
+
+def run_tags(
+    model: ModelRef | None,
+    model_uri: str,
+    registry: dict[str, str],
+    flow_run_id: str | None,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Tags linking the run to the model (name/version/alias/digest) and the Prefect flow run."""
+    tags = {"leapcore.model_uri": redact_uri(model_uri)}
+    for key in ("name", "version", "alias", "run_id"):
+        if registry.get(key):
+            tags[f"leapcore.model_{key}"] = str(registry[key])
+    if model is not None:
+        tags["leapcore.model_digest"] = model.digest
+    if flow_run_id:
+        tags["prefect.flow_run_id"] = str(flow_run_id)
+    tags.update(extra or {})
+    return tags
+
+
+@task(name="publish_mlflow", retries=2, retry_delay_seconds=2, persist_result=False)
+@redacting
+def publish_mlflow(
+    uri: str,
+    run_id: str,
+    model: ModelRef,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    report: ReportOutput,
+    store: ArtifactStore,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Log params, metrics, tags and the download bundle to the audit's run."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = _client(uri)
+    now = int(time.time() * 1000)
+    flat = flatten_params(params)
+    items = sorted(flat.items())
+    for start in range(0, len(items), 90):
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + 90]])
+    metric_items = sorted({**report.metrics, **metrics}.items())
+    for start in range(0, len(metric_items), 900):
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metric_items[start : start + 900]],
+        )
+    all_tags = {**(tags or {}), "leapcore.model_digest": model.digest}
+    client.log_batch(run_id, tags=[RunTag(k, str(v)[:4900]) for k, v in sorted(all_tags.items())])
+    with tempfile.TemporaryDirectory(prefix="leapcore-mlflow-") as tmp:
+        root = Path(tmp)
+        for rel, ref in report.files.items():
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(store.get_bytes(ref))
+        client.log_artifacts(run_id, str(root))
+    return {
+        "run_id": run_id,
+        "params": len(flat),
+        "metrics": len(metric_items),
+        "files": len(report.files),
+    }

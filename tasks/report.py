@@ -1,0 +1,171 @@
+"""The ``render_report`` task: everything a user downloads, built from the stage artifacts.
+
+It rebuilds the engine's :class:`~leapcore.engine.Audit` from the artifacts and writes, as artifacts:
+the HTML report (``leapcore.report``), zstd Parquet tables (the engine's Arrow tables plus leap-ie's
+results DataFrame), the PNG images (``leapcore.results.write_images``) and the entanglement heatmap.
+The publishers and ``export_results`` take these files as they are.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from leapcore.config import EngineConfig
+from leapcore.report import audit_metrics, entanglement_heatmap
+from leapcore.report import render_report as render_html
+from leapcore.results import (
+    audit_frame,
+    baseline_to_arrow,
+    entanglement_to_arrow,
+    isolations_to_arrow,
+    learning_rate_to_arrow,
+    prototypes_to_arrow,
+    samples_to_arrow,
+    trajectories_to_arrow,
+    write_images,
+)
+from tasks.artifacts import ArtifactRef, ArtifactStore
+from tasks.audit_io import load_audit
+from tasks.caching import REPORT
+from tasks.model import ModelRef
+from tasks.stages import StageOutput, stage_task
+
+
+@dataclass(frozen=True)
+class ReportOutput:
+    """The files of an audit's download bundle, by path inside the bundle, and its headline metrics.
+
+    Attributes:
+        files: ``report.html``, ``tables/*.parquet``, ``images/**.png``, ``entanglement_heatmap.png``.
+        metrics: :func:`leapcore.report.audit_metrics`.
+        title: the report's title.
+        seconds: time to build the bundle.
+    """
+
+    files: dict[str, ArtifactRef]
+    metrics: dict[str, float]
+    title: str
+    seconds: float = 0.0
+    summary: list[dict[str, Any]] = field(default_factory=list)
+
+    def key_parts(self) -> dict[str, Any]:
+        return {"files": self.files}
+
+    @property
+    def report(self) -> ArtifactRef | None:
+        return self.files.get("report.html")
+
+    def tables(self) -> dict[str, ArtifactRef]:
+        return {k: v for k, v in self.files.items() if k.endswith(".parquet")}
+
+
+def model_facts(model: ModelRef) -> dict[str, Any]:
+    """What the report and the publishers say about the model."""
+    facts: dict[str, Any] = {
+        "model": model.uri,
+        "digest": model.digest[:16],
+        "classes": model.num_classes,
+    }
+    for key in ("name", "version", "alias", "run_id"):
+        if model.registry.get(key):
+            facts[f"registry {key}"] = model.registry[key]
+    facts["input"] = "x".join(map(str, model.input_shape))
+    return facts
+
+
+@stage_task("render_report", REPORT, "Build the HTML report, Parquet tables and PNGs of the audit.")
+def render_report(
+    model: ModelRef,
+    config: EngineConfig,
+    store: ArtifactStore,
+    baseline: StageOutput | None = None,
+    learning_rate: StageOutput | None = None,
+    prototypes: list[StageOutput] | None = None,
+    entanglement: StageOutput | None = None,
+    isolations: list[StageOutput] | None = None,
+    samples: StageOutput | None = None,
+    title: str | None = None,
+    html: bool = True,
+) -> ReportOutput:
+    began = time.perf_counter()
+    audit = load_audit(
+        store, model, config, baseline, learning_rate, prototypes, entanglement, isolations, samples
+    )
+    sample_names: list[str] = []
+    if samples is not None:
+        sample_names = store.get_table(samples.refs["samples"]).column("name").to_pylist()
+    title = title or f"leapcore audit of {model.name}"
+    files: dict[str, ArtifactRef] = {}
+
+    tables = _tables(audit, sample_names)
+    if model.card is not None:
+        tables["model"] = store.get_table(model.card)
+    with tempfile.TemporaryDirectory(prefix="leapcore-report-") as tmp:
+        root = Path(tmp)
+        paths = write_images(audit, root / "images")
+        for png in sorted(root.rglob("*.png")):
+            rel = png.relative_to(root).as_posix()
+            files[rel] = store.put_bytes(png.read_bytes(), "images", "png", "png")
+        with_frame = (
+            audit.entanglement is not None
+            if audit.prototypes is not None
+            else audit.isolation is not None and audit.sample_logits is not None
+        )
+        if with_frame:
+            relative = {
+                kind: [Path(p).relative_to(root).as_posix() for p in items]
+                for kind, items in paths.items()
+            }
+            frame = audit_frame(audit, relative)
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            tables["results"] = table.replace_schema_metadata({b"leapcore.schema": b"results"})
+    for name, table in tables.items():
+        files[f"tables/{name}.parquet"] = store.put_parquet(table, "tables")
+    if audit.entanglement is not None and audit.prototypes is not None:
+        files["entanglement_heatmap.png"] = store.put_bytes(
+            entanglement_heatmap(audit), "images", "png", "png"
+        )
+    if html:
+        page = render_html(
+            audit,
+            title=title,
+            model=model_facts(model),
+            config=config.secret_free(),
+            sample_names=sample_names,
+        )
+        files["report.html"] = store.put_bytes(page.encode("utf-8"), "reports", "html", "html")
+    metrics = audit_metrics(audit)
+    summary = [
+        {"file": k, "bytes": v.size}
+        for k, v in sorted(files.items())
+        if "/" not in k or k.startswith("tables/")
+    ]
+    return ReportOutput(files, metrics, title, time.perf_counter() - began, summary)
+
+
+def _tables(audit: Any, sample_names: list[str]) -> dict[str, pa.Table]:
+    """The engine's Arrow tables of whatever stages ran."""
+    tables: dict[str, pa.Table] = {}
+    if audit.baseline is not None:
+        tables["baseline"] = baseline_to_arrow(audit.baseline)
+    if audit.lr is not None:
+        tables["learning_rate"] = learning_rate_to_arrow(audit.lr)
+    if audit.prototypes is not None:
+        tables["prototypes"] = prototypes_to_arrow(audit.prototypes, audit.class_list)
+        tables["trajectories"] = trajectories_to_arrow(audit.prototypes)
+        if audit.entanglement is not None and audit.baseline is not None:
+            tables["entanglement"] = entanglement_to_arrow(
+                audit.prototypes, audit.baseline.logits.cpu(), audit.entanglement, audit.class_list
+            )
+    if audit.isolation is not None:
+        source = "prototype" if audit.prototypes is not None else "sample"
+        tables["isolations"] = isolations_to_arrow(audit.isolation, audit.class_list, source)
+    if audit.samples is not None:
+        tables["samples"] = samples_to_arrow(audit.samples, audit.sample_logits, sample_names)
+    return tables

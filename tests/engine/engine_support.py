@@ -1,0 +1,149 @@
+"""A tiny seeded CNN on scikit-learn's digits, upscaled to 1x32x32: the engine tests' fast model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DIGIT_NAMES = [str(d) for d in range(10)]
+SHAPE = (1, 32, 32)
+
+
+class DigitsCNN(nn.Module):
+    """Two conv blocks (with batch norm, so train/eval mode matters), global pooling, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Dropout(0.1),
+        )
+        self.head = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+class Normalise(nn.Module):
+    """Pixel values in [0, 1] -> roughly zero mean, unit spread (the model's preprocessing)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - 0.25) / 0.35
+
+
+@dataclass
+class Digits:
+    model: DigitsCNN
+    preprocessing: Normalise
+    class_list: list[str]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    def confusion(self) -> np.ndarray:
+        """Row-normalised confusion matrix on the held-out digits: [true, predicted]."""
+        with torch.no_grad():
+            pred = self.model(self.preprocessing(self.test_x)).argmax(1)
+        counts = np.zeros((10, 10))
+        np.add.at(counts, (self.test_y.numpy(), pred.numpy()), 1)
+        return counts / counts.sum(1, keepdims=True)
+
+
+def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 digits as ``[N, 1, 32, 32]`` in [0, 1] and their labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.from_numpy(data.images.astype(np.float32) / 16.0)[:, None]
+    x = F.interpolate(x, size=SHAPE[1:], mode="bilinear", align_corners=False).clamp(0, 1)
+    return x, torch.from_numpy(data.target.astype(np.int64))
+
+
+def train_digits(epochs: int = 2, train_size: int = 600, seed: int = 0) -> Digits:
+    """Train on the first ``train_size`` shuffled digits; a short schedule leaves some confusion."""
+    x, y = load_digit_images()
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=gen)
+    x, y = x[order], y[order]
+    train_x, train_y, test_x, test_y = x[:train_size], y[:train_size], x[train_size:], y[train_size:]
+    torch.manual_seed(seed)
+    model, pre = DigitsCNN(), Normalise()
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(train_size, generator=gen)
+        for i in range(0, train_size, 32):
+            idx = perm[i : i + 32]
+            loss = F.cross_entropy(model(pre(train_x[idx])), train_y[idx])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    model.eval()
+    return Digits(model, pre, DIGIT_NAMES, train_x, train_y, test_x, test_y)
+
+
+# Fast defaults for option tests on the digits CNN: a few dozen steps, no LR search, no isolation.
+FAST = {
+    "input_dim": [1, 32, 32],
+    "max_steps": 30,
+    "find_lr_steps": 0,
+    "lr": 0.05,
+    "transform": "s",
+    "isolation": False,
+    "log_freq": 10,
+}
+
+
+def fast_config(**overrides) -> dict:
+    return {**FAST, **overrides}
+
+
+def run_digits(digits: Digits, target_classes=None, samples=None, **overrides):
+    """``engine.run`` on the digits CNN with :data:`FAST` options (``overrides`` win)."""
+    from leapcore import engine
+
+    return engine.run(
+        digits.model,
+        digits.class_list,
+        fast_config(**overrides),
+        target_classes=[3] if target_classes is None and samples is None else target_classes,
+        preprocessing=digits.preprocessing,
+        samples=samples,
+    )
+
+
+def mean_pairwise_cosine(images: torch.Tensor) -> float:
+    """Mean cosine similarity over distinct pairs of rows (centred), for diversity checks."""
+    flat = images.flatten(1)
+    flat = flat - flat.mean(1, keepdim=True)
+    flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    sim = flat @ flat.T
+    n = len(flat)
+    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+
+
+def photo_samples(size: int = 224) -> torch.Tensor:
+    """scikit-learn's two sample photos, centre-cropped square and resized: ``[2, 3, size, size]`` in [0, 1]."""
+    from sklearn.datasets import load_sample_images
+
+    out = []
+    for image in load_sample_images().images:
+        t = torch.from_numpy(np.array(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        h, w = t.shape[1:]
+        s = min(h, w)
+        t = t[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+        t = F.interpolate(t[None], size=(size, size), mode="bilinear", antialias=True)
+        out.append(t[0].clamp(0, 1))
+    return torch.stack(out)
