@@ -10,7 +10,8 @@ endpoint runs in the same process (``--webhook-port``).
     export PREFECT_API_URL=http://127.0.0.1:4200/api MLFLOW_TRACKING_URI=http://127.0.0.1:5000
     leap serve                                   # all three deployments
     leap serve --only audit registry-watch --watch-interval 30 --audit-config tiny.json
-    LEAP_WEBHOOK_SECRET=... leap serve --webhook-port 8787
+    LEAP_WEBHOOK_SECRET=... leap serve --webhook-port 8790
+    leap serve --deploy-to leap-process          # register on a work pool instead (then a worker runs them)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class DeploymentSpecError(ValueError):
@@ -49,7 +51,9 @@ def import_entrypoint(entrypoint: str) -> Any:
     try:
         path, attr = entrypoint.rsplit(":", 1)
     except ValueError:
-        raise DeploymentSpecError(f"entrypoint {entrypoint!r} is not 'path/module.py:flow'.") from None
+        raise DeploymentSpecError(
+            f"entrypoint {entrypoint!r} is not 'path/module.py:flow'."
+        ) from None
     module = path.removesuffix(".py").replace("/", ".").replace("\\", ".")
     return getattr(importlib.import_module(module), attr)
 
@@ -74,7 +78,9 @@ def trigger_of(spec: dict[str, Any], deployment: str, index: int) -> Any:
 
     body = {k: v for k, v in spec.items() if k != "type"}
     if spec.get("type", "event") != "event":
-        raise DeploymentSpecError(f"{deployment}: only event triggers are served, not {spec['type']!r}.")
+        raise DeploymentSpecError(
+            f"{deployment}: only event triggers are served, not {spec['type']!r}."
+        )
     body.setdefault("name", f"{deployment}__automation_{index}")
     return DeploymentEventTrigger.model_validate(body)
 
@@ -84,6 +90,7 @@ def build_deployments(
     only: list[str] | None = None,
     parameters: dict[str, dict[str, Any]] | None = None,
     watch_interval: float | None = None,
+    work_pool: str | None = None,
 ) -> list[Any]:
     """``RunnerDeployment`` objects for the entries named in ``only`` (default: all).
 
@@ -91,6 +98,8 @@ def build_deployments(
         parameters: per deployment name, default parameters that replace those of the file.
         watch_interval: seconds between registry polls (replaces interval schedules of
             ``registry-watch``).
+        work_pool: build them for this work pool (with the entry's queue and job variables and
+            the project root as working directory) instead of for serving.
     """
     from prefect.deployments.runner import EntrypointType
 
@@ -111,6 +120,17 @@ def build_deployments(
                 entry = {**entry, "interval": watch_interval}
             schedules.append(schedule_of(entry))
         triggers = [trigger_of(t, name, i) for i, t in enumerate(spec.get("triggers") or [], 1)]
+        pool: dict[str, Any] = {}
+        if work_pool is not None:
+            entry = spec.get("work_pool") or {}
+            pool = {
+                "work_pool_name": work_pool,
+                "work_queue_name": entry.get("work_queue_name"),
+                "job_variables": {
+                    "working_dir": str(PROJECT_ROOT),
+                    **(entry.get("job_variables") or {}),
+                },
+            }
         out.append(
             flow.to_deployment(
                 name=name,
@@ -121,6 +141,7 @@ def build_deployments(
                 triggers=triggers or None,
                 concurrency_limit=spec.get("concurrency_limit"),
                 entrypoint_type=EntrypointType.MODULE_PATH,
+                **pool,
             )
         )
     return out
@@ -145,6 +166,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alias-uri", help="model URI of the scheduled alias audit")
     parser.add_argument("--watch-interval", type=float, help="seconds between registry polls")
     parser.add_argument("--watch-models", nargs="+", metavar="NAME", help="models to watch")
+    parser.add_argument(
+        "--deploy-to",
+        metavar="POOL",
+        help="register the deployments on this work pool and exit, instead of serving them",
+    )
     parser.add_argument("--webhook-port", type=int, help="also run the MLflow webhook endpoint")
     parser.add_argument("--webhook-host", default="127.0.0.1")
     return parser.parse_args(argv)
@@ -186,7 +212,19 @@ def main(argv: list[str] | None = None) -> int:
             "export PREFECT_API_URL=http://127.0.0.1:4200/api; see deployments/README.md."
         )
     specs = load_specs(args.file)
-    deployments = build_deployments(specs, args.only, _overrides(args, specs), args.watch_interval)
+    deployments = build_deployments(
+        specs, args.only, _overrides(args, specs), args.watch_interval, args.deploy_to
+    )
+    if args.deploy_to:
+        for deployment in deployments:
+            deployment_id = deployment.apply()
+            log.info(
+                "registered %s on work pool %s (%s)",
+                deployment.full_name,
+                args.deploy_to,
+                deployment_id,
+            )
+        return 0
     webhook = None
     if args.webhook_port is not None:
         from deployments.webhook import create_app, run_in_thread, secret_from_env
@@ -194,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         webhook, _ = run_in_thread(
             create_app(secret_from_env()), args.webhook_host, args.webhook_port
         )
-        log.info("MLflow webhook endpoint on http://%s:%d/mlflow", args.webhook_host, args.webhook_port)
+        log.info(
+            "MLflow webhook endpoint on http://%s:%d/mlflow", args.webhook_host, args.webhook_port
+        )
     try:
         serve(*deployments, limit=args.limit)
     finally:

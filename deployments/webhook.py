@@ -15,8 +15,8 @@ Register it with MLflow (see deployments/README.md)::
     MlflowClient().create_webhook(name="leap-audit", url="https://audits.example.com/mlflow",
         events=["model_version.created", "model_version_alias.created"], secret=SECRET)
 
-Run it: ``python -m deployments.webhook --port 8787`` with ``LEAP_WEBHOOK_SECRET``,
-``MLFLOW_TRACKING_URI`` and ``PREFECT_API_URL`` set, or ``leap serve --webhook-port 8787``.
+Run it: ``python -m deployments.webhook --port 8790`` with ``LEAP_WEBHOOK_SECRET``,
+``MLFLOW_TRACKING_URI`` and ``PREFECT_API_URL`` set, or ``leap serve --webhook-port 8790``.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ class _SeenDeliveries:
         now = time.monotonic()
         with self._lock:
             while self._seen and (
-                len(self._seen) >= self.max_size or next(iter(self._seen.values())) < now - self.ttl_s
+                len(self._seen) >= self.max_size
+                or next(iter(self._seen.values())) < now - self.ttl_s
             ):
                 self._seen.popitem(last=False)
             if delivery_id in self._seen:
@@ -254,12 +255,12 @@ def secret_from_env() -> SecretStr:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m deployments.webhook [--host 127.0.0.1] [--port 8787] [--path /mlflow]``."""
+    """``python -m deployments.webhook [--host 127.0.0.1] [--port 8790] [--path /mlflow]``."""
     import uvicorn
 
     parser = argparse.ArgumentParser(prog="leap webhook", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    parser.add_argument("--port", type=int, default=8787)
+    parser.add_argument("--port", type=int, default=8790)
     parser.add_argument("--path", default=DEFAULT_PATH)
     parser.add_argument("--tolerance", type=float, default=300.0, help="seconds")
     args = parser.parse_args(argv)

@@ -84,6 +84,12 @@ class ArtifactStore:
     def __repr__(self) -> str:
         return f"ArtifactStore({self.uri!r})"
 
+    def secret_values(self) -> list[str]:
+        """Credentials inside the store's URI (for cleaning messages)."""
+        from tasks.redaction import uri_credentials
+
+        return uri_credentials(self._root)
+
     def __getstate__(self) -> dict:
         return {"root": self._root}
 

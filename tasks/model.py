@@ -63,7 +63,9 @@ class ModelLocator:
     identity: SourceIdentity | None = None
 
     def secret_values(self) -> list[str]:
-        return [self.raw_uri] if redact_uri(self.raw_uri) != self.raw_uri else []
+        from tasks.redaction import uri_credentials
+
+        return uri_credentials(self.raw_uri)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -23,6 +24,23 @@ from leapcore.secrets import redact, redact_uri
 F = TypeVar("F", bound=Callable[..., Any])
 
 _ENV_SECRETS = ("WANDB_API_KEY", "LEAP_API_KEY")
+_CREDENTIALS = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://(?P<cred>[^/@\s]+)@")
+_QUERY_VALUE = re.compile(
+    r"[?&][^=&\s]*(?:key|token|password|secret|signature|credential)[^=&\s]*=(?P<val>[^&\s]+)",
+    re.IGNORECASE,
+)
+
+
+def uri_credentials(text: str) -> list[str]:
+    """The credentials inside URIs in ``text``: ``user:password`` parts and secret query values."""
+    found = []
+    for match in _CREDENTIALS.finditer(text):
+        cred = match["cred"]
+        found.append(cred)
+        if ":" in cred:
+            found.append(cred.split(":", 1)[1])
+    found.extend(m["val"] for m in _QUERY_VALUE.finditer(text))
+    return found
 
 
 class RedactedError(RuntimeError):
@@ -45,8 +63,8 @@ def _collect(obj: Any, found: list[str], depth: int, name: str = "") -> None:
     elif isinstance(obj, str):
         if name and is_secret_name(name):
             found.append(obj)
-        elif redact_uri(obj) != obj:
-            found.append(obj)  # the whole credential-bearing URI
+        else:
+            found.extend(uri_credentials(obj))
     elif isinstance(obj, BaseModel):
         for field in type(obj).model_fields:
             _collect(getattr(obj, field, None), found, depth + 1, field)

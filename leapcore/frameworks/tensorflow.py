@@ -3,9 +3,9 @@
 The engine optimises torch tensors; a Keras model joins the same optimisation as one differentiable
 torch op (:class:`KerasBridge`): its forward hands the NCHW pixels to TensorFlow (zero-copy through
 DLPack where TensorFlow accepts the buffer), transposes to NHWC, applies TensorFlow-side
-preprocessing and runs the model with ``training=False`` under a ``tf.GradientTape``; its backward
-asks the tape for the input gradient and hands it back to torch. The model call is a ``tf.function``
-traced once for any batch size, so forward and backward run as TensorFlow graphs.
+preprocessing and runs the model with ``training=False``; its backward runs the model again under a
+``tf.GradientTape`` with the upstream gradient and hands the input gradient back to torch. Both are
+``tf.function`` graphs traced once for any batch size.
 
 Preprocessing in ``mode="tf"``: ``torch.nn.Module`` steps (e.g. leapcore's ``Normalize``) run in torch
 on NCHW pixels before the bridge; any other callable runs in TensorFlow on NHWC tensors, as leap-ie
@@ -185,36 +185,27 @@ def _to_torch(value: Any, device: torch.device) -> torch.Tensor:
 
 
 class _BridgeFunction(torch.autograd.Function):
-    """One differentiable op: torch NCHW pixels -> TensorFlow model -> torch logits."""
+    """One differentiable op: torch NCHW pixels -> TensorFlow model -> torch logits.
+
+    The forward runs TensorFlow's forward graph only; the backward runs one graph that recomputes
+    the forward and returns the vector-Jacobian product. Holding a ``GradientTape`` across the two
+    instead makes TensorFlow keep every intermediate of the forward graph as an output, which
+    measured slower than recomputing (see ``benchmarks/tf_bridge.py``) and holds more memory.
+    """
 
     @staticmethod
     def forward(ctx: Any, pixels: torch.Tensor, bridge: KerasBridge, record: bool) -> torch.Tensor:
-        tf = bridge.tf
-        x = _to_tf(pixels, tf)
+        x = _to_tf(pixels, bridge.tf)
+        y = bridge.forward_tf(x)
         if record:
-            tape = tf.GradientTape(watch_accessed_variables=False)
-            with tape:
-                tape.watch(x)
-                y = bridge.run(x)
-            ctx.tape, ctx.x, ctx.y, ctx.tf = tape, x, y, tf
+            ctx.bridge, ctx.x = bridge, x
             ctx.save_for_backward(pixels)  # torch's version check guards the aliased buffer
-        else:
-            y = bridge.run(x)
         return _to_torch(y, pixels.device)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (pixels,) = ctx.saved_tensors
-        tape = getattr(ctx, "tape", None)
-        if tape is None:
-            raise RuntimeError(
-                "the TensorFlow gradient of this forward pass was already used; the Keras bridge "
-                "supports one backward pass per forward (no retain_graph)."
-            )
-        g = tape.gradient(ctx.y, ctx.x, output_gradients=_to_tf(grad, ctx.tf))
-        ctx.tape = ctx.x = ctx.y = None
-        if g is None:
-            return torch.zeros_like(pixels), None, None
+        g = ctx.bridge.vjp_tf(ctx.x, _to_tf(grad.float(), ctx.bridge.tf))
         return _to_torch(g, pixels.device).to(pixels.dtype), None, None
 
 
@@ -224,8 +215,9 @@ class KerasBridge(nn.Module):
     Args:
         model: a Keras model, or a callable on NHWC ``tf.Tensor`` batches.
         tf_steps: TensorFlow-side preprocessing, applied on NHWC tensors before the model.
-        input_shape: ``(C, H, W)``; fixes the traced signature.
-        graph: trace the call as a ``tf.function`` (falls back to eager when tracing fails).
+        input_shape: ``(C, H, W)``; fixes the traced signature (any batch size).
+        graph: trace forward and backward as ``tf.function`` graphs (falls back to eager when
+            tracing fails, e.g. for preprocessing that calls ``.numpy()``).
     """
 
     def __init__(
@@ -240,42 +232,54 @@ class KerasBridge(nn.Module):
         object.__setattr__(self, "keras_model", model)  # not a torch submodule
         self.tf_steps = list(tf_steps)
         self.input_shape = tuple(input_shape)
-        self._graph_fn = None
+        self.graph = graph
         if graph:
             c, h, w = self.input_shape
-            spec = self.tf.TensorSpec([None, c, h, w], self.tf.float32)
-            self._graph_fn = self.tf.function(
-                self.eager, input_signature=[spec], autograph=False, reduce_retracing=True
-            )
+            pixels = self.tf.TensorSpec([None, c, h, w], self.tf.float32)
+            grads = self.tf.TensorSpec([None, None], self.tf.float32)
+            options = {"autograph": False, "reduce_retracing": True}
+            self._forward_graph = self.tf.function(self.logits, input_signature=[pixels], **options)
+            self._vjp_graph = self.tf.function(self.vjp, input_signature=[pixels, grads], **options)
 
-    def eager(self, x: Any) -> Any:
+    def logits(self, x: Any) -> Any:
+        """NCHW ``tf.Tensor`` -> logits, in TensorFlow (eagerly, or while tracing)."""
         x = self.tf.transpose(x, [0, 2, 3, 1])
         for step in self.tf_steps:
             x = step(x)
         return self.tf.cast(call_model(self.keras_model, x), self.tf.float32)
 
-    def run(self, x: Any) -> Any:
-        if self._graph_fn is not None:
+    def vjp(self, x: Any, grad: Any) -> Any:
+        """The input gradient of ``sum(logits * grad)``."""
+        with self.tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(x)
+            y = self.logits(x)
+        g = tape.gradient(y, x, output_gradients=grad)
+        return self.tf.zeros_like(x) if g is None else g
+
+    def forward_tf(self, x: Any) -> Any:
+        return self._call("_forward_graph", self.logits, x)
+
+    def vjp_tf(self, x: Any, grad: Any) -> Any:
+        return self._call("_vjp_graph", self.vjp, x, grad)
+
+    def _call(self, graph_name: str, eager: Callable, *args: Any) -> Any:
+        if self.graph:
             try:
-                return self._graph_fn(x)
+                return getattr(self, graph_name)(*args)
             except (TypeError, NotImplementedError, AttributeError, ValueError) as err:
-                if not self._can_run_eagerly(x):
-                    raise
+                try:
+                    result = eager(*args)
+                except Exception:
+                    raise err from None
                 log.warning(
                     "the TensorFlow model or preprocessing cannot be traced as a tf.function "
                     "(%s: %s); running it eagerly (slower).",
                     type(err).__name__,
                     str(err)[:200],
                 )
-                self._graph_fn = None
-        return self.eager(x)
-
-    def _can_run_eagerly(self, x: Any) -> bool:
-        try:
-            self.eager(x[:1])
-        except Exception:
-            return False
-        return True
+                self.graph = False
+                return result
+        return eager(*args)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         record = torch.is_grad_enabled() and pixels.requires_grad

@@ -47,6 +47,11 @@ def registry_trusted() -> bool:
     return os.environ.get(TRUST_REGISTRY_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def redact_uri(uri: str) -> str:
+    """``https://user:token@host/...`` -> ``https://***@host/...``: URIs go into messages."""
+    return re.sub(r"(?<=://)[^/@]+@", "***@", str(uri))
+
+
 def _import_mlflow() -> Any:
     try:
         import mlflow
@@ -82,13 +87,18 @@ def load_mlflow(
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
-    server = tracking_uri or mlflow.get_tracking_uri()
+    server = redact_uri(tracking_uri or mlflow.get_tracking_uri())
     info = _resolve(client, uri, server)
     trust = trusted or (uri.startswith("models:/") and registry_trusted())
     with tempfile.TemporaryDirectory(prefix="leapcore-mlflow-") as tmp:
         try:
+            # Registry URIs are downloaded from the version's own artifact URI: MLflow resolves
+            # models:/ URIs with the global client, whatever tracking_uri says.
             local = mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=registry_uri
+                artifact_uri=info.pop("download_uri", uri),
+                dst_path=tmp,
+                tracking_uri=tracking_uri,
+                registry_uri=registry_uri,
             )
         except Exception as err:
             raise _not_found(client, uri, server, err) from None
@@ -111,15 +121,25 @@ def _resolve(client: Any, uri: str, server: str) -> dict[str, Any]:
             "models:/<name>@<alias> or runs:/<run_id>/<path>."
         )
     if runs is not None:
-        run_id = runs["run_id"]
+        run_id, path = runs["run_id"], runs["path"].strip("/")
         try:
-            client.get_run(run_id)
+            run = client.get_run(run_id)
         except MlflowException:
             raise ModelSourceError(f"MLflow has no run {run_id!r} on {server}.") from None
-        return {"run_id": run_id, "artifact_path": runs["path"]}
+        found = {"run_id": run_id, "artifact_path": path}
+        logged = [m for m in _run_models(client, run) if m.name == path]
+        # MLflow 3 keeps a model logged in a run under the logged model; older ones in the run.
+        found["download_uri"] = (
+            logged[0].artifact_location if logged else f"{run.info.artifact_uri}/{path}"
+        )
+        return found
     name, version, alias = models["name"], models["version"], models["alias"]
     if name.startswith("m-") and version is None and alias is None:
-        return {"model_id": name}  # a logged model's id (MLflow 3), not a registry name
+        try:  # a logged model's id (MLflow 3), not a registry name
+            location = client.get_logged_model(name).artifact_location
+        except MlflowException:
+            raise ModelSourceError(f"MLflow has no logged model {name!r} on {server}.") from None
+        return {"model_id": name, "download_uri": location}
     try:
         registered = client.get_registered_model(name)
     except MlflowException:
@@ -150,7 +170,10 @@ def _resolve(client: Any, uri: str, server: str) -> dict[str, Any]:
                 f"registered model {name!r} has no version {version}; its versions: "
                 f"{', '.join(map(str, versions)) or 'none'}."
             ) from None
-    return {"registered_model": name, "version": version, "alias": alias}
+    found = {"registered_model": name, "version": version, "alias": alias}
+    if version.isdigit():
+        found["download_uri"] = client.get_model_version_download_uri(name, version)
+    return found
 
 
 def _registered_names(client: Any) -> str:
@@ -171,13 +194,23 @@ def _not_found(client: Any, uri: str, server: str, err: Exception) -> ModelSourc
     return ModelSourceError(f"could not download {uri!r} from {server}: {str(err)[:300]}")
 
 
+def _run_models(client: Any, run: Any) -> list[Any]:
+    """The models logged in ``run`` (MLflow 3 logged models), newest first."""
+    try:
+        return list(
+            client.search_logged_models(
+                experiment_ids=[run.info.experiment_id],
+                filter_string=f"source_run_id = '{run.info.run_id}'",
+                order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+            )
+        )
+    except Exception:
+        return []
+
+
 def _run_model_names(client: Any, run_id: str) -> list[str]:
     try:
-        run = client.get_run(run_id)
-        models = client.search_logged_models(
-            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
-        )
-        return sorted({m.name for m in models})
+        return sorted({m.name for m in _run_models(client, client.get_run(run_id))})
     except Exception:
         return []
 

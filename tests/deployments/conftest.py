@@ -34,7 +34,16 @@ def prefect_server(services_home: Path) -> Iterator[str]:
         PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false",
         PREFECT_SERVER_SERVICES_FOREMAN_ENABLED="false",
     )
-    cmd = [str(BIN / "prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port), "--no-ui"]
+    cmd = [
+        str(BIN / "prefect"),
+        "server",
+        "start",
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+        "--no-ui",
+    ]
     with server_process(
         "prefect server",
         cmd,
@@ -84,13 +93,19 @@ def mlflow_server(services_home: Path) -> Iterator[str]:
         "1",
     ]
     with server_process(
-        "mlflow server", cmd, env, services_home / "mlflow-server.log", f"http://{LOOPBACK}:{port}/health"
+        "mlflow server",
+        cmd,
+        env,
+        services_home / "mlflow-server.log",
+        f"http://{LOOPBACK}:{port}/health",
     ):
         yield f"http://{LOOPBACK}:{port}"
 
 
 @pytest.fixture(scope="session")
-def services(prefect_server: str, mlflow_server: str, services_home: Path) -> Iterator[dict[str, str]]:
+def services(
+    prefect_server: str, mlflow_server: str, services_home: Path
+) -> Iterator[dict[str, str]]:
     """Both servers, with this process's Prefect and MLflow clients pointed at them.
 
     Yields the environment for subprocesses (``leap serve``) that must talk to the same servers.
@@ -108,7 +123,10 @@ def services(prefect_server: str, mlflow_server: str, services_home: Path) -> It
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
     try:
         with temporary_settings(
-            updates={PREFECT_API_URL: prefect_server, PREFECT_HOME: str(services_home / "client-home")}
+            updates={
+                PREFECT_API_URL: prefect_server,
+                PREFECT_HOME: str(services_home / "client-home"),
+            }
         ):
             yield env
     finally:
@@ -149,5 +167,3 @@ def register_version(services: dict[str, str], tmp_path: Path):
         return str(mv.version)
 
     return register
-
-

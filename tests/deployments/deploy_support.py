@@ -74,7 +74,9 @@ class ServerProcess:
             if http_ok(url):
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"{self.name} not healthy at {url} after {timeout:.0f} s:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"{self.name} not healthy at {url} after {timeout:.0f} s:\n{self.log_tail()}"
+        )
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM to the process group, then SIGKILL after ``grace`` seconds."""
@@ -131,7 +133,6 @@ def base_env(home: Path) -> dict[str, str]:
         MKL_NUM_THREADS="1",
     )
     return env
-
 
 
 def prefect_events(resource_id: str, event: str = "leap.model-version.ready") -> list[dict]:

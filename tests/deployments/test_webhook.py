@@ -142,10 +142,10 @@ def test_signed_delivery_requests_the_audit_and_a_bad_one_is_rejected_and_logged
     assert REQUESTED_TAG in client.get_model_version(model_name, good_v).tags
     assert REQUESTED_TAG not in client.get_model_version(model_name, bad_v).tags
     assert len(prefect_events(f"leap.model.models:/{model_name}/{bad_v}")) == 0
-    wait_for(
-        lambda: prefect_events(f"leap.model.models:/{model_name}/{good_v}"), 30, what="event"
-    )
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "rejected" in r.message]
+    wait_for(lambda: prefect_events(f"leap.model.models:/{model_name}/{good_v}"), 30, what="event")
+    warnings = [
+        r for r in caplog.records if r.levelno == logging.WARNING and "rejected" in r.message
+    ]
     assert len(warnings) == 1 and "signature does not match" in warnings[0].message
     assert all(WEBHOOK_SECRET not in r.getMessage() for r in caplog.records)
     assert app.state.deliveries == {"accepted": 5, "rejected": 1, "requested": 1}
@@ -167,7 +167,9 @@ def test_mlflow_server_deliveries_reach_the_endpoint(register_version, model_nam
     try:
         url = f"http://127.0.0.1:{port}/mlflow"
         events = ["model_version.created", "model_version_alias.created"]
-        hooks.append(client.create_webhook(f"{model_name}-good", url, events, secret=WEBHOOK_SECRET))
+        hooks.append(
+            client.create_webhook(f"{model_name}-good", url, events, secret=WEBHOOK_SECRET)
+        )
         hooks.append(
             client.create_webhook(f"{model_name}-bad", url, events[:1], secret="not-the-secret")
         )

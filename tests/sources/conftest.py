@@ -6,8 +6,7 @@ import os
 
 import pytest
 import torch
-
-from tests.sources.helpers import SHAPE, TinyNet, local_mlflow_store, tiny_net
+from sources_support import SHAPE, TinyNet, local_mlflow_store, tiny_net
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -9,13 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-
-from leapcore.errors import ModelSourceError, UntrustedSourceError
-from leapcore.models import IMAGENET_MEAN, IMAGENET_STD, state_dict_digest
-from leapcore.sources import load_model
-from leapcore.sources.files import save_safetensors
-from leapcore.sources.torch_files import ExportedModel
-from tests.sources.helpers import (
+from sources_support import (
     CLASSES,
     MEAN,
     SHAPE,
@@ -24,6 +18,12 @@ from tests.sources.helpers import (
     reference_logits,
     tiny_net,
 )
+
+from leapcore.errors import ModelSourceError, UntrustedSourceError
+from leapcore.models import IMAGENET_MEAN, IMAGENET_STD, state_dict_digest
+from leapcore.sources import load_model
+from leapcore.sources.files import save_safetensors
+from leapcore.sources.torch_files import ExportedModel
 
 
 class WritesMarker:

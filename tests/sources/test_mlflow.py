@@ -8,11 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from leapcore.errors import ModelSourceError, UntrustedSourceError
-from leapcore.sources import load_model
-from leapcore.sources.torch_files import ExportedModel
-from tests.sources.helpers import (
+from sources_support import (
     CLASSES,
     MEAN,
     SHAPE,
@@ -22,6 +18,10 @@ from tests.sources.helpers import (
     reference_logits,
     tiny_net,
 )
+
+from leapcore.errors import ModelSourceError, UntrustedSourceError
+from leapcore.sources import load_model
+from leapcore.sources.torch_files import ExportedModel
 
 pytestmark = pytest.mark.slow
 MARKER_NAME = "pickle_ran.marker"
@@ -241,3 +241,20 @@ def test_import_leapcore_imports_no_mlflow_prefect_wandb_or_tensorflow():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_tracking_uri_option_reads_another_server(pt2_ref, mlflow_store, tmp_path):
+    """``tracking_uri=`` loads from that server without touching the global tracking URI."""
+    import mlflow
+
+    other = f"sqlite:///{tmp_path}/never-created.db"
+    mlflow.set_tracking_uri(other)
+    try:
+        loaded = load_model("models:/tiny-pt2@champion", tracking_uri=mlflow_store)
+        for uri in ("models:/tiny-pt2/1", pt2_ref.runs_uri, pt2_ref.model_uri):
+            assert load_model(uri, tracking_uri=mlflow_store).digest == loaded.digest
+        assert mlflow.get_tracking_uri() == other
+    finally:
+        mlflow.set_tracking_uri(mlflow_store)
+    assert loaded.metadata["tracking_uri"] == mlflow_store
+    assert loaded.class_list == CLASSES

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from sources_support import CLASSES
 
 from leapcore.errors import ModelSourceError
 from leapcore.models import IMAGENET_MEAN, state_dict_digest
 from leapcore.sources import describe_sources, find_source, list_sources, load_model
-from tests.sources.helpers import CLASSES
 
 
 def test_known_sources_and_how_uris_are_routed():
@@ -139,3 +139,13 @@ def test_hf_hub_id_from_the_local_cache(hub_cache):
 
     folder = load_model(snapshot)  # the same folder, read as a local file source
     assert folder.class_list == CLASSES and folder.digest == loaded.digest
+
+
+def test_tracking_uris_in_messages_hide_credentials():
+    from leapcore.sources.mlflow import redact_uri
+
+    assert (
+        redact_uri("https://alice:s3cret@mlflow.example.com/x")
+        == "https://***@mlflow.example.com/x"
+    )
+    assert redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"

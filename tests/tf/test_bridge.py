@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tf_support import build_digit_cnn
 
 from leapcore.adapter import LogitsModel
 from leapcore.errors import InputError, ModelOutputError
@@ -83,7 +84,6 @@ def test_preprocessing_that_cannot_be_traced_runs_eagerly(digit_cnn, digits, cap
 
 
 def test_probabilities_are_refused(digits):
-    from tests.tf.conftest import build_digit_cnn
 
     model = keras_logits_model(build_digit_cnn(softmax=True), 10)
     with pytest.raises(ModelOutputError, match="returns probabilities"):
@@ -103,10 +103,23 @@ def test_output_width_that_disagrees_with_the_class_list(digit_cnn, digits):
         model(nchw(digits[0][:1]))
 
 
-def test_one_backward_per_forward(digit_cnn, digits):
+def test_backward_twice_with_retain_graph(digit_cnn, digits):
     model = keras_logits_model(digit_cnn, 10)
-    pixels = nchw(digits[0][:1]).requires_grad_(True)
+    pixels = nchw(digits[0][:2]).requires_grad_(True)
     out = model(pixels).sum()
     out.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="one backward pass per forward"):
+    once = pixels.grad.clone()
+    out.backward()
+    torch.testing.assert_close(pixels.grad, 2 * once)
+
+
+def test_pixels_changed_in_place_before_backward_are_caught(digit_cnn, digits):
+    """TensorFlow may alias the pixels' buffer; torch's version counter guards it."""
+    model = keras_logits_model(digit_cnn, 10)
+    leaf = nchw(digits[0][:2]).requires_grad_(True)
+    pixels = leaf * 1.0
+    out = model(pixels).sum()
+    with torch.no_grad():
+        pixels.add_(0.1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tf_support import DIGITS, SIZE
 from torch import nn
 
 from leapcore import engine
 from leapcore.errors import InputError
-from tests.tf.conftest import DIGITS, SIZE
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
 

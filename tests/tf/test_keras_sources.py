@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tf_support import DIGITS, SIZE
 
 from leapcore import engine
 from leapcore.errors import ModelSourceError, UntrustedSourceError
 from leapcore.frameworks.tensorflow import tf_weights_digest
 from leapcore.sources import load_model
-from tests.tf.conftest import DIGITS, SIZE
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
 
@@ -148,3 +148,33 @@ def test_keras_model_as_a_file_that_is_not_a_model(tmp_path):
     bogus.write_text("not a zip")
     with pytest.raises(ModelSourceError, match=r"Keras could not read .*notes.keras"):
         load_model(bogus)
+
+
+def test_legacy_h5_file(digit_cnn, digits, tmp_path):
+    path = tmp_path / "digits.h5"
+    digit_cnn.save(path)
+    loaded = load_model(path, class_list=DIGITS)
+    assert loaded.framework == "tf" and loaded.digest == tf_weights_digest(digit_cnn)
+
+
+def test_tensorflow_flavor_without_metadata_takes_a_class_list_file(
+    mlflow_store, digit_cnn, digits, tmp_path
+):
+    """A model a user logged with mlflow.tensorflow itself: no leapcore metadata, a class file."""
+    import mlflow
+
+    with mlflow.start_run():
+        info = mlflow.tensorflow.log_model(digit_cnn, name="tf-model", pip_requirements=["keras"])
+    names = tmp_path / "digits.json"
+    names.write_text(
+        '{"class_list": ["zero", "one", "two", "three", "four", "five", "six", '
+        '"seven", "eight", "nine"]}'
+    )
+    loaded = load_model(info.model_uri, class_list=names)
+    assert loaded.framework == "tf" and loaded.class_list[9] == "nine"
+    assert loaded.input_shape == (1, SIZE, SIZE)  # from the Keras model itself
+    with pytest.raises(
+        ModelSourceError,
+        match=r"returns 10 outputs but the class list from the class_list option has 3 names",
+    ):
+        load_model(info.model_uri, class_list=["a", "b", "c"])

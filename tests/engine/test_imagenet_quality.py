@@ -1,0 +1,148 @@
+"""Quality on the real pretrained efficientnet_lite0 (issue 2): prototypes, entanglement, isolation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from leapcore import engine
+from leapcore.adapter import LogitsModel, eval_mode
+from leapcore.transforms import random_resized_crop_flip
+
+from .conftest import IMAGENET_TARGETS
+
+pytestmark = pytest.mark.slow
+
+
+def _probs(lite0, images: torch.Tensor) -> torch.Tensor:
+    preprocessing, model, class_list = lite0
+    wrapped = LogitsModel(model, len(class_list), preprocessing)
+    with eval_mode(model), torch.no_grad():
+        return wrapped(images).softmax(1)
+
+
+def test_prototypes_reach_target_probability(lite0_prototypes):
+    result = lite0_prototypes.prototypes
+    assert result.steps <= 300
+    target_probs = result.probs[torch.arange(5), IMAGENET_TARGETS]
+    assert target_probs.mean() >= 0.9, target_probs
+
+
+def test_prototypes_survive_random_crops_and_flips(lite0, lite0_prototypes):
+    images = lite0_prototypes.prototypes.images
+    gen = torch.Generator().manual_seed(0)
+    draws = 8
+    batch = images.repeat(draws, 1, 1, 1)  # draw-major: row = draw * 5 + target
+    probs = _probs(lite0, random_resized_crop_flip(batch, gen))
+    target_probs = probs[torch.arange(len(batch)), IMAGENET_TARGETS * draws]
+    assert target_probs.mean() >= 0.6, target_probs.view(draws, 5).mean(0)
+
+
+def test_reported_logits_match_the_images(lite0, lite0_prototypes):
+    """The logits in the results are those of the saved images, through the same preprocessing."""
+    result = lite0_prototypes.prototypes
+    probs = _probs(lite0, result.images)
+    torch.testing.assert_close(probs, result.probs, atol=1e-4, rtol=0)
+
+
+def test_entanglement_of_a_class_with_itself_is_one(lite0_prototypes):
+    scores = lite0_prototypes.entanglement
+    own = scores[torch.arange(5), IMAGENET_TARGETS]
+    torch.testing.assert_close(own, torch.ones(5), atol=0.02, rtol=0)
+    # Every other class is at most as entangled as the target (its logit rose less).
+    assert (scores <= own[:, None] + 1e-4).all()
+
+
+def test_probability_trajectory_rises(lite0_prototypes):
+    result = lite0_prototypes.prototypes
+    assert result.trajectory_steps == [0, 50, 100]
+    target = result.trajectory[:, torch.arange(5), IMAGENET_TARGETS]  # [steps, 5]
+    assert (target[-1] > target[0] + 0.5).all(), target
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Isolation on real photos
+# ---------------------------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def photo_isolation(lite0, photos, tmp_path_factory):
+    """Sample-mode ``generate`` on both photos with the default isolation options (top 3 classes)."""
+    preprocessing, model, class_list = lite0
+    out = tmp_path_factory.mktemp("isolation")
+    df, arrays = engine.generate(
+        "photos", model, class_list, {"output_dir": str(out)}, None, preprocessing, photos
+    )
+    return df, arrays
+
+
+def test_sample_isolation_keeps_the_top_logit_with_half_the_image(photo_isolation, lite0, photos):
+    df, arrays = photo_isolation
+    pairs = arrays["isolation_pairs"]
+    assert len(pairs) == 2 * 3  # default: the top 3 classes of each photo
+    probs = _probs(lite0, photos)
+    for i in range(len(photos)):
+        top = int(probs[i].argmax())
+        k = [n for n, (image, c) in enumerate(pairs) if image == i and c == top]
+        assert len(k) == 1
+        k = k[0]
+        kept = arrays["isolation_logits_isolated"][k] / abs(arrays["isolation_logits_full"][k])
+        coverage = float(arrays["masks"][k].mean())
+        assert kept >= 0.8, (i, kept, coverage)
+        assert coverage <= 0.5, (i, kept, coverage)
+
+
+def test_sample_isolation_frame(photo_isolation, lite0):
+    df, arrays = photo_isolation
+    assert {"sample_index", "output_class", "logits", "probs", "input", "mask"} <= set(df.columns)
+    assert len(df) == 6
+    class_list = lite0[2]
+    for _, row in df.iterrows():
+        assert row["output_class"] in class_list
+    assert all(os.path.isfile(p) for p in df["input"])
+    assert all(os.path.isfile(p) for p in df["mask"])
+    # The frame's coverage agrees with the mask arrays.
+    torch.testing.assert_close(
+        torch.tensor(df["mask_coverage"].to_numpy()),
+        torch.tensor(arrays["masks"].reshape(6, -1).mean(1), dtype=torch.float64),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_hipe_mask_points_at_the_evidence(lite0, photos):
+    """Deleting the top-HiPE cells drops the logit more than deleting as many random cells."""
+    preprocessing, model, class_list = lite0
+    probs = _probs(lite0, photos)
+    top = probs.argmax(1)
+    audit = engine.run(
+        model, class_list, {"use_hipe": True, "max_isolate_classes": 1}, None, preprocessing, photos
+    )
+    iso = audit.isolation
+    assert iso.method == "hipe"
+    assert iso.pairs == [(0, int(top[0])), (1, int(top[1]))]
+    assert iso.masks.min() >= 0 and iso.masks.max() <= 1
+    cell = 28
+    grid = 224 // cell
+    wrapped = LogitsModel(model, len(class_list), preprocessing)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand(photos.shape, generator=gen)
+    k = grid * grid // 4
+    drops_top, drops_random = [], []
+    for i in range(len(photos)):
+        pair, c = i, int(top[i])
+        saliency = iso.masks[pair, 0].unfold(0, cell, cell).unfold(1, cell, cell).mean((-1, -2))
+        chosen = [saliency.flatten().topk(k).indices]
+        chosen += [torch.randperm(grid * grid, generator=gen)[:k] for _ in range(8)]
+        deleted = []
+        for cells in chosen:
+            keep = torch.ones(grid * grid)
+            keep[cells] = 0
+            keep = keep.view(1, 1, grid, grid).repeat_interleave(cell, 2).repeat_interleave(cell, 3)
+            deleted.append(photos[i : i + 1] * keep + noise[i : i + 1] * (1 - keep))
+        with eval_mode(model), torch.no_grad():
+            logits = wrapped(torch.cat(deleted))[:, c]
+        full = iso.logits_full[pair]
+        drops_top.append(float(full - logits[0]))
+        drops_random.append(float(full - logits[1:].mean()))
+    assert sum(drops_top) > sum(drops_random), (drops_top, drops_random)
