@@ -13,7 +13,7 @@ Compares, on the same Keras model and batch, the time of one step (forward + inp
 The cases run interleaved, step by step, so that load from other processes hits them alike; the
 minimum is the least noisy figure on a shared machine.
 
-Run: ``.venv/bin/python benchmarks/tf_bridge.py [--steps 20] [--batch 1 8]``. Prints a table and one
+Run: ``.venv/bin/python benchmarks/tf_bridge.py [--steps 30] [--batch 1 8] [--threads 1]``. Prints a table and one
 JSON line per case. Models: a small digits CNN (16x16x1) where fixed costs dominate, and MobileNetV2
 (224x224x3, random weights, nothing downloaded).
 """
@@ -141,14 +141,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--models", nargs="+", default=["small_cnn", "mobilenet_v2"])
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for TF and torch (1: less noise)"
+    )
     args = parser.parse_args()
     import tensorflow as tf
 
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+        torch.set_num_threads(args.threads)
+    else:
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     builders = {"small_cnn": small_cnn, "mobilenet_v2": mobilenet}
     print(
         f"tensorflow {tf.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-        f"GPUs visible to TF: {len(tf.config.list_physical_devices('GPU'))}"
+        f"GPUs visible to TF: {len(tf.config.list_physical_devices('GPU'))}, "
+        f"threads: {args.threads or 'default'}"
     )
     print(
         f"{'model':<14}{'batch':>6}  {'case':<12}{'median ms':>10}{'min ms':>9}{'overhead (min)':>18}"

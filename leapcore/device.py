@@ -37,8 +37,8 @@ def estimate_row_bytes(
 ) -> int:
     """Bytes one batch row needs for forward + backward: three times the activations of one forward.
 
-    Activations are summed from forward hooks on leaf modules; a model without submodules (e.g. a
-    ``torch.export`` graph) falls back to 200 input-sized tensors.
+    Activations are summed from forward hooks on leaf modules; a model with few submodules (e.g. a
+    ``torch.export`` graph or the TensorFlow bridge) is assumed to need at least 200 input-sized tensors.
     """
     total = 0
 
@@ -56,7 +56,10 @@ def estimate_row_bytes(
         for h in handles:
             h.remove()
     input_bytes = 4 * shape[0] * shape[1] * shape[2]
-    return 3 * total if total else 200 * input_bytes
+    # Opaque models (a torch.export graph, the TensorFlow bridge) show only a few leaf modules whose
+    # outputs miss the activations inside; assume a deep network's worth for them.
+    opaque = len(leaves) <= 4
+    return max(3 * total, 200 * input_bytes) if opaque else 3 * total
 
 
 def chunk_size_for(

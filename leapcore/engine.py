@@ -112,9 +112,11 @@ def check_samples(samples: Any, shape: tuple[int, int, int], mode: str) -> torch
     if isinstance(samples, np.ndarray):
         samples = torch.from_numpy(samples)
     if not isinstance(samples, torch.Tensor):
+        # TF tensors (and other array-likes) convert through numpy; importing TensorFlow here
+        # would cost seconds for any wrong input (a path, a list of images) and is not needed.
         try:
-            import tensorflow as tf  # noqa: F401  (only when a TF tensor is passed)
-
+            if not (hasattr(samples, "__array__") or isinstance(samples, (list, tuple))):
+                raise TypeError
             samples = torch.from_numpy(np.array(samples))
         except Exception:
             raise InputError(

@@ -14,9 +14,10 @@ the weights must go, or how to ask for an untrained model (``pretrained=False``)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -97,6 +98,26 @@ def load_efficientnet_lite0(pretrained: bool = True) -> nn.Module:
     return model.eval()
 
 
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Hugging Face Hub offline mode for the call: the cache or an error at once, never the network.
+
+    ``HF_HUB_OFFLINE`` is read when ``huggingface_hub`` is imported, usually before leapcore can set
+    it, so the module's flag is set for the call and restored afterwards.
+    """
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
 def _hub_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
@@ -133,9 +154,9 @@ def _timm_model(name: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple, l
     if not timm.is_model(name) and not name.startswith("hf-hub:"):
         raise ModelSourceError(f"timm has no model {name!r}; see timm.list_models().")
     if pretrained:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
-            model = timm.create_model(name, pretrained=True)
+            with hub_offline():
+                model = timm.create_model(name, pretrained=True)
         except Exception as err:  # timm raises several kinds when the hub is unreachable
             raise ModelSourceError(
                 f"the weights of timm's {name!r} are not in the local Hugging Face cache "

@@ -154,6 +154,8 @@ def load_model(uri: str | Path, source: str | None = None, **options: Any) -> Lo
             )
         chosen = _SOURCES[name]
     common = {k: options.pop(k) for k in COMMON_OPTIONS if k in options}
+    if "trusted" in options and "trusted" not in inspect.signature(chosen.load).parameters:
+        options.pop("trusted")  # a source that never runs code from files has nothing to trust
     _check_options(chosen, options)
     loaded = chosen.load(uri, **options)
     return finish(loaded, **common)

@@ -10,13 +10,11 @@ are not cached fails with a message that says where to put them.
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator
 from typing import Any
 
 from leapcore.errors import ModelSourceError
-from leapcore.models import get_model, state_dict_digest
+from leapcore.models import get_model, hub_offline, state_dict_digest
 from leapcore.sources import LoadedModel, register_source
 
 _LIBRARIES = ("timm", "torchvision")
@@ -56,26 +54,6 @@ def split_library(uri: str, library: str | None) -> tuple[str, str | None]:
     if library not in (None, *_LIBRARIES):
         raise ModelSourceError(f"library must be 'timm' or 'torchvision', not {library!r}.")
     return uri, library
-
-
-@contextlib.contextmanager
-def hub_offline() -> Iterator[None]:
-    """Hugging Face Hub offline mode for the call: the cache or an error at once, never the network.
-
-    ``HF_HUB_OFFLINE`` is read when ``huggingface_hub`` is imported, usually before leapcore can set
-    it, so the module's flag is set for the call and restored afterwards.
-    """
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        yield
-        return
-    previous = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
 
 
 @register_source(

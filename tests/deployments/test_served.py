@@ -105,7 +105,12 @@ def wait_for_audit(served, model_uri: str, timeout: float = 240):
             )
         return done
 
-    return wait_for(finished, timeout, 2.0, f"the audit flow run of {model_uri}")
+    try:
+        return wait_for(finished, timeout, 2.0, f"the audit flow run of {model_uri}")
+    except AssertionError as err:
+        runs = [(r.name, r.state_name) for r in audit_runs(served["deployment_id"], model_uri)]
+        tail = served["server"].log_tail(6000)
+        raise AssertionError(f"{err}; runs: {runs}\nleap serve log:\n{tail}") from None
 
 
 def version_tags(name: str, version: str) -> dict[str, str]:

@@ -48,6 +48,7 @@ def flow_run_logs(flow_run_id: str) -> str:
         logs = client.read_logs(
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(flow_run_id)])),
             limit=200,
+            offset=0,
             sort=LogSort.TIMESTAMP_ASC,
         )
     return "\n".join(log.message for log in logs)

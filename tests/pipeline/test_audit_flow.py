@@ -233,7 +233,11 @@ def test_a_cached_result_whose_artifact_vanished_is_recomputed(
     )
     assert result.stages["optimise_prototypes"] == "Cached"
     assert result.stages["isolate_features"] == "Completed"
-    assert (Path(store_root) / isolations.key).is_file()  # the same content, written again
+    from tasks import ArtifactStore
+
+    again = result.outputs["isolate_features"][0].refs["isolations"]
+    assert ArtifactStore(store_root).is_intact(again)
+    assert ArtifactStore(store_root).get_table(again).num_rows == 4
 
 
 def test_a_failing_stage_fails_the_flow_and_the_mlflow_run_and_a_rerun_resumes(
@@ -365,10 +369,12 @@ def _chunked_pair(registered_model, tmp_path, **config):
 def test_class_chunks_give_the_single_batch_prototypes_without_random_transforms(
     prefect_server, registered_model, tmp_path
 ) -> None:
+    """Rows of a batch are independent: without random draws, chunks give the same prototypes up to
+    float rounding (convolutions sum in another order for another batch size: ~1e-7 here)."""
     (images, _), (chunked_images, _) = _chunked_pair(
         registered_model, tmp_path, transform=None, blur_max=0.0, blur_min=0.0
     )
-    assert torch.equal(images, chunked_images)
+    assert torch.allclose(images, chunked_images, atol=1e-5, rtol=0)
 
 
 @pytest.mark.xfail(
@@ -381,8 +387,8 @@ def test_class_chunks_give_the_single_batch_results_with_random_transforms(
     prefect_server, registered_model, tmp_path
 ) -> None:
     (images, masks), (chunked_images, chunked_masks) = _chunked_pair(registered_model, tmp_path)
-    assert torch.equal(images, chunked_images)
-    assert torch.equal(masks, chunked_masks)
+    assert torch.allclose(images, chunked_images, atol=1e-5, rtol=0)
+    assert torch.allclose(masks, chunked_masks, atol=1e-5, rtol=0)
 
 
 def test_explain_samples_isolates_features_in_a_folder_of_images(

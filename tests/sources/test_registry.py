@@ -57,6 +57,12 @@ def test_unknown_option_lists_the_options():
         load_model("resnet18", arch="resnet18")
 
 
+def test_trusted_is_accepted_by_every_source():
+    """The CLI passes --trusted whatever the URI; sources that never unpickle ignore it."""
+    loaded = load_model("resnet18", pretrained=False, trusted=True, check=False)
+    assert loaded.source == "zoo" and len(loaded.class_list) == 1000
+
+
 def test_zoo_name_that_no_library_has():
     with pytest.raises(ModelSourceError, match=r"timm has no model 'not_a_net'"):
         load_model("not_a_net", pretrained=False)
