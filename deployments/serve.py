@@ -91,6 +91,7 @@ def build_deployments(
     parameters: dict[str, dict[str, Any]] | None = None,
     watch_interval: float | None = None,
     work_pool: str | None = None,
+    working_dir: str | os.PathLike | None = None,
 ) -> list[Any]:
     """``RunnerDeployment`` objects for the entries named in ``only`` (default: all).
 
@@ -98,8 +99,9 @@ def build_deployments(
         parameters: per deployment name, default parameters that replace those of the file.
         watch_interval: seconds between registry polls (replaces interval schedules of
             ``registry-watch``).
-        work_pool: build them for this work pool (with the entry's queue and job variables and
-            the project root as working directory) instead of for serving.
+        work_pool: build them for this work pool (with the entry's queue and job variables)
+            instead of for serving.
+        working_dir: the flow runs' working directory on a process pool (the checkout).
     """
     from prefect.deployments.runner import EntrypointType
 
@@ -123,13 +125,13 @@ def build_deployments(
         pool: dict[str, Any] = {}
         if work_pool is not None:
             entry = spec.get("work_pool") or {}
+            variables = dict(entry.get("job_variables") or {})
+            if working_dir is not None:
+                variables.setdefault("working_dir", str(working_dir))
             pool = {
                 "work_pool_name": work_pool,
                 "work_queue_name": entry.get("work_queue_name"),
-                "job_variables": {
-                    "working_dir": str(PROJECT_ROOT),
-                    **(entry.get("job_variables") or {}),
-                },
+                "job_variables": variables,
             }
         out.append(
             flow.to_deployment(
@@ -212,8 +214,21 @@ def main(argv: list[str] | None = None) -> int:
             "export PREFECT_API_URL=http://127.0.0.1:4200/api; see deployments/README.md."
         )
     specs = load_specs(args.file)
+    working_dir = None
+    if args.deploy_to:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            pool_type = client.read_work_pool(args.deploy_to).type
+        # A process worker runs flows from this checkout; other pools bring the code in an image.
+        working_dir = PROJECT_ROOT if pool_type == "process" else None
     deployments = build_deployments(
-        specs, args.only, _overrides(args, specs), args.watch_interval, args.deploy_to
+        specs,
+        args.only,
+        _overrides(args, specs),
+        args.watch_interval,
+        args.deploy_to,
+        working_dir,
     )
     if args.deploy_to:
         for deployment in deployments:

@@ -193,6 +193,8 @@ def _run_audit(
         from flows.scale import planned_chunk_size
 
         class_chunk_size = planned_chunk_size(model, locator, config, len(targets), device)
+    if class_chunk_size is None:
+        class_chunk_size = _planned_chunk_size(model, locator, config, len(targets), device)
     chunks = class_chunks(targets, class_chunk_size)
     if plan.on("optimise_prototypes"):
         prototypes, states["optimise_prototypes"] = run_stages(
@@ -262,11 +264,11 @@ def _run_audit(
         output_dir=str(Path(out_dir).resolve()),
     )
     stage_seconds = {
-        f"seconds.{stage}": float(getattr(out, "seconds", 0.0) or 0.0)
-        if not isinstance(out, list)
-        else float(sum(o.seconds for o in out))
+        f"seconds.{stage}": float(sum(o.seconds for o in out))
+        if isinstance(out, list)
+        else float(out.seconds)
         for stage, out in outputs.items()
-        if out
+        if out and hasattr(out if not isinstance(out, list) else out[0], "seconds")
     }
     metrics = {**report.metrics, **stage_seconds}
     result.metrics = metrics
@@ -357,6 +359,18 @@ def audit_stages(
     )
     result.stages_flow_run_id = str(current_flow_run.id)
     return result
+
+
+def _planned_chunk_size(
+    model: Any, locator: Any, config: EngineConfig, num_targets: int, device: str | None
+) -> int | None:
+    """Classes per chunk for the current task runner (``flows.scale``: one chunk on threads, sized
+    from a worker's memory limit on Dask), or None when that module is not there."""
+    try:
+        from flows.scale import planned_chunk_size
+    except ImportError:
+        return None
+    return planned_chunk_size(model, locator, config, num_targets, device)
 
 
 def _task_runner(spec: Any) -> Any:

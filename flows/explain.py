@@ -192,18 +192,18 @@ def explain_samples(
 
 
 def _explain(
-    cfg,
-    locator,
-    files,
-    target_classes,
-    store,
-    device,
-    off,
-    output_dir,
-    mlflow_uri,
-    run_id,
-    wandb_project,
-    run_name,
+    cfg: EngineConfig,
+    locator: Any,
+    files: list[SampleFile],
+    target_classes: list[Any] | None,
+    store: ArtifactStore,
+    device: str | None,
+    off: set[str],
+    output_dir: str | None,
+    mlflow_uri: str,
+    run_id: str | None,
+    wandb_project: str | None,
+    run_name: str,
 ) -> AuditResult:
     states: dict[str, str] = {}
     model, states["fetch_model"] = run_stage(fetch_model, locator=locator, store=store)

@@ -206,10 +206,16 @@ def _classes(values: list[str] | None) -> list[Any] | None:
     return [int(v) if v.lstrip("-").isdigit() else v for v in values]
 
 
-def _quiet_prefect(verbose: bool) -> None:
-    # Prefect's console handler only; the Prefect UI still gets every log line.
+def _quiet(verbose: bool) -> None:
+    """Keep the terminal for progress and results (set before Prefect is imported)."""
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        # Prefect's console handler only (the Prefect UI still gets every log line): an error is
+        # reported once, plainly, by `leap`; -v shows Prefect's own lines and tracebacks.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # The temporary server's telemetry heartbeat races its own SQLite database at start-up and
+    # prints "database is locked" tracebacks; nothing is lost without it.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
@@ -253,7 +259,7 @@ def _fail(err: BaseException, verbose: bool) -> int:
 # Subcommands
 # ---------------------------------------------------------------------------------------------- #
 def cmd_audit(args: argparse.Namespace) -> int:
-    _quiet_prefect(args.verbose)
+    _quiet(args.verbose)
     from flows.audit import audit_model
 
     try:
@@ -279,7 +285,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    _quiet_prefect(args.verbose)
+    _quiet(args.verbose)
     from flows.explain import explain_samples
 
     try:
@@ -334,7 +340,7 @@ def register_demo_model(name: str = DEMO_MODEL, alias: str = DEMO_ALIAS) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    _quiet_prefect(args.verbose)
+    _quiet(args.verbose)
     began = time.perf_counter()
     from flows.audit import audit_model
 

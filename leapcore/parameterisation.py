@@ -98,9 +98,19 @@ def fourier(offset: torch.Tensor) -> Parameterisation:
 
     def render_delta(rows: slice) -> torch.Tensor:
         complex_spec = torch.view_as_complex(spectrum[rows]) * scale
-        delta = torch.fft.irfft2(complex_spec, s=(h, w), norm="ortho")
+        # One transform per row: a batched FFT rounds differently from a single one, and chunked
+        # batches (``max_batch_size``) must give the same bits. The FFTs cost little next to the model.
+        delta = torch.cat(
+            [
+                torch.fft.irfft2(complex_spec[i : i + 1], s=(h, w), norm="ortho")
+                for i in range(len(complex_spec))
+            ]
+        )
         if colour is not None:
-            delta = torch.einsum("ij,bjhw->bihw", colour, delta)
+            # Element-wise, not einsum (a batched matmul), for the same reason.
+            delta = torch.stack(
+                [sum(colour[i, j] * delta[:, j] for j in range(c)) for i in range(c)], dim=1
+            )
         return delta
 
     return Parameterisation([spectrum], render_delta, offset)

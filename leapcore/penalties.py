@@ -7,11 +7,14 @@ import torch
 
 def high_frequency(x: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference of neighbouring pixels: horizontal, vertical and both diagonals."""
-    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
-    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
-    d1 = (x[..., 1:, 1:] - x[..., :-1, :-1]).abs().flatten(1).mean(1)
-    d2 = (x[..., 1:, :-1] - x[..., :-1, 1:]).abs().flatten(1).mean(1)
-    return (dx + dy + d1 + d2) / 4
+    diffs = (
+        x[..., :, 1:] - x[..., :, :-1],
+        x[..., 1:, :] - x[..., :-1, :],
+        x[..., 1:, 1:] - x[..., :-1, :-1],
+        x[..., 1:, :-1] - x[..., :-1, 1:],
+    )
+    # An image one pixel wide or high has no neighbours in that direction: those terms are 0, not NaN.
+    return sum(d.abs().flatten(1).sum(1) / max(d[0].numel(), 1) for d in diffs) / 4
 
 
 def coverage(mask: torch.Tensor) -> torch.Tensor:

@@ -75,12 +75,17 @@ def _run(digits, model=None, config=None, targets=(3,), class_list=None, samples
 # Model outputs
 # ---------------------------------------------------------------------------------------------- #
 def test_probabilities_instead_of_logits(digits):
-    with pytest.raises(ModelOutputError, match=r"returns probabilities \(rows in \[0, 1\] summing to 1\), not logits"):
+    with pytest.raises(
+        ModelOutputError,
+        match=r"returns probabilities \(rows in \[0, 1\] summing to 1\), not logits",
+    ):
         _run(digits, Softmaxed(digits.model))
 
 
 def test_dict_output_without_logits(digits):
-    with pytest.raises(ModelOutputError, match=r"dict with keys \['features', 'scores'\] and no 'logits' key"):
+    with pytest.raises(
+        ModelOutputError, match=r"dict with keys \['features', 'scores'\] and no 'logits' key"
+    ):
         _run(digits, DictOutput(digits.model, "scores"))
 
 
@@ -110,7 +115,10 @@ def test_class_list_must_be_a_list(digits):
 @pytest.mark.parametrize(
     ("targets", "message"),
     [
-        ([10], r"target class index 10 is out of range: the model has 10 classes \(valid indices 0..9\)"),
+        (
+            [10],
+            r"target class index 10 is out of range: the model has 10 classes \(valid indices 0..9\)",
+        ),
         ([-1], "target class index -1 is out of range"),
         ([[2, 12]], "target class index 12 is out of range"),
         ([], "target_classes must be a non-empty list"),
@@ -129,18 +137,25 @@ def test_bad_target_classes(digits, targets, message):
 # ---------------------------------------------------------------------------------------------- #
 def test_samples_channels_last(digits):
     samples = digits.test_x[:2].permute(0, 2, 3, 1)  # [2, 32, 32, 1]
-    with pytest.raises(InputError, match=r"model takes 1 channels first.*look channels-last: use samples.permute\(0, 3, 1, 2\)"):
+    with pytest.raises(
+        InputError,
+        match=r"model takes 1 channels first.*look channels-last: use samples.permute\(0, 3, 1, 2\)",
+    ):
         _run(digits, targets=None, samples=samples)
 
 
 def test_samples_wrong_number_of_dimensions(digits):
-    with pytest.raises(InputError, match=r"samples must have shape \[N, C, H, W\] \(pt\).*got \[2, 1, 1, 32, 32\]"):
+    with pytest.raises(
+        InputError, match=r"samples must have shape \[N, C, H, W\] \(pt\).*got \[2, 1, 1, 32, 32\]"
+    ):
         _run(digits, targets=None, samples=digits.test_x[:2, None])
 
 
 def test_samples_wrong_channel_count(digits):
     samples = digits.test_x[:2].repeat(1, 3, 1, 1)
-    with pytest.raises(InputError, match=r"samples have shape \[2, 3, 32, 32\] but the model takes 1 channels"):
+    with pytest.raises(
+        InputError, match=r"samples have shape \[2, 3, 32, 32\] but the model takes 1 channels"
+    ):
         _run(digits, targets=None, samples=samples)
 
 
@@ -150,7 +165,9 @@ def test_samples_in_0_255(digits):
 
 
 def test_samples_normalised_already(digits):
-    with pytest.raises(InputError, match="before normalisation; the preprocessing argument is applied inside"):
+    with pytest.raises(
+        InputError, match="before normalisation; the preprocessing argument is applied inside"
+    ):
         _run(digits, targets=None, samples=digits.preprocessing(digits.test_x[:2]))
 
 
@@ -171,11 +188,20 @@ def test_samples_not_a_tensor(digits):
         ({"lr": 0}, "config option 'lr' = 0: Input should be greater than 0"),
         ({"lr": -0.1}, "config option 'lr' = -0.1: Input should be greater than 0"),
         ({"lr": "fast"}, "config option 'lr' = 'fast': Input should be a valid number"),
-        ({"max_steps": -1}, "config option 'max_steps' = -1: Input should be greater than or equal to 0"),
+        (
+            {"max_steps": -1},
+            "config option 'max_steps' = -1: Input should be greater than or equal to 0",
+        ),
         ({"max_steps": 2.5}, "config option 'max_steps' = 2.5: Input should be a valid integer"),
-        ({"transform": "xxl"}, "config option 'transform' = 'xxl': Input should be 's', 'm', 'l' or 'xl'"),
+        (
+            {"transform": "xxl"},
+            "config option 'transform' = 'xxl': Input should be 's', 'm', 'l' or 'xl'",
+        ),
         ({"parameterisation": "wavelet"}, "config option 'parameterisation' = 'wavelet'"),
-        ({"equalise": 1.5}, "config option 'equalise' = 1.5: Input should be less than or equal to 1"),
+        (
+            {"equalise": 1.5},
+            "config option 'equalise' = 1.5: Input should be less than or equal to 1",
+        ),
         ({"baseline_init": 2}, r"baseline_init values are pixel intensities in \[0, 1\]; got 2"),
         ({"min_lr": 0.5, "max_lr": 0.1}, r"min_lr \(0.5\) must be below max_lr \(0.1\)"),
         ({"blur_min": 2.0, "blur_max": 1.0}, r"blur_min \(2.0\) must not exceed blur_max \(1.0\)"),
@@ -187,7 +213,9 @@ def test_bad_config(digits, config, message):
 
 
 def test_baseline_init_per_channel_needs_one_value_per_channel(digits):
-    with pytest.raises(InputError, match="baseline_init has 3 values but the model takes 1 channels"):
+    with pytest.raises(
+        InputError, match="baseline_init has 3 values but the model takes 1 channels"
+    ):
         _run(digits, config={"baseline_init": [0.1, 0.2, 0.3]})
 
 
@@ -242,7 +270,13 @@ def test_inf_in_gradients_is_caught_too(digits):
 def test_nan_in_isolation_masks(digits):
     model = NaNAfter(digits.model, bad=3)
     with pytest.raises(NonFiniteError, match="feature isolation: .* at step 3") as err:
-        _run(digits, model, {"isolation_steps": 6, "log_freq": 2}, targets=None, samples=digits.test_x[:2])
+        _run(
+            digits,
+            model,
+            {"isolation_steps": 6, "log_freq": 2},
+            targets=None,
+            samples=digits.test_x[:2],
+        )
     assert err.value.step == 3
     assert torch.isfinite(err.value.last_finite).all()
 

@@ -7,7 +7,6 @@ import torch
 from .engine_support import run_digits
 
 
-
 def _run(digits, seed: int, **extra):
     return run_digits(
         digits,

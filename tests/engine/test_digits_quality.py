@@ -14,7 +14,12 @@ from .engine_support import Digits, run_digits
 def digit_prototypes(digits: Digits):
     """One prototype per digit, all ten in one batch."""
     return run_digits(
-        digits, list(range(10)), max_steps=100, transform="s", parameterisation="fourier", log_freq=50
+        digits,
+        list(range(10)),
+        max_steps=100,
+        transform="s",
+        parameterisation="fourier",
+        log_freq=50,
     )
 
 
