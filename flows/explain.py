@@ -141,7 +141,9 @@ def explain_samples(
         locator = locate_model(model_uri, model_options, mlflow_uri)
         registry = dict(locator.identity.registry) if locator.identity else {}
         flow_run_id = str(current_flow_run.id)
-        run_name = f"explain {Path(model_uri).stem or model_uri} {flow_run_id[:8]}"
+        shown = locator.identity.uri if locator.identity else "model"
+        label = registry.get("name") or Path(shown.rstrip("/")).stem or shown
+        run_name = f"explain {label} {flow_run_id[:8]}"
         exp_name = experiment or DEFAULT_EXPERIMENT
         run_id = None
         if "publish_mlflow" not in off:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -137,8 +138,12 @@ def locate_model(
     if source == "mlflow":
         if tracking_uri:
             options.setdefault("tracking_uri", tracking_uri)
-            options.setdefault("registry_uri", tracking_uri)
-        resolved, registry = _registry_identity(uri, options.get("tracking_uri") or tracking_uri)
+            options.setdefault(
+                "registry_uri", os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
+            )
+        resolved, registry = _registry_identity(
+            uri, options.get("tracking_uri"), options.get("registry_uri")
+        )
     elif source == "file":
         resolved = "sha256:" + _path_digest(Path(uri.removeprefix("file://")).expanduser())
     else:
@@ -155,10 +160,12 @@ def locate_model(
     return ModelLocator(uri, options, identity)
 
 
-def _registry_identity(uri: str, tracking_uri: str | None) -> tuple[str, dict[str, str]]:
+def _registry_identity(
+    uri: str, tracking_uri: str | None, registry_uri: str | None
+) -> tuple[str, dict[str, str]]:
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
     server = redact_uri(str(tracking_uri or ""))
     runs = _RUNS_URI.match(uri)
     if runs is not None:

@@ -212,7 +212,7 @@ def publish_wandb(
             mode=chosen,
             run_dir=run_dir,
             sync_command=f"wandb sync {run_dir}" if chosen == "offline" else "",
-            url=run.url or "" if chosen == "online" else "",
+            url=(run.url or "") if chosen == "online" else "",
         )
     except BaseException:
         run.finish(exit_code=1)

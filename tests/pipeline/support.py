@@ -132,3 +132,21 @@ def files_containing(text: str, *roots: str | Path) -> list[str]:
                 if any(n in data for n in needles):
                     found.append(str(path))
     return found
+
+
+def prefect_artifacts(flow_run_id: str) -> dict[str, str]:
+    """``{key: type}`` of the Prefect artifacts (tables, markdown) a flow run created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)])
+            ),
+            limit=200,
+            offset=0,
+            sort=ArtifactSort.ID_DESC,
+        )
+    return {artifact.key: artifact.type for artifact in found}

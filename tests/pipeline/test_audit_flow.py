@@ -12,7 +12,7 @@ import torch
 
 from leapcore import __version__, engine
 from tests.pipeline.conftest import DIGITS, MODEL_NAME, tiny_config
-from tests.pipeline.support import task_states, wandb_contents
+from tests.pipeline.support import prefect_artifacts, task_states, wandb_contents
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -68,6 +68,16 @@ def test_the_audit_lands_in_mlflow_the_registry_and_wandb(first_audit, registere
         assert result.stages[stage] == "Completed", stage
     recorded = task_states(result.flow_run_id)
     assert {stage: recorded[stage] for stage in STAGES} == {s: ["Completed"] for s in STAGES}
+    summaries = prefect_artifacts(result.flow_run_id)  # what the Prefect UI shows
+    for stage in (
+        "generate-baseline",
+        "find-learning-rate",
+        "optimise-prototypes",
+        "score-entanglement",
+        "isolate-features",
+    ):
+        assert summaries[f"audit-{stage}"] == "table", stage
+    assert summaries["audit-summary"] == "markdown"
 
     client = _client()
     run = client.get_run(result.mlflow_run_id)
