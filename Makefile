@@ -6,6 +6,8 @@ LOCK_HASH := $(shell cat constraints.txt pyproject.toml | $(PYTHON) -c "import h
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# torch on a busy 2-core machine runs several times slower with OpenMP spinning; waiting passively avoids it.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test lint bench docs clean
 

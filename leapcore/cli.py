@@ -216,6 +216,8 @@ def _quiet(verbose: bool) -> None:
     # The temporary server's telemetry heartbeat races its own SQLite database at start-up and
     # prints "database is locked" tracebacks; nothing is lost without it.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server can take over 30 s to start on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("WANDB_SILENT", "true")
 
 

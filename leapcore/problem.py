@@ -15,6 +15,7 @@ import torch
 
 from leapcore import penalties
 from leapcore.config import EngineConfig
+from leapcore.errors import InputError
 from leapcore.optim import BatchedAdam
 from leapcore.parameterisation import Parameterisation, create_parameterisation
 from leapcore.transforms import Augmenter, create_augmenter
@@ -161,6 +162,12 @@ class PrototypeProblem:
             logits = self.model(view)
             objective = (logits * self.weights[rows].repeat(t, 1)).sum(1).view(t, m).mean(0)
             loss = -objective.sum()
+            if not loss.requires_grad:
+                raise InputError(
+                    "the model's output does not depend on its input: no gradient reaches the image, "
+                    "so there is nothing to optimise. Check that the model uses its input and does "
+                    "not detach it or run under torch.no_grad()."
+                )
             loss.backward()
             loss_total = loss_total + loss.detach()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]

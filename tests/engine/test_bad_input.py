@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -289,19 +291,21 @@ def _modes(model: nn.Module) -> list[bool]:
 
 
 def test_train_mode_model_runs_in_eval_and_is_restored(digits):
-    recorder = ModeRecorder(digits.model)
+    recorder = ModeRecorder(copy.deepcopy(digits.model))
     recorder.train()
     recorder.model.features[-1].eval()  # a mixed state must come back exactly as it was
     before = _modes(recorder)
+    stats = recorder.model.features[1].running_mean.clone()
     _run(digits, recorder)
     assert recorder.modes and not any(recorder.modes)
     assert _modes(recorder) == before
     assert all(p.requires_grad for p in recorder.parameters())
-    digits.model.eval()
+    # Batch norm ran in eval mode: its running statistics never moved.
+    assert torch.equal(recorder.model.features[1].running_mean, stats)
 
 
 def test_train_mode_is_restored_when_the_run_raises(digits):
-    recorder = ModeRecorder(digits.model, fail_at=3)
+    recorder = ModeRecorder(copy.deepcopy(digits.model), fail_at=3)
     recorder.train()
     before = _modes(recorder)
     with pytest.raises(RuntimeError, match="boom inside the model"):
@@ -309,20 +313,33 @@ def test_train_mode_is_restored_when_the_run_raises(digits):
     assert not any(recorder.modes)
     assert _modes(recorder) == before
     assert all(p.requires_grad for p in recorder.parameters())
-    digits.model.eval()
 
 
 def test_train_mode_is_restored_after_a_validation_error(digits):
-    digits.model.train()
-    try:
-        with pytest.raises(InputError):
-            _run(digits, targets=[99])
-        assert digits.model.training
-    finally:
-        digits.model.eval()
+    model = copy.deepcopy(digits.model).train()
+    with pytest.raises(InputError):
+        _run(digits, model, targets=[99])
+    assert all(m.training for m in model.modules())
 
 
 def test_run_digits_helper_defaults(digits):
     """The helper the option tests use really runs the FAST settings."""
     audit = run_digits(digits)
     assert audit.config.max_steps == 30 and audit.prototypes.images.shape == (1, 1, 32, 32)
+
+
+class Detached(nn.Module):
+    """Returns logits that no gradient can flow through (e.g. a model run under no_grad)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).detach()
+
+
+@pytest.mark.parametrize("config", [{"find_lr_steps": 0}, {"find_lr_steps": 10, "max_steps": 0}])
+def test_model_output_detached_from_its_input(digits, config):
+    with pytest.raises(InputError, match="the model's output does not depend on its input"):
+        _run(digits, Detached(digits.model), {**config, "num_lr_windows": 5})

@@ -67,19 +67,22 @@ def test_probability_trajectory_rises(lite0_prototypes):
 # ---------------------------------------------------------------------------------------------- #
 @pytest.fixture(scope="module")
 def photo_isolation(lite0, photos, tmp_path_factory):
-    """Sample-mode ``generate`` on both photos with the default isolation options (top 3 classes)."""
+    """Sample-mode ``generate`` on both photos with the default isolation options.
+
+    Only the top class of each photo is isolated (``max_isolate_classes=1``, a choice of classes,
+    not of how they are isolated), to keep the test at two masks instead of six.
+    """
     preprocessing, model, class_list = lite0
     out = tmp_path_factory.mktemp("isolation")
-    df, arrays = engine.generate(
-        "photos", model, class_list, {"output_dir": str(out)}, None, preprocessing, photos
-    )
+    config = {"output_dir": str(out), "max_isolate_classes": 1}
+    df, arrays = engine.generate("photos", model, class_list, config, None, preprocessing, photos)
     return df, arrays
 
 
 def test_sample_isolation_keeps_the_top_logit_with_half_the_image(photo_isolation, lite0, photos):
     df, arrays = photo_isolation
     pairs = arrays["isolation_pairs"]
-    assert len(pairs) == 2 * 3  # default: the top 3 classes of each photo
+    assert len(pairs) == 2
     probs = _probs(lite0, photos)
     for i in range(len(photos)):
         top = int(probs[i].argmax())
@@ -95,7 +98,7 @@ def test_sample_isolation_keeps_the_top_logit_with_half_the_image(photo_isolatio
 def test_sample_isolation_frame(photo_isolation, lite0):
     df, arrays = photo_isolation
     assert {"sample_index", "output_class", "logits", "probs", "input", "mask"} <= set(df.columns)
-    assert len(df) == 6
+    assert len(df) == 2
     class_list = lite0[2]
     for _, row in df.iterrows():
         assert row["output_class"] in class_list
@@ -104,7 +107,7 @@ def test_sample_isolation_frame(photo_isolation, lite0):
     # The frame's coverage agrees with the mask arrays.
     torch.testing.assert_close(
         torch.tensor(df["mask_coverage"].to_numpy()),
-        torch.tensor(arrays["masks"].reshape(6, -1).mean(1), dtype=torch.float64),
+        torch.tensor(arrays["masks"].reshape(2, -1).mean(1), dtype=torch.float64),
         atol=1e-5,
         rtol=0,
     )

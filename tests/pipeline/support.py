@@ -135,18 +135,19 @@ def files_containing(text: str, *roots: str | Path) -> list[str]:
 
 
 def prefect_artifacts(flow_run_id: str) -> dict[str, str]:
-    """``{key: type}`` of the Prefect artifacts (tables, markdown) a flow run created."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-    from prefect.client.schemas.sorting import ArtifactSort
+    """``{key: type}`` of the Prefect artifacts (tables, markdown) a flow run created.
 
+    The REST filter is called directly: the client's ``read_artifacts`` sends task-run and flow-run
+    filters that leave out artifacts created by the flow itself.
+    """
+    from prefect.client.orchestration import get_client
+
+    body = {
+        "artifacts": {"flow_run_id": {"any_": [flow_run_id]}},
+        "limit": 200,
+        "offset": 0,
+        "sort": "ID_DESC",
+    }
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)])
-            ),
-            limit=200,
-            offset=0,
-            sort=ArtifactSort.ID_DESC,
-        )
-    return {artifact.key: artifact.type for artifact in found}
+        found = client.request("POST", "/artifacts/filter", json=body).json()
+    return {artifact["key"]: artifact["type"] for artifact in found}
