@@ -49,7 +49,7 @@ from tasks import (
 )
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
-from tasks.runtime import SKIPPED, stage_finished
+from tasks.runtime import SKIPPED, collect_publications, stage_finished
 
 # Stage names, in order, and the short names ``skip`` also accepts.
 STAGES = (
@@ -308,17 +308,7 @@ def _run_audit(
             run_name=run_name,
             tags=["leapcore", "audit"],
         )
-    for stage, future in pending.items():
-        value = future.result()
-        states[stage] = future.state.name
-        stage_finished(stage, states[stage])
-        if stage == "export_results":
-            result.report_path = value
-        elif stage == "publish_wandb":
-            result.wandb_run_dir = value.run_dir
-            result.wandb_mode = value.mode
-            result.wandb_sync_command = value.sync_command
-            result.wandb_url = value.url
+    collect_publications(pending, states, result)
     result.seconds = time.perf_counter() - began
     return result
 

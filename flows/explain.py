@@ -41,7 +41,7 @@ from tasks import (
 )
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
-from tasks.runtime import SKIPPED, stage_finished
+from tasks.runtime import SKIPPED, collect_publications, stage_finished
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 OPTIONAL = ("render_report", "export_results", "publish_mlflow", "publish_wandb")
@@ -288,13 +288,5 @@ def _explain(
             run_name=run_name,
             tags=["leapcore", "explain"],
         )
-    for stage, future in pending.items():
-        value = future.result()
-        states[stage] = future.state.name
-        stage_finished(stage, states[stage])
-        if stage == "export_results":
-            result.report_path = value
-        elif stage == "publish_wandb":
-            result.wandb_run_dir, result.wandb_mode = value.run_dir, value.mode
-            result.wandb_sync_command, result.wandb_url = value.sync_command, value.url
+    collect_publications(pending, states, result)
     return result

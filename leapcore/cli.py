@@ -260,55 +260,47 @@ def _fail(err: BaseException, verbose: bool) -> int:
 # ---------------------------------------------------------------------------------------------- #
 # Subcommands
 # ---------------------------------------------------------------------------------------------- #
-def cmd_audit(args: argparse.Namespace) -> int:
-    _quiet(args.verbose)
-    from flows.audit import audit_model
-
+def _run_flow(args: argparse.Namespace, flow: Any, *positional: Any, **options: Any) -> int:
+    """Run ``flow`` with the options ``audit`` and ``explain`` share, then print where results went."""
     try:
         with ProgressDisplay(not args.no_progress and not args.json):
-            result = audit_model(
-                args.model_uri,
+            result = flow(
+                *positional,
                 target_classes=_classes(args.classes),
                 config=_config(args),
                 skip=args.skip,
-                class_chunk_size=args.chunk_size,
-                task_runner=args.task_runner,
                 artifact_store=args.store,
                 experiment=args.experiment,
                 wandb_project=args.wandb_project,
                 model_options=_model_options(args),
                 device=args.device,
                 output_dir=args.output_dir,
+                **options,
             )
     except Exception as err:
         return _fail(err, args.verbose)
     _report(result, args.json)
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    _quiet(args.verbose)
+    from flows.audit import audit_model
+
+    return _run_flow(
+        args,
+        audit_model,
+        args.model_uri,
+        class_chunk_size=args.chunk_size,
+        task_runner=args.task_runner,
+    )
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     _quiet(args.verbose)
     from flows.explain import explain_samples
 
-    try:
-        with ProgressDisplay(not args.no_progress and not args.json):
-            result = explain_samples(
-                args.model_uri,
-                args.images,
-                target_classes=_classes(args.classes),
-                config=_config(args),
-                skip=args.skip,
-                artifact_store=args.store,
-                experiment=args.experiment,
-                wandb_project=args.wandb_project,
-                model_options=_model_options(args),
-                device=args.device,
-                output_dir=args.output_dir,
-            )
-    except Exception as err:
-        return _fail(err, args.verbose)
-    _report(result, args.json)
-    return 0
+    return _run_flow(args, explain_samples, args.model_uri, args.images)
 
 
 def register_demo_model(name: str = DEMO_MODEL, alias: str = DEMO_ALIAS) -> str:

@@ -87,6 +87,19 @@ def stage_finished(stage: str, state: str, seconds: float | None = None) -> None
     )
 
 
+def collect_publications(pending: dict[str, Any], states: dict[str, str], result: Any) -> None:
+    """Wait for the export/publish futures and record their states and outputs on ``result``."""
+    for stage, future in pending.items():
+        value = future.result()
+        states[stage] = future.state.name
+        stage_finished(stage, states[stage])
+        if stage == "export_results":
+            result.report_path = value
+        elif stage == "publish_wandb":
+            result.wandb_run_dir, result.wandb_mode = value.run_dir, value.mode
+            result.wandb_sync_command, result.wandb_url = value.sync_command, value.url
+
+
 def run_stages(task: Any, calls: list[dict[str, Any]]) -> tuple[list[Any], str]:
     """Submit ``task`` once per parameter dict, wait for all, and return the results in order with
     the combined state name (``Cached`` only when every call was cached).
