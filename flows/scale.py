@@ -32,8 +32,23 @@ RAY = "ray"
 # Resident memory of a Dask worker process with torch, prefect and leapcore imported, before any
 # model: measured about 580 MiB on Linux with torch 2.14 (tests/deployments/test_scale.py).
 WORKER_RESERVE_MB = 768.0
-# Dask pauses a worker whose process memory passes 80 % of its limit: plan for that.
+# Chunks are planned to use at most this share of a worker's memory limit.
 HEADROOM = 0.8
+# Dask settings of the local cluster's workers. Our tasks hand Dask only small artifact
+# references, so a worker's memory is torch's, which Dask can neither spill nor free: pausing a
+# worker at 80 % of its limit would wait for memory that never drops and hang the flow run (seen in
+# CI). The Nanny still restarts a worker at 95 % (``terminate``), which fails the task loudly.
+WORKER_MEMORY_SETTINGS: dict[str, Any] = {
+    "distributed": {"worker": {"memory": {"target": False, "spill": False, "pause": False}}}
+}
+
+
+def worker_dask_config() -> dict[str, Any]:
+    """The Dask config for a local cluster's workers: this process's, with
+    ``WORKER_MEMORY_SETTINGS`` on top (a Nanny *replaces* top-level keys, so it gets the whole)."""
+    import dask.config
+
+    return dask.config.merge(dask.config.config, WORKER_MEMORY_SETTINGS)
 
 
 def make_task_runner(
@@ -51,8 +66,10 @@ def make_task_runner(
         n_workers: workers of a local Dask cluster (default ``LEAP_DASK_WORKERS`` or 2).
         threads_per_worker: threads per local Dask worker (1 keeps torch's threads in charge).
         worker_memory_mb: memory limit of each local Dask worker (default
-            ``LEAP_DASK_WORKER_MEMORY_MB``, else Dask's: system memory / workers); Dask pauses a
-            worker at 80 % of it, and chunks of classes are sized to stay below that.
+            ``LEAP_DASK_WORKER_MEMORY_MB``, else Dask's: system memory / workers); chunks of
+            classes are sized to use at most 80 % of it. Local workers never pause (see
+            ``WORKER_MEMORY_SETTINGS``); on a cluster of your own, set
+            ``distributed.worker.memory.pause: false`` likewise.
         max_workers: threads of the thread pool runner (default: Prefect's).
 
     Raises:
@@ -81,6 +98,7 @@ def make_task_runner(
                 "processes": True,
                 "dashboard_address": "127.0.0.1:0",  # loopback, a free port
                 "host": "127.0.0.1",
+                "config": worker_dask_config(),  # passed to each worker's Nanny
             }
             if worker_memory_mb is not None:
                 kwargs["memory_limit"] = f"{int(worker_memory_mb)}MiB"
@@ -186,7 +204,7 @@ def plan_class_chunks(
     model: Any, locator: Any, config: Any, num_targets: int, device: str | None = None
 ) -> int:
     """Run on a Dask worker: classes per chunk from that worker's memory limit (see
-    :func:`classes_per_chunk`; ``HEADROOM`` of the limit, Dask pauses a worker at 80 %)."""
+    :func:`classes_per_chunk`; at most ``HEADROOM`` of the limit)."""
     import psutil
     from distributed import get_client, get_worker
 
