@@ -33,5 +33,8 @@ class BatchedAdam:
         for p, g, m, v in zip(self.params, grads, self.m, self.v):
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v / c2).sqrt_().add_(self.eps)
-            p.sub_(lr * (m / c1) / denom)
+            denom = v.sqrt().div_(c2**0.5).add_(self.eps)
+            if isinstance(lr, torch.Tensor):
+                p.addcdiv_(m * (lr / c1), denom, value=-1.0)
+            else:
+                p.addcdiv_(m, denom, value=-lr / c1)

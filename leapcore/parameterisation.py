@@ -98,19 +98,16 @@ def fourier(offset: torch.Tensor) -> Parameterisation:
 
     def render_delta(rows: slice) -> torch.Tensor:
         complex_spec = torch.view_as_complex(spectrum[rows]) * scale
-        # One transform per row: a batched FFT rounds differently from a single one, and chunked
-        # batches (``max_batch_size``) must give the same bits. The FFTs cost little next to the model.
-        delta = torch.cat(
-            [
-                torch.fft.irfft2(complex_spec[i : i + 1], s=(h, w), norm="ortho")
-                for i in range(len(complex_spec))
-            ]
-        )
-        if colour is not None:
-            # Element-wise, not einsum (a batched matmul), for the same reason.
-            delta = torch.stack(
-                [sum(colour[i, j] * delta[:, j] for j in range(c)) for i in range(c)], dim=1
-            )
-        return delta
+        # One inverse FFT (and one colour matmul of the same shape) per row: a batched FFT rounds
+        # differently from a single one, and chunked batches (``max_batch_size``) must give the same
+        # bits. ``split`` rather than indexing keeps the backward one concatenation, not one
+        # full-size zero gradient per row.
+        deltas = []
+        for row in complex_spec.split(1):
+            delta = torch.fft.irfft2(row, s=(h, w), norm="ortho")
+            if colour is not None:
+                delta = (colour @ delta.view(c, h * w)).view(1, c, h, w)
+            deltas.append(delta)
+        return torch.cat(deltas)
 
     return Parameterisation([spectrum], render_delta, offset)

@@ -145,18 +145,13 @@ class PrototypeProblem:
         for start in range(0, b, self.chunk_size):
             rows = slice(start, min(start + self.chunk_size, b))
             m = rows.stop - rows.start
-            # Copy t of the chunk's rows: draw row index = copy * b + row.
-            index = (
-                torch.arange(t, device=like.device)[:, None] * b
-                + torch.arange(rows.start, rows.stop, device=like.device)[None]
-            ).reshape(-1)
+            index = self._draw_rows(rows)
             image = self.images(rows)
             alpha = self.alphas(rows)
-            view = image.repeat(t, 1, 1, 1)
+            view = image.repeat(t, 1, 1, 1) if t > 1 else image
             if alpha is not None:
-                view = view * alpha.repeat(t, 1, 1, 1) + background[index] * (
-                    1 - alpha.repeat(t, 1, 1, 1)
-                )
+                alpha = alpha.repeat(t, 1, 1, 1) if t > 1 else alpha
+                view = view * alpha + background[index] * (1 - alpha)
             if not self.augmenter.is_identity:
                 view = self.augmenter.apply(view, draw.rows(index))
             logits = self.model(view)
@@ -171,15 +166,28 @@ class PrototypeProblem:
             loss.backward()
             loss_total = loss_total + loss.detach()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        finite = torch.isfinite(loss_total)
         grad_max = torch.zeros((), device=like.device)
-        for g in grads:
-            finite = finite & torch.isfinite(g.sum())
-            grad_max = torch.maximum(grad_max, g.abs().max())
+        for g in grads:  # the max norm propagates NaN and inf, so it also tells finiteness
+            grad_max = torch.maximum(grad_max, torch.linalg.vector_norm(g, ord=float("inf")))
+        finite = torch.isfinite(loss_total) & torch.isfinite(grad_max)
         self.optimiser.step(grads, lr)
         for p in self.params:
             p.grad = None
         return StepOutput(loss_total, finite, grad_max)
+
+    def _draw_rows(self, rows: slice) -> slice | torch.Tensor:
+        """Which rows of the step's draws belong to a chunk: copy ``k`` of batch row ``r`` is draw
+        ``k * batch + r``. A slice (no gather) when the rows are contiguous."""
+        b, t = self.batch, self.samples
+        if t == 1:
+            return rows
+        if rows.start == 0 and rows.stop == b:
+            return slice(0, b * t)
+        device = self.weights.device
+        return (
+            torch.arange(t, device=device)[:, None] * b
+            + torch.arange(rows.start, rows.stop, device=device)[None]
+        ).reshape(-1)
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()

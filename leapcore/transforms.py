@@ -53,7 +53,7 @@ class AugmentationDraw:
     sigma: torch.Tensor | None  # [N]
     noise: torch.Tensor | None  # [N, C, H, W]
 
-    def rows(self, index: slice) -> AugmentationDraw:
+    def rows(self, index: slice | torch.Tensor) -> AugmentationDraw:
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return AugmentationDraw(pick(self.theta), pick(self.sigma), pick(self.noise))
 
@@ -111,24 +111,26 @@ class Augmenter:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per row (``sigma`` of shape ``[B]``).
+    """Separable Gaussian blur with one sigma per row (``sigma`` of shape ``[B]``), reflect-padded.
 
-    Written as weighted sums of shifted copies rather than a grouped convolution: a convolution's
-    rounding depends on the batch shape, so chunking a batch (``max_batch_size``) would change the
-    result in the last bit, and Adam turns such differences in near-zero gradients into full steps.
-    Element-wise sums give the same bits for a row whatever else is in the batch, at the same speed.
+    Every channel of every row is one group of a depthwise convolution over ``[1, B*C, H, W]``:
+    each group is computed on its own, so a row gets the same bits whatever else is in the batch
+    (``max_batch_size`` chunks stay identical on CPU), at about a third of the cost of shifted sums.
+    A single group would take the dense convolution path, which rounds differently, so a lone
+    one-channel row is blurred as two.
     """
     if radius < 1:
         return x
-    h, w = x.shape[-2:]
+    b, c, h, w = x.shape
+    if b * c == 1:
+        return gaussian_blur(torch.cat([x, x]), torch.cat([sigma, sigma]), radius)[:1]
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (offsets[None] / sigma.clamp_min(1e-3)[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True))[:, :, None, None, None]  # [B, k, 1, 1, 1]
-    taps = range(2 * radius + 1)
-    padded = F.pad(x, (radius, radius, 0, 0), mode="reflect")
-    x = sum(kernel[:, i] * padded[..., i : i + w] for i in taps)
-    padded = F.pad(x, (0, 0, radius, radius), mode="reflect")
-    return sum(kernel[:, i] * padded[..., i : i + h, :] for i in taps)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [B*C, k]
+    y = F.pad(x.reshape(1, b * c, h, w), (radius,) * 4, mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=b * c)  # along width
+    y = F.conv2d(y, kernel[:, None, :, None], groups=b * c)  # along height
+    return y.view(b, c, h, w)
 
 
 def create_augmenter(name: str | None, blur: tuple[float, float] = (0.0, 0.0)) -> Augmenter:

@@ -1,0 +1,67 @@
+"""The batched transforms: correct values, and the same bits for a row whatever batch it is in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leapcore.transforms import create_augmenter, gaussian_blur
+
+
+def reference_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Row by row, in float64, with an explicit 2-D kernel: the textbook definition."""
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    out = []
+    for row, s in zip(x.double(), sigma.double()):
+        k1 = torch.exp(-0.5 * (offsets / s) ** 2)
+        k1 = k1 / k1.sum()
+        k2 = (k1[:, None] * k1[None, :]).expand(row.shape[0], 1, -1, -1)
+        padded = F.pad(row[None], (radius,) * 4, mode="reflect")
+        out.append(F.conv2d(padded, k2, groups=row.shape[0]))
+    return torch.cat(out).to(x.dtype)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_blur_matches_the_reference(channels):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, channels, 20, 17, generator=gen)
+    sigma = torch.tensor([0.3, 0.8, 1.5, 2.0])
+    torch.testing.assert_close(gaussian_blur(x, sigma, 3), reference_blur(x, sigma, 3))
+    # A wider sigma smooths more: neighbouring pixels move closer together.
+    rough = lambda y: float((y[..., 1:] - y[..., :-1]).abs().mean())  # noqa: E731
+    blurred = gaussian_blur(x, sigma, 3)
+    assert rough(blurred[3]) < rough(blurred[0]) < rough(x[0])
+
+
+@pytest.mark.parametrize(("channels", "size"), [(1, 32), (1, 57), (3, 32), (3, 224)])
+def test_blur_gives_a_row_the_same_bits_in_any_batch(channels, size):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(7, channels, size, size, generator=gen)
+    sigma = torch.rand(7, generator=gen) + 0.1
+    upstream = torch.randn(x.shape, generator=gen)
+
+    def run(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        part = x[rows].clone().requires_grad_(True)
+        out = gaussian_blur(part, sigma[rows], 2)
+        (out * upstream[rows]).sum().backward()
+        return out.detach(), part.grad
+
+    whole, whole_grad = run(slice(None))
+    for sizes in ([1] * 7, [2, 5], [6, 1]):
+        starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
+        parts = [run(slice(a, b)) for a, b in zip(starts, starts[1:])]
+        assert torch.equal(torch.cat([p[0] for p in parts]), whole)
+        assert torch.equal(torch.cat([p[1] for p in parts]), whole_grad)
+
+
+def test_augmenter_rows_do_not_depend_on_the_chunk():
+    augmenter = create_augmenter("xl", (0.01, 1.0))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(6, 3, 48, 48, generator=gen)
+    draw = augmenter.draw(6, (3, 48, 48), x, gen)
+    whole = augmenter.apply(x, draw)
+    chunks = [augmenter.apply(x[i : i + 2], draw.rows(slice(i, i + 2))) for i in range(0, 6, 2)]
+    assert torch.equal(torch.cat(chunks), whole)
+    # Something happened: rows moved and the corners hold fill noise, not the image.
+    assert not torch.allclose(whole, x, atol=0.05)
