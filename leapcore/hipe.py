@@ -67,14 +67,6 @@ def hierarchical_perturbation(
             ]
         peak = saliency.flatten(1).max(1).values.clamp_min(1e-12)
         masks = saliency / peak[:, None, None, None]
-        isolated = source * masks + noise * (1 - masks)
-        kept = _class_logits(model, isolated, cls, chunk_size)
-    return IsolationResult(
-        pairs,
-        masks.cpu(),
-        isolated.cpu(),
-        full.cpu(),
-        kept.cpu(),
-        "hipe",
-        time.perf_counter() - began,
+    return IsolationResult.from_masks(
+        model, pairs, source, cls, masks, noise, full, "hipe", began, chunk_size
     )

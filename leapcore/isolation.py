@@ -48,6 +48,34 @@ class IsolationResult:
     method: str
     seconds: float = 0.0
 
+    @classmethod
+    @torch.no_grad()
+    def from_masks(
+        cls,
+        model: torch.nn.Module,
+        pairs: list[tuple[int, int]],
+        source: torch.Tensor,
+        classes: torch.Tensor,
+        masks: torch.Tensor,
+        background: torch.Tensor,
+        logits_full: torch.Tensor,
+        method: str,
+        began: float,
+        chunk_size: int,
+    ) -> IsolationResult:
+        """Composite ``source`` on ``background`` through ``masks``, score it, move it to the CPU."""
+        isolated = source * masks + background * (1 - masks)
+        kept = _class_logits(model, isolated, classes, chunk_size)
+        return cls(
+            pairs,
+            masks.cpu(),
+            isolated.cpu(),
+            logits_full.cpu(),
+            kept.cpu(),
+            method,
+            time.perf_counter() - began,
+        )
+
     @property
     def coverage(self) -> torch.Tensor:
         return self.masks.flatten(1).mean(1)
@@ -151,17 +179,9 @@ def isolate_features(
             last_finite = param.detach().clone()
     with torch.no_grad():
         masks = _upsample(param, (h, w))
-        background = background_noise(tuple(source.shape), config.seed + 5, device)
-        isolated = source * masks + background * (1 - masks)
-        kept_logits = _class_logits(model, isolated, cls, chunk_size)
-    return IsolationResult(
-        pairs,
-        masks.cpu(),
-        isolated.cpu(),
-        full.cpu(),
-        kept_logits.cpu(),
-        "mask",
-        time.perf_counter() - began,
+    background = background_noise(tuple(source.shape), config.seed + 5, device)
+    return IsolationResult.from_masks(
+        model, pairs, source, cls, masks, background, full, "mask", began, chunk_size
     )
 
 

@@ -6,7 +6,8 @@ import os
 
 import pytest
 import torch
-from sources_support import SHAPE, TinyNet, local_mlflow_store, tiny_net
+from mlflow_support import local_mlflow_store
+from sources_support import SHAPE, TinyNet, tiny_net
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -25,5 +26,5 @@ def pixels() -> torch.Tensor:
 @pytest.fixture(scope="session")
 def mlflow_store(tmp_path_factory: pytest.TempPathFactory):
     """A real MLflow store for the whole session (sqlite + local artifacts in a temp dir)."""
-    with local_mlflow_store(tmp_path_factory.mktemp("mlflow")) as uri:
+    with local_mlflow_store(tmp_path_factory.mktemp("mlflow"), "leapcore-sources") as uri:
         yield uri

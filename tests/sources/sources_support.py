@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -54,24 +50,3 @@ def adapter_logits(loaded, x: torch.Tensor) -> torch.Tensor:
         x = step(x)
     with torch.no_grad():
         return loaded.model(x)
-
-
-@contextlib.contextmanager
-def local_mlflow_store(root: Path) -> Iterator[str]:
-    """A real MLflow tracking store and registry in ``root/mlflow.db``; the previous one restored."""
-    import mlflow
-    from mlflow.tracking import fluent
-
-    previous = mlflow.get_tracking_uri()
-    previous_experiment = fluent._active_experiment_id  # no public getter/setter for this
-    uri = f"sqlite:///{root}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.create_experiment(
-        "leapcore-sources", artifact_location=(root / "artifacts").as_uri()
-    )
-    mlflow.set_experiment(experiment_id=experiment)
-    try:
-        yield uri
-    finally:
-        mlflow.set_tracking_uri(previous)
-        fluent._active_experiment_id = previous_experiment

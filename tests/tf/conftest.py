@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from tf_support import build_digit_cnn, digits_images, local_mlflow_store
+from mlflow_support import local_mlflow_store
+from tf_support import build_digit_cnn, digits_images
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -45,5 +46,5 @@ def digit_cnn(tf, digits):
 @pytest.fixture(scope="module")
 def mlflow_store(tmp_path_factory):
     """A real MLflow store (sqlite) for one test module."""
-    with local_mlflow_store(tmp_path_factory.mktemp("mlflow-tf")) as uri:
+    with local_mlflow_store(tmp_path_factory.mktemp("mlflow-tf"), "leapcore-tf") as uri:
         yield uri

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
 
 DIGITS = [str(d) for d in range(10)]
@@ -37,24 +33,3 @@ def build_digit_cnn(softmax: bool = False):
             keras.layers.Dense(10, activation="softmax" if softmax else None),
         ]
     )
-
-
-@contextlib.contextmanager
-def local_mlflow_store(root: Path) -> Iterator[str]:
-    """A real MLflow tracking store and registry in ``root/mlflow.db``; the previous one restored."""
-    import mlflow
-    from mlflow.tracking import fluent
-
-    previous = mlflow.get_tracking_uri()
-    previous_experiment = fluent._active_experiment_id  # no public getter/setter for this
-    uri = f"sqlite:///{root}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.create_experiment(
-        "leapcore-tf", artifact_location=(root / "artifacts").as_uri()
-    )
-    mlflow.set_experiment(experiment_id=experiment)
-    try:
-        yield uri
-    finally:
-        mlflow.set_tracking_uri(previous)
-        fluent._active_experiment_id = previous_experiment
