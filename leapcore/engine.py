@@ -164,6 +164,7 @@ def build_model(
     preprocessing: Preprocessing,
     shape: tuple[int, int, int],
     mode: str,
+    channels_last: bool | None = None,
 ) -> LogitsModel:
     """Wrap the user's model as a :class:`LogitsModel`, checking that its framework matches ``mode``."""
     is_torch = isinstance(model, torch.nn.Module)
@@ -183,7 +184,7 @@ def build_model(
             raise InputError(
                 f"model must be a torch.nn.Module (mode='pt'), not {type(model).__name__}."
             )
-    return LogitsModel(model, len(class_list), preprocessing, shape)
+    return LogitsModel(model, len(class_list), preprocessing, shape, channels_last)
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -325,7 +326,7 @@ def run(
     classes = check_class_list(class_list)
     shape = input_shape(cfg, mode)
     dev = pick_device(device)
-    wrapped = build_model(model, classes, preprocessing, shape, mode)
+    wrapped = build_model(model, classes, preprocessing, shape, mode, cfg.channels_last)
     audit = Audit(class_list=classes, config=cfg)
     torch.manual_seed(cfg.seed)
     original_device = model_device(model)

@@ -288,7 +288,12 @@ def engine_model(
         else tuple(loaded.input_shape)
     )
     wrapped = build_model(
-        loaded.model, list(loaded.class_list), loaded.preprocessing, shape, loaded.framework
+        loaded.model,
+        list(loaded.class_list),
+        loaded.preprocessing,
+        shape,
+        loaded.framework,
+        config.channels_last,
     )
     if isinstance(loaded.model, torch.nn.Module):
         loaded.model.to(device)
