@@ -12,7 +12,7 @@ from leapcore.config import EngineConfig
 from leapcore.errors import InputError
 from leapcore.optim import BatchedAdam
 from leapcore.parameterisation import create_parameterisation
-from leapcore.transforms import create_augmenter
+from leapcore.transforms import DRAW_COLUMNS, NoiseBank, create_augmenter
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def _equidistant(
     optimiser = BatchedAdam(param.params)
     augmenter = create_augmenter(config.transform, (config.blur_min, config.blur_max))
     gen = torch.Generator(device=start.device).manual_seed(config.seed + 3)
+    bank = NoiseBank(config.seed + 3, tuple(start.shape[1:]), start.device, start.dtype)
     tolerance = 0.5 / model.num_classes
     samples = max(2, config.transform_samples)
     step = 0
@@ -91,9 +92,10 @@ def _equidistant(
         image = param.render()
         view = image.repeat(samples, 1, 1, 1)
         if not augmenter.is_identity:
-            view = augmenter.apply(
-                view, augmenter.draw(len(view), tuple(start.shape[1:]), view, gen)
+            u = torch.rand(
+                (len(view), DRAW_COLUMNS), generator=gen, device=view.device, dtype=view.dtype
             )
+            view = augmenter.apply(view, augmenter.draw(u, bank))
         probs = model(view).softmax(dim=1)
         loss = probs.var(dim=1).sum() * model.num_classes
         if config.hf_weight > 0:

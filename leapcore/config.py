@@ -293,6 +293,9 @@ class EngineConfig(BaseModel):
         "Use Hierarchical Perturbation (occlusion on refining grids) instead of mask optimisation: "
         "much faster, model-agnostic.",
         ISOLATION,
+        note="Cells are occluded with a heavily blurred copy of the image, not noise: with one noise "
+        "sample the masks changed with the seed, on a real photo from better than random cells to "
+        "worse; the blur gives one answer. Isolated images still composite onto noise.",
     )
     hipe_min_cell: int = _opt(
         8, "Smallest grid cell (pixels) that hierarchical perturbation refines to.", ISOLATION, ge=1

@@ -27,6 +27,7 @@ from leapcore.entanglement import entanglement
 from leapcore.errors import InputError
 from leapcore.isolation import IsolationResult, choose_classes, isolate_features
 from leapcore.lr_finder import LearningRateResult, find_learning_rate
+from leapcore.problem import row_keys
 from leapcore.prototypes import PrototypeResult, optimise_prototypes
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,8 @@ def run_prototypes(
         shown, classes = isolation_inputs(
             audit.prototypes, config.isolate_classes, config, model.num_classes, device
         )
-        audit.isolation = isolate_features(model, shown, classes, config, chunk)
+        keys = row_keys(audit.prototypes.targets, audit.prototypes.per_target)
+        audit.isolation = isolate_features(model, shown, classes, config, chunk, keys)
         audit.timings["isolation"] = time.perf_counter() - began
     return audit
 

@@ -19,6 +19,7 @@ from leapcore import penalties
 from leapcore.config import EngineConfig
 from leapcore.errors import InputError, NonFiniteError
 from leapcore.optim import BatchedAdam
+from leapcore.rng import RowKey, RowStreams
 
 _MASK_DOWNSCALE = 8  # masks are optimised on a grid 8x coarser than the image, then upsampled
 # Masks start at 0.5 everywhere: from a full mask (sigmoid(3) ~ 0.95) the coverage penalty needed
@@ -113,9 +114,16 @@ def choose_classes(
     return chosen
 
 
-def background_noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.rand(shape, generator=gen, device=device)
+def pair_keys(pairs: list[tuple[int, int]], image_keys: list[RowKey] | None) -> list[RowKey]:
+    """The random-stream key of each (image, class) pair: the image's key and the class."""
+    return [(i if image_keys is None else image_keys[i], c) for i, c in pairs]
+
+
+def background_noise(
+    seed: int, keys: list[RowKey], shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """Uniform noise ``[len(keys), *shape]``, one row per key from its own stream."""
+    return RowStreams(seed, keys, device).rand(shape)
 
 
 def isolate_features(
@@ -124,8 +132,12 @@ def isolate_features(
     classes: list[list[int]],
     config: EngineConfig,
     chunk_size: int,
+    image_keys: list[RowKey] | None = None,
 ) -> IsolationResult:
     """Isolate the features of ``classes[i]`` in ``images[i]``, all pairs in one batch.
+
+    ``image_keys`` name the images for the random streams (a prototype's ``row_keys`` entry), so a
+    pair draws the same noise in any batch; default: the image's position.
 
     Raises:
         NonFiniteError: the mask objective became NaN/Inf; carries the last finite masks.
@@ -133,7 +145,7 @@ def isolate_features(
     if config.use_hipe:
         from leapcore.hipe import hierarchical_perturbation
 
-        return hierarchical_perturbation(model, images, classes, config, chunk_size)
+        return hierarchical_perturbation(model, images, classes, config, chunk_size, image_keys)
     began = time.perf_counter()
     pairs = [(i, c) for i, cs in enumerate(classes) for c in cs]
     device = images.device
@@ -146,12 +158,13 @@ def isolate_features(
     grid = (max(1, h // _MASK_DOWNSCALE), max(1, w // _MASK_DOWNSCALE))
     param = torch.full((n, 1, *grid), _MASK_INIT, device=device, requires_grad=True)
     optimiser = BatchedAdam([param])
-    gen = torch.Generator(device=device).manual_seed(config.seed + 4)
+    keys = pair_keys(pairs, image_keys)
+    streams = RowStreams(config.seed + 4, keys, device)
     steps = config.steps_for_isolation
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     last_finite = param.detach().clone()
     for step in range(1, steps + 1):
-        noise = torch.rand(source.shape, generator=gen, device=device)
+        noise = streams.rand(source.shape[1:])
         loss_total = torch.zeros((), device=device)
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
@@ -179,7 +192,7 @@ def isolate_features(
             last_finite = param.detach().clone()
     with torch.no_grad():
         masks = _upsample(param, (h, w))
-    background = background_noise(tuple(source.shape), config.seed + 5, device)
+    background = background_noise(config.seed + 5, keys, tuple(source.shape[1:]), device)
     return IsolationResult.from_masks(
         model, pairs, source, cls, masks, background, full, "mask", began, chunk_size
     )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from leapcore.config import EngineConfig
-from leapcore.problem import PrototypeProblem, TargetSet, target_weights
+from leapcore.problem import PrototypeProblem, TargetSet, row_keys, target_weights
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ def find_learning_rate(
         config.prototypes_per_class,
         start.device,
     )
-    problem = PrototypeProblem(model, start, weights, group, config, chunk_size, config.seed)
+    keys = row_keys(targets, config.prototypes_per_class)
+    problem = PrototypeProblem(model, start, weights, group, config, chunk_size, config.seed, keys)
     rates = window_rates(config)
     per_window = max(1, config.find_lr_steps // len(rates))
     losses: list[float] = []

@@ -18,7 +18,8 @@ from leapcore.config import EngineConfig
 from leapcore.errors import InputError
 from leapcore.optim import BatchedAdam
 from leapcore.parameterisation import Parameterisation, create_parameterisation
-from leapcore.transforms import Augmenter, create_augmenter
+from leapcore.rng import RowKey, RowStreams
+from leapcore.transforms import DRAW_COLUMNS, Augmenter, NoiseBank, create_augmenter
 
 TargetSet = list[int]
 
@@ -44,6 +45,12 @@ def target_weights(
     return torch.stack(rows), group
 
 
+def row_keys(targets: list[TargetSet], per_target: int) -> list[RowKey]:
+    """The random-stream key of every prototype row: its target classes and prototype index, so a
+    class's prototypes come out the same whichever other classes share the batch."""
+    return [(tuple(sorted(classes)), k) for classes in targets for k in range(per_target)]
+
+
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # [] total loss of the step (device)
@@ -63,6 +70,7 @@ class PrototypeProblem:
         config: EngineConfig,
         chunk_size: int,
         seed: int,
+        keys: list[RowKey] | None = None,
     ):
         self.model = model
         self.weights = weights
@@ -86,7 +94,12 @@ class PrototypeProblem:
             trainable += self.alpha.params
         self.params = trainable
         self.optimiser = BatchedAdam(self.params)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        # Every row draws from its own stream (keys: see ``row_keys``; default its position).
+        self.keys = list(range(self.batch)) if keys is None else list(keys)
+        if len(self.keys) != self.batch:
+            raise ValueError(f"{len(self.keys)} row keys for a batch of {self.batch} rows")
+        self.streams = RowStreams(seed, self.keys, device)
+        self.bank = NoiseBank(seed + 7, self.shape, device, dtype)
         # A fixed background for evaluating alpha prototypes, so reported logits are repeatable.
         eval_gen = torch.Generator(device=device).manual_seed(seed + 1)
         self.eval_background = torch.rand(
@@ -131,12 +144,13 @@ class PrototypeProblem:
         b, t = self.batch, self.samples
         like = self.weights
         n = b * t
-        draw = self.augmenter.draw(n, self.shape, like, self.generator)
-        background = None
-        if self.alpha is not None:
-            background = torch.rand(
-                (n, *self.shape), generator=self.generator, device=like.device, dtype=like.dtype
-            )
+        # Row r's copy k is draw k * b + r; column DRAW_COLUMNS picks the alpha background.
+        draw = background = None
+        if not self.augmenter.is_identity or self.alpha is not None:
+            u = self.streams.rand((t, DRAW_COLUMNS + 1), like.dtype).transpose(0, 1).reshape(n, -1)
+            draw = self.augmenter.draw(u, self.bank)
+            if self.alpha is not None:
+                background = self.bank.pick(u[:, DRAW_COLUMNS])
         loss_total = torch.zeros((), device=like.device)
         pen = self.penalty().sum()
         if pen.requires_grad:

@@ -11,7 +11,8 @@ import torch
 
 from leapcore.config import EngineConfig
 from leapcore.errors import InputError, NonFiniteError
-from leapcore.problem import PrototypeProblem, TargetSet, target_weights
+from leapcore.problem import PrototypeProblem, TargetSet, row_keys, target_weights
+from leapcore.rng import RowStreams
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +99,15 @@ def optimise_prototypes(
     weights, group = target_weights(
         targets, num_classes, config.objective_weight, config.prototypes_per_class, start.device
     )
-    problem = PrototypeProblem(model, start, weights, group, config, chunk_size, config.seed)
+    keys = row_keys(targets, config.prototypes_per_class)
+    problem = PrototypeProblem(model, start, weights, group, config, chunk_size, config.seed, keys)
     if config.prototypes_per_class > 1 and config.baseline_init != "r":
         # Identical starts are a fixed point of the diversity term (its gradient vanishes there), so
         # several prototypes of one target start from slightly different images.
         with torch.no_grad():
-            jitter_gen = torch.Generator(device=start.device).manual_seed(config.seed + 2)
-            problem.colour.offset.add_(
-                0.25
-                * torch.randn(
-                    problem.colour.offset.shape, generator=jitter_gen, device=start.device
-                )
-            )
+            offset = problem.colour.offset
+            jitter = RowStreams(config.seed + 2, keys, start.device).randn(offset.shape[1:])
+            offset.add_(0.25 * jitter.to(offset.dtype))
     steps_logged: list[int] = []
     trajectory: list[torch.Tensor] = []
     view, logits = problem.evaluate()

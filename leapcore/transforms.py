@@ -1,8 +1,9 @@
 """Batched robustness transforms: random affine presets with noise fill, flips, and per-row blur.
 
-Every transform draws one set of random parameters per batch row from an explicit generator, then
-acts on the whole batch with a single ``affine_grid``/``grid_sample`` or grouped convolution, so the
-cost is a small fraction of a model's forward pass and rows never interact.
+Every transform takes one set of random parameters per batch row (uniforms from the row's own
+stream, ``leapcore.rng``), then acts on the whole batch with one element-wise affine grid, one
+``grid_sample`` and one depthwise convolution, so the cost is a small fraction of a model's forward
+pass and a row gets the same bits whatever else is in its batch.
 """
 
 from __future__ import annotations
@@ -60,6 +61,27 @@ class AugmentationDraw:
         return AugmentationDraw(pick(self.theta), pick(self.sigma), pick(self.noise))
 
 
+class NoiseBank:
+    """``NOISE_BANK`` uniform noise images drawn once from ``seed``; rows pick one per step.
+
+    Drawing fresh noise for every row of every step cost more than the affine warp itself; picking
+    from a bank still changes a row's fill from step to step.
+    """
+
+    def __init__(self, seed: int, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        self.images = torch.rand((NOISE_BANK, *shape), generator=gen, device=device, dtype=dtype)
+
+    def pick(self, u: torch.Tensor) -> torch.Tensor:
+        """One image per row from uniforms ``u`` in [0, 1) of shape ``[N]``."""
+        index = (u * NOISE_BANK).long().clamp_(0, NOISE_BANK - 1)
+        return self.images.index_select(0, index)
+
+
+# Uniforms one row uses per step: angle, scale, shift x, shift y, flip, fill pick, blur sigma.
+DRAW_COLUMNS = 7
+
+
 class Augmenter:
     """Random affine preset (noise-filled) then per-row Gaussian blur, drawn for the whole batch at once.
 
@@ -69,51 +91,37 @@ class Augmenter:
     def __init__(self, preset: AffinePreset | None, blur: tuple[float, float] = (0.0, 0.0)):
         self.preset = preset
         self.blur = blur
-        self._bank: torch.Tensor | None = None
 
     @property
     def is_identity(self) -> bool:
         return self.preset is None and self.blur[1] <= 0
 
-    def draw(
-        self, n: int, shape: tuple[int, ...], like: torch.Tensor, gen: torch.Generator | None
-    ) -> AugmentationDraw:
+    def draw(self, u: torch.Tensor, bank: NoiseBank) -> AugmentationDraw:
+        """The draw for ``len(u)`` rows from their uniforms ``u`` (``[N, DRAW_COLUMNS]`` in [0, 1))."""
         theta = noise = sigma = None
+        between = lambda col, low, high: u[:, col] * (high - low) + low  # noqa: E731
         if self.preset is not None:
             p = self.preset
-            angle = _uniform(n, -p.degrees, p.degrees, like, gen) * (math.pi / 180)
-            scale = _uniform(n, *p.scale, like, gen)
-            shift = _uniform(2 * n, -p.translate, p.translate, like, gen).view(n, 2) * 2
-            flip = torch.ones(n, device=like.device, dtype=like.dtype)
+            angle = between(0, -p.degrees, p.degrees) * (math.pi / 180)
+            scale = between(1, *p.scale)
+            shift_x = between(2, -p.translate, p.translate) * 2
+            shift_y = between(3, -p.translate, p.translate) * 2
+            flip = torch.ones_like(angle)
             if p.flip:
-                flip = torch.where(_uniform(n, 0, 1, like, gen) < 0.5, -flip, flip)
+                flip = torch.where(u[:, 4] < 0.5, -flip, flip)
             cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
             # theta maps output to input coordinates; the flip mirrors the input x axis.
             theta = torch.stack(
                 [
-                    torch.stack([cos * flip, -sin * flip, shift[:, 0]], dim=1),
-                    torch.stack([sin, cos, shift[:, 1]], dim=1),
+                    torch.stack([cos * flip, -sin * flip, shift_x], dim=1),
+                    torch.stack([sin, cos, shift_y], dim=1),
                 ],
                 dim=1,
             )
-            noise = self._noise(n, shape, like, gen)
+            noise = bank.pick(u[:, 5])
         if self.blur[1] > 0:
-            sigma = _uniform(n, self.blur[0], self.blur[1], like, gen)
+            sigma = between(6, *self.blur)
         return AugmentationDraw(theta, sigma, noise)
-
-    def _noise(
-        self, n: int, shape: tuple[int, ...], like: torch.Tensor, gen: torch.Generator | None
-    ) -> torch.Tensor:
-        """Fill noise for ``n`` rows: each row picks one of ``NOISE_BANK`` uniform noise images,
-        drawn once (drawing fresh noise for every row of every step cost more than the affine warp
-        itself). A row's fill still changes from step to step."""
-        bank = self._bank
-        if bank is None or bank.shape[1:] != shape or bank.device != like.device:
-            size = (NOISE_BANK, *shape)
-            bank = torch.rand(size, generator=gen, device=like.device, dtype=like.dtype)
-            self._bank = bank
-        pick = torch.randint(0, NOISE_BANK, (n,), generator=gen, device=like.device)
-        return bank.index_select(0, pick)
 
     def apply(self, x: torch.Tensor, draw: AugmentationDraw) -> torch.Tensor:
         if draw.theta is not None:

@@ -30,6 +30,7 @@ from leapcore.config import BASELINE, ISOLATION, LR, PROTOTYPES, EngineConfig
 from leapcore.device import pick_device
 from leapcore.errors import LeapError
 from leapcore.images import load_image
+from leapcore.problem import row_keys
 from leapcore.results import (
     baseline_from_arrow,
     baseline_to_arrow,
@@ -347,7 +348,8 @@ def isolate_features(
     with eval_mode(loaded.model):
         shown, classes = engine.isolation_inputs(result, isolate, config, net.num_classes, dev)
         batch = engine.prototype_chunk_size(net, len(result.images), config, dev)
-        isolated = isolation_stage.isolate_features(net, shown, classes, config, batch)
+        keys = row_keys(result.targets, result.per_target)
+        isolated = isolation_stage.isolate_features(net, shown, classes, config, batch, keys)
     # Image indices are rows of the whole audit, not of this chunk.
     isolated = replace(isolated, pairs=[(i + prototypes.first_row, c) for i, c in isolated.pairs])
     names = list(model.class_list)

@@ -12,7 +12,7 @@ from torch import nn
 
 from leapcore import engine, penalties
 from leapcore.errors import InputError
-from leapcore.transforms import create_augmenter, list_transforms
+from leapcore.transforms import DRAW_COLUMNS, NoiseBank, create_augmenter, list_transforms
 
 from .engine_support import RowWise, mean_pairwise_cosine, run_digits
 
@@ -198,8 +198,10 @@ def test_transform_presets_grow_in_strength():
     change = []
     for preset in ["s", "m", "l", "xl"]:
         augmenter = create_augmenter(preset)
-        gen = torch.Generator().manual_seed(0)
-        out = augmenter.apply(image, augmenter.draw(256, (1, 32, 32), image, gen))
+        u = torch.rand(256, DRAW_COLUMNS, generator=torch.Generator().manual_seed(0))
+        out = augmenter.apply(
+            image, augmenter.draw(u, NoiseBank(0, (1, 32, 32), "cpu", image.dtype))
+        )
         change.append(float((out - image).abs().mean()))
     assert change == sorted(change) and change[0] > 0, change
     identity = create_augmenter(None, (0.0, 0.0))
@@ -474,6 +476,33 @@ def test_max_batch_size_chunks_give_identical_results(digits, samples):
     assert torch.equal(chunked.prototypes.alphas, whole.prototypes.alphas)
     assert torch.equal(chunked.prototypes.logits, whole.prototypes.logits)
     assert torch.equal(chunked.isolation.masks, whole.isolation.masks)
+
+
+@pytest.mark.parametrize("hipe", [False, True])
+def test_a_class_gets_the_same_prototype_and_isolation_whatever_else_is_audited(digits, hipe):
+    """Random draws follow the row's target and prototype index, not its position in the batch."""
+    options = {
+        "transform": "m",
+        "transform_samples": 2,
+        "use_alpha": True,
+        "prototypes_per_class": 2,
+        "diversity_weight": 0.5,
+        "isolation": True,
+        "isolation_steps": 5,
+        "max_isolate_classes": 2,
+        "use_hipe": hipe,
+        "model": RowWise(digits.model),
+    }
+    alone = run_digits(digits, [3], **options)
+    among = run_digits(digits, [0, 3, 5], **options)
+    rows = slice(2, 4)  # the two prototypes of class 3
+    assert torch.equal(among.prototypes.images[rows], alone.prototypes.images)
+    assert torch.equal(among.prototypes.alphas[rows], alone.prototypes.alphas)
+    assert torch.equal(among.prototypes.logits[rows], alone.prototypes.logits)
+    mine = [k for k, (i, _) in enumerate(among.isolation.pairs) if i in (2, 3)]
+    assert torch.equal(among.isolation.masks[mine], alone.isolation.masks)
+    # The two prototypes of one class still differ from each other.
+    assert not torch.equal(alone.prototypes.images[0], alone.prototypes.images[1])
 
 
 def test_chunking_a_batched_model_keeps_the_outcome(digits):

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leapcore.transforms import create_augmenter, gaussian_blur
+from leapcore.rng import RowStreams
+from leapcore.transforms import DRAW_COLUMNS, NoiseBank, create_augmenter, gaussian_blur
 
 
 def reference_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
@@ -57,11 +58,22 @@ def test_blur_gives_a_row_the_same_bits_in_any_batch(channels, size):
 
 def test_augmenter_rows_do_not_depend_on_the_chunk():
     augmenter = create_augmenter("xl", (0.01, 1.0))
-    gen = torch.Generator().manual_seed(2)
-    x = torch.rand(6, 3, 48, 48, generator=gen)
-    draw = augmenter.draw(6, (3, 48, 48), x, gen)
+    x = torch.rand(6, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+    bank = NoiseBank(0, (3, 48, 48), x.device, x.dtype)
+    draw = augmenter.draw(RowStreams(0, range(6), "cpu").rand((DRAW_COLUMNS,)), bank)
     whole = augmenter.apply(x, draw)
     chunks = [augmenter.apply(x[i : i + 2], draw.rows(slice(i, i + 2))) for i in range(0, 6, 2)]
     assert torch.equal(torch.cat(chunks), whole)
     # Something happened: rows moved and the corners hold fill noise, not the image.
     assert not torch.allclose(whole, x, atol=0.05)
+
+
+def test_row_streams_follow_the_key_not_the_position():
+    alone = RowStreams(3, [("cat", 0)], "cpu").rand((5,))
+    among = RowStreams(3, [("dog", 0), ("cat", 0), ("eel", 1)], "cpu").rand((5,))
+    assert torch.equal(among[1], alone[0])
+    assert not torch.equal(among[0], among[1])
+    # Another seed, other numbers; a repeated key gets its own stream.
+    assert not torch.equal(RowStreams(4, [("cat", 0)], "cpu").rand((5,)), alone)
+    twice = RowStreams(3, [("cat", 0), ("cat", 0)], "cpu").rand((5,))
+    assert torch.equal(twice[0], alone[0]) and not torch.equal(twice[1], twice[0])

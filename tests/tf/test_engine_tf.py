@@ -83,15 +83,22 @@ def test_isolation_on_channels_last_samples(digit_cnn, digits, tmp_path):
     images, labels = digits
     samples = images[:3]  # [N, H, W, C] as leap-ie's mode="tf" takes them
     df, results = engine.generate(
-        "tf-samples", digit_cnn, DIGITS, config(tmp_path), samples=samples, mode="tf"
+        "tf-samples",
+        digit_cnn,
+        DIGITS,
+        config(tmp_path, isolation_steps=40),
+        samples=samples,
+        mode="tf",
     )
     assert isinstance(df, pd.DataFrame) and len(df) == 3 * 2
     predicted = results["sample_logits"].argmax(1)
     np.testing.assert_array_equal(predicted, digit_cnn.predict(samples, verbose=0).argmax(1))
     assert results["masks"].shape == (6, 1, SIZE, SIZE)
-    # the mask keeps the evidence: the isolated logit is close to the full one on average
+    # The mask keeps the evidence of each image's top class (pairs 0, 2, 4): its isolated logit is
+    # most of the full one (0.69-0.88 over seeds 0-2; at 10 steps 0.41-0.62, and the second classes,
+    # whose logits are near zero or negative, make the ratio meaningless).
     kept = results["isolation_logits_isolated"] / np.abs(results["isolation_logits_full"])
-    assert np.mean(kept) > 0.5
+    assert np.mean(kept[::2]) > 0.5, kept
 
     df_pt, _ = engine.generate(
         "pt-samples",
