@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from leapcore.errors import InputError, ModelOutputError
+from leapcore.fold import fold_batchnorm
 
 Preprocessing = (
     Callable[[torch.Tensor], torch.Tensor] | Sequence[Callable[[torch.Tensor], torch.Tensor]] | None
@@ -110,6 +111,9 @@ class LogitsModel(nn.Module):
             (auto): on the CPU, for torch modules with 2-D convolutions, where oneDNN runs them
             about 25 % faster; a model that rejects the layout on the first call (a ``.view`` of a
             feature map, say) gets the usual layout from then on. True forces it, False never.
+        fold_batchnorm: run a copy of the model with each eval-mode batch norm folded into the
+            convolution before it (``leapcore.fold``), made on the first call. None (auto): when
+            the copy's logits match the original's; True: raise if it cannot be made; False: never.
     """
 
     def __init__(
@@ -119,9 +123,12 @@ class LogitsModel(nn.Module):
         preprocessing: Preprocessing = None,
         input_shape: tuple[int, int, int] = (3, 224, 224),
         channels_last: bool | None = None,
+        fold_batchnorm: bool | None = None,
     ):
         super().__init__()
         self.model = model
+        self.folded: nn.Module | None = None
+        self.fold_batchnorm = fold_batchnorm
         self.num_classes = num_classes
         self.preprocess = compose_preprocessing(preprocessing)
         self.input_shape = tuple(input_shape)
@@ -139,13 +146,32 @@ class LogitsModel(nn.Module):
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
+    @property
+    def runtime(self) -> Callable[[torch.Tensor], Any]:
+        """The module the engine calls: the folded copy if one was made, else the user's model."""
+        return self.folded if self.folded is not None else self.model
+
+    def _fold(self, x: torch.Tensor) -> None:
+        if self.fold_batchnorm is False or not isinstance(self.model, nn.Module):
+            return
+        try:
+            self.folded, why = fold_batchnorm(self.model, x.detach()[:1], unwrap_logits)
+        except Exception as error:  # noqa: BLE001 - the real call below reports a failing model
+            why = f"the probe call failed ({error})"
+        if self.folded is None and self.fold_batchnorm:
+            raise InputError(
+                f"fold_batchnorm is True but the batch norms cannot be folded: {why}. Set the config "
+                "option fold_batchnorm to None (auto) or False."
+            )
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(pixels) if self.preprocess is not None else pixels
         if self._checked:
-            return unwrap_logits(self.model(self._layout(x)))
+            return unwrap_logits(self.runtime(self._layout(x)))
+        self._fold(x)
         laid_out = self._layout(x)
         try:
-            output = self.model(laid_out)
+            output = self.runtime(laid_out)
         except RuntimeError as error:
             if laid_out is x:
                 raise
@@ -155,7 +181,7 @@ class LogitsModel(nn.Module):
                     "channels_last to None (auto) or False."
                 ) from error
             self.channels_last = False  # auto: this model wants the usual layout
-            output = self.model(x)
+            output = self.runtime(x)
         logits = unwrap_logits(output)
         check_logits(logits, self.num_classes)
         self._checked = True

@@ -244,6 +244,15 @@ class EngineConfig(BaseModel):
         "(a `.view` of a feature map, say). True forces it; False never.",
         ALL,
     )
+    fold_batchnorm: bool | None = _opt(
+        None,
+        "Run a copy of a PyTorch model with each eval-mode batch norm folded into the convolution "
+        "before it: the same function up to rounding, about a third faster per step on the CPU "
+        "(EfficientNet-Lite0). The user's model is not changed. None: when the copy's logits match "
+        "the original's on the first batch (relative error <= 1e-3); True: raise if it cannot be "
+        "made; False: never.",
+        ALL,
+    )
     memory_budget_mb: float | None = _opt(
         None,
         "Memory budget for one chunk (activations + gradients), measured on a probe batch. "

@@ -47,11 +47,14 @@ def estimate_row_bytes(
         if isinstance(output, torch.Tensor):
             total += output.numel() * output.element_size()
 
+    probe = torch.full((1, *shape), 0.5, device=device)
+    with torch.no_grad():
+        model(probe)  # a first call settles what runs (LogitsModel folds batch norms on it)
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
         with torch.no_grad():
-            model(torch.full((1, *shape), 0.5, device=device))
+            model(probe)
     finally:
         for h in handles:
             h.remove()
@@ -73,13 +76,14 @@ def chunk_size_for(
     """Rows per model call: ``max_batch_size``, else what fits the budget (80 % of free GPU memory)."""
     if max_batch_size is not None:
         return max(1, min(batch, max_batch_size))
-    budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
-    if budget is None and device.type == "cuda":
+    if memory_budget_mb is None and device.type != "cuda":
+        return batch
+    per_row = estimate_row_bytes(model, shape, device)  # first: its probe call may copy the model
+    if memory_budget_mb is not None:
+        budget = memory_budget_mb * 2**20
+    else:
         free, _ = torch.cuda.mem_get_info(device)
         budget = 0.8 * free
-    if budget is None:
-        return batch
-    per_row = estimate_row_bytes(model, shape, device)
     return max(1, min(batch, int(budget // per_row)))
 
 

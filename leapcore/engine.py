@@ -166,6 +166,7 @@ def build_model(
     shape: tuple[int, int, int],
     mode: str,
     channels_last: bool | None = None,
+    fold_batchnorm: bool | None = None,
 ) -> LogitsModel:
     """Wrap the user's model as a :class:`LogitsModel`, checking that its framework matches ``mode``."""
     is_torch = isinstance(model, torch.nn.Module)
@@ -185,7 +186,7 @@ def build_model(
             raise InputError(
                 f"model must be a torch.nn.Module (mode='pt'), not {type(model).__name__}."
             )
-    return LogitsModel(model, len(class_list), preprocessing, shape, channels_last)
+    return LogitsModel(model, len(class_list), preprocessing, shape, channels_last, fold_batchnorm)
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -328,7 +329,9 @@ def run(
     classes = check_class_list(class_list)
     shape = input_shape(cfg, mode)
     dev = pick_device(device)
-    wrapped = build_model(model, classes, preprocessing, shape, mode, cfg.channels_last)
+    wrapped = build_model(
+        model, classes, preprocessing, shape, mode, cfg.channels_last, cfg.fold_batchnorm
+    )
     audit = Audit(class_list=classes, config=cfg)
     torch.manual_seed(cfg.seed)
     original_device = model_device(model)

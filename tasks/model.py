@@ -294,6 +294,7 @@ def engine_model(
         shape,
         loaded.framework,
         config.channels_last,
+        config.fold_batchnorm,
     )
     if isinstance(loaded.model, torch.nn.Module):
         loaded.model.to(device)
