@@ -11,7 +11,9 @@
 
 Timings alternate between the contenders and keep the median, because machines here are noisy.
 
-Usage: python benchmarks/engine_overhead.py [--steps N] [--batch B] [--repeats R]
+On a GPU every timing waits for the device (``torch.cuda.synchronize``) before the clock stops.
+
+Usage: python benchmarks/engine_overhead.py [--steps N] [--batch B] [--repeats R] [--device D]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from leapcore.adapter import LogitsModel, eval_mode
 from leapcore.config import load_config
+from leapcore.device import peak_memory_mb, pick_device
 from leapcore.models import get_model
 from leapcore.problem import PrototypeProblem, target_weights
 from leapcore.prototypes import optimise_prototypes
@@ -35,12 +38,20 @@ def bare_step(model: LogitsModel, x: torch.Tensor, targets: torch.Tensor) -> Non
     logits.gather(1, targets[:, None]).sum().backward()
 
 
-def time_it(fn, repeats: int) -> float:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a clock read afterwards covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn, repeats: int, device: torch.device) -> float:
     fn()  # warm-up
     samples = []
     for _ in range(repeats):
+        synchronize(device)
         began = time.perf_counter()
         fn()
+        synchronize(device)
         samples.append(time.perf_counter() - began)
     return statistics.median(samples)
 
@@ -54,23 +65,32 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=6, help="steps per run in the batching comparison"
     )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda or mps (default: chosen like the engine)"
+    )
     args = parser.parse_args()
+    device = pick_device(args.device)
     torch.set_num_threads(2)
 
     preprocessing, net, classes = get_model("efficientnet_lite0")
+    net.to(device)
+    print(
+        f"[device] {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
     # The engine's view: channels-last on the CPU and batch norms folded (both auto).
     model = LogitsModel(net, len(classes), preprocessing)
     as_is = LogitsModel(net, len(classes), preprocessing, channels_last=False, fold_batchnorm=False)
     config = load_config({"find_lr_steps": 0})  # defaults: fourier, transform 'xl', blur 0.01-1.0
     targets = list(range(1, 1 + args.batch))
-    start = torch.full((1, 3, 224, 224), 0.5)
+    start = torch.full((1, 3, 224, 224), 0.5, device=device)
     with eval_mode(net):
         weights, group = target_weights([[t] for t in targets], 1000, 1.0, 1, start.device)
         problem = PrototypeProblem(
             model, start, weights, group, config, chunk_size=args.batch, seed=0
         )
-        x = torch.rand(args.batch, 3, 224, 224)
-        target_tensor = torch.tensor(targets)
+        x = torch.rand(args.batch, 3, 224, 224, device=device)
+        target_tensor = torch.tensor(targets, device=device)
 
         # Side by side: alternate engine and bare steps, median of each.
         contenders = {
@@ -83,8 +103,10 @@ def main() -> None:
             fn()
         for _ in range(args.repeats):
             for name, fn in contenders.items():
+                synchronize(device)
                 began = time.perf_counter()
                 fn()
+                synchronize(device)
                 times[name].append(time.perf_counter() - began)
         engine_s, bare_s, as_is_s = (statistics.median(times[n]) for n in contenders)
         calls = [
@@ -117,16 +139,19 @@ def main() -> None:
             for c in eight:
                 optimise_prototypes(model, [[c]], start, cfg, 0.05, chunk_size=1)
 
-        batched_s = time_it(batched, max(1, args.repeats // 3))
-        single_s = time_it(one_by_one, max(1, args.repeats // 3))
+        batched_s = time_it(batched, max(1, args.repeats // 3), device)
+        single_s = time_it(one_by_one, max(1, args.repeats // 3), device)
         print(
             f"[batching] 8 classes x {args.steps} steps: one batch {batched_s:.2f} s, "
             f"8 one-class runs {single_s:.2f} s, speed-up {single_s / batched_s:.2f}x (target >= 3)"
         )
         # The ceiling: how much the bare model itself gains from a batch of 8 on this machine.
-        x1, x8 = torch.rand(1, 3, 224, 224), torch.rand(8, 3, 224, 224)
-        t1 = time_it(lambda: bare_step(model, x1, target_tensor[:1]), args.repeats)
-        t8 = time_it(lambda: bare_step(model, x8, torch.arange(8)), args.repeats)
+        x1 = torch.rand(1, 3, 224, 224, device=device)
+        x8 = torch.rand(8, 3, 224, 224, device=device)
+        t1 = time_it(lambda: bare_step(model, x1, target_tensor[:1]), args.repeats, device)
+        t8 = time_it(
+            lambda: bare_step(model, x8, torch.arange(8, device=device)), args.repeats, device
+        )
         print(
             f"[batching] ceiling: bare forward+backward 8 x t(batch 1) / t(batch 8) = {8 * t1 / t8:.2f}x "
             f"({t1 * 1000:.0f} ms vs {t8 * 1000:.0f} ms)"
@@ -138,11 +163,11 @@ def main() -> None:
             model, [[c] for c in eight[:4]], start, cfg, 0.05, chunk_size=1
         )
         diff = float((whole.images - chunked.images).abs().max())
-        rows = torch.arange(4)
+        rows = torch.arange(4, device=whole.logits.device)
         prob_diff = float(
             (
-                whole.probs[rows, torch.tensor(eight[:4])]
-                - chunked.probs[rows, torch.tensor(eight[:4])]
+                whole.probs[rows, torch.tensor(eight[:4], device=rows.device)]
+                - chunked.probs[rows, torch.tensor(eight[:4], device=rows.device)]
             )
             .abs()
             .max()
@@ -152,9 +177,8 @@ def main() -> None:
             f"max |target probability difference| {prob_diff:.2e} (batched kernels round differently; "
             "Adam amplifies rounding in near-zero gradients)"
         )
-    from leapcore.device import peak_memory_mb
-
-    print(f"[memory] peak RSS of this benchmark: {peak_memory_mb(torch.device('cpu')):.0f} MiB")
+    what = "peak GPU memory allocated" if device.type == "cuda" else "peak RSS"
+    print(f"[memory] {what} of this benchmark: {peak_memory_mb(device):.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,12 @@ import torch
 from leapcore.adapter import LogitsModel, Preprocessing, eval_mode, model_device
 from leapcore.baseline import BaselineResult, make_baseline
 from leapcore.config import ConfigLike, EngineConfig, load_config
-from leapcore.device import chunk_size_for, peak_memory_mb, pick_device
+from leapcore.device import (
+    chunk_size_for,
+    deterministic_algorithms,
+    peak_memory_mb,
+    pick_device,
+)
 from leapcore.entanglement import entanglement
 from leapcore.errors import InputError
 from leapcore.isolation import IsolationResult, choose_classes, isolate_features
@@ -35,7 +40,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Audit:
-    """Everything one ``generate`` call computed, before it is written anywhere."""
+    """Everything one ``generate`` call computed, before it is written anywhere.
+
+    Every tensor in it is on the CPU, whichever device ran the stages.
+    """
 
     class_list: list[str]
     config: EngineConfig
@@ -335,7 +343,7 @@ def run(
     audit = Audit(class_list=classes, config=cfg)
     torch.manual_seed(cfg.seed)
     original_device = model_device(model)
-    with eval_mode(model):
+    with eval_mode(model), deterministic_algorithms(cfg.deterministic, dev):
         try:
             if isinstance(model, torch.nn.Module):
                 model.to(dev)
@@ -355,6 +363,10 @@ def run(
         finally:
             if isinstance(model, torch.nn.Module) and original_device is not None:
                 model.to(original_device)
+    if audit.baseline is not None:  # the start image lived on the device; results are on the host
+        audit.baseline = replace(
+            audit.baseline, image=audit.baseline.image.cpu(), logits=audit.baseline.logits.cpu()
+        )
     audit.peak_memory_mb = peak_memory_mb(dev)
     return audit
 

@@ -12,9 +12,10 @@ and the folded copy is kept only if its logits match the original's on the probe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -77,6 +78,23 @@ def _foldable(bn: nn.BatchNorm2d) -> bool:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Float32 convolutions and matrix products on CUDA for the block (no TF32).
+
+    The check is about the fold's algebra, not the hardware's precision: with TF32 (PyTorch's
+    default for cuDNN convolutions on Ampere and later) each convolution keeps about 10 bits, and the
+    original and folded logits of EfficientNet-Lite0 differed by more than the tolerance on an H100.
+    The runs themselves use the user's settings.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def fold_batchnorm(
     model: nn.Module, probe: torch.Tensor, unwrap: Callable[[Any], torch.Tensor]
 ) -> tuple[nn.Module | None, str]:
@@ -101,7 +119,8 @@ def fold_batchnorm(
         folded = copy.deepcopy(model)
     except Exception as error:  # noqa: BLE001 - any model that cannot be copied keeps running as is
         return None, f"the model cannot be copied ({error})"
-    reference = folded(probe)
+    with full_precision(), torch.no_grad():
+        reference = folded(probe)
     pairs = [(conv, bn) for conv, bn in _conv_bn_pairs(folded, probe) if _foldable(bn)]
     if not pairs:
         return None, "no batch norm reads a convolution's output directly"
@@ -119,7 +138,8 @@ def fold_batchnorm(
                 setattr(parent, name, swap[child])
     for parameter in folded.parameters():
         parameter.requires_grad_(False)
-    got = folded(probe)
+    with full_precision(), torch.no_grad():
+        got = folded(probe)
     try:
         reference, got = unwrap(reference).float(), unwrap(got).float()
     except Exception:  # noqa: BLE001 - an output the adapter rejects is reported on the real call

@@ -126,12 +126,69 @@ class Augmenter:
     def apply(self, x: torch.Tensor, draw: AugmentationDraw) -> torch.Tensor:
         if draw.theta is not None:
             grid, inside = affine_grid(draw.theta, x.shape[-2:])
-            out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            out = grid_sample(x, grid)
             x = torch.where(inside, out, draw.noise)
         if draw.sigma is not None:
             radius = min(int(math.ceil(2 * self.blur[1])), (min(x.shape[-2:]) - 1) // 2)
             x = gaussian_blur(x, draw.sigma, radius)
         return x
+
+
+def grid_sample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``F.grid_sample(x, grid)``, bilinear, zero padding, ``align_corners=False``.
+
+    ``F.grid_sample``'s CUDA backward adds into the input gradient with atomics and has no
+    deterministic kernel: under ``torch.use_deterministic_algorithms`` (the config's
+    ``deterministic``) it raises. There the input gradient is summed by
+    :class:`DeterministicGridSample` instead (the grid never needs a gradient here).
+    """
+    if (
+        x.device.type == "cuda"
+        and x.requires_grad
+        and not grid.requires_grad
+        and torch.are_deterministic_algorithms_enabled()
+    ):
+        return DeterministicGridSample.apply(x, grid)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class DeterministicGridSample(torch.autograd.Function):
+    """Bilinear ``grid_sample`` (zero padding, ``align_corners=False``) whose input gradient is
+    summed with one ``index_put_(accumulate=True)``, which under deterministic algorithms sorts the
+    indices and adds each target's contributions in a fixed order. The grid gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grid)
+        ctx.input_shape = x.shape
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (grid,) = ctx.saved_tensors
+        n, c, h, w = ctx.input_shape
+        # Source coordinates in pixels (grid_sample's unnormalisation for align_corners=False).
+        ix = ((grid[..., 0] + 1) * w - 1) / 2  # [N, Ho, Wo]
+        iy = ((grid[..., 1] + 1) * h - 1) / 2
+        x0, y0 = ix.floor(), iy.floor()
+        fx, fy = ix - x0, iy - y0
+        base = torch.arange(n, device=grid.device)[:, None, None] * (h * w)
+        g = grad_out.permute(0, 2, 3, 1)  # [N, Ho, Wo, C]
+        indices, values = [], []
+        for dx, dy, weight in (
+            (0, 0, (1 - fx) * (1 - fy)),
+            (1, 0, fx * (1 - fy)),
+            (0, 1, (1 - fx) * fy),
+            (1, 1, fx * fy),
+        ):
+            xs, ys = x0 + dx, y0 + dy
+            inside = (xs >= 0) & (xs <= w - 1) & (ys >= 0) & (ys <= h - 1)
+            flat = base + ys.clamp(0, h - 1).long() * w + xs.clamp(0, w - 1).long()
+            indices.append(flat.reshape(-1))
+            values.append((g * (weight * inside).unsqueeze(-1)).reshape(-1, c))
+        grad = torch.zeros(n * h * w, c, device=grad_out.device, dtype=grad_out.dtype)
+        grad.index_put_((torch.cat(indices),), torch.cat(values), accumulate=True)
+        return grad.view(n, h, w, c).permute(0, 3, 1, 2), None
 
 
 def affine_grid(theta: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from torch import nn
 from leapcore import engine
 from leapcore.errors import ConfigError, InputError, ModelOutputError, NonFiniteError
 
-from .engine_support import fast_config, run_digits
+from .engine_support import EXACT, fast_config, run_digits
 
 
 class Softmaxed(nn.Module):
@@ -62,7 +62,7 @@ class ModeRecorder(nn.Module):
         return self.model(x)
 
 
-def _run(digits, model=None, config=None, targets=(3,), class_list=None, samples=None):
+def _run(digits, model=None, config=None, targets=(3,), class_list=None, samples=None, device=None):
     return engine.run(
         model if model is not None else digits.model,
         class_list if class_list is not None else digits.class_list,
@@ -70,6 +70,7 @@ def _run(digits, model=None, config=None, targets=(3,), class_list=None, samples
         list(targets) if targets is not None else None,
         digits.preprocessing,
         samples,
+        device,
     )
 
 
@@ -92,8 +93,8 @@ def test_dict_output_without_logits(digits):
 
 
 def test_dict_output_with_logits_is_unwrapped(digits):
-    plain = _run(digits)
-    wrapped = _run(digits, DictOutput(digits.model, "logits"))
+    plain = _run(digits, device=EXACT)
+    wrapped = _run(digits, DictOutput(digits.model, "logits"), device=EXACT)
     torch.testing.assert_close(wrapped.prototypes.images, plain.prototypes.images, rtol=0, atol=0)
     torch.testing.assert_close(wrapped.prototypes.logits, plain.prototypes.logits, rtol=0, atol=0)
 
@@ -245,21 +246,25 @@ def test_config_file_not_json(tmp_path):
 def test_nan_stops_names_the_step_and_keeps_the_last_finite_result(digits):
     model = NaNAfter(digits.model, bad=7)
     with pytest.raises(NonFiniteError, match="became NaN/Inf at step 7") as err:
-        _run(digits, model, {"max_steps": 20, "log_freq": 5})
+        _run(digits, model, {"max_steps": 20, "log_freq": 5}, device=EXACT)
     error = err.value
     assert error.step == 7
     assert error.last_finite_step == 5
     assert error.last_finite.shape == (1, 1, 32, 32)
     assert torch.isfinite(error.last_finite).all()
     # It is the prototype as it was at step 5: rerunning with 5 steps reproduces it exactly.
-    clean = _run(digits, config={"max_steps": 5, "log_freq": 5})
+    clean = _run(digits, config={"max_steps": 5, "log_freq": 5}, device=EXACT)
     torch.testing.assert_close(error.last_finite, clean.prototypes.images, rtol=0, atol=0)
 
 
 def test_inf_in_gradients_is_caught_too(digits):
     class InfGrad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = digits.model  # a submodule, so that the engine moves it to its device
+
         def forward(self, x):
-            logits = digits.model(x)
+            logits = self.net(x)
             if torch.is_grad_enabled():
                 logits = logits + (x * 0).sum() * float("inf")
             return logits

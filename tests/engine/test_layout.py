@@ -66,6 +66,7 @@ def test_auto_falls_back_when_the_model_rejects_channels_last():
         [f"c{i}" for i in range(5)],
         fast_config(input_dim=[3, 16, 16], max_steps=3, isolation=False),
         target_classes=[1],
+        device="cpu",  # channels-last is automatic on the CPU only
     )
     assert audit.prototypes.images.shape == (1, 3, 16, 16)
     # The first call tried channels-last and failed; every later call used the usual layout.

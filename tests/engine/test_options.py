@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from leapcore import engine, penalties
 from leapcore.errors import InputError
 from leapcore.transforms import DRAW_COLUMNS, NoiseBank, create_augmenter, list_transforms
 
-from .engine_support import RowWise, mean_pairwise_cosine, run_digits
+from .engine_support import EXACT, RowWise, mean_pairwise_cosine, run_digits
 
 
 def target_prob(audit, target: int = 3) -> torch.Tensor:
@@ -322,9 +323,9 @@ def test_nested_targets_make_one_hybrid_prototype(digits, tmp_path):
 
 
 def test_equalise_spreads_the_histogram(digits):
-    plain = run_digits(digits, equalise=0.0)
-    full = run_digits(digits, equalise=1.0)
-    half = run_digits(digits, equalise=0.5)
+    plain = run_digits(digits, equalise=0.0, device=EXACT)  # three runs, one optimisation
+    full = run_digits(digits, equalise=1.0, device=EXACT)
+    half = run_digits(digits, equalise=0.5, device=EXACT)
     values = full.prototypes.images.flatten().sort().values
     torch.testing.assert_close(values, torch.linspace(0, 1, 32 * 32), atol=1e-6, rtol=0)
     torch.testing.assert_close(
@@ -470,12 +471,19 @@ def test_max_batch_size_chunks_give_identical_results(digits, samples):
         "max_isolate_classes": 2,
         "model": RowWise(digits.model),
     }
-    whole = run_digits(digits, [0, 3, 5, 8, 9], **options)
-    chunked = run_digits(digits, [0, 3, 5, 8, 9], max_batch_size=2, **options)
+    whole = run_digits(digits, [0, 3, 5, 8, 9], device=EXACT, **options)
+    chunked = run_digits(digits, [0, 3, 5, 8, 9], max_batch_size=2, device=EXACT, **options)
     assert torch.equal(chunked.prototypes.images, whole.prototypes.images)
     assert torch.equal(chunked.prototypes.alphas, whole.prototypes.alphas)
     assert torch.equal(chunked.prototypes.logits, whole.prototypes.logits)
-    assert torch.equal(chunked.isolation.masks, whole.isolation.masks)
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        # Measured on an AVX-512 host (torch 2.11): masks up to 1.2e-3 apart, identical there with
+        # ATEN_CPU_CAPABILITY=avx2; some AVX-512 kernel of the mask step rounds per batch size.
+        torch.testing.assert_close(
+            chunked.isolation.masks, whole.isolation.masks, atol=5e-3, rtol=0
+        )
+    else:
+        assert torch.equal(chunked.isolation.masks, whole.isolation.masks)
 
 
 @pytest.mark.parametrize("hipe", [False, True])
@@ -493,8 +501,8 @@ def test_a_class_gets_the_same_prototype_and_isolation_whatever_else_is_audited(
         "use_hipe": hipe,
         "model": RowWise(digits.model),
     }
-    alone = run_digits(digits, [3], **options)
-    among = run_digits(digits, [0, 3, 5], **options)
+    alone = run_digits(digits, [3], device=EXACT, **options)
+    among = run_digits(digits, [0, 3, 5], device=EXACT, **options)
     rows = slice(2, 4)  # the two prototypes of class 3
     assert torch.equal(among.prototypes.images[rows], alone.prototypes.images)
     assert torch.equal(among.prototypes.alphas[rows], alone.prototypes.alphas)
@@ -514,8 +522,8 @@ def test_chunking_a_batched_model_keeps_the_outcome(digits):
 
 def test_memory_budget_chunks_give_identical_results(digits):
     model = RowWise(digits.model)
-    whole = run_digits(digits, [0, 3, 5], model=model)
-    tight = run_digits(digits, [0, 3, 5], model=model, memory_budget_mb=0.05)
+    whole = run_digits(digits, [0, 3, 5], model=model, device=EXACT)
+    tight = run_digits(digits, [0, 3, 5], model=model, memory_budget_mb=0.05, device=EXACT)
     assert torch.equal(tight.prototypes.images, whole.prototypes.images)
 
 
@@ -534,8 +542,9 @@ def test_config_as_a_json_file(digits, tmp_path):
         "seed": 2,
     }
     path.write_text(json.dumps(options))
-    from_file = engine.run(digits.model, digits.class_list, str(path), [3], digits.preprocessing)
-    from_dict = engine.run(digits.model, digits.class_list, options, [3], digits.preprocessing)
+    run = partial(engine.run, digits.model, digits.class_list, device=EXACT)
+    from_file = run(str(path), [3], digits.preprocessing)
+    from_dict = run(options, [3], digits.preprocessing)
     assert from_file.config == from_dict.config
     assert from_file.prototypes.trajectory_steps == [0, 3, 6, 7]
     assert torch.equal(from_file.prototypes.images, from_dict.prototypes.images)
@@ -550,8 +559,8 @@ def test_config_as_a_json_file(digits, tmp_path):
 
 def test_leap_api_key_is_accepted_and_ignored(digits, tmp_path):
     key = "leap-secret-key-123"
-    plain = run_digits(digits, max_steps=5)
-    keyed = run_digits(digits, max_steps=5, leap_api_key=key)
+    plain = run_digits(digits, max_steps=5, device=EXACT)
+    keyed = run_digits(digits, max_steps=5, leap_api_key=key, device=EXACT)
     assert torch.equal(plain.prototypes.images, keyed.prototypes.images)
     assert key not in json.dumps(keyed.config.secret_free())
     assert key not in repr(keyed.config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from leapcore import engine, results
+from leapcore.device import pick_device
 from leapcore.images import load_image
 
 from .engine_support import fast_config, run_digits
@@ -84,8 +86,33 @@ def test_result_arrays(generated):
 
 def test_generate_and_run_agree(generated):
     _, arrays, audit = generated
-    np.testing.assert_array_equal(arrays["prototypes"], audit.prototypes.images.numpy())
-    np.testing.assert_array_equal(arrays["masks"], audit.isolation.masks.numpy())
+    # Exact on the CPU. On CUDA the backward passes of grid_sample and interpolate add with atomics:
+    # reruns differ in the last bit, and the mask optimisation that follows amplifies that (measured
+    # on an H100: prototypes within 1.2e-7, masks within 1e-2).
+    cpu = pick_device().type == "cpu"
+    np.testing.assert_allclose(
+        arrays["prototypes"], audit.prototypes.images.numpy(), 0, 0 if cpu else 1e-5
+    )
+    np.testing.assert_allclose(
+        arrays["masks"], audit.isolation.masks.numpy(), 0, 0 if cpu else 0.05
+    )
+
+
+def test_every_audit_tensor_is_on_the_cpu(generated):
+    """Whatever device ran the stages (a GPU where there is one), results come back on the host."""
+    _, _, audit = generated
+    found = []
+
+    def collect(value, name):
+        if isinstance(value, torch.Tensor):
+            found.append((name, value.device.type))
+        elif dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                collect(getattr(value, f.name), f"{name}.{f.name}")
+
+    collect(audit, "audit")
+    assert len(found) >= 10
+    assert [name for name, device in found if device != "cpu"] == []
 
 
 def test_sample_mode_frame(digits, tmp_path):

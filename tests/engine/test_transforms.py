@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from leapcore.rng import RowStreams
-from leapcore.transforms import DRAW_COLUMNS, NoiseBank, create_augmenter, gaussian_blur
+from leapcore.transforms import (
+    DRAW_COLUMNS,
+    DeterministicGridSample,
+    NoiseBank,
+    affine_grid,
+    create_augmenter,
+    gaussian_blur,
+)
 
 
 def reference_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
@@ -77,3 +84,51 @@ def test_row_streams_follow_the_key_not_the_position():
     assert not torch.equal(RowStreams(4, [("cat", 0)], "cpu").rand((5,)), alone)
     twice = RowStreams(3, [("cat", 0), ("cat", 0)], "cpu").rand((5,))
     assert torch.equal(twice[0], alone[0]) and not torch.equal(twice[1], twice[0])
+
+
+@pytest.mark.parametrize("size", [(24, 24), (17, 31)])
+def test_deterministic_grid_sample_matches_grid_sample(size):
+    """The CUDA warp's own backward (checked here on the CPU): same values and input gradient as
+    ``F.grid_sample``, with rotations, zooms out of the frame and flips."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, *size, generator=gen, requires_grad=True)
+    angle = torch.tensor([0.0, 0.4, -1.0, 2.5])
+    scale = torch.tensor([1.0, 0.7, 1.6, 1.1])  # < 1 zooms in, > 1 samples outside the frame
+    flip = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [
+            torch.stack([cos * flip, -sin * flip, torch.tensor([0.0, 0.1, -0.3, 0.2])], 1),
+            torch.stack([sin, cos, torch.tensor([0.0, -0.2, 0.1, 0.3])], 1),
+        ],
+        1,
+    )
+    grid, inside = affine_grid(theta, size)
+    assert not inside.all()  # some samples fall outside the image
+    upstream = torch.randn(4, 3, *size, generator=gen)
+
+    expected = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), x)
+    out = DeterministicGridSample.apply(x, grid)
+    (grad,) = torch.autograd.grad((out * upstream).sum(), x)
+
+    assert torch.equal(out, expected)
+    assert expected_grad.abs().max() > 0.5
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_deterministic_grid_sample_on_cuda_repeats_its_bits():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.rand(8, 3, 64, 64, device="cuda", generator=gen, requires_grad=True)
+    theta = torch.tensor([[0.6, -0.3, 0.1], [0.3, 0.6, -0.1]], device="cuda").expand(8, 2, 3)
+    grid, _ = affine_grid(theta, (64, 64))  # zoomed in: many outputs share each source pixel
+    upstream = torch.randn(8, 3, 64, 64, device="cuda", generator=gen)
+    grads = [
+        torch.autograd.grad((DeterministicGridSample.apply(x, grid) * upstream).sum(), x)[0]
+        for _ in range(5)
+    ]
+    assert all(torch.equal(g, grads[0]) for g in grads)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    (expected,) = torch.autograd.grad((out * upstream).sum(), x)
+    torch.testing.assert_close(grads[0], expected, rtol=0, atol=1e-5)
