@@ -111,7 +111,7 @@ def deterministic_algorithms(enabled: bool, device: torch.device) -> Iterator[No
 
     On CUDA several backward passes add with atomics, so two runs with one seed differ in the last
     bits and a prototype optimisation amplifies that (on an H100, 30 steps of EfficientNet-Lite0:
-    pixels up to 0.5 apart, target probabilities 0.69 vs 0.82). With ``enabled`` on a CUDA device
+    pixels up to 0.5 apart, mean target probabilities 0.61-0.87 over runs). With ``enabled`` on a CUDA device
     this sets ``torch.use_deterministic_algorithms(True)`` and cuDNN's deterministic mode for the
     block and restores the previous settings after it; blocks in several threads share one setting
     (counted, restored when the last one ends). The CPU is deterministic already: nothing changes.

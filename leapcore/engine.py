@@ -8,9 +8,10 @@ boundary, runs the stages and writes the results (PNG files, a DataFrame, numpy 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,15 @@ from leapcore.problem import row_keys
 from leapcore.prototypes import PrototypeResult, optimise_prototypes
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def stage_mode(model: Any, config: EngineConfig, device: torch.device) -> Iterator[None]:
+    """What every stage runs under, here and in the pipeline's tasks: the model in eval mode with
+    frozen parameters, and PyTorch's deterministic kernels when ``config.deterministic`` asks for
+    them on CUDA. Both are restored afterwards, also when the stage raises."""
+    with eval_mode(model), deterministic_algorithms(config.deterministic, device):
+        yield
 
 
 @dataclass
@@ -343,7 +353,7 @@ def run(
     audit = Audit(class_list=classes, config=cfg)
     torch.manual_seed(cfg.seed)
     original_device = model_device(model)
-    with eval_mode(model), deterministic_algorithms(cfg.deterministic, dev):
+    with stage_mode(model, cfg, dev):
         try:
             if isinstance(model, torch.nn.Module):
                 model.to(dev)

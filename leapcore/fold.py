@@ -77,7 +77,6 @@ def _foldable(bn: nn.BatchNorm2d) -> bool:
     )
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def full_precision() -> Iterator[None]:
     """Float32 convolutions and matrix products on CUDA for the block (no TF32).
@@ -95,6 +94,7 @@ def full_precision() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@torch.no_grad()
 def fold_batchnorm(
     model: nn.Module, probe: torch.Tensor, unwrap: Callable[[Any], torch.Tensor]
 ) -> tuple[nn.Module | None, str]:
@@ -119,7 +119,7 @@ def fold_batchnorm(
         folded = copy.deepcopy(model)
     except Exception as error:  # noqa: BLE001 - any model that cannot be copied keeps running as is
         return None, f"the model cannot be copied ({error})"
-    with full_precision(), torch.no_grad():
+    with full_precision():
         reference = folded(probe)
     pairs = [(conv, bn) for conv, bn in _conv_bn_pairs(folded, probe) if _foldable(bn)]
     if not pairs:
@@ -138,7 +138,7 @@ def fold_batchnorm(
                 setattr(parent, name, swap[child])
     for parameter in folded.parameters():
         parameter.requires_grad_(False)
-    with full_precision(), torch.no_grad():
+    with full_precision():
         got = folded(probe)
     try:
         reference, got = unwrap(reference).float(), unwrap(got).float()

@@ -100,9 +100,9 @@ def audit_frame(audit, paths: dict[str, list[str]]) -> pd.DataFrame:
                 "target_class": _target_name(p.targets[t], names),
                 "prototype_index": p.row_index(row),
                 "output_class": names,
-                "logits": p.logits[row].detach().cpu().numpy(),
-                "probs": probs[row].detach().cpu().numpy(),
-                "entanglement": audit.entanglement[row].detach().cpu().numpy(),
+                "logits": p.logits[row].numpy(),
+                "probs": probs[row].numpy(),
+                "entanglement": audit.entanglement[row].numpy(),
                 "input": None,
                 "mask": None,
             }
@@ -130,28 +130,28 @@ def audit_arrays(audit) -> dict[str, Any]:
     if audit.prototypes is not None:
         p = audit.prototypes
         out.update(
-            prototypes=p.images.detach().cpu().numpy(),
-            prototype_logits=p.logits.detach().cpu().numpy(),
-            prototype_probs=p.probs.detach().cpu().numpy(),
-            trajectory=p.trajectory.detach().cpu().numpy(),
+            prototypes=p.images.numpy(),
+            prototype_logits=p.logits.numpy(),
+            prototype_probs=p.probs.numpy(),
+            trajectory=p.trajectory.numpy(),
             trajectory_steps=np.asarray(p.trajectory_steps),
-            entanglement=audit.entanglement.detach().cpu().numpy(),
+            entanglement=audit.entanglement.numpy(),
             baseline=audit.baseline.image.cpu().numpy(),
             lr=p.lr,
         )
         if p.alphas is not None:
-            out["alphas"] = p.alphas.detach().cpu().numpy()
+            out["alphas"] = p.alphas.numpy()
     if audit.isolation is not None:
         iso = audit.isolation
         out.update(
             isolation_pairs=np.asarray(iso.pairs),
-            masks=iso.masks.detach().cpu().numpy(),
-            isolated=iso.isolated.detach().cpu().numpy(),
-            isolation_logits_full=iso.logits_full.detach().cpu().numpy(),
-            isolation_logits_isolated=iso.logits_isolated.detach().cpu().numpy(),
+            masks=iso.masks.numpy(),
+            isolated=iso.isolated.numpy(),
+            isolation_logits_full=iso.logits_full.numpy(),
+            isolation_logits_isolated=iso.logits_isolated.numpy(),
         )
     if audit.sample_logits is not None:
-        out["sample_logits"] = audit.sample_logits.detach().cpu().numpy()
+        out["sample_logits"] = audit.sample_logits.numpy()
     return out
 
 
@@ -196,7 +196,7 @@ def prototypes_to_arrow(result, class_list: list[str]) -> pa.Table:
         ),
         "prototype_index": pa.array([result.row_index(r) for r in rows], pa.int32()),
         "image": tensor_column(result.images),
-        "logits": pa.array(list(result.logits.detach().cpu().numpy()), pa.list_(pa.float32())),
+        "logits": pa.array(list(result.logits.numpy()), pa.list_(pa.float32())),
     }
     if result.alphas is not None:
         columns["alpha"] = tensor_column(result.alphas)
@@ -210,7 +210,7 @@ def prototypes_to_arrow(result, class_list: list[str]) -> pa.Table:
 
 
 def trajectories_to_arrow(result) -> pa.Table:
-    traj = result.trajectory.detach().cpu().numpy()  # [S, B, K]
+    traj = result.trajectory.numpy()  # [S, B, K]
     s, b, k = traj.shape
     steps = np.repeat(np.asarray(result.trajectory_steps, dtype=np.int32), b * k)
     rows = np.tile(np.repeat(np.arange(b, dtype=np.int32), k), s)
@@ -263,6 +263,7 @@ def entanglement_to_arrow(
 ) -> pa.Table:
     b, k = scores.shape
     rows = np.repeat(np.arange(b, dtype=np.int32), k)
+    baseline_logits = baseline_logits.cpu()  # make_baseline's own result lives on its device
     base = baseline_logits.expand(b, k) if baseline_logits.shape[0] == 1 else baseline_logits
     table = pa.table(
         {
@@ -276,10 +277,10 @@ def entanglement_to_arrow(
             ).repeat(k),
             "class_index": np.tile(np.arange(k, dtype=np.int32), b),
             "class_name": np.tile(np.asarray(class_list, dtype=object), b),
-            "logit": result.logits.detach().cpu().numpy().reshape(-1),
-            "prob": result.probs.detach().cpu().numpy().reshape(-1),
-            "baseline_logit": base.detach().cpu().numpy().reshape(-1).astype(np.float32),
-            "entanglement": scores.detach().cpu().numpy().reshape(-1).astype(np.float32),
+            "logit": result.logits.numpy().reshape(-1),
+            "prob": result.probs.numpy().reshape(-1),
+            "baseline_logit": base.numpy().reshape(-1).astype(np.float32),
+            "entanglement": scores.numpy().reshape(-1).astype(np.float32),
         }
     )
     return _with_schema(table, "entanglement")
@@ -299,9 +300,9 @@ def isolations_to_arrow(result, class_list: list[str], source: str) -> pa.Table:
             "class_name": pa.array([class_list[p[1]] for p in result.pairs]),
             "mask": tensor_column(result.masks),
             "isolated": tensor_column(result.isolated),
-            "logit_full": pa.array(result.logits_full.detach().cpu().numpy(), pa.float32()),
-            "logit_isolated": pa.array(result.logits_isolated.detach().cpu().numpy(), pa.float32()),
-            "coverage": pa.array(result.coverage.detach().cpu().numpy(), pa.float32()),
+            "logit_full": pa.array(result.logits_full.numpy(), pa.float32()),
+            "logit_isolated": pa.array(result.logits_isolated.numpy(), pa.float32()),
+            "coverage": pa.array(result.coverage.numpy(), pa.float32()),
         }
     )
     return _with_schema(

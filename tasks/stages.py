@@ -24,10 +24,9 @@ from leapcore import entanglement as entanglement_stage
 from leapcore import isolation as isolation_stage
 from leapcore import lr_finder as lr_stage
 from leapcore import prototypes as prototype_stage
-from leapcore.adapter import eval_mode
 from leapcore.baseline import make_baseline
 from leapcore.config import BASELINE, ISOLATION, LR, PROTOTYPES, EngineConfig
-from leapcore.device import deterministic_algorithms, pick_device
+from leapcore.device import pick_device
 from leapcore.errors import LeapError
 from leapcore.images import load_image
 from leapcore.problem import row_keys
@@ -186,7 +185,7 @@ def generate_baseline(
     net, loaded = engine_model(model, locator, config, dev)
     _seed(config)
     began = time.perf_counter()
-    with eval_mode(loaded.model), deterministic_algorithms(config.deterministic, dev):
+    with engine.stage_mode(loaded.model, config, dev):
         result = make_baseline(net, net.input_shape, config, rows, dev)
     seconds = time.perf_counter() - began
     summary = [
@@ -217,7 +216,7 @@ def find_learning_rate(
     rows = len(targets) * config.prototypes_per_class
     _seed(config)
     began = time.perf_counter()
-    with eval_mode(loaded.model), deterministic_algorithms(config.deterministic, dev):
+    with engine.stage_mode(loaded.model, config, dev):
         chunk = engine.prototype_chunk_size(net, rows, config, dev)
         result = lr_stage.find_learning_rate(net, targets, start, config, chunk)
     seconds = time.perf_counter() - began
@@ -258,7 +257,7 @@ def optimise_prototypes(
         else config.lr
     )
     _seed(config)
-    with eval_mode(loaded.model), deterministic_algorithms(config.deterministic, dev):
+    with engine.stage_mode(loaded.model, config, dev):
         batch = engine.prototype_chunk_size(net, rows, config, dev)
         result = prototype_stage.optimise_prototypes(
             net, chunk.targets, start.to(dev), config, rate, batch
@@ -345,7 +344,7 @@ def isolate_features(
     )
     isolate = _chunk_isolate_classes(config, chunk)
     _seed(config)
-    with eval_mode(loaded.model), deterministic_algorithms(config.deterministic, dev):
+    with engine.stage_mode(loaded.model, config, dev):
         shown, classes = engine.isolation_inputs(result, isolate, config, net.num_classes, dev)
         batch = engine.prototype_chunk_size(net, len(result.images), config, dev)
         keys = row_keys(result.targets, result.per_target)
@@ -428,7 +427,7 @@ def isolate_samples(
     images = engine.check_samples(images, net.input_shape, "pt")
     audit = engine.Audit(class_list=list(model.class_list), config=config)
     _seed(config)
-    with eval_mode(loaded.model), deterministic_algorithms(config.deterministic, dev):
+    with engine.stage_mode(loaded.model, config, dev):
         engine.run_samples(net, images, targets, config, dev, audit)
     iso = audit.isolation
     probs = audit.sample_logits.softmax(1)

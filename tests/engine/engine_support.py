@@ -131,8 +131,8 @@ def fast_config(**overrides) -> dict:
     return {**FAST, **overrides}
 
 
-# Bit-identical results are promised on the CPU. On CUDA the backward passes of ``grid_sample`` and
-# ``interpolate`` add with atomics, so reruns differ in the last bit; tests of exact equality pin this.
+# Bit-identical results are promised on the CPU. On CUDA, without the config's ``deterministic``,
+# backward passes add with atomics and reruns differ in the last bit; tests of exact equality pin this.
 EXACT = "cpu"
 
 

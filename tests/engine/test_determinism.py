@@ -1,4 +1,5 @@
-"""Same seed on the CPU (and on CUDA) gives identical results; another seed gives other results."""
+"""Same seed on the CPU (on CUDA with `deterministic`) gives identical results; another seed gives
+other results."""
 
 from __future__ import annotations
 

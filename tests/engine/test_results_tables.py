@@ -86,9 +86,9 @@ def test_result_arrays(generated):
 
 def test_generate_and_run_agree(generated):
     _, arrays, audit = generated
-    # Exact on the CPU. On CUDA the backward passes of grid_sample and interpolate add with atomics:
-    # reruns differ in the last bit, and the mask optimisation that follows amplifies that (measured
-    # on an H100: prototypes within 1.2e-7, masks within 1e-2).
+    # Exact on the CPU. On CUDA (without `deterministic`) backward passes add with atomics: reruns
+    # differ in the last bit, and the mask optimisation that follows amplifies that (measured on an
+    # H100: prototypes within 1.2e-7, masks within 1e-2).
     cpu = pick_device().type == "cpu"
     np.testing.assert_allclose(
         arrays["prototypes"], audit.prototypes.images.numpy(), 0, 0 if cpu else 1e-5
