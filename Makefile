@@ -30,7 +30,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/engine_overhead.py
-	$(BIN)/python benchmarks/class_batching.py
+	$(BIN)/python benchmarks/pipeline_overhead.py
+	$(BIN)/python benchmarks/tf_bridge.py
 
 docs: $(STAMP)
 	$(BIN)/python -m leapcore.config > docs/config.md

@@ -62,7 +62,8 @@ def find_learning_rate(
     """Sweep the rate from ``min_lr`` to ``max_lr`` over ``find_lr_steps`` steps and pick the steepest fall.
 
     Windows of steps share one rate; the loss of a window is its mean. The test stops early (with
-    ``stop_lr_early``) once a window's loss exceeds four times the best one. Non-finite losses, a loss
+    ``stop_lr_early``) once a window's loss is not finite or, after the second window, exceeds the
+    best one by more than three times its magnitude (``best + 3 * |best|``, so negative losses work). Non-finite losses, a loss
     that only rises or too few windows fall back to ``config.lr`` with a warning. ``find_lr_steps=0``
     returns ``config.lr``.
     """

@@ -37,7 +37,8 @@ def test_prototypes_survive_random_crops_and_flips(lite0, lite0_prototypes):
     batch = images.repeat(draws, 1, 1, 1)  # draw-major: row = draw * 5 + target
     probs = _probs(lite0, random_resized_crop_flip(batch, gen))
     target_probs = probs[torch.arange(len(batch)), IMAGENET_TARGETS * draws]
-    assert target_probs.mean() >= 0.6, target_probs.view(draws, 5).mean(0)
+    # 0.98 measured (100 steps of "m"); the README claims over 0.9.
+    assert target_probs.mean() >= 0.85, (target_probs.mean(), target_probs.view(draws, 5).mean(0))
 
 
 def test_reported_logits_match_the_images(lite0, lite0_prototypes):

@@ -63,21 +63,42 @@ def test_lr_finder_picks_a_rate_in_range(digits):
     assert all(math.isfinite(loss) for loss in found.losses)
 
 
-def test_lr_finder_stops_early_when_the_loss_diverges(digits):
-    audit = run_digits(
-        digits, find_lr_steps=100, num_lr_windows=50, min_lr=1e-4, max_lr=1e6, max_steps=0
-    )
-    early = run_digits(
-        digits,
-        find_lr_steps=100,
-        num_lr_windows=50,
-        min_lr=1e-4,
-        max_lr=1e6,
-        max_steps=0,
-        stop_lr_early=False,
-    )
-    assert len(early.lr.losses) == 50
-    assert len(audit.lr.losses) <= len(early.lr.losses)
+class NearGrey(nn.Module):
+    """Class 0's logit peaks at a uniform 0.6 image: large rates overshoot into saturated pixels, so
+    the range test's loss rises far above its best (a loss that only a bounded image cannot hide)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = 1 - 100 * (x - 0.6).pow(2).mean((1, 2, 3))
+        return torch.stack([score, torch.zeros_like(score)], 1)
+
+
+def _range_test(stop_lr_early: bool):
+    return engine.run(
+        NearGrey(),
+        ["peak", "other"],
+        {
+            "input_dim": [1, 16, 16],
+            "find_lr_steps": 60,
+            "num_lr_windows": 30,
+            "min_lr": 1e-4,
+            "max_lr": 1e4,
+            "max_steps": 0,
+            "isolation": False,
+            "stop_lr_early": stop_lr_early,
+        },
+        [0],
+    ).lr
+
+
+def test_lr_finder_stops_early_when_the_loss_diverges():
+    early, full = _range_test(True), _range_test(False)
+    assert len(full.losses) == 30
+    # The stop fires once a window's loss passes best + 3 * |best|, long before the last window ...
+    assert len(early.losses) < 25, early.losses
+    best = min(early.losses)
+    assert early.losses[-1] > best + 3 * abs(best)
+    # ... and the windows it ran are the same windows the full test ran.
+    assert early.losses == full.losses[: len(early.losses)]
 
 
 def test_lr_finder_falls_back_with_a_warning_when_the_loss_never_falls(digits):
@@ -441,8 +462,7 @@ def test_hipe_on_digits(digits):
     )
     iso = audit.isolation
     assert iso.method == "hipe" and iso.masks.shape == (3, 1, 32, 32)
-    assert torch.allclose(iso.masks.flatten(1).max(1).values, torch.ones(3))
-    assert (iso.masks >= 0).all()
+    assert (iso.masks >= 0).all()  # where HiPE's saliency lands: tests/engine/test_hipe.py
 
 
 def test_parameterisations_differ_and_fourier_moves_low_frequencies(digits):

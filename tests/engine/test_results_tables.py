@@ -195,7 +195,6 @@ def test_images_are_fixed_shape_tensors(generated, digits):
     assert results.schema_name(table) == "prototypes"
 
 
-@pytest.mark.skipif(not hasattr(results, "baseline_to_arrow"), reason="no baseline table")
 def test_baseline_lr_and_samples_tables_round_trip(digits):
     audit = run_digits(digits, find_lr_steps=10, num_lr_windows=5, max_steps=2, baseline_init="r")
     base = results.baseline_from_arrow(results.baseline_to_arrow(audit.baseline))

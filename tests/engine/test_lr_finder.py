@@ -1,0 +1,53 @@
+"""``pick_rate``: the steepest fall of the smoothed loss against log rate, or why there is none."""
+
+from __future__ import annotations
+
+import math
+
+from leapcore.lr_finder import pick_rate
+
+RATES = [10.0**e for e in range(-4, 3)]  # 7 windows, one decade apart
+
+
+def test_picks_the_start_of_the_steepest_fall():
+    # Smoothed (3-window mean): 9.5, 9, 7.67, 4.33, 2, 1.67, 3.5 -> steepest between windows 2 and 3.
+    losses = [10.0, 9.0, 8.0, 6.0, -1.0, 2.0, 5.0]
+    rate, reason = pick_rate(RATES, losses)
+    assert reason == ""
+    assert rate == RATES[2]
+
+
+def test_a_loss_that_only_rises_gives_no_rate():
+    rate, reason = pick_rate(RATES, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    assert rate is None
+    assert "only rose" in reason
+
+
+def test_non_finite_windows_are_left_out_and_too_few_give_no_rate():
+    rate, reason = pick_rate(RATES[:4], [5.0, math.nan, math.inf, 1.0])
+    assert rate is None and reason == "only 2 finite loss windows (need 3)"
+    # The NaN window is skipped, not read as a fall: the steepest finite fall is picked.
+    rate, _ = pick_rate(RATES[:5], [5.0, math.nan, 4.9, 1.0, 0.9])
+    assert rate == RATES[2]
+
+
+def _reference(rates: list[float], losses: list[float]) -> float | None:
+    """The same rule written directly: 3-window mean, slope per unit of log rate, steepest fall."""
+    import numpy as np
+
+    r, y = np.log(np.asarray(rates)), np.asarray(losses)
+    smooth = np.array([y[max(0, i - 1) : i + 2].mean() for i in range(len(y))])
+    slopes = np.diff(smooth) / np.diff(r)
+    best = int(np.argmin(slopes))
+    return float(rates[best]) if slopes[best] < 0 else None
+
+
+def test_matches_a_direct_reference_on_uneven_rates():
+    """Uneven spacing: the slope is per log rate, so a fall over a short span can beat a bigger one."""
+    import random
+
+    gen = random.Random(5)
+    for _ in range(50):
+        rates = sorted({10 ** gen.uniform(-4, 1) for _ in range(8)})
+        losses = [gen.uniform(-2, 5) for _ in rates]
+        assert pick_rate(rates, losses)[0] == _reference(rates, losses)
