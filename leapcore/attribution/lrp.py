@@ -187,9 +187,13 @@ def _lrp_method(composite_name: str, aliases: tuple[str, ...], defaults: dict[st
     )(compute)
 
 
-_lrp_method("epsilon_plus_flat", ("lrp", "lrp_epsilon_plus"), {"epsilon": 1e-6})
-_lrp_method("epsilon_gamma_box", ("lrp_gamma",), {"epsilon": 1e-6, "gamma": 0.25})
-_lrp_method("epsilon_alpha2_beta1", ("lrp_alpha_beta",), {"epsilon": 1e-6})
+_lrp_method(
+    "epsilon_plus_flat", ("lrp", "lrp_epsilon_plus"), {"epsilon": 1e-6, "zero_params": None}
+)
+_lrp_method(
+    "epsilon_gamma_box", ("lrp_gamma",), {"epsilon": 1e-6, "gamma": 0.25, "zero_params": None}
+)
+_lrp_method("epsilon_alpha2_beta1", ("lrp_alpha_beta",), {"epsilon": 1e-6, "zero_params": None})
 
 
 def _default_crp_layer(network: nn.Module) -> str:

@@ -253,3 +253,40 @@ def test_bad_input_gives_clear_errors(images) -> None:
     ).eval()
     with pytest.raises(InputError, match="LRP has no rule for layer type LayerNorm"):
         attribute(transformer, images, 0, ["lrp"])
+
+
+def test_lrp_conserves_through_timm_residual_blocks(monkeypatch) -> None:
+    """timm's skip additions become zennit Sum modules; without that the skip copies relevance."""
+    timm_layers = pytest.importorskip("timm.layers")
+    from timm.models._efficientnet_blocks import InvertedResidual
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        timm_layers.BatchNormAct2d(8, act_layer=nn.ReLU),
+        InvertedResidual(8, 8, exp_ratio=2.0, act_layer=nn.ReLU),
+        InvertedResidual(8, 8, exp_ratio=2.0, act_layer=nn.ReLU),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4, bias=False),
+    )
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):  # zero merged shift, as in tiny_cnn
+            n = bn.num_features
+            bn.running_mean.copy_(torch.randn(n) * 0.3)
+            bn.running_var.copy_(torch.rand(n) + 0.5)
+            bn.weight.data.copy_(torch.rand(n) + 0.5)
+            bn.bias.data.copy_(bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps))
+    model.eval()
+    x, targets = torch.rand(3, 3, SIZE, SIZE), [0, 1, 2]
+    with torch.no_grad():
+        logit = model(x)[torch.arange(3), targets]
+    method = "lrp_epsilon_gamma_box"
+    sums = attribute(model, x, targets, [method]).maps[method].sum(dim=(1, 2))
+    torch.testing.assert_close(sums, logit, rtol=1e-3, atol=1e-6)
+    from leapcore.attribution import lrp
+
+    original = lrp.canonizers_for
+    monkeypatch.setattr(lrp, "canonizers_for", lambda network: original(network)[:1])
+    broken = attribute(model, x, targets, [method]).maps[method].sum(dim=(1, 2))
+    assert ((broken - logit).abs() > 0.5 * logit.abs()).all()
