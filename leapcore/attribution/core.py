@@ -137,7 +137,11 @@ def as_logits_model(
 ) -> LogitsModel:
     """The adapter for ``model``: itself if it is one, the TensorFlow bridge for Keras, else torch."""
     if isinstance(model, LogitsModel):
-        return model
+        # Hooks and composites go on the user's modules, so the adapter must call those modules and
+        # not a batch-norm-folded copy; the layout stays the usual one for the same reason.
+        return LogitsModel(
+            model.model, model.num_classes, model.preprocess, model.input_shape, False, False
+        )
     shape = tuple(images.shape[1:])
     if _is_tensorflow(model):
         from leapcore.frameworks.tensorflow import keras_logits_model

@@ -290,3 +290,33 @@ def test_lrp_conserves_through_timm_residual_blocks(monkeypatch) -> None:
     monkeypatch.setattr(lrp, "canonizers_for", lambda network: original(network)[:1])
     broken = attribute(model, x, targets, [method]).maps[method].sum(dim=(1, 2))
     assert ((broken - logit).abs() > 0.5 * logit.abs()).all()
+
+
+def test_attributions_table_round_trip_with_faithfulness(images) -> None:
+    from leapcore.attribution.arrow import (
+        attributions_from_arrow,
+        attributions_to_arrow,
+        faithfulness_scores,
+    )
+    from leapcore.results import schema_name
+
+    model = tiny_cnn()
+    result = attribute(
+        model, images, [[0, 1], [2], [3]], ["saliency", "lrp"], preprocessing=[Normalize(MEAN, STD)]
+    )
+    scores = faithfulness_scores(adapter(model), images, result, steps=8)
+    table = attributions_to_arrow(
+        result, ["a", "b", "c", "d"], ["x.png", "y.png", "z.png"], scores, steps=8
+    )
+    assert schema_name(table) == "attributions" and table.num_rows == 8
+    assert table.column("target_name").to_pylist()[:4] == ["a", "b", "c", "d"]
+    assert table.schema.field("map").type.shape == [SIZE, SIZE]
+    back, back_scores = attributions_from_arrow(table)
+    for method in result.maps:
+        assert torch.equal(back.maps[method], result.maps[method])
+        for key, values in scores[method].items():
+            torch.testing.assert_close(back_scores[method][key], values.float())
+        assert (
+            (scores[method]["deletion_auc"] >= 0) & (scores[method]["insertion_auc"] <= 1)
+        ).all()
+    assert back.targets.tolist() == [0, 1, 2, 3] and back.image_index.tolist() == [0, 0, 1, 2]
