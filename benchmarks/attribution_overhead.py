@@ -13,7 +13,7 @@ Images: scikit-learn's two sample photos (china.jpg, flower.jpg) resized to ``--
 the pretrained EfficientNet-Lite0's top class.
 
 Usage: python benchmarks/attribution_overhead.py [--size 224] [--repeats 3] [--methods a,b]
-       [--device cpu|cuda] [--faithfulness]
+       [--device cpu|cuda] [--faithfulness]   (--repeats 0 --faithfulness: scores only)
 """
 
 from __future__ import annotations
@@ -230,18 +230,20 @@ def main() -> None:
             return attribute(net, x, targets.tolist(), [spec.name], **options)
 
         direct = direct_call(spec.name, net, norm, x, targets, rows)
+        line = f"{spec.name:28s} {'-':>11s} {'-':>9s} {'-':>6s}"
         try:
-            ours()
-            direct()  # warm-up
-            mine, theirs = [], []
-            for _ in range(args.repeats):
-                mine.append(timed(ours, device))
-                theirs.append(timed(direct, device))
+            if args.repeats > 0:  # --repeats 0: faithfulness only
+                ours()
+                direct()  # warm-up
+                mine, theirs = [], []
+                for _ in range(args.repeats):
+                    mine.append(timed(ours, device))
+                    theirs.append(timed(direct, device))
+                a, b = statistics.median(mine), statistics.median(theirs)
+                line = f"{spec.name:28s} {a:11.3f} {b:9.3f} {a / b:6.2f}"
         except Exception as error:  # noqa: BLE001 - a benchmark row reports the failure and goes on
             print(f"{spec.name:28s} failed: {type(error).__name__}: {str(error)[:120]}")
             continue
-        a, b = statistics.median(mine), statistics.median(theirs)
-        line = f"{spec.name:28s} {a:11.3f} {b:9.3f} {a / b:6.2f}"
         if args.faithfulness:
             maps = ours().maps[spec.name].to(device)
             deletion, insertion = deletion_insertion_auc(adapter, x, maps, targets.tolist())
