@@ -15,6 +15,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
+from leapcore.attribution.report import attribution_metrics
 from leapcore.config import EngineConfig, load_config
 from leapcore.errors import InputError
 from tasks import (
@@ -297,6 +298,9 @@ def _explain(
     seconds = {"seconds.isolate_samples": isolated.seconds}
     if attributed is not None:
         seconds["seconds.attribute_samples"] = attributed.seconds
+        table = store.get_table(attributed.refs["attributions"])
+        seconds.update(attribution_metrics(table))  # logged as MLflow metrics with the timings
+        result.metrics.update(attribution_metrics(table))
     pending = {}
     if "export_results" not in off:
         pending["export_results"] = export_results.submit(report, store, out_dir)

@@ -320,3 +320,26 @@ def test_attributions_table_round_trip_with_faithfulness(images) -> None:
             (scores[method]["deletion_auc"] >= 0) & (scores[method]["insertion_auc"] <= 1)
         ).all()
     assert back.targets.tolist() == [0, 1, 2, 3] and back.image_index.tolist() == [0, 0, 1, 2]
+
+
+def test_report_section_and_metrics(images) -> None:
+    from leapcore.attribution.arrow import attributions_to_arrow, faithfulness_scores
+    from leapcore.attribution.report import attribution_metrics, attribution_section
+
+    model = tiny_cnn()
+    result = attribute(
+        model, images[:2], [0, 1], ["saliency", "ig"], preprocessing=[Normalize(MEAN, STD)]
+    )
+    scores = faithfulness_scores(adapter(model), images[:2], result, steps=4)
+    table = attributions_to_arrow(result, ["a", "b", "c", "d"], ["x.png", "y.png"], scores, steps=4)
+    page = attribution_section(None, {"attributions": table, "images": images[:2]})
+    assert page.count("<tr>") == 1 + 2 and page.count("data:image/png") == 2 * (1 + 2)
+    assert "integrated_gradients" in page and "x.png" in page and "del " in page
+    assert attribution_section(None, {}) is None
+    metrics = attribution_metrics(table)
+    assert metrics["attribution.saliency.deletion_auc"] == pytest.approx(
+        float(scores["saliency"]["deletion_auc"].mean())
+    )
+    assert metrics["attribution.integrated_gradients.seconds"] == pytest.approx(
+        result.seconds["integrated_gradients"], rel=1e-5
+    )

@@ -33,7 +33,7 @@ def test_explain_with_methods_writes_a_cached_attributions_table(
     options = {
         "config": tiny_config(),
         "artifact_store": fresh_store,
-        "skip": ["report", "export", "mlflow", "wandb"],
+        "skip": ["report", "export", "wandb"],
         "output_dir": str(tmp_path / "out"),
         "methods": "ig,lrp",
     }
@@ -54,6 +54,15 @@ def test_explain_with_methods_writes_a_cached_attributions_table(
             torch.isfinite(values["deletion_auc"]).all()
             and torch.isfinite(values["sparseness"]).all()
         )
+    from mlflow import MlflowClient
+
+    metrics = MlflowClient().get_run(result.mlflow_run_id).data.metrics
+    for key in ("deletion_auc", "insertion_auc", "sparseness", "seconds"):
+        assert f"attribution.integrated_gradients.{key}" in metrics
+    torch.testing.assert_close(
+        metrics["attribution.lrp_epsilon_plus_flat.deletion_auc"],
+        float(scores["lrp_epsilon_plus_flat"]["deletion_auc"].mean()),
+    )
     again = explain_samples(registered_model.uri, [str(folder)], **options)
     assert again.stages["attribute_samples"] == "Cached"
     assert again.outputs["attribute_samples"].refs["attributions"].sha256 == ref.sha256
