@@ -21,7 +21,7 @@ from leapcore.attribution.core import MethodContext, find_layer
 from leapcore.errors import InputError
 
 _LRP_PASSES = "1 (modified backward)"
-_CRP_PASSES = "1 + ceil(top_k) conditional backward passes (1 forward, 1 + k backward)"
+_CRP_PASSES = "1 + top_k (the class heatmap, then each concept's conditional heatmap: forward + modified backward)"
 
 
 def _zennit() -> Any:

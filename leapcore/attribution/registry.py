@@ -91,3 +91,20 @@ def get_method(name: str) -> MethodSpec:
         f"unknown attribution method {name!r}.{hint} Known methods: {', '.join(sorted(METHODS))} "
         f"(aliases: {', '.join(f'{a}={t}' for a, t in sorted(ALIASES.items()))})."
     )
+
+
+def methods_markdown() -> str:
+    """The registry as a Markdown table (name, aliases, library, cost in passes, frameworks, options)."""
+    _load_builtin()
+    lines = [
+        "| method | aliases | library | model passes per image and target | frameworks | options (defaults) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in sorted(METHODS):
+        spec = METHODS[name]
+        options = ", ".join(f"`{k}={v!r}`" for k, v in spec.defaults.items()) or "-"
+        aliases = ", ".join(f"`{a}`" for a in spec.aliases) or "-"
+        lines.append(
+            f"| `{name}` | {aliases} | {spec.library} | {spec.passes} | {', '.join(spec.frameworks)} | {options} |"
+        )
+    return "\n".join(lines) + "\n"

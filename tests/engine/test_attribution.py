@@ -343,3 +343,23 @@ def test_report_section_and_metrics(images) -> None:
     assert metrics["attribution.integrated_gradients.seconds"] == pytest.approx(
         result.seconds["integrated_gradients"], rel=1e-5
     )
+
+
+def test_docs_methods_table_matches_the_registry() -> None:
+    from pathlib import Path
+
+    from leapcore.attribution.registry import methods_markdown
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "attribution.md"
+    assert methods_markdown() in docs.read_text(), "regenerate: python -m leapcore.attribution"
+
+
+def test_import_leapcore_needs_no_attribution_library() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, leapcore, leapcore.attribution as a; a.list_methods();"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('captum', 'zennit', 'crp')]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
