@@ -363,3 +363,30 @@ def test_import_leapcore_needs_no_attribution_library() -> None:
         "assert not [m for m in sys.modules if m.split('.')[0] in ('captum', 'zennit', 'crp')]"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_relmax_picks_the_images_where_a_concept_carries_the_relevance(images) -> None:
+    from crp.attribution import CondAttribution
+    from crp.concepts import ChannelConcept
+
+    from leapcore.attribution.lrp import make_composite
+    from leapcore.attribution.relmax import concept_scores, reference_images
+
+    model = tiny_cnn()
+    pool = torch.rand(6, 3, SIZE, SIZE)
+    options = {"preprocessing": [Normalize(MEAN, STD)], "targets": [0, 1, 2, 3, 0, 1]}
+    refs = reference_images(model, pool, "3", [0, 5], n=2, batch_size=4, **options)
+    scores = concept_scores(model, pool, "3", batch_size=6, **options)  # another batching
+    for row, concept in enumerate([0, 5]):
+        assert refs.indices[row].tolist() == scores[:, concept].topk(2).indices.tolist()
+    # Against zennit-crp called directly on the whole pool at once.
+    norm = Normalize(MEAN, STD)
+    data = norm(pool).requires_grad_(True)
+    composite = make_composite("epsilon_plus_flat", model, norm(pool * 0), norm(pool * 0 + 1))
+    out = CondAttribution(model)(
+        data, [{"y": [t]} for t in options["targets"]], composite, record_layer=["3"]
+    )
+    direct = ChannelConcept().attribute(out.relevances["3"], abs_norm=True)
+    torch.testing.assert_close(scores, direct, rtol=1e-4, atol=1e-6)
+    with pytest.raises(InputError, match="has 6 channels"):
+        reference_images(model, pool, "3", [9], **options)
