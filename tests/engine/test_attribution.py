@@ -225,6 +225,14 @@ def test_attention_rollout_on_a_tiny_vit() -> None:
     result = attribute(vit, images, [0, 1], ["rollout", "saliency"])
     maps = result.maps["attention_rollout"]
     assert maps.shape == (2, 16, 16) and (maps >= 0).all()
+    # Zero query/key weights make every attention row uniform (U, idempotent): two layers of
+    # (U + I) / 2 roll out to I / 4 + 3 U / 4, so the class token gives each of the 17 tokens 0.75 / 17.
+    for block in vit.blocks:
+        dim = block.attn.qkv.in_features
+        block.attn.qkv.weight.data[: 2 * dim] = 0.0
+        block.attn.qkv.bias.data[: 2 * dim] = 0.0
+    uniform = attribute(vit, images, [0, 1], ["rollout"]).maps["attention_rollout"]
+    torch.testing.assert_close(uniform, torch.full_like(uniform, 0.75 / 17), rtol=1e-5, atol=1e-7)
     assert all(getattr(b.attn, "fused_attn", True) == b.attn.fused_attn for b in vit.blocks)
     with pytest.raises(InputError, match="attention blocks; this model .Sequential. has none"):
         attribute(tiny_cnn(), torch.rand(1, 3, SIZE, SIZE), 0, ["rollout"])
