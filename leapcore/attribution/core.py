@@ -287,6 +287,8 @@ def attribute(
         rows = options.get("batch_size") or chunk_size_for(
             adapter, tuple(images.shape[1:]), pairs, device, None, options.get("memory_budget_mb")
         )
+        with torch.no_grad():  # one-time work (lazy modules, kernel choice) not charged to a method
+            adapter(images[:1])
         maps: dict[str, torch.Tensor] = {}
         seconds: dict[str, float] = {}
         extras: dict[str, dict[str, torch.Tensor]] = {}
