@@ -12,6 +12,7 @@ import torch
 
 from leapcore.attribution.core import MethodContext
 from leapcore.attribution.registry import GRADIENT_FRAMEWORKS, register_method
+from leapcore.errors import InputError
 
 
 def _captum(name: str) -> Any:
@@ -127,6 +128,32 @@ def gradient_shap(ctx: MethodContext, images: torch.Tensor, targets: torch.Tenso
     )
 
 
+def check_activations(network: torch.nn.Module, method: str, supported: tuple[type, ...]) -> None:
+    """Refuse a modified-backward method when captum would leave some activations unmodified.
+
+    captum's DeepLift and GuidedBackprop only change the backward pass of the activation modules
+    they know; other activations (ReLU6, SiLU, GELU, ...) keep their gradient, so the result would
+    quietly be input x gradient or the plain gradient.
+    """
+    from torch.nn.modules import activation
+
+    kinds = {type(m) for m in network.modules() if type(m).__module__ == activation.__name__}
+    unknown = sorted(k.__name__ for k in kinds if not issubclass(k, supported))
+    if unknown or not kinds:
+        found = ", ".join(unknown) if unknown else "no activation modules (functional ones?)"
+        raise InputError(
+            f"{method} changes the backward pass of {', '.join(k.__name__ for k in supported)} "
+            f"modules only; this model has {found}, so its map would be a plain gradient method's. "
+            "Use integrated_gradients, input_x_gradient or an LRP composite instead."
+        )
+
+
+def _deeplift_supported() -> tuple[type, ...]:
+    from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
+
+    return tuple(k for k in SUPPORTED_NON_LINEAR if k.__module__ == "torch.nn.modules.activation")
+
+
 @register_method(
     "deeplift",
     library="captum",
@@ -135,6 +162,7 @@ def gradient_shap(ctx: MethodContext, images: torch.Tensor, targets: torch.Tenso
 )
 def deeplift(ctx: MethodContext, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """DeepLift (Rescale rule) from a constant pixel baseline."""
+    check_activations(ctx.network, "deeplift", _deeplift_supported())
     return _captum("DeepLift")(ctx.model).attribute(
         images, baselines=_baseline(images, ctx.options["baseline"]), target=targets
     )
@@ -150,6 +178,7 @@ def guided_backprop(
     ctx: MethodContext, images: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
     """Guided backpropagation (ReLU modules only pass positive gradients)."""
+    check_activations(ctx.network, "guided_backprop", (torch.nn.ReLU,))
     return _captum("GuidedBackprop")(ctx.model).attribute(images, target=targets)
 
 

@@ -261,6 +261,12 @@ def test_bad_input_gives_clear_errors(images) -> None:
     ).eval()
     with pytest.raises(InputError, match="LRP has no rule for layer type LayerNorm"):
         attribute(transformer, images, 0, ["lrp"])
+    relu6 = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU6(), nn.Flatten(), nn.Linear(4 * 14 * 14, 4)
+    ).eval()
+    for method in ("guided_backprop", "deeplift"):  # captum would leave ReLU6's gradient as it is
+        with pytest.raises(InputError, match=f"{method} changes the backward pass of .*ReLU6"):
+            attribute(relu6, images, 0, [method])
 
 
 def test_lrp_conserves_through_timm_residual_blocks(monkeypatch) -> None:
