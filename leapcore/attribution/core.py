@@ -7,9 +7,10 @@ signed, at the input's resolution, on the host, with the wall-clock seconds each
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leapcore.adapter import LogitsModel, Preprocessing, eval_mode, model_device, unwrap_logits
+from leapcore.adapter import LogitsModel, Preprocessing, unwrap_logits
 from leapcore.attribution.registry import MethodSpec, get_method
 from leapcore.device import chunk_size_for
 from leapcore.errors import InputError
@@ -157,8 +158,8 @@ def as_logits_model(
         wrapped = LogitsModel(
             model, 1, preprocessing, shape, channels_last=False, fold_batchnorm=False
         )
-        with torch.no_grad(), eval_mode(model):
-            probe = images[:1].to(model_device(model) or images.device)
+        with torch.no_grad(), inference_mode_switch(model):
+            probe = images[:1].to(_device(model) or images.device)
             pre = wrapped.preprocess(probe) if wrapped.preprocess is not None else probe
             num_classes = unwrap_logits(model(pre)).shape[-1]
     else:
@@ -166,6 +167,30 @@ def as_logits_model(
     return LogitsModel(
         model, num_classes, preprocessing, shape, channels_last=False, fold_batchnorm=False
     )
+
+
+@contextlib.contextmanager
+def inference_mode_switch(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the call, restored afterwards (also on error).
+
+    Only modules in training mode are touched, by their flag (``Module.train`` recurses, which makes
+    restoring every module quadratic in the depth of big models).
+    """
+    switched = [m for m in model.modules() if m.training]
+    for m in switched:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.training = True
+
+
+def _device(model: nn.Module) -> torch.device | None:
+    first = next(model.parameters(), None)
+    if first is None:
+        first = next(model.buffers(), None)
+    return first.device if first is not None else None
 
 
 def framework_of(model: LogitsModel) -> str:
@@ -184,7 +209,7 @@ def check_images(images: Any) -> torch.Tensor:
     if images.ndim != 4 or images.shape[0] == 0:
         raise InputError(f"images must have shape [N, C, H, W]; got {list(images.shape)}.")
     images = images.float()
-    lo, hi = float(images.min()), float(images.max())
+    lo, hi = (float(v) for v in torch.aminmax(images))
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise InputError(
             f"images range over [{lo:.3g}, {hi:.3g}]: pass pixel values in [0, 1], before "
@@ -276,19 +301,17 @@ def attribute(
         layer = resolved[spec.name].get("layer")
         if layer is not None:
             find_layer(adapter.model, layer)
-    device = model_device(adapter.model) or images.device
+    device = _device(adapter) or images.device
     images = images.to(device)
     image_index, flat_targets = expand_targets(targets, images.shape[0])
     num_classes = adapter.num_classes
     if int(flat_targets.min()) < 0 or int(flat_targets.max()) >= num_classes:
         raise InputError(f"targets must be class indices in [0, {num_classes - 1}].")
     pairs = len(flat_targets)
-    with eval_mode(adapter):
+    with inference_mode_switch(adapter):
         rows = options.get("batch_size") or chunk_size_for(
             adapter, tuple(images.shape[1:]), pairs, device, None, options.get("memory_budget_mb")
         )
-        with torch.no_grad():  # one-time work (lazy modules, kernel choice) not charged to a method
-            adapter(images[:1])
         maps: dict[str, torch.Tensor] = {}
         seconds: dict[str, float] = {}
         extras: dict[str, dict[str, torch.Tensor]] = {}

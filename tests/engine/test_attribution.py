@@ -404,3 +404,15 @@ def test_relmax_picks_the_images_where_a_concept_carries_the_relevance(images) -
     torch.testing.assert_close(scores, direct, rtol=1e-4, atol=1e-6)
     with pytest.raises(InputError, match="has 6 channels"):
         reference_images(model, pool, "3", [9], **options)
+
+
+def test_modes_are_restored_and_batch_norm_runs_in_eval_mode(images) -> None:
+    model = tiny_cnn().train()
+    frozen_mean = model[1].running_mean.clone()
+    result = attribute(model, images, 0, ["saliency"], preprocessing=[Normalize(MEAN, STD)])
+    assert all(m.training for m in model.modules())  # restored
+    assert torch.equal(model[1].running_mean, frozen_mean)  # eval mode during the call
+    reference = attribute(
+        model.eval(), images, 0, ["saliency"], preprocessing=[Normalize(MEAN, STD)]
+    )
+    torch.testing.assert_close(result.maps["saliency"], reference.maps["saliency"])
