@@ -68,11 +68,13 @@ def test_explain_with_methods_writes_a_cached_attributions_table(
     assert again.outputs["attribute_samples"].refs["attributions"].sha256 == ref.sha256
 
 
-def test_unknown_method_is_refused_before_anything_runs(
-    prefect_server, registered_model, tmp_path
+def test_leap_explain_methods_refuses_an_unknown_method_before_anything_runs(
+    prefect_server, registered_model, tmp_path, capsys
 ) -> None:
-    from flows import explain_samples
-    from leapcore.errors import InputError
+    from leapcore.cli import main
 
-    with pytest.raises(InputError, match="unknown attribution method 'lpr'. Did you mean 'lrp'"):
-        explain_samples(registered_model.uri, [str(_folder(tmp_path))], methods="ig,lpr")
+    folder = str(_folder(tmp_path))
+    code = main(["explain", registered_model.uri, folder, "--methods", "ig,lpr", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "unknown attribution method 'lpr'. Did you mean 'lrp'" in err
