@@ -15,6 +15,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
+from leapcore.attribution.report import attribution_metrics
 from leapcore.config import EngineConfig, load_config
 from leapcore.errors import InputError
 from tasks import (
@@ -39,6 +40,7 @@ from tasks import (
     summarise,
     tracking_uri,
 )
+from tasks.attribution import attribute_samples, check_methods
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
 from tasks.runtime import SKIPPED, collect_publications, stage_finished
@@ -114,6 +116,8 @@ def explain_samples(
     model_options: dict[str, Any] | None = None,
     device: str | None = None,
     output_dir: str | None = None,
+    methods: list[str] | str | None = None,
+    method_options: dict[str, Any] | None = None,
 ) -> AuditResult:
     """Isolate, in each image, the features of its top classes (or of ``target_classes``).
 
@@ -126,6 +130,9 @@ def explain_samples(
         skip: any of ``report``, ``export``, ``mlflow``, ``wandb``.
         artifact_store, experiment, wandb_project, model_options, device, output_dir: as for
             ``audit_model``.
+        methods: attribution methods (``["ig", "lrp", "crp"]`` or ``"ig,lrp,crp"``) to run on the
+            images as well (stage ``attribute_samples``, table ``attributions``); none by default.
+        method_options: options of ``leapcore.attribution.attribute`` (per method under its name).
 
     Returns:
         An :class:`~tasks.runtime.AuditResult`.
@@ -135,6 +142,7 @@ def explain_samples(
     secrets = secret_values(cfg, model_uri, artifact_store, model_options)
     with scrubbed_errors(secrets):
         off = _skipped(skip)
+        attribution_methods = check_methods(methods)
         files = image_files(images)
         store = ArtifactStore(artifact_store)
         mlflow_uri = tracking_uri()
@@ -163,6 +171,8 @@ def explain_samples(
                 run_id,
                 wandb_project,
                 run_name,
+                attribution_methods,
+                method_options,
             )
         except BaseException as err:
             if run_id is not None:
@@ -206,6 +216,8 @@ def _explain(
     run_id: str | None,
     wandb_project: str | None,
     run_name: str,
+    methods: list[str] | None = None,
+    method_options: dict[str, Any] | None = None,
 ) -> AuditResult:
     states: dict[str, str] = {}
     model, states["fetch_model"] = run_stage(fetch_model, locator=locator, store=store)
@@ -224,6 +236,21 @@ def _explain(
         device=device,
     )
     summarise("explain", "isolate_samples", [isolated], states["isolate_samples"])
+    attributed = None
+    if methods:
+        attributed, states["attribute_samples"] = run_stage(
+            attribute_samples,
+            model=model,
+            locator=locator,
+            config=cfg,
+            samples=samples,
+            methods=methods,
+            targets=targets,
+            store=store,
+            method_options=method_options,
+            device=device,
+        )
+        summarise("explain", "attribute_samples", [attributed], states["attribute_samples"])
     report, states["render_report"] = run_stage(
         render_report,
         model=model,
@@ -256,6 +283,7 @@ def _explain(
             "load_samples": samples,
             "isolate_samples": isolated,
             "render_report": report,
+            **({"attribute_samples": attributed} if attributed is not None else {}),
         },
         metrics=dict(report.metrics),
         output_dir=str(Path(out_dir).resolve()),
@@ -268,6 +296,11 @@ def _explain(
         "targets": targets,
     }
     seconds = {"seconds.isolate_samples": isolated.seconds}
+    if attributed is not None:
+        seconds["seconds.attribute_samples"] = attributed.seconds
+        table = store.get_table(attributed.refs["attributions"])
+        seconds.update(attribution_metrics(table))  # logged as MLflow metrics with the timings
+        result.metrics.update(attribution_metrics(table))
     pending = {}
     if "export_results" not in off:
         pending["export_results"] = export_results.submit(report, store, out_dir)

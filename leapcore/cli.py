@@ -300,7 +300,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     _quiet(args.verbose)
     from flows.explain import explain_samples
 
-    return _run_flow(args, explain_samples, args.model_uri, args.images)
+    return _run_flow(args, explain_samples, args.model_uri, args.images, methods=args.methods)
 
 
 def register_demo_model(name: str = DEMO_MODEL, alias: str = DEMO_ALIAS) -> str:
@@ -436,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("model_uri", metavar="MODEL_URI")
     explain.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    explain.add_argument(
+        "--methods",
+        metavar="M1,M2",
+        help="attribution methods as well, comma-separated (e.g. ig,lrp,crp; see docs/attribution.md)",
+    )
     _add_run_options(explain)
     explain.set_defaults(handler=cmd_explain)
 

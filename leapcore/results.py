@@ -6,6 +6,8 @@ Arrow tables (one schema each, named in the table's metadata under ``leapcore.sc
 - ``entanglement``: a row per (prototype, class) with logits, probabilities and entanglement;
 - ``isolations``: a row per (image, class) with the mask and isolated image as fixed-shape tensors.
 ``*_from_arrow`` read them back; the round trip is exact.
+- ``attributions`` (schema in ``leapcore.attribution.arrow``): a row per (image, target, method) with
+  the signed map as a fixed-shape tensor and its faithfulness scores.
 """
 
 from __future__ import annotations

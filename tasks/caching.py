@@ -53,6 +53,7 @@ ENTANGLEMENT = "entanglement"
 SAMPLES = "samples"
 SAMPLE_ISOLATION = "sample_isolation"
 REPORT = "report"
+ATTRIBUTION = "attribution"
 
 
 def stage_options(stage: str, config: EngineConfig) -> list[str]:
@@ -73,8 +74,8 @@ def stage_options(stage: str, config: EngineConfig) -> list[str]:
         names = set(options_for_stage(ISOLATION)) | {"log_freq"}
         if config.isolation_steps is None:
             names.add("max_steps")
-    elif stage == SAMPLES:
-        names = shared
+    elif stage in (SAMPLES, ATTRIBUTION):
+        names = shared  # attribution's methods and their options are task arguments, in the key
     elif stage == REPORT:
         names = set(EngineConfig.model_fields)  # the report shows the whole (secret-free) config
         return sorted(n for n in names if not is_secret_name(n) and n != "samples")
