@@ -203,6 +203,13 @@ class EngineConfig(BaseModel):
         PROTOTYPES,
         ge=0,
     )
+    objective: str = _opt(
+        "logit",
+        "What prototype optimisation maximises for the target classes: 'logit' (the raw target "
+        "logit, leap-ie's objective), 'log_softmax' (the target's log-probability: its logit "
+        "relative to every other class) or 'margin' (the target logit minus the largest other).",
+        PROTOTYPES,
+    )
     objective_weight: float = _opt(
         1.0,
         "Weight of the target logits; -1 minimises them (an 'antitype').",
@@ -310,6 +317,33 @@ class EngineConfig(BaseModel):
         ISOLATION,
         ge=0,
     )
+    isolation_cell: int | None = _opt(
+        None,
+        "Size (pixels) of one cell of the isolation mask grid. None: a sixteenth of the image's "
+        "shorter side, between 1 and 8 (2 px on 32 px digits, 8 px on 224 px photos).",
+        ISOLATION,
+        note="Before issue 19 the grid was always 8x coarser than the image: 4x4-pixel cells on "
+        "a 32 px input cannot outline a 5 px marker.",
+        ge=1,
+    )
+    isolation_background: Literal["blur", "mean", "noise"] = _opt(
+        "blur",
+        "What masked-out pixels show, in mask optimisation, HiPE occlusion and the isolated "
+        "image: 'blur' (a heavily blurred copy of the image), 'mean' (its mean colour) or "
+        "'noise' (uniform noise).",
+        ISOLATION,
+        note="Chosen by measurement (docs in notes of issue 19): noise is itself evidence for "
+        "other classes and destroyed the isolated logit on real photos.",
+    )
+    isolation_keep: float = _opt(
+        0.9,
+        "The reported mask is the smallest top share of the optimised saliency whose isolated "
+        "image keeps at least this fraction of the class logit (its coverage is the share). "
+        "0 reports the optimised soft mask as it is.",
+        ISOLATION,
+        ge=0,
+        le=1,
+    )
     use_hipe: bool = _opt(
         False,
         "Use Hierarchical Perturbation (occlusion on refining grids) instead of mask optimisation: "
@@ -340,6 +374,19 @@ class EngineConfig(BaseModel):
                     f"baseline_init values are pixel intensities in [0, 1]; got {v}. "
                     "Pass the training mean in pixel space (e.g. [0.485, 0.456, 0.406]) or 'r'."
                 )
+        return value
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, value: str) -> str:
+        from leapcore.objectives import OBJECTIVES
+
+        if value not in OBJECTIVES:
+            close = difflib.get_close_matches(str(value), list(OBJECTIVES), n=1, cutoff=0.0)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"unknown objective {value!r}{hint}; valid objectives: {', '.join(OBJECTIVES)}."
+            )
         return value
 
     @model_validator(mode="after")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from leapcore.config import EngineConfig
-from leapcore.isolation import IsolationResult, _class_logits, background_noise, pair_keys
+from leapcore.isolation import IsolationResult, _class_logits, make_background, pair_keys
 from leapcore.rng import RowKey
 
 
@@ -45,9 +45,8 @@ def hierarchical_perturbation(
     cls = torch.tensor([p[1] for p in pairs], device=device)
     n, _, h, w = source.shape
     keys = pair_keys(pairs, image_keys)
-    noise = background_noise(config.seed + 6, keys, tuple(source.shape[1:]), device)
     with torch.no_grad():
-        substrate = blurred_substrate(source)
+        substrate = make_background(config.isolation_background, source, config.seed + 6, keys)
         full = _class_logits(model, source, cls, chunk_size)
         saliency = torch.zeros((n, 1, h, w), device=device)
         cell_h, cell_w = max(1, h // 4), max(1, w // 4)
@@ -83,6 +82,16 @@ def hierarchical_perturbation(
             ]
         peak = saliency.flatten(1).max(1).values.clamp_min(1e-12)
         masks = saliency / peak[:, None, None, None]
-    return IsolationResult.from_masks(
-        model, pairs, source, cls, masks, noise, full, "hipe", began, chunk_size
+    return IsolationResult.from_saliency(
+        model,
+        pairs,
+        source,
+        cls,
+        masks,
+        substrate,
+        full,
+        "hipe",
+        began,
+        chunk_size,
+        config.isolation_keep,
     )
