@@ -204,11 +204,16 @@ class EngineConfig(BaseModel):
         ge=0,
     )
     objective: str = _opt(
-        "logit",
+        "margin",
         "What prototype optimisation maximises for the target classes: 'logit' (the raw target "
         "logit, leap-ie's objective), 'log_softmax' (the target's log-probability: its logit "
         "relative to every other class) or 'margin' (the target logit minus the largest other).",
         PROTOTYPES,
+        note="Default by measurement (issue 19): on 7 digit CNNs of 55-97 % accuracy with the "
+        "default options, 63 of 70 prototypes are of their own class with 'margin', 62 with "
+        "'logit', 56 with 'log_softmax' (whose learning-rate search can collapse to min_lr). "
+        "The xl transform on 32 px inputs, not the objective, causes most misses; every miss "
+        "is flagged (`off_target`).",
     )
     objective_weight: float = _opt(
         1.0,
