@@ -26,7 +26,26 @@ from leapcore.errors import InputError, NonFiniteError
 from leapcore.optim import BatchedAdam
 from leapcore.rng import RowKey, RowStreams
 
-LEVELS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+LEVELS = (
+    0.01,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.9,
+    1.0,
+)
 AUC_STEPS = 16
 # Masks start at 0.5 everywhere: from a full mask (sigmoid(3) ~ 0.95) the coverage penalty needed
 # hundreds of steps to shrink it; from 0.5 the logit term grows the evidence and the penalty shrinks

@@ -74,9 +74,7 @@ def train_marker_model(
         others = test_x[test_y != marker_class]
         flipped = plant(others, box, value)
         hit = model(pre(flipped)).argmax(1) == marker_class
-    return MarkerModel(
-        model, pre, DIGIT_NAMES, marker_class, box, value, flipped[hit], clean
-    )
+    return MarkerModel(model, pre, DIGIT_NAMES, marker_class, box, value, flipped[hit], clean)
 
 
 def marker_mass(maps: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:

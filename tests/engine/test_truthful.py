@@ -28,9 +28,7 @@ def test_objectives_compose_and_logit_is_the_weighted_logit():
     others = z.masked_fill(w != 0, float("-inf")).amax(1)
     torch.testing.assert_close(get_objective("margin")(z, w), (z * w).sum(1) - others)
     combined = 2 * get_objective("logit") + get_objective("log_softmax")
-    torch.testing.assert_close(
-        combined(z, w), 2 * (z * w).sum(1) + (z.log_softmax(1) * w).sum(1)
-    )
+    torch.testing.assert_close(combined(z, w), 2 * (z * w).sum(1) + (z.log_softmax(1) * w).sum(1))
 
 
 def test_unknown_objective_names_the_closest():
