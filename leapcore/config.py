@@ -220,6 +220,13 @@ class EngineConfig(BaseModel):
         "Weight of the target logits; -1 minimises them (an 'antitype').",
         PROTOTYPES,
     )
+    reference_models: list[str] = _opt(
+        [],
+        "Other models with the same class list (any URI the model sources accept: a zoo name, an "
+        "MLflow URI, a file path) on which every prototype's target probability is also measured "
+        "(`transfer_probs`): a prototype that only its own model believes is a weak explanation.",
+        PROTOTYPES,
+    )
     equalise: float = _opt(
         0.0,
         "Post-processing contrast equalisation of prototypes, 0 (none) to 1 (full).",

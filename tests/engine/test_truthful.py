@@ -158,3 +158,26 @@ def test_planted_marker_gets_most_of_the_mask(marker_model):
     )
     mass = marker_mass(audit.isolation.masks[:, 0], m.box)
     assert mass.mean() > 0.5, mass
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Transfer to reference models
+# ---------------------------------------------------------------------------------------------- #
+def test_reference_model_of_another_width_is_refused_before_any_stage(digits):
+    with pytest.raises(InputError, match="1000 outputs.*10 classes"):
+        run_digits(digits, [3], reference_models=["efficientnet_lite0"], max_steps=1000)
+
+
+def test_transfer_probs_on_the_model_itself_and_a_twin(digit_audits, digit_models):
+    from leapcore.quality import transfer_target_probs
+
+    p = digit_audits[0].prototypes
+    nets = [
+        ("self", torch.nn.Sequential(digit_models[0].preprocessing, digit_models[0].model)),
+        ("weak", torch.nn.Sequential(digit_models[1].preprocessing, digit_models[1].model)),
+    ]
+    transfer = transfer_target_probs(nets, p.images, p.targets, p.per_target, 10, 16)
+    assert transfer.shape == (10, 2)
+    _, _, own = p.flags()
+    torch.testing.assert_close(transfer[:, 0], own, atol=1e-4, rtol=0)
+    assert not torch.allclose(transfer[:, 1], own, atol=1e-2)
