@@ -71,7 +71,12 @@ def leapcore_maps(model, class_list, pre, images, targets, extra):
     audit = engine.run(
         model,
         class_list,
-        {"input_dim": list(images.shape[1:]), "isolation_keep": 0, **extra},
+        {
+            "input_dim": list(images.shape[1:]),
+            "isolation_keep": 0,
+            "max_isolate_classes": 1,
+            **extra,
+        },
         [[t] for t in sorted(set(targets))],
         pre,
         samples=images,
@@ -83,9 +88,16 @@ def leapcore_maps(model, class_list, pre, images, targets, extra):
     return iso.masks[rows, 0]
 
 
+def apply(pre, x):
+    """leap-ie's preprocessing: a callable or a list of callables."""
+    for step in pre if isinstance(pre, (list, tuple)) else [pre]:
+        x = step(x)
+    return x
+
+
 def compare(model, class_list, pre, images, targets, box=None):
     def forward(x):
-        return model(pre(x))
+        return model(apply(pre, x))
 
     methods = {
         "leapcore mask": lambda: leapcore_maps(model, class_list, pre, images, targets, {}),
@@ -123,16 +135,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--photos", action="store_true")
+    parser.add_argument("--only-photos", action="store_true", help="skip the marker models")
     args = parser.parse_args()
     torch.manual_seed(0)
-    for spec in MARKERS:
+    for spec in [] if args.only_photos else MARKERS:
         m = train_marker_model(**spec)
         images = m.images[: args.images]
         rows = compare(
             m.model, m.class_list, m.preprocessing, images, [m.marker_class] * len(images), m.box
         )
         show(f"digits CNN with marker {spec} (clean accuracy {m.clean_accuracy:.2f})", rows)
-    if args.photos:
+    if args.photos or args.only_photos:
         from leapcore.models import get_model
         from tests.engine.engine_support import photo_samples
 
@@ -140,7 +153,7 @@ def main() -> None:
         model.eval()
         photos = photo_samples()
         with torch.no_grad():
-            targets = model(pre(photos)).argmax(1).tolist()
+            targets = model(apply(pre, photos)).argmax(1).tolist()
         show(
             "EfficientNet-Lite0, sklearn sample photos",
             compare(model, class_list, pre, photos, targets),
