@@ -1,13 +1,14 @@
 """Hierarchical perturbation (Cooper et al., 2022): occlusion saliency on refining grids.
 
-Level 0 occludes each cell of a 4x4 grid with a heavily blurred copy of the image (its local mean
-colour): that removes the cell's detail without adding evidence of its own, and unlike noise it
+Level 0 occludes each cell of a 4x4 grid with ``isolation_background`` (default: a heavily blurred
+copy of the image, its local mean colour): that removes the cell's detail without adding evidence of its own, and unlike noise it
 gives the same saliency for any seed (with one noise sample the masks of real photos varied from
 better than random cells to worse). Cells whose occlusion drops the class's logit by
 more than the level's mid-range ``(max + min) / 2`` are split into four and tested again, down to
 ``hipe_min_cell`` pixels. Saliency adds up every level's drops over the cells' pixels and is scaled to
 [0, 1] per pair. All occlusions of a level, over every (image, class) pair, go through the model as
-one batch (in chunks).
+one batch (in chunks). The saliency is then calibrated into the reported mask like the mask
+optimisation's (:func:`leapcore.isolation.calibrate`).
 """
 
 from __future__ import annotations
