@@ -125,9 +125,9 @@ def test_hipe_mask_points_at_the_evidence(lite0, photos):
     preprocessing, model, class_list = lite0
     probs = _probs(lite0, photos)
     top = probs.argmax(1)
-    audit = engine.run(
-        model, class_list, {"use_hipe": True, "max_isolate_classes": 1}, None, preprocessing, photos
-    )
+    # The HiPE saliency itself (``isolation_keep: 0``), not the calibrated binary mask.
+    config = {"use_hipe": True, "max_isolate_classes": 1, "isolation_keep": 0}
+    audit = engine.run(model, class_list, config, None, preprocessing, photos)
     iso = audit.isolation
     assert iso.method == "hipe"
     assert iso.pairs == [(0, int(top[0])), (1, int(top[1]))]
