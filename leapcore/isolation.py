@@ -161,10 +161,10 @@ class IsolationResult:
 
 
 def mask_cell(config: EngineConfig, h: int, w: int) -> int:
-    """Pixels per mask cell: ``isolation_cell``, else a sixteenth of the shorter side in 1..8."""
+    """Pixels per mask cell: ``isolation_cell``, else a sixteenth of the shorter side in 1..4."""
     if config.isolation_cell is not None:
         return config.isolation_cell
-    return max(1, min(8, min(h, w) // 16))
+    return max(1, min(4, min(h, w) // 16))
 
 
 def make_background(kind: str, source: torch.Tensor, seed: int, keys: list[RowKey]) -> torch.Tensor:

@@ -92,14 +92,12 @@ def test_sample_isolation_keeps_the_top_logit_with_half_the_image(photo_isolatio
         kept = arrays["isolation_logits_isolated"][k] / abs(arrays["isolation_logits_full"][k])
         coverage = float(arrays["masks"][k].mean())
         # Issue 19: the reported mask is the smallest top share of the saliency keeping >= 90 % of
-        # the logit; on the first photo that share is 0.9 (measured), on the second 0.4.
+        # the logit (measured: 0.5 and 0.25 of the image with 4 px cells).
         assert kept >= 0.9, (i, kept, coverage)
-        assert coverage < 1.0, (i, kept, coverage)
-    coverages = [float(arrays["masks"][k].mean()) for k in range(len(pairs))]
-    assert min(coverages) <= 0.5, coverages
+        assert coverage <= 0.5, (i, kept, coverage)
     # Faithful ranking: deleting the top pixels first drops the probability faster than random.
     table = arrays["tables"]["isolations"]
-    assert max(table.column("deletion_auc").to_pylist()) < 0.05
+    assert max(table.column("deletion_auc").to_pylist()) < 0.05  # a random map: ~0.07
 
 
 def test_sample_isolation_frame(photo_isolation, lite0):
