@@ -173,3 +173,59 @@ def quality_tags(metrics: dict[str, float]) -> dict[str, str]:
         k.split(".", 1)[1] for k, v in metrics.items() if k.startswith("off_target.") and v
     )
     return {OFF_TARGET_TAG: ",".join(off) if off else "none"}
+
+
+def quality_section(audit, context=None) -> str | None:
+    """An HTML fragment for the report (h13's ``report_sections`` registry, name ``quality``):
+    off-target prototypes first, then every prototype's target probability clean / robust /
+    transferred and every isolation's kept ratio, coverage and RISE AUCs. None when there is nothing."""
+    import html
+
+    parts: list[str] = []
+    p = getattr(audit, "prototypes", None)
+    names = audit.class_list
+    if p is not None:
+        top, off, prob = p.flags()
+        refs = [html.escape(r) for r in p.reference_models]
+        head = "<tr><th>target</th><th>#</th><th>top class</th><th>target prob</th>"
+        head += "<th>under crops+flips</th>" if p.robust_probs is not None else ""
+        head += "".join(f"<th>on {r}</th>" for r in refs) + "</tr>"
+        rows = []
+        for r in range(len(top)):
+            target = "+".join(names[c] for c in p.targets[p.row_target(r)])
+            cells = [
+                html.escape(target),
+                str(p.row_index(r)),
+                html.escape(names[int(top[r])]) + (" &#9888; off target" if off[r] else ""),
+                f"{float(prob[r]):.3f}",
+            ]
+            if p.robust_probs is not None:
+                cells.append(f"{float(p.robust_probs[r]):.3f}")
+            if p.transfer_probs is not None:
+                cells += [f"{float(v):.3f}" for v in p.transfer_probs[r]]
+            style = ' style="background:#fde2e1"' if off[r] else ""
+            rows.append(f"<tr{style}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        count = int(off.sum())
+        warning = (
+            f"<p><strong>{count} prototype(s) are classified as another class</strong>: they are "
+            "not evidence for their target.</p>"
+            if count
+            else "<p>Every prototype is classified as its own target.</p>"
+        )
+        parts.append(f"<h3>Prototype quality</h3>{warning}<table>{head}{''.join(rows)}</table>")
+    iso = getattr(audit, "isolation", None)
+    if iso is not None and iso.deletion_auc is not None:
+        rows = [
+            f"<tr><td>{i}</td><td>{html.escape(names[c])}</td><td>{float(iso.kept[k]):.2f}</td>"
+            f"<td>{float(iso.kept_prob[k]):.2f}</td><td>{float(iso.coverage[k]):.0%}</td>"
+            f"<td>{float(iso.deletion_auc[k]):.3f}</td><td>{float(iso.insertion_auc[k]):.3f}</td></tr>"
+            for k, (i, c) in enumerate(iso.pairs)
+        ]
+        parts.append(
+            "<h3>Isolation faithfulness</h3><table><tr><th>image</th><th>class</th>"
+            "<th>kept logit</th><th>kept prob</th><th>coverage</th><th>deletion AUC (lower is "
+            "better)</th><th>insertion AUC (higher is better)</th></tr>"
+            + "".join(rows)
+            + "</table>"
+        )
+    return "".join(parts) or None

@@ -181,3 +181,22 @@ def test_transfer_probs_on_the_model_itself_and_a_twin(digit_audits, digit_model
     _, _, own = p.flags()
     torch.testing.assert_close(transfer[:, 0], own, atol=1e-4, rtol=0)
     assert not torch.allclose(transfer[:, 1], own, atol=1e-2)
+
+
+def test_quality_section_names_off_target_prototypes(digits, digit_isolation):
+    from leapcore.quality import quality_metrics, quality_section, quality_tags
+
+    audit = engine.run(
+        digits.model,
+        digits.class_list,
+        {"input_dim": [1, 32, 32], "max_steps": 0, "find_lr_steps": 0, "isolation": False},
+        list(range(10)),
+        digits.preprocessing,
+    )
+    fragment = quality_section(audit)
+    assert "off target" in fragment and "classified as another class" in fragment
+    metrics = quality_metrics(audit)
+    assert metrics["prototypes.off_target"] >= 9
+    assert quality_tags(metrics)["leapcore.off_target_prototypes"].count(",") >= 8
+    iso_fragment = quality_section(digit_isolation)
+    assert "deletion AUC" in iso_fragment
