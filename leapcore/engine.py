@@ -258,12 +258,32 @@ def isolation_inputs(
     return shown, classes
 
 
+def load_references(
+    config: EngineConfig, num_classes: int, shape: tuple[int, int, int], device: torch.device
+) -> dict[str, LogitsModel]:
+    """Load ``config.reference_models`` (before any stage runs), checking their output width."""
+    from leapcore.quality import check_reference_width
+    from leapcore.sources import load_model
+
+    references = {}
+    for uri in config.reference_models:
+        loaded = load_model(uri)
+        check_reference_width(uri, len(loaded.class_list), num_classes)
+        if isinstance(loaded.model, torch.nn.Module):
+            loaded.model.eval().to(device)
+        references[uri] = build_model(
+            loaded.model, loaded.class_list, loaded.preprocessing, shape, loaded.framework
+        )
+    return references
+
+
 def run_prototypes(
     model: LogitsModel,
     targets: list[list[int]],
     config: EngineConfig,
     device: torch.device,
     audit: Audit,
+    references: dict[str, LogitsModel] | None = None,
 ) -> Audit:
     shape = model.input_shape
     rows = len(targets) * config.prototypes_per_class
@@ -281,6 +301,17 @@ def run_prototypes(
         model, targets, audit.baseline.image, config, audit.lr.lr, chunk
     )
     audit.timings["prototypes"] = audit.prototypes.seconds
+    if references:
+        from leapcore.quality import transfer_target_probs
+
+        began = time.perf_counter()
+        p = audit.prototypes
+        shown, _ = isolation_inputs(p, [], config, model.num_classes, device)
+        p.transfer_probs = transfer_target_probs(
+            list(references.items()), shown, p.targets, p.per_target, model.num_classes, chunk
+        )
+        p.reference_models = list(references)
+        audit.timings["transfer"] = time.perf_counter() - began
 
     began = time.perf_counter()
     base_logits = audit.baseline.logits.cpu()
@@ -351,6 +382,11 @@ def run(
         model, classes, preprocessing, shape, mode, cfg.channels_last, cfg.fold_batchnorm
     )
     audit = Audit(class_list=classes, config=cfg)
+    references = (
+        load_references(cfg, len(classes), wrapped.input_shape, dev)
+        if samples is None and cfg.reference_models
+        else {}
+    )
     torch.manual_seed(cfg.seed)
     original_device = model_device(model)
     with stage_mode(model, cfg, dev):
@@ -369,7 +405,7 @@ def run(
                 run_samples(wrapped, tensor, targets, cfg, dev, audit)
             else:
                 targets = normalise_targets(target_classes, len(classes))
-                run_prototypes(wrapped, targets, cfg, dev, audit)
+                run_prototypes(wrapped, targets, cfg, dev, audit, references)
         finally:
             if isinstance(model, torch.nn.Module) and original_device is not None:
                 model.to(original_device)

@@ -1,13 +1,14 @@
 """Hierarchical perturbation (Cooper et al., 2022): occlusion saliency on refining grids.
 
-Level 0 occludes each cell of a 4x4 grid with a heavily blurred copy of the image (its local mean
-colour): that removes the cell's detail without adding evidence of its own, and unlike noise it
+Level 0 occludes each cell of a 4x4 grid with ``isolation_background`` (default: a heavily blurred
+copy of the image, its local mean colour): that removes the cell's detail without adding evidence of its own, and unlike noise it
 gives the same saliency for any seed (with one noise sample the masks of real photos varied from
 better than random cells to worse). Cells whose occlusion drops the class's logit by
 more than the level's mid-range ``(max + min) / 2`` are split into four and tested again, down to
 ``hipe_min_cell`` pixels. Saliency adds up every level's drops over the cells' pixels and is scaled to
 [0, 1] per pair. All occlusions of a level, over every (image, class) pair, go through the model as
-one batch (in chunks).
+one batch (in chunks). The saliency is then calibrated into the reported mask like the mask
+optimisation's (:func:`leapcore.isolation.calibrate`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from leapcore.config import EngineConfig
-from leapcore.isolation import IsolationResult, _class_logits, background_noise, pair_keys
+from leapcore.isolation import IsolationResult, _class_logits, make_background, pair_keys
 from leapcore.rng import RowKey
 
 
@@ -45,9 +46,8 @@ def hierarchical_perturbation(
     cls = torch.tensor([p[1] for p in pairs], device=device)
     n, _, h, w = source.shape
     keys = pair_keys(pairs, image_keys)
-    noise = background_noise(config.seed + 6, keys, tuple(source.shape[1:]), device)
     with torch.no_grad():
-        substrate = blurred_substrate(source)
+        substrate = make_background(config.isolation_background, source, config.seed + 6, keys)
         full = _class_logits(model, source, cls, chunk_size)
         saliency = torch.zeros((n, 1, h, w), device=device)
         cell_h, cell_w = max(1, h // 4), max(1, w // 4)
@@ -83,6 +83,16 @@ def hierarchical_perturbation(
             ]
         peak = saliency.flatten(1).max(1).values.clamp_min(1e-12)
         masks = saliency / peak[:, None, None, None]
-    return IsolationResult.from_masks(
-        model, pairs, source, cls, masks, noise, full, "hipe", began, chunk_size
+    return IsolationResult.from_saliency(
+        model,
+        pairs,
+        source,
+        cls,
+        masks,
+        substrate,
+        full,
+        "hipe",
+        began,
+        chunk_size,
+        config.isolation_keep,
     )

@@ -16,6 +16,7 @@ import torch
 from leapcore import penalties
 from leapcore.config import EngineConfig
 from leapcore.errors import InputError
+from leapcore.objectives import get_objective
 from leapcore.optim import BatchedAdam
 from leapcore.parameterisation import Parameterisation, create_parameterisation
 from leapcore.rng import RowKey, RowStreams
@@ -79,6 +80,7 @@ class PrototypeProblem:
         self.batch = weights.shape[0]
         self.chunk_size = max(1, chunk_size)
         self.samples = config.transform_samples
+        self.objective = get_objective(config.objective)
         self.augmenter: Augmenter = create_augmenter(
             config.transform, (config.blur_min, config.blur_max)
         )
@@ -169,7 +171,7 @@ class PrototypeProblem:
             if not self.augmenter.is_identity:
                 view = self.augmenter.apply(view, draw.rows(index))
             logits = self.model(view)
-            objective = (logits * self.weights[rows].repeat(t, 1)).sum(1).view(t, m).mean(0)
+            objective = self.objective(logits, self.weights[rows].repeat(t, 1)).view(t, m).mean(0)
             loss = -objective.sum()
             if not loss.requires_grad:
                 raise InputError(

@@ -12,6 +12,7 @@ import torch
 from leapcore.config import EngineConfig
 from leapcore.errors import InputError, NonFiniteError
 from leapcore.problem import PrototypeProblem, TargetSet, row_keys, target_weights
+from leapcore.quality import prototype_flags, robust_target_probs
 from leapcore.rng import RowStreams
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,10 @@ class PrototypeResult:
         lr: the step size used.
         steps: steps run.
         seconds: wall time of the optimisation loop.
+        robust_probs: ``[B]`` mean target probability under random resized crops and flips
+            (:func:`leapcore.quality.robust_target_probs`), or None when not measured.
+        transfer_probs: ``[B, R]`` target probability on each of ``reference_models``, or None.
+        reference_models: the names (URIs) of the reference models, in column order.
     """
 
     targets: list[TargetSet]
@@ -44,10 +49,18 @@ class PrototypeResult:
     steps: int
     seconds: float
     extras: dict = field(default_factory=dict)
+    robust_probs: torch.Tensor | None = None
+    transfer_probs: torch.Tensor | None = None
+    reference_models: list[str] = field(default_factory=list)
+    objective_weight: float = 1.0
 
     @property
     def probs(self) -> torch.Tensor:
         return self.logits.softmax(dim=1)
+
+    def flags(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(top_class, off_target, target_prob)`` per row (see :func:`leapcore.quality.prototype_flags`)."""
+        return prototype_flags(self.logits, self.targets, self.per_target, self.objective_weight)
 
     def row_target(self, row: int) -> int:
         return row // self.per_target
@@ -169,7 +182,15 @@ def optimise_prototypes(
             best_logits = torch.cat(
                 [model(shown[i : i + chunk_size]) for i in range(0, len(shown), chunk_size)]
             )
-    return PrototypeResult(
+    shown = (
+        images
+        if best_alpha is None
+        else images * best_alpha + problem.eval_background * (1 - best_alpha)
+    )
+    robust = robust_target_probs(
+        model, shown.detach(), targets, config.prototypes_per_class, config.seed, chunk_size
+    )
+    result = PrototypeResult(
         targets=targets,
         per_target=config.prototypes_per_class,
         images=images.cpu(),
@@ -180,7 +201,20 @@ def optimise_prototypes(
         lr=float(lr),
         steps=config.max_steps,
         seconds=seconds,
+        robust_probs=robust,
+        objective_weight=config.objective_weight,
     )
+    top, off, prob = result.flags()
+    for row in off.nonzero().flatten().tolist():
+        log.warning(
+            "the prototype of target %s (index %d) is classified as class %d (target probability "
+            "%.3f): it is not a prototype of its target.",
+            targets[row // config.prototypes_per_class],
+            row % config.prototypes_per_class,
+            int(top[row]),
+            float(prob[row]),
+        )
+    return result
 
 
 def as_numpy(result: PrototypeResult) -> dict[str, np.ndarray]:

@@ -165,6 +165,10 @@ def audit_metrics(audit: Any) -> dict[str, float]:
         metrics["samples.mean_top_prob"] = float(
             audit.sample_logits.softmax(1).max(1).values.mean()
         )
+    # Issue 19 (h19): off-target flags, robust / transfer probabilities, isolation faithfulness.
+    from leapcore.quality import quality_metrics
+
+    metrics.update(quality_metrics(audit))
     return metrics
 
 

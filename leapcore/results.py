@@ -13,6 +13,7 @@ Arrow tables (one schema each, named in the table's metadata under ``leapcore.sc
 from __future__ import annotations
 
 import html
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -89,11 +90,14 @@ def audit_frame(audit, paths: dict[str, list[str]]) -> pd.DataFrame:
                     "mask": paths["masks"][k],
                     "mask_coverage": float(iso.coverage[k]),
                     "isolated_logit": float(iso.logits_isolated[k]),
+                    "kept_logit": float(iso.kept[k]),
+                    **_optional_pair_values(iso, k),
                 }
             )
         return pd.DataFrame(rows)
     p = audit.prototypes
     probs = p.probs
+    top, off, target_prob = p.flags()
     frames = []
     for row in range(len(p.images)):
         t = p.row_target(row)
@@ -107,8 +111,16 @@ def audit_frame(audit, paths: dict[str, list[str]]) -> pd.DataFrame:
                 "entanglement": audit.entanglement[row].numpy(),
                 "input": None,
                 "mask": None,
+                # The prototype's own quality, repeated on each of its rows.
+                "top_class": int(top[row]),
+                "off_target": bool(off[row]),
+                "target_prob": float(target_prob[row]),
             }
         )
+        if p.robust_probs is not None:
+            frame["target_prob_robust"] = float(p.robust_probs[row])
+        if p.transfer_probs is not None:
+            frame["transfer_probs"] = [p.transfer_probs[row].tolist()] * len(names)
         for c in p.targets[t]:
             frame.loc[c, "input"] = paths["prototypes"][row]
         for c in range(len(names)):
@@ -120,6 +132,14 @@ def audit_frame(audit, paths: dict[str, list[str]]) -> pd.DataFrame:
         frame["input"] = frame["input"].astype(object)
         frames.append(frame.sort_values("entanglement", ascending=False, kind="stable"))
     return pd.concat(frames, ignore_index=True)
+
+
+def _optional_pair_values(iso, k: int) -> dict[str, float]:
+    return {
+        name: float(getattr(iso, name)[k])
+        for name in ("kept_prob", "deletion_auc", "insertion_auc")
+        if getattr(iso, name) is not None
+    }
 
 
 def audit_arrays(audit) -> dict[str, Any]:
@@ -202,11 +222,25 @@ def prototypes_to_arrow(result, class_list: list[str]) -> pa.Table:
     }
     if result.alphas is not None:
         columns["alpha"] = tensor_column(result.alphas)
+    top, off, prob = result.flags()
+    columns["top_class"] = pa.array(top.numpy().astype(np.int32), pa.int32())
+    columns["off_target"] = pa.array(off.numpy().astype(bool), pa.bool_())
+    columns["target_prob"] = pa.array(prob.numpy().astype(np.float32), pa.float32())
+    if result.robust_probs is not None:
+        columns["target_prob_robust"] = pa.array(
+            result.robust_probs.numpy().astype(np.float32), pa.float32()
+        )
+    if result.transfer_probs is not None:
+        columns["transfer_probs"] = pa.array(
+            list(result.transfer_probs.numpy().astype(np.float32)), pa.list_(pa.float32())
+        )
     meta = {
         "lr": repr(result.lr),
         "steps": str(result.steps),
         "per_target": str(result.per_target),
         "seconds": repr(result.seconds),
+        "objective_weight": repr(result.objective_weight),
+        "reference_models": json.dumps(list(result.reference_models)),
     }
     return _with_schema(pa.table(columns), "prototypes", meta)
 
@@ -246,6 +280,16 @@ def prototypes_from_arrow(prototypes: pa.Table, trajectories: pa.Table):
     alphas = (
         column_tensor(prototypes.column("alpha")) if "alpha" in prototypes.column_names else None
     )
+    names = prototypes.column_names
+    robust = (
+        torch.from_numpy(prototypes.column("target_prob_robust").to_numpy().copy())
+        if "target_prob_robust" in names
+        else None
+    )
+    transfer = None
+    if "transfer_probs" in names:
+        values = prototypes.column("transfer_probs").to_pylist()
+        transfer = torch.tensor(values, dtype=torch.float32).reshape(len(values), -1)
     return PrototypeResult(
         targets=targets,
         per_target=per_target,
@@ -257,6 +301,10 @@ def prototypes_from_arrow(prototypes: pa.Table, trajectories: pa.Table):
         lr=float(meta["leapcore.lr"]),
         steps=int(meta["leapcore.steps"]),
         seconds=float(meta["leapcore.seconds"]),
+        robust_probs=robust,
+        transfer_probs=transfer,
+        reference_models=json.loads(meta.get("leapcore.reference_models", "[]")),
+        objective_weight=float(meta.get("leapcore.objective_weight", "1.0")),
     )
 
 
@@ -305,8 +353,13 @@ def isolations_to_arrow(result, class_list: list[str], source: str) -> pa.Table:
             "logit_full": pa.array(result.logits_full.numpy(), pa.float32()),
             "logit_isolated": pa.array(result.logits_isolated.numpy(), pa.float32()),
             "coverage": pa.array(result.coverage.numpy(), pa.float32()),
+            "kept_logit": pa.array(result.kept.numpy().astype(np.float32), pa.float32()),
         }
     )
+    for name in ("kept_prob", "deletion_auc", "insertion_auc"):
+        value = getattr(result, name)
+        if value is not None:
+            table = table.append_column(name, pa.array(value.numpy().astype(np.float32)))
     return _with_schema(
         table, "isolations", {"method": result.method, "seconds": repr(result.seconds)}
     )
@@ -327,6 +380,11 @@ def isolations_from_arrow(table: pa.Table):
         logits_isolated=torch.from_numpy(table.column("logit_isolated").to_numpy().copy()),
         method=meta["leapcore.method"],
         seconds=float(meta["leapcore.seconds"]),
+        **{
+            name: torch.from_numpy(table.column(name).to_numpy().copy())
+            for name in ("kept_prob", "deletion_auc", "insertion_auc")
+            if name in table.column_names
+        },
     )
 
 

@@ -40,7 +40,14 @@ def merge_prototypes(parts: list[PrototypeResult]) -> PrototypeResult:
         logits=torch.cat([p.logits for p in parts]),
         trajectory=torch.cat([p.trajectory for p in parts], dim=1),
         seconds=sum(p.seconds for p in parts),
+        robust_probs=_cat_optional([p.robust_probs for p in parts]),
+        transfer_probs=_cat_optional([p.transfer_probs for p in parts]),
     )
+
+
+def _cat_optional(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Concatenate per-chunk quality columns; None when any chunk lacks them."""
+    return None if any(p is None for p in parts) else torch.cat(parts)
 
 
 def merge_isolations(parts: list[IsolationResult]) -> IsolationResult:
@@ -55,6 +62,9 @@ def merge_isolations(parts: list[IsolationResult]) -> IsolationResult:
         logits_isolated=torch.cat([p.logits_isolated for p in parts]),
         method=parts[0].method,
         seconds=sum(p.seconds for p in parts),
+        kept_prob=_cat_optional([p.kept_prob for p in parts]),
+        deletion_auc=_cat_optional([p.deletion_auc for p in parts]),
+        insertion_auc=_cat_optional([p.insertion_auc for p in parts]),
     )
 
 

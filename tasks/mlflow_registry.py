@@ -21,6 +21,7 @@ from typing import Any
 from prefect import task
 
 from leapcore import __version__
+from leapcore.quality import quality_tags
 from leapcore.secrets import redact_uri
 from tasks.artifacts import ArtifactStore
 from tasks.model import ModelRef
@@ -161,6 +162,7 @@ def publish_mlflow(
             metrics=[Metric(k, float(v), now, 0) for k, v in metric_items[start : start + 900]],
         )
     all_tags = {**(tags or {}), "leapcore.model_digest": model.digest}
+    all_tags.update(quality_tags(report.metrics))  # issue 19 (h19): off-target prototypes
     client.log_batch(run_id, tags=[RunTag(k, str(v)[:4900]) for k, v in sorted(all_tags.items())])
     with tempfile.TemporaryDirectory(prefix="leapcore-mlflow-") as tmp:
         root = Path(tmp)

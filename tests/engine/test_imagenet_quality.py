@@ -92,8 +92,13 @@ def test_sample_isolation_keeps_the_top_logit_with_half_the_image(photo_isolatio
         k = k[0]
         kept = arrays["isolation_logits_isolated"][k] / abs(arrays["isolation_logits_full"][k])
         coverage = float(arrays["masks"][k].mean())
-        assert kept >= 0.8, (i, kept, coverage)
+        # Issue 19: the reported mask is the smallest top share of the saliency keeping >= 90 % of
+        # the logit (measured: 0.5 and 0.25 of the image with 4 px cells).
+        assert kept >= 0.9, (i, kept, coverage)
         assert coverage <= 0.5, (i, kept, coverage)
+    # Faithful ranking: deleting the top pixels first drops the probability faster than random.
+    table = arrays["tables"]["isolations"]
+    assert max(table.column("deletion_auc").to_pylist()) < 0.05  # a random map: ~0.07
 
 
 def test_sample_isolation_frame(photo_isolation, lite0):
@@ -119,9 +124,9 @@ def test_hipe_mask_points_at_the_evidence(lite0, photos):
     preprocessing, model, class_list = lite0
     probs = _probs(lite0, photos)
     top = probs.argmax(1)
-    audit = engine.run(
-        model, class_list, {"use_hipe": True, "max_isolate_classes": 1}, None, preprocessing, photos
-    )
+    # The HiPE saliency itself (``isolation_keep: 0``), not the calibrated binary mask.
+    config = {"use_hipe": True, "max_isolate_classes": 1, "isolation_keep": 0}
+    audit = engine.run(model, class_list, config, None, preprocessing, photos)
     iso = audit.isolation
     assert iso.method == "hipe"
     assert iso.pairs == [(0, int(top[0])), (1, int(top[1]))]

@@ -426,8 +426,11 @@ def test_sample_mode_isolates_targets_or_the_top_three(digits):
 
 
 def test_isolation_masks_keep_the_class_and_shrink(digits):
+    """The optimised soft masks (``isolation_keep: 0`` reports them uncalibrated)."""
     samples = digits.test_x[:4]
-    audit = run_digits(digits, samples=samples, max_isolate_classes=1, isolation_steps=60)
+    audit = run_digits(
+        digits, samples=samples, max_isolate_classes=1, isolation_steps=60, isolation_keep=0
+    )
     iso = audit.isolation
     assert iso.method == "mask"
     assert (iso.masks >= 0).all() and (iso.masks <= 1).all()
@@ -438,6 +441,7 @@ def test_isolation_masks_keep_the_class_and_shrink(digits):
         max_isolate_classes=1,
         isolation_steps=60,
         isolation_alpha_weight=4.0,
+        isolation_keep=0,
     )
     assert heavier.isolation.coverage.mean() < iso.coverage.mean()
 
@@ -445,10 +449,20 @@ def test_isolation_masks_keep_the_class_and_shrink(digits):
 def test_isolation_hf_weight_smooths_masks(digits):
     samples = digits.test_x[:4]
     rough = run_digits(
-        digits, samples=samples, max_isolate_classes=1, isolation_steps=40, isolation_hf_weight=0.0
+        digits,
+        samples=samples,
+        max_isolate_classes=1,
+        isolation_steps=40,
+        isolation_hf_weight=0.0,
+        isolation_keep=0,
     )
     smooth = run_digits(
-        digits, samples=samples, max_isolate_classes=1, isolation_steps=40, isolation_hf_weight=20.0
+        digits,
+        samples=samples,
+        max_isolate_classes=1,
+        isolation_steps=40,
+        isolation_hf_weight=20.0,
+        isolation_keep=0,
     )
     assert float(penalties.high_frequency(smooth.isolation.masks).mean()) < float(
         penalties.high_frequency(rough.isolation.masks).mean()

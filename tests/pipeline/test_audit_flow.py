@@ -394,7 +394,11 @@ def test_class_chunks_give_the_single_batch_results_with_random_transforms(
     those classes drew in the single batch; only convolution rounding differs (~1e-7)."""
     (images, masks), (chunked_images, chunked_masks) = _chunked_pair(registered_model, tmp_path)
     assert torch.allclose(images, chunked_images, atol=1e-5, rtol=0)
-    assert torch.allclose(masks, chunked_masks, atol=1e-5, rtol=0)
+    # Reported masks are binary top shares of the saliency (issue 19's calibration): a rounding
+    # difference can swap two equal-ranked pixels at the edge of the share, never more than a few.
+    differ = (masks != chunked_masks).float().mean()
+    assert differ < 0.01, differ
+    assert torch.allclose(masks.flatten(1).mean(1), chunked_masks.flatten(1).mean(1), atol=1e-3)
 
 
 def test_explain_samples_isolates_features_in_a_folder_of_images(

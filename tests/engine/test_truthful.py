@@ -1,0 +1,202 @@
+"""Issue 19: objectives, off-target flags, robust quality and isolation that keeps the evidence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leapcore import engine, results
+from leapcore.config import load_config
+from leapcore.errors import ConfigError, InputError
+from leapcore.faithfulness import deletion_insertion_auc
+from leapcore.objectives import OBJECTIVES, get_objective
+
+from .engine_support import run_digits, train_digits
+from .marker_support import marker_mass, train_marker_model
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Objectives
+# ---------------------------------------------------------------------------------------------- #
+def test_objectives_compose_and_logit_is_the_weighted_logit():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 6, generator=gen)
+    w = torch.zeros(4, 6)
+    w[torch.arange(4), torch.tensor([0, 2, 5, 1])] = 1.0
+    # 'logit' is exactly the expression the step used before objectives existed (bit for bit).
+    assert torch.equal(OBJECTIVES["logit"](z, w), (z * w).sum(1))
+    others = z.masked_fill(w != 0, float("-inf")).amax(1)
+    torch.testing.assert_close(get_objective("margin")(z, w), (z * w).sum(1) - others)
+    combined = 2 * get_objective("logit") + get_objective("log_softmax")
+    torch.testing.assert_close(combined(z, w), 2 * (z * w).sum(1) + (z.log_softmax(1) * w).sum(1))
+
+
+def test_unknown_objective_names_the_closest():
+    with pytest.raises(ConfigError, match="did you mean 'margin'"):
+        load_config({"objective": "margn"})
+    with pytest.raises(InputError, match="did you mean 'log_softmax'"):
+        get_objective("logsoftmax")
+
+
+@pytest.fixture(scope="session")
+def digit_models(digits):
+    """Three digit CNNs of different seeds and training lengths (55-94 % held-out accuracy)."""
+    return [digits, train_digits(epochs=1, train_size=200, seed=1), train_digits(1, 400, seed=2)]
+
+
+@pytest.fixture(scope="module")
+def digit_audits(digit_models):
+    """Ten prototypes per model with the default objective (fast schedule of the digits tests)."""
+    return [run_digits(m, list(range(10)), max_steps=60, log_freq=30) for m in digit_models]
+
+
+def test_default_prototypes_are_of_their_own_class(digit_audits):
+    """With the default objective every prototype's top class is its target, on every model."""
+    for audit in digit_audits:
+        assert audit.config.objective == "margin"
+        top, off, prob = audit.prototypes.flags()
+        assert top.tolist() == list(range(10)), top
+        assert not off.any()
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Flags and quality in the results
+# ---------------------------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def unoptimised(digits, tmp_path_factory):
+    """No steps: every prototype is the grey start image, so at most one target is its top class."""
+    config = {
+        "input_dim": [1, 32, 32],
+        "max_steps": 0,
+        "find_lr_steps": 0,
+        "isolation": False,
+        "output_dir": str(tmp_path_factory.mktemp("flags")),
+    }
+    return engine.generate(
+        "flags", digits.model, digits.class_list, config, list(range(10)), digits.preprocessing
+    )
+
+
+def test_off_target_prototypes_are_flagged_in_table_and_frame(unoptimised):
+    df, arrays = unoptimised
+    table = arrays["tables"]["prototypes"]
+    logits = torch.tensor(arrays["prototype_logits"])
+    top = logits.argmax(1)
+    assert table.column("top_class").to_pylist() == top.tolist()
+    assert table.column("off_target").to_pylist() == (top != torch.arange(10)).tolist()
+    assert sum(table.column("off_target").to_pylist()) >= 9
+    probs = logits.softmax(1).diagonal()
+    torch.testing.assert_close(
+        torch.tensor(table.column("target_prob").to_pylist()), probs, atol=1e-6, rtol=0
+    )
+    robust = torch.tensor(table.column("target_prob_robust").to_pylist())
+    assert ((robust >= 0) & (robust <= 1)).all()
+    own = df[df["target_class"] == df["output_class"]]
+    assert own["off_target"].tolist() == (top != torch.arange(10)).tolist()
+    back = results.prototypes_from_arrow(table, arrays["tables"]["trajectories"])
+    assert torch.equal(back.robust_probs, robust)
+
+
+def test_robust_probability_separates_trained_from_grey(digit_audits, unoptimised):
+    robust = digit_audits[0].prototypes.robust_probs
+    table = unoptimised[1]["tables"]["prototypes"]
+    grey = torch.tensor(table.column("target_prob_robust").to_pylist())
+    assert robust.mean() > 0.5 > grey.mean() + 0.2, (robust, grey)
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Isolation that keeps the evidence
+# ---------------------------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def digit_isolation(digits):
+    samples = digits.test_x[:6]
+    return run_digits(digits, samples=samples, max_isolate_classes=1, isolation_steps=60)
+
+
+def test_isolation_keeps_the_logit_on_a_small_share(digit_isolation):
+    iso = digit_isolation.isolation
+    assert (iso.kept >= 0.9).all(), iso.kept
+    assert iso.coverage.mean() <= 0.3, iso.coverage
+    table = results.isolations_to_arrow(iso, [str(d) for d in range(10)], "sample")
+    for column in ("kept_logit", "kept_prob", "deletion_auc", "insertion_auc", "coverage"):
+        assert column in table.column_names
+
+
+def test_isolation_deletion_beats_a_random_map(digits, digit_isolation):
+    iso = digit_isolation.isolation
+    samples = digits.test_x[:6]
+    gen = torch.Generator().manual_seed(0)
+    random_maps = torch.rand(6, 32, 32, generator=gen)
+
+    def logits(x):
+        return digits.model(digits.preprocessing(x))
+
+    random_deletion, _ = deletion_insertion_auc(
+        logits, samples, random_maps, [c for _, c in iso.pairs]
+    )
+    assert iso.deletion_auc.mean() < random_deletion.mean() - 0.1, (
+        iso.deletion_auc,
+        random_deletion,
+    )
+    assert iso.insertion_auc.mean() > iso.deletion_auc.mean()
+
+
+@pytest.fixture(scope="session")
+def marker_model():
+    return train_marker_model(size=6, position=(13, 13), value=0.0, seed=2)
+
+
+def test_planted_marker_gets_most_of_the_mask(marker_model):
+    m = marker_model
+    audit = engine.run(
+        m.model,
+        m.class_list,
+        {"input_dim": [1, 32, 32], "max_steps": 60, "log_freq": 30},
+        [m.marker_class],
+        m.preprocessing,
+        samples=m.images[:6],
+    )
+    mass = marker_mass(audit.isolation.masks[:, 0], m.box)
+    assert mass.mean() > 0.5, mass
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Transfer to reference models
+# ---------------------------------------------------------------------------------------------- #
+def test_reference_model_of_another_width_is_refused_before_any_stage(digits):
+    with pytest.raises(InputError, match="1000 outputs.*10 classes"):
+        run_digits(digits, [3], reference_models=["efficientnet_lite0"], max_steps=1000)
+
+
+def test_transfer_probs_on_the_model_itself_and_a_twin(digit_audits, digit_models):
+    from leapcore.quality import transfer_target_probs
+
+    p = digit_audits[0].prototypes
+    nets = [
+        ("self", torch.nn.Sequential(digit_models[0].preprocessing, digit_models[0].model)),
+        ("weak", torch.nn.Sequential(digit_models[1].preprocessing, digit_models[1].model)),
+    ]
+    transfer = transfer_target_probs(nets, p.images, p.targets, p.per_target, 10, 16)
+    assert transfer.shape == (10, 2)
+    _, _, own = p.flags()
+    torch.testing.assert_close(transfer[:, 0], own, atol=1e-4, rtol=0)
+    assert not torch.allclose(transfer[:, 1], own, atol=1e-2)
+
+
+def test_quality_section_names_off_target_prototypes(digits, digit_isolation):
+    from leapcore.quality import quality_metrics, quality_section, quality_tags
+
+    audit = engine.run(
+        digits.model,
+        digits.class_list,
+        {"input_dim": [1, 32, 32], "max_steps": 0, "find_lr_steps": 0, "isolation": False},
+        list(range(10)),
+        digits.preprocessing,
+    )
+    fragment = quality_section(audit)
+    assert "off target" in fragment and "classified as another class" in fragment
+    metrics = quality_metrics(audit)
+    assert metrics["prototypes.off_target"] >= 9
+    assert quality_tags(metrics)["leapcore.off_target_prototypes"].count(",") >= 8
+    iso_fragment = quality_section(digit_isolation)
+    assert "deletion AUC" in iso_fragment
