@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from leapcore.images import save_png
+from leapcore.outputs import probabilities, probability_name
 
 SCHEMA_KEY = b"leapcore.schema"
 
@@ -75,7 +76,7 @@ def audit_frame(audit, paths: dict[str, list[str]]) -> pd.DataFrame:
             iso_lookup[(i, c)] = k
     if audit.prototypes is None:
         rows = []
-        probs = audit.sample_logits.softmax(1)
+        probs = probabilities(audit.sample_logits, getattr(audit, "output", "logits"))
         for k, (i, c) in enumerate(iso.pairs):
             rows.append(
                 {
@@ -87,9 +88,10 @@ def audit_frame(audit, paths: dict[str, list[str]]) -> pd.DataFrame:
                     "mask": paths["masks"][k],
                     "mask_coverage": float(iso.coverage[k]),
                     "isolated_logit": float(iso.logits_isolated[k]),
+                    "region": getattr(audit, "region", None),
                 }
             )
-        return pd.DataFrame(rows)
+        return _described(pd.DataFrame(rows), audit)
     p = audit.prototypes
     probs = p.probs
     frames = []
@@ -105,6 +107,7 @@ def audit_frame(audit, paths: dict[str, list[str]]) -> pd.DataFrame:
                 "entanglement": audit.entanglement[row].numpy(),
                 "input": None,
                 "mask": None,
+                "region": p.region,
             }
         )
         for c in p.targets[t]:
@@ -117,7 +120,19 @@ def audit_frame(audit, paths: dict[str, list[str]]) -> pd.DataFrame:
                     frame.loc[c, "input"] = paths["isolated"][k]
         frame["input"] = frame["input"].astype(object)
         frames.append(frame.sort_values("entanglement", ascending=False, kind="stable"))
-    return pd.concat(frames, ignore_index=True)
+    return _described(pd.concat(frames, ignore_index=True), audit)
+
+
+def _described(df: pd.DataFrame, audit) -> pd.DataFrame:
+    """Say in ``df.attrs`` what the numbers are: output kind, probability function, region."""
+    output = getattr(audit, "output", "logits")
+    df.attrs.update(
+        output=output,
+        probability=probability_name(output),
+        model_kind=getattr(audit, "model_kind", "classifier"),
+        region=getattr(audit, "region", None),
+    )
+    return df
 
 
 def audit_arrays(audit) -> dict[str, Any]:
@@ -197,6 +212,7 @@ def prototypes_to_arrow(result, class_list: list[str]) -> pa.Table:
         "prototype_index": pa.array([result.row_index(r) for r in rows], pa.int32()),
         "image": tensor_column(result.images),
         "logits": pa.array(list(result.logits.numpy()), pa.list_(pa.float32())),
+        "region": pa.array([result.region] * len(result.images), pa.string()),
     }
     if result.alphas is not None:
         columns["alpha"] = tensor_column(result.alphas)
@@ -205,6 +221,8 @@ def prototypes_to_arrow(result, class_list: list[str]) -> pa.Table:
         "steps": str(result.steps),
         "per_target": str(result.per_target),
         "seconds": repr(result.seconds),
+        "output": result.output,
+        "probability": probability_name(result.output),
     }
     return _with_schema(pa.table(columns), "prototypes", meta)
 
@@ -255,6 +273,10 @@ def prototypes_from_arrow(prototypes: pa.Table, trajectories: pa.Table):
         lr=float(meta["leapcore.lr"]),
         steps=int(meta["leapcore.steps"]),
         seconds=float(meta["leapcore.seconds"]),
+        output=meta.get("leapcore.output", "logits"),
+        region=prototypes.column("region")[0].as_py()
+        if "region" in prototypes.column_names
+        else None,
     )
 
 
@@ -281,9 +303,11 @@ def entanglement_to_arrow(
             "prob": result.probs.numpy().reshape(-1),
             "baseline_logit": base.numpy().reshape(-1).astype(np.float32),
             "entanglement": scores.numpy().reshape(-1).astype(np.float32),
+            "region": pa.array([result.region] * (b * k), pa.string()),
         }
     )
-    return _with_schema(table, "entanglement")
+    meta = {"output": result.output, "probability": probability_name(result.output)}
+    return _with_schema(table, "entanglement", meta)
 
 
 def entanglement_from_arrow(table: pa.Table) -> torch.Tensor:
@@ -291,7 +315,9 @@ def entanglement_from_arrow(table: pa.Table) -> torch.Tensor:
     return torch.from_numpy(table.column("entanglement").to_numpy().reshape(b, -1).copy())
 
 
-def isolations_to_arrow(result, class_list: list[str], source: str) -> pa.Table:
+def isolations_to_arrow(
+    result, class_list: list[str], source: str, region: str | None = None
+) -> pa.Table:
     table = pa.table(
         {
             "source": pa.array([source] * len(result.pairs)),
@@ -303,6 +329,7 @@ def isolations_to_arrow(result, class_list: list[str], source: str) -> pa.Table:
             "logit_full": pa.array(result.logits_full.numpy(), pa.float32()),
             "logit_isolated": pa.array(result.logits_isolated.numpy(), pa.float32()),
             "coverage": pa.array(result.coverage.numpy(), pa.float32()),
+            "region": pa.array([region] * len(result.pairs), pa.string()),
         }
     )
     return _with_schema(
@@ -413,7 +440,9 @@ def audit_tables(audit) -> dict[str, pa.Table]:
         )
     if audit.isolation is not None:
         source = "prototype" if audit.prototypes is not None else "sample"
-        tables["isolations"] = isolations_to_arrow(audit.isolation, audit.class_list, source)
+        tables["isolations"] = isolations_to_arrow(
+            audit.isolation, audit.class_list, source, getattr(audit, "region", None)
+        )
     return tables
 
 
