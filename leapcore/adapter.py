@@ -52,14 +52,18 @@ def compose_preprocessing(
 
 
 def unwrap_logits(output: Any) -> torch.Tensor:
-    """Take the logits out of a model output: a tensor, a dict with ``logits``, or an HF-style object."""
+    """Take the logits out of a model output: a tensor, a dict with ``logits`` (or torchvision's
+    ``out``), or an HF-style object."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, dict):
         if "logits" in output:
             return output["logits"]
+        if "out" in output:  # torchvision's segmentation models (deeplabv3, fcn, lraspp)
+            return output["out"]
         raise ModelOutputError(
-            f"the model returned a dict with keys {sorted(map(str, output))} and no 'logits' key. "
+            f"the model returned a dict with keys {sorted(map(str, output))} and no 'logits' key "
+            "(nor torchvision's 'out'). "
             "Wrap the model so that it returns the logits tensor (see README: 'Models that return "
             "something else')."
         )
@@ -102,6 +106,13 @@ def check_logits(logits: torch.Tensor, num_classes: int, output: str = "logits")
             "probabilities (a final sigmoid), not logits. Remove the final sigmoid, or wrap the model "
             "to return the scores before it: optimising probabilities saturates and gives no useful "
             "gradient."
+        )
+    if output == "logits" and in_unit and not sums_to_one and num_classes > 1:
+        raise ModelOutputError(
+            "every output of the model is in [0, 1] without rows summing to 1: it looks like a "
+            "multi-label model returning sigmoid probabilities. Remove the final sigmoid (wrap the "
+            "model to return the scores before it) and set the config option output to "
+            "'multilabel_logits'."
         )
     if in_unit and sums_to_one and num_classes > 1:
         raise ModelOutputError(

@@ -70,7 +70,7 @@ def load_audit(
     samples: StageOutput | None = None,
 ) -> Audit:
     """The :class:`Audit` that the given stage outputs describe (stages left out stay None)."""
-    audit = Audit(class_list=list(model.class_list), config=config)
+    audit = Audit(class_list=list(model.class_list), config=config, output=config.output)
     if baseline is not None:
         audit.baseline = baseline_from_arrow(store.get_table(baseline.refs["baseline"]))
         audit.timings["baseline"] = baseline.seconds

@@ -304,7 +304,9 @@ def score_entanglement(
     )
     base_logits = baseline_from_arrow(store.get_table(baseline.refs["baseline"])).logits.cpu()
     began = time.perf_counter()
-    scores = entanglement_stage.entanglement(base_logits, merged.logits)
+    scores = entanglement_stage.entanglement(
+        base_logits, merged.logits, output=merged.output, targets=merged.target_mask()
+    )
     seconds = time.perf_counter() - began
     names = list(model.class_list)
     summary = []
@@ -425,7 +427,7 @@ def isolate_samples(
     net, loaded = engine_model(model, locator, config, dev)
     images, _, names = samples_from_arrow(store.get_table(samples.refs["samples"]))
     images = engine.check_samples(images, net.input_shape, "pt")
-    audit = engine.Audit(class_list=list(model.class_list), config=config)
+    audit = engine.Audit(class_list=list(model.class_list), config=config, output=config.output)
     _seed(config)
     with engine.stage_mode(loaded.model, config, dev):
         engine.run_samples(net, images, targets, config, dev, audit)
