@@ -107,18 +107,12 @@ def check_logits(logits: torch.Tensor, num_classes: int, output: str = "logits")
             "to return the scores before it: optimising probabilities saturates and gives no useful "
             "gradient."
         )
-    if output == "logits" and in_unit and not sums_to_one and num_classes > 1:
-        raise ModelOutputError(
-            "every output of the model is in [0, 1] without rows summing to 1: it looks like a "
-            "multi-label model returning sigmoid probabilities. Remove the final sigmoid (wrap the "
-            "model to return the scores before it) and set the config option output to "
-            "'multilabel_logits'."
-        )
     if in_unit and sums_to_one and num_classes > 1:
         raise ModelOutputError(
             "the model returns probabilities (rows in [0, 1] summing to 1), not logits. Remove the "
             "final softmax, or wrap the model to return the scores before it: optimising "
-            "probabilities saturates and gives no useful gradient."
+            "probabilities saturates and gives no useful gradient. (A multi-label model: remove "
+            "its sigmoid and set the config option output to 'multilabel_logits'.)"
         )
 
 

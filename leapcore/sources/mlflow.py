@@ -232,11 +232,15 @@ def load_model_folder(
         loaded = _load_pytorch_flavor(path, flavors["pytorch"], uri, trusted, source)
     elif "keras" in flavors or "tensorflow" in flavors:
         loaded = _load_tf_flavor(path, flavors, uri, trusted, source)
+    elif "transformers" in flavors:
+        from leapcore.sources.huggingface import load_transformers_flavor
+
+        loaded = load_transformers_flavor(path, flavors["transformers"], uri, trusted, source)
     else:
         readable = ", ".join(sorted(f for f in flavors if f != "python_function")) or "pyfunc only"
         raise ModelSourceError(
-            f"{uri} has MLflow flavor(s) {readable}; leapcore reads the pytorch, keras and "
-            "tensorflow flavors."
+            f"{uri} has MLflow flavor(s) {readable}; leapcore reads the pytorch, keras, "
+            "tensorflow and transformers flavors."
         )
     _apply_metadata(loaded, meta, mlmodel, uri)
     return loaded
