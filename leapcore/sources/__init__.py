@@ -148,7 +148,7 @@ def load_model(uri: str | Path, source: str | None = None, **options: Any) -> Lo
         if name is None:
             raise ModelSourceError(
                 f"no model source matches {uri!r}. Give a zoo name (efficientnet_lite0, a torchvision "
-                "or timm name, hf-hub:org/name), an MLflow URI (models:/name/version, "
+                "or timm name, hf-hub:org/name), a transformers id (hf:org/name), an MLflow URI (models:/name/version, "
                 "models:/name@alias, runs:/<run_id>/<path>) or the path of an existing model file or "
                 f"folder. Known sources: {', '.join(list_sources())}."
             )
