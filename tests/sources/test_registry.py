@@ -36,7 +36,8 @@ def test_known_sources_and_how_uris_are_routed():
 
 def test_unknown_source_name_lists_the_known_ones():
     with pytest.raises(
-        ModelSourceError, match=r"unknown model source 'hub'; known sources: file, huggingface, mlflow, zoo"
+        ModelSourceError,
+        match=r"unknown model source 'hub'; known sources: file, huggingface, mlflow, zoo",
     ):
         load_model("resnet18", source="hub")
 
