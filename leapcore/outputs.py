@@ -161,3 +161,23 @@ def segmentation_layout(shape: Sequence[int], num_classes: int, channels_last: b
         f"({num_classes} classes, from class_list) at position 1 ([batch, classes, H, W]) or last "
         "([batch, H, W, classes])."
     )
+
+
+def describe_output(audit: Any) -> str | None:
+    """One sentence for reports on what the audit's numbers mean for this kind of model, or None
+    for a plain single-label classifier (``audit``: an ``engine.Audit``)."""
+    parts = []
+    if getattr(audit, "output", "logits") == "multilabel_logits":
+        parts.append(
+            "Multi-label model: probabilities are per-class sigmoids (classes independent, no "
+            "softmax coupling); entanglement is each class's logit gain over the target's."
+        )
+    if getattr(audit, "model_kind", "classifier") == "segmentation":
+        size = getattr(audit, "logit_size", None)
+        where = "the whole image" if audit.region in (None, "image") else f"region {audit.region}"
+        at = f" (logit map {size[0]} x {size[1]})" if size else ""
+        parts.append(
+            f"Segmentation model: each class's logits are averaged over {where}{at}; prototypes "
+            "maximise that mean, isolation keeps the pixels that hold its evidence."
+        )
+    return " ".join(parts) or None

@@ -82,3 +82,12 @@ def test_sample_mode_reports_sigmoid_probabilities(multi):
     assert torch.allclose(
         torch.tensor(df["probs"].to_numpy(), dtype=torch.float32), expected, atol=1e-6
     )
+
+
+def test_report_says_probabilities_are_sigmoids(multi_run, multi):
+    from leapcore.report import render_report
+
+    config = fast_config(output="multilabel_logits", max_steps=4)
+    audit = engine.run(multi.model, multi.class_list, config, [EVEN], multi.preprocessing)
+    page = render_report(audit, title="multi")
+    assert "Multi-label model: probabilities are per-class sigmoids" in page

@@ -134,3 +134,10 @@ def test_mask_region_equals_box_and_pools_at_logit_resolution():
 def test_synthetic_shapes_are_labelled():
     images, labels = synthetic_shapes(4, 0)
     assert images.shape == (4, 3, SEG_SIZE, SEG_SIZE) and set(labels.unique().tolist()) == {0, 1, 2}
+
+
+def test_report_names_the_region(strip_audit):
+    from leapcore.report import render_report
+
+    page = render_report(strip_audit, title="seg")
+    assert "averaged over region box:0,0,32,10 (logit map 32 x 32)" in page
