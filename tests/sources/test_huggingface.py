@@ -133,9 +133,23 @@ def test_vit_prototypes_reach_their_class(vit_folder):
     for row, t in enumerate(targets):
         assert float(start[t]) < 0.5
         assert int(probs[row].argmax()) == t and float(probs[row, t]) > 0.6, (t, probs[row])
-    # Isolation masks on a ViT: a grid at least as fine as the 8x8 patches (32/8 = 4 per side).
-    masks = audit.isolation.masks
-    assert masks.shape[-2:] == (32, 32)
+    # Isolation masks on a ViT: optimised on a grid 8x coarser than the image (4 x 4 here, one cell
+    # per 8x8 patch; 28 x 28 for 16-px patches at 224), shown at full resolution.
+    assert audit.isolation.masks.shape[-2:] == (32, 32)
+    assert float(audit.isolation.coverage.min()) < 1.0
+
+
+def test_vit_has_no_batch_norm_to_fold(vit_folder):
+    loaded = load_model(vit_folder)
+    wrapped = engine.build_model(loaded.model, DIGITS, loaded.preprocessing, (1, 32, 32), "pt")
+    with torch.no_grad():
+        assert wrapped(torch.rand(2, 1, 32, 32)).shape == (2, 10)
+    assert wrapped.folded is None  # folding does not apply; the model runs as it is
+    strict = engine.build_model(
+        loaded.model, DIGITS, loaded.preprocessing, (1, 32, 32), "pt", fold_batchnorm=True
+    )
+    with pytest.raises(InputError, match="cannot be folded"):
+        strict(torch.rand(2, 1, 32, 32))
 
 
 def test_segformer_folder_pools_quarter_resolution_logits(segformer_folder, caplog):
@@ -170,7 +184,7 @@ def fake_cache(root: Path, repo: str, folder: Path) -> Path:
     return base
 
 
-def test_local_cache_ids_and_get_model(vit_folder, tmp_path, monkeypatch):
+def test_local_cache_ids_and_get_model(vit_folder, segformer_folder, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     from leapcore.models import get_model
@@ -180,6 +194,9 @@ def test_local_cache_ids_and_get_model(vit_folder, tmp_path, monkeypatch):
     for uri in ("hf:acme/tiny-vit", "huggingface:acme/tiny-vit"):
         loaded = load_model(uri)
         assert loaded.source == "huggingface" and loaded.class_list == DIGITS
+    fake_cache(tmp_path, "acme/tiny-segformer", segformer_folder)
+    seg = load_model("hf:acme/tiny-segformer@main")
+    assert seg.metadata["task"] == "segmentation" and seg.class_list[1] == "square"
     preprocessing, model, classes = get_model("acme/tiny-vit", source="huggingface")
     assert classes == DIGITS and preprocessing[0].mean.flatten().tolist() == list(MEAN)
     with pytest.raises(
