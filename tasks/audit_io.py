@@ -88,6 +88,7 @@ def load_audit(
             ]
         )
         audit.timings["prototypes"] = sum(p.seconds for p in ordered)
+        audit.region = audit.prototypes.region
     if entanglement is not None:
         audit.entanglement = entanglement_from_arrow(
             store.get_table(entanglement.refs["entanglement"])
@@ -99,7 +100,12 @@ def load_audit(
             [isolations_from_arrow(store.get_table(p.refs["isolations"])) for p in ordered]
         )
         audit.timings["isolation"] = sum(p.seconds for p in ordered)
+        table = store.get_table(ordered[0].refs["isolations"])
+        if audit.region is None and "region" in table.column_names and table.num_rows:
+            audit.region = table.column("region")[0].as_py()
     if samples is not None:
         images, logits, _ = samples_from_arrow(store.get_table(samples.refs["samples"]))
         audit.samples, audit.sample_logits = images, logits
+    if audit.region is not None:
+        audit.model_kind = "segmentation"
     return audit

@@ -364,7 +364,9 @@ def isolate_features(
         }
         for k, (i, c) in enumerate(isolated.pairs)
     ]
-    ref = store.put_table(isolations_to_arrow(isolated, names, "prototype"), "isolations")
+    ref = store.put_table(
+        isolations_to_arrow(isolated, names, "prototype", result.region), "isolations"
+    )
     return StageOutput(
         "isolate_features", {"isolations": ref}, isolated.seconds, summary, prototypes.first_row
     )
@@ -432,7 +434,8 @@ def isolate_samples(
     with engine.stage_mode(loaded.model, config, dev):
         engine.run_samples(net, images, targets, config, dev, audit)
     iso = audit.isolation
-    probs = audit.sample_logits.softmax(1)
+    audit.region = net.region_label
+    probs = audit.probabilities(audit.sample_logits)
     summary = [
         {
             "image": names[i],
@@ -444,7 +447,8 @@ def isolate_samples(
     ]
     refs = {
         "isolations": store.put_table(
-            isolations_to_arrow(iso, list(model.class_list), "sample"), "isolations"
+            isolations_to_arrow(iso, list(model.class_list), "sample", audit.region),
+            "isolations",
         ),
         "samples": store.put_table(
             samples_to_arrow(audit.samples, audit.sample_logits, names), "samples"
