@@ -247,3 +247,24 @@ def test_mlflow_transformers_flavor(vit_folder, mlflow_store):
         expected = model(loaded.preprocessing[0](x)).logits
         got = loaded.model(loaded.preprocessing[0](x)).logits
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_segformer_through_the_mlflow_transformers_flavor(segformer_folder, mlflow_store):
+    import mlflow
+    from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    model = SegformerForSemanticSegmentation.from_pretrained(segformer_folder)
+    processor = SegformerImageProcessor(size={"height": 32, "width": 32})
+    with mlflow.start_run():
+        mlflow.transformers.log_model(
+            transformers_model={"model": model, "image_processor": processor},
+            name="segformer",
+            task="image-segmentation",
+            registered_model_name="tiny-segformer",
+        )
+    loaded = load_model("models:/tiny-segformer/1")
+    assert loaded.metadata["task"] == "segmentation" and loaded.input_shape == (3, 32, 32)
+    assert loaded.mean == tuple(processor.image_mean)  # the processor from components/
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x).logits, model(x).logits, atol=1e-5)

@@ -53,3 +53,33 @@ def test_lraspp_through_mlflow_and_every_stage(mlflow_store):
     pooled = maps[:, :, 8:24, 8:40].mean((2, 3))
     assert torch.allclose(audit.prototypes.logits, pooled, rtol=1e-3, atol=1e-3)
     assert audit.isolation.masks.shape == (2, 1, SIZE, SIZE)
+
+
+def test_multilabel_digits_through_mlflow(mlflow_store):
+    """The multi-label digits model logged (pt2) and loaded back keeps its sigmoid semantics."""
+    from leapcore.sources.mlflow import log_model_with_metadata
+    from tests.engine.kinds_support import MULTI_NAMES, train_multilabel_digits
+
+    multi = train_multilabel_digits(epochs=1)
+    log_model_with_metadata(
+        multi.model,
+        MULTI_NAMES,
+        mean=(0.25,),
+        std=(0.35,),
+        input_shape=(1, 32, 32),
+        registered_model_name="multi-digits",
+    )
+    loaded = load_model("models:/multi-digits/1")
+    assert loaded.class_list == MULTI_NAMES
+    config = {
+        "input_dim": [1, 32, 32],
+        "max_steps": 3,
+        "find_lr_steps": 0,
+        "isolation": False,
+        "log_freq": 1,
+        "output": "multilabel_logits",
+    }
+    even = MULTI_NAMES.index("even")
+    audit = engine.run(loaded.model, loaded.class_list, config, [even], loaded.preprocessing)
+    assert torch.allclose(audit.prototypes.probs, torch.sigmoid(audit.prototypes.logits))
+    assert abs(float(audit.entanglement[0, even]) - 1.0) < 1e-5
