@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +108,16 @@ def cached_folder(uri: str) -> Path:
 
 
 def load_transformers_folder(
-    path: Path, uri: str, trusted: bool = False, source: str = "huggingface"
+    path: Path,
+    uri: str,
+    trusted: bool = False,
+    source: str = "huggingface",
+    processor_dir: Path | None = None,
 ) -> LoadedModel:
-    """A ``save_pretrained`` folder -> :class:`LoadedModel` (class names, preprocessing, digest)."""
+    """A ``save_pretrained`` folder -> :class:`LoadedModel` (class names, preprocessing, digest).
+
+    ``processor_dir``: where the image processor was saved, when not in ``path`` (MLflow).
+    """
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{uri}: {path} holds no config.json; not a transformers model.")
     raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -148,7 +154,7 @@ def load_transformers_folder(
             f"{type(err).__name__}: {str(err)[:300]}"
         ) from err
     model.eval()
-    mean, std, shape, note = _preprocessing(path, model.config, transformers)
+    mean, std, shape, note = _preprocessing(processor_dir or path, model.config, transformers)
     if note:
         log.warning("%s: %s", uri, note)
     from leapcore.models import state_dict_digest
@@ -226,18 +232,5 @@ def load_transformers_flavor(
         )
     processor = path / "components" / "image_processor"
     if processor.is_dir() and not (folder / "preprocessor_config.json").is_file():
-        merged = _with_processor(folder, processor)
-        return load_transformers_folder(merged, uri, trusted, source)
+        return load_transformers_folder(folder, uri, trusted, source, processor)
     return load_transformers_folder(folder, uri, trusted, source)
-
-
-def _with_processor(folder: Path, processor: Path) -> Path:
-    """A temporary view of ``folder`` with the image processor's files linked in."""
-    import tempfile
-
-    view = Path(tempfile.mkdtemp(prefix="leapcore-hf-"))
-    for item in list(folder.iterdir()) + list(processor.iterdir()):
-        target = view / item.name
-        if not target.exists():
-            os.symlink(item.resolve(), target)
-    return view
