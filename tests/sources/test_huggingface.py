@@ -268,3 +268,25 @@ def test_segformer_through_the_mlflow_transformers_flavor(segformer_folder, mlfl
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(loaded.model(x).logits, model(x).logits, atol=1e-5)
+
+
+def test_leapcore_and_its_sources_work_without_transformers():
+    """transformers is imported lazily: blocked, leapcore and the source registry still load."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import leapcore, leapcore.engine, leapcore.outputs\n"
+        "from leapcore.sources import list_sources, load_model\n"
+        "assert 'huggingface' in list_sources()\n"
+        "try:\n"
+        "    load_model('hf:acme/x')\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+    assert out.stdout.strip() == "ModelSourceError", out.stdout + out.stderr
