@@ -11,6 +11,7 @@ from leapcore import penalties
 from leapcore.config import EngineConfig
 from leapcore.errors import InputError
 from leapcore.optim import BatchedAdam
+from leapcore.outputs import probabilities
 from leapcore.parameterisation import create_parameterisation
 from leapcore.transforms import DRAW_COLUMNS, NoiseBank, create_augmenter
 
@@ -49,9 +50,9 @@ def initial_image(
     return torch.full((1, c, h, w), float(init), device=device)
 
 
-def spread(logits: torch.Tensor) -> torch.Tensor:
+def spread(logits: torch.Tensor, output: str = "logits") -> torch.Tensor:
     """Max minus min class probability per row: 0 when every class is equally likely."""
-    probs = logits.softmax(dim=1)
+    probs = probabilities(logits, output)
     return probs.max(dim=1).values - probs.min(dim=1).values
 
 
@@ -74,7 +75,12 @@ def make_baseline(
         image, steps = _equidistant(model, image, config)
     with torch.no_grad():
         logits = model(image)
-    return BaselineResult(image.detach(), logits.detach(), float(spread(logits).max()), steps)
+    return BaselineResult(
+        image.detach(),
+        logits.detach(),
+        float(spread(logits, getattr(model, "output", "logits")).max()),
+        steps,
+    )
 
 
 def _equidistant(
@@ -86,6 +92,7 @@ def _equidistant(
     gen = torch.Generator(device=start.device).manual_seed(config.seed + 3)
     bank = NoiseBank(config.seed + 3, tuple(start.shape[1:]), start.device, start.dtype)
     tolerance = 0.5 / model.num_classes
+    output = getattr(model, "output", "logits")
     samples = max(2, config.transform_samples)
     step = 0
     for step in range(1, config.baseline_steps + 1):
@@ -96,7 +103,7 @@ def _equidistant(
                 (len(view), DRAW_COLUMNS), generator=gen, device=view.device, dtype=view.dtype
             )
             view = augmenter.apply(view, augmenter.draw(u, bank))
-        probs = model(view).softmax(dim=1)
+        probs = probabilities(model(view), output)
         loss = probs.var(dim=1).sum() * model.num_classes
         if config.hf_weight > 0:
             loss = loss + config.hf_weight * penalties.high_frequency(image).sum()
@@ -104,7 +111,7 @@ def _equidistant(
         optimiser.step(list(grads), config.lr)
         if step % 10 == 0:
             with torch.no_grad():
-                flat = float(spread(model(param.render())).max())
+                flat = float(spread(model(param.render()), output).max())
             if flat < tolerance:
                 break
     log.info("equidistant baseline after %d steps", step)

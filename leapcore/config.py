@@ -84,6 +84,29 @@ class EngineConfig(BaseModel):
         None, "Index of the channel dimension in `input_dim`; found automatically when None.", ALL
     )
 
+    # --- what the model's output means ---
+    output: Literal["logits", "multilabel_logits"] = _opt(
+        "logits",
+        "What the model's outputs are: 'logits' of exclusive classes (probabilities: softmax over "
+        "classes) or 'multilabel_logits', one independent sigmoid logit per class (probabilities: "
+        "sigmoid per class; entanglement compares each class's logit gain with the target's, with "
+        "no max or softmax over classes). Models that end in a softmax or sigmoid are refused.",
+        ALL,
+    )
+    region: list[int] | list[list[float]] | str | None = _opt(
+        None,
+        "Segmentation models ([batch, classes, H, W] logits, or [batch, H, W, classes] from Keras): "
+        "where each class's logits are averaged into one score, in input pixels. None: the whole "
+        "image; a box [x0, y0, x1, y1] (x1, y1 exclusive); a mask [H, W] (non-zero inside) or the "
+        "path of a mask image. Prototypes maximise the class's mean logit in the region, "
+        "entanglement uses these pooled logits, isolation keeps the pixels that hold the class's "
+        "evidence for the region. A region outside the image is an error.",
+        ALL,
+        note="leap-ie does not say how it reduces segmentation maps; the mean logit over the "
+        "region is used because it rewards the class winning everywhere in the region, not in one "
+        "pixel (a max would).",
+    )
+
     # --- learning-rate finding ---
     find_lr_steps: int = _opt(
         500,
@@ -213,7 +236,8 @@ class EngineConfig(BaseModel):
         "default options, 63 of 70 prototypes are of their own class with 'margin', 62 with "
         "'logit', 56 with 'log_softmax' (whose learning-rate search can collapse to min_lr). "
         "The xl transform on 32 px inputs, not the objective, causes most misses; every miss "
-        "is flagged (`off_target`).",
+        "is flagged (`off_target`). With `output: multilabel_logits` the default is 'logit' "
+        "(independent classes) and 'log_softmax' is refused.",
     )
     objective_weight: float = _opt(
         1.0,
@@ -418,6 +442,16 @@ class EngineConfig(BaseModel):
             raise ValueError(
                 f"input_dim must be [C, H, W] or [1, C, H, W] (pt) / [H, W, C] (tf); got {self.input_dim}."
             )
+        if self.output == "multilabel_logits":
+            # Independent sigmoid classes: no coupling through a softmax, and by default none
+            # through the margin either (the raw logit, per class).
+            if self.objective == "log_softmax":
+                raise ValueError(
+                    "objective 'log_softmax' couples classes through a softmax, which "
+                    "output 'multilabel_logits' has not: use 'logit' or 'margin'."
+                )
+            if "objective" not in self.model_fields_set:
+                self.objective = "logit"
         return self
 
     def secret_free(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from leapcore.entanglement import entanglement
 from leapcore.errors import InputError
 from leapcore.isolation import IsolationResult, choose_classes, isolate_features
 from leapcore.lr_finder import LearningRateResult, find_learning_rate
+from leapcore.outputs import probabilities, resolve_region
 from leapcore.problem import row_keys
 from leapcore.prototypes import PrototypeResult, optimise_prototypes
 
@@ -66,6 +67,14 @@ class Audit:
     sample_logits: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_mb: float = 0.0
+    output: str = "logits"  # config option ``output``: how probabilities are computed
+    model_kind: str = "classifier"  # or "segmentation" (logits pooled over ``region``)
+    region: str | None = None  # the region's label for segmentation models, else None
+    logit_size: tuple[int, int] | None = None  # a segmentation model's logit map (h, w)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities of ``[B, K]`` logits as this audit's model defines them."""
+        return probabilities(logits, self.output)
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -185,15 +194,23 @@ def build_model(
     mode: str,
     channels_last: bool | None = None,
     fold_batchnorm: bool | None = None,
+    output: str = "logits",
+    region: Any = None,
 ) -> LogitsModel:
-    """Wrap the user's model as a :class:`LogitsModel`, checking that its framework matches ``mode``."""
+    """Wrap the user's model as a :class:`LogitsModel`, checking that its framework matches ``mode``.
+
+    ``region`` (the config option) is checked against the input size here, before anything runs.
+    """
     is_torch = isinstance(model, torch.nn.Module)
     if mode == "tf":
         if is_torch:
             raise InputError("a PyTorch model was given with mode='tf'; use mode='pt'.")
         from leapcore.frameworks.tensorflow import keras_logits_model
 
-        return keras_logits_model(model, len(class_list), preprocessing, shape)
+        wrapped = keras_logits_model(model, len(class_list), preprocessing, shape)
+        wrapped.output, wrapped.output_channels_last = output, True
+        wrapped.region = resolve_region(region, *wrapped.input_shape[1:])
+        return wrapped
     if mode != "pt":
         raise InputError(f"mode must be 'pt' or 'tf', not {mode!r}.")
     if not is_torch:
@@ -204,7 +221,16 @@ def build_model(
             raise InputError(
                 f"model must be a torch.nn.Module (mode='pt'), not {type(model).__name__}."
             )
-    return LogitsModel(model, len(class_list), preprocessing, shape, channels_last, fold_batchnorm)
+    return LogitsModel(
+        model,
+        len(class_list),
+        preprocessing,
+        shape,
+        channels_last,
+        fold_batchnorm,
+        output,
+        resolve_region(region, *shape[1:]),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -315,7 +341,12 @@ def run_prototypes(
 
     began = time.perf_counter()
     base_logits = audit.baseline.logits.cpu()
-    audit.entanglement = entanglement(base_logits, audit.prototypes.logits)
+    audit.entanglement = entanglement(
+        base_logits,
+        audit.prototypes.logits,
+        output=config.output,
+        targets=audit.prototypes.target_mask(),
+    )
     audit.timings["entanglement"] = time.perf_counter() - began
 
     if config.isolation:
@@ -379,9 +410,17 @@ def run(
     shape = input_shape(cfg, mode)
     dev = pick_device(device)
     wrapped = build_model(
-        model, classes, preprocessing, shape, mode, cfg.channels_last, cfg.fold_batchnorm
+        model,
+        classes,
+        preprocessing,
+        shape,
+        mode,
+        cfg.channels_last,
+        cfg.fold_batchnorm,
+        cfg.output,
+        cfg.region,
     )
-    audit = Audit(class_list=classes, config=cfg)
+    audit = Audit(class_list=classes, config=cfg, output=cfg.output)
     references = (
         load_references(cfg, len(classes), wrapped.input_shape, dev)
         if samples is None and cfg.reference_models
@@ -409,6 +448,8 @@ def run(
         finally:
             if isinstance(model, torch.nn.Module) and original_device is not None:
                 model.to(original_device)
+    audit.model_kind, audit.logit_size = wrapped.kind, wrapped.logit_size
+    audit.region = wrapped.region_label
     if audit.baseline is not None:  # the start image lived on the device; results are on the host
         audit.baseline = replace(
             audit.baseline, image=audit.baseline.image.cpu(), logits=audit.baseline.logits.cpu()

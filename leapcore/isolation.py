@@ -24,6 +24,7 @@ from leapcore import penalties
 from leapcore.config import EngineConfig
 from leapcore.errors import InputError, NonFiniteError
 from leapcore.optim import BatchedAdam
+from leapcore.outputs import model_probabilities
 from leapcore.rng import RowKey, RowStreams
 
 LEVELS = (
@@ -345,7 +346,9 @@ def _class_probs(
     model: torch.nn.Module, images: torch.Tensor, cls: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
     out = [
-        model(images[i : i + chunk_size]).softmax(1).gather(1, cls[i : i + chunk_size, None])
+        model_probabilities(model, model(images[i : i + chunk_size])).gather(
+            1, cls[i : i + chunk_size, None]
+        )
         for i in range(0, len(images), chunk_size)
     ]
     return torch.cat(out).squeeze(1)

@@ -192,14 +192,19 @@ def get_model(
     """Return ``(preprocessing, model, class_list)`` like leap-ie's ``get_model``.
 
     Args:
-        name: ``"efficientnet_lite0"``, a torchvision name or a timm name.
-        source: ``"torchvision"`` or ``"timm"``; inferred when None (torchvision first).
+        name: ``"efficientnet_lite0"``, a torchvision name, a timm name, or a Hugging Face
+            transformers id (``org/name`` with ``source="huggingface"``, or ``hf:org/name``) from the
+            local cache, or a ``save_pretrained`` folder.
+        source: ``"torchvision"``, ``"timm"`` or ``"huggingface"``; inferred when None
+            (torchvision first).
         pretrained: False gives the architecture with random weights (no files needed).
 
     Returns:
         ``preprocessing`` is a list with one ``Normalize`` (pixel values in [0, 1] in); the model is in
         eval mode; ``class_list`` has one name per output.
     """
+    if source in ("huggingface", "hf") or name.startswith(("hf:", "huggingface:")):
+        return _huggingface_model(name)
     if name == "efficientnet_lite0" and source in (None, "bundled", "timm"):
         model = load_efficientnet_lite0(pretrained)
         return [Normalize(IMAGENET_MEAN, IMAGENET_STD)], model, imagenet_classes()
@@ -211,3 +216,12 @@ def get_model(
         raise ModelSourceError(f"unknown source {source!r}; known: {sorted(_SOURCES)}.")
     model, mean, std, classes = _SOURCES[source](name, pretrained)
     return [Normalize(mean, std)], model.eval(), classes
+
+
+def _huggingface_model(name: str) -> tuple[list[Callable], nn.Module, list[str]]:
+    """A transformers model through the ``huggingface`` source (its image processor's mean/std)."""
+    from leapcore.sources import load_model
+
+    uri = name if name.startswith(("hf:", "huggingface:")) or Path(name).exists() else f"hf:{name}"
+    loaded = load_model(uri, source="huggingface")
+    return list(loaded.preprocessing), loaded.model.eval(), list(loaded.class_list)

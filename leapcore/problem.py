@@ -217,9 +217,14 @@ class PrototypeProblem:
             logits.append(self.model(view))
         return torch.cat(views), torch.cat(logits)
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's class probabilities (``LogitsModel.probabilities``; softmax for a bare model)."""
+        own = getattr(self.model, "probabilities", None)
+        return own(logits) if callable(own) else logits.softmax(dim=1)
+
     def target_score(self, logits: torch.Tensor) -> torch.Tensor:
         """Per row: mean probability of its target classes, signed by the objective's direction."""
-        probs = logits.softmax(dim=1)
+        probs = self.probabilities(logits)
         mask = (self.weights != 0).to(probs.dtype)
         mean = (probs * mask).sum(1) / mask.sum(1).clamp_min(1)
         return mean if self.config.objective_weight >= 0 else -mean

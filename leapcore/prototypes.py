@@ -11,6 +11,7 @@ import torch
 
 from leapcore.config import EngineConfig
 from leapcore.errors import InputError, NonFiniteError
+from leapcore.outputs import probabilities
 from leapcore.problem import PrototypeProblem, TargetSet, row_keys, target_weights
 from leapcore.quality import prototype_flags, robust_target_probs
 from leapcore.rng import RowStreams
@@ -53,14 +54,26 @@ class PrototypeResult:
     transfer_probs: torch.Tensor | None = None
     reference_models: list[str] = field(default_factory=list)
     objective_weight: float = 1.0
+    output: str = "logits"
+    region: str | None = None  # a segmentation model's region label (logits pooled there)
 
     @property
     def probs(self) -> torch.Tensor:
-        return self.logits.softmax(dim=1)
+        """Class probabilities: softmax, or per-class sigmoid for multi-label models."""
+        return probabilities(self.logits, self.output)
+
+    def target_mask(self) -> torch.Tensor:
+        """``[B, K]`` bool: each row's target classes."""
+        mask = torch.zeros(self.logits.shape, dtype=torch.bool)
+        for row in range(len(mask)):
+            mask[row, self.targets[self.row_target(row)]] = True
+        return mask
 
     def flags(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(top_class, off_target, target_prob)`` per row (see :func:`leapcore.quality.prototype_flags`)."""
-        return prototype_flags(self.logits, self.targets, self.per_target, self.objective_weight)
+        return prototype_flags(
+            self.logits, self.targets, self.per_target, self.objective_weight, self.output
+        )
 
     def row_target(self, row: int) -> int:
         return row // self.per_target
@@ -128,7 +141,7 @@ def optimise_prototypes(
     best_images, best_alpha, best_logits = problem.images().detach(), problem.alphas(), logits
     best_alpha = best_alpha.detach() if best_alpha is not None else None
     steps_logged.append(0)
-    trajectory.append(logits.softmax(1).cpu())
+    trajectory.append(problem.probabilities(logits).cpu())
     last_snapshot, last_step = problem.colour.snapshot(), 0
     bad_step = torch.full((), -1, dtype=torch.long, device=start.device)
     began = time.perf_counter()
@@ -150,7 +163,7 @@ def optimise_prototypes(
             view, logits = problem.evaluate()
             score = problem.target_score(logits)
             steps_logged.append(step)
-            trajectory.append(logits.softmax(1).cpu())
+            trajectory.append(problem.probabilities(logits).cpu())
             improved = (
                 score >= best_score
                 if not config.always_update
@@ -203,6 +216,8 @@ def optimise_prototypes(
         seconds=seconds,
         robust_probs=robust,
         objective_weight=config.objective_weight,
+        output=getattr(model, "output", "logits"),
+        region=getattr(model, "region_label", None),
     )
     top, off, prob = result.flags()
     for row in off.nonzero().flatten().tolist():

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from leapcore.errors import InputError
+from leapcore.outputs import model_probabilities, probabilities
 
 ROBUST_VIEWS = 8  # crops per prototype; the mean over 8 moves by < 0.05 between seeds on the digits
 
@@ -35,7 +36,11 @@ def mean_target_prob(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def prototype_flags(
-    logits: torch.Tensor, targets: list[list[int]], per_target: int, objective_weight: float = 1.0
+    logits: torch.Tensor,
+    targets: list[list[int]],
+    per_target: int,
+    objective_weight: float = 1.0,
+    output: str = "logits",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per prototype row: ``(top_class [B] int, off_target [B] bool, target_prob [B] float)``."""
     logits = logits.detach().cpu().float()
@@ -43,7 +48,7 @@ def prototype_flags(
     top = logits.argmax(1)
     top_is_target = mask.gather(1, top[:, None]).squeeze(1) > 0
     off = top_is_target if objective_weight < 0 else ~top_is_target
-    return top, off, mean_target_prob(logits.softmax(1), mask)
+    return top, off, mean_target_prob(probabilities(logits, output), mask)
 
 
 def random_resized_crops(
@@ -91,7 +96,7 @@ def robust_target_probs(
     crops = random_resized_crops(images.detach().cpu().float(), views, gen).to(images.device)
     logits = torch.cat([model(crops[i : i + chunk_size]) for i in range(0, len(crops), chunk_size)])
     mask = target_mask(targets, per_target, logits.shape[1])
-    probs = logits.softmax(1).cpu().view(views, len(images), -1)
+    probs = model_probabilities(model, logits).cpu().view(views, len(images), -1)
     return mean_target_prob(probs, mask[None]).mean(0)
 
 
@@ -121,7 +126,7 @@ def transfer_target_probs(
             [net(images[i : i + chunk_size]) for i in range(0, len(images), chunk_size)]
         ).cpu()
         check_reference_width(name, logits.shape[1], num_classes)
-        columns.append(mean_target_prob(logits.float().softmax(1), mask))
+        columns.append(mean_target_prob(model_probabilities(net, logits.float()), mask))
     return torch.stack(columns, 1) if columns else torch.zeros(len(images), 0)
 
 

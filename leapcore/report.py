@@ -163,7 +163,7 @@ def audit_metrics(audit: Any) -> dict[str, float]:
     if audit.sample_logits is not None:
         metrics["samples.count"] = float(len(audit.sample_logits))
         metrics["samples.mean_top_prob"] = float(
-            audit.sample_logits.softmax(1).max(1).values.mean()
+            audit.probabilities(audit.sample_logits).max(1).values.mean()
         )
     # Issue 19 (h19): off-target flags, robust / transfer probabilities, isolation faithfulness.
     from leapcore.quality import quality_metrics
@@ -307,7 +307,7 @@ def _isolation_section(audit: Any, sources: list[str]) -> str:
 
 def _samples_section(audit: Any, sample_names: list[str]) -> str:
     names = audit.class_list
-    probs = audit.sample_logits.softmax(1)
+    probs = audit.probabilities(audit.sample_logits)
     cards = []
     for i in range(len(audit.samples)):
         top = probs[i].topk(min(3, probs.shape[1]))
@@ -352,6 +352,11 @@ def render_report(
             + " &middot; ".join(f"{_e(k)}: <b>{_e(v)}</b>" for k, v in facts.items())
             + "</div>"
         )
+    from leapcore.outputs import describe_output
+
+    kind = describe_output(audit)
+    if kind:
+        parts.append(f"<p class='meta model-kind'>{_e(kind)}</p>")
     metrics = audit_metrics(audit)
     if "target_prob.mean" in metrics:
         parts.append(

@@ -24,6 +24,7 @@ import pyarrow as pa
 import torch
 
 from leapcore.images import save_png
+from leapcore.outputs import probabilities, probability_name
 
 SCHEMA_KEY = b"leapcore.schema"
 
@@ -78,7 +79,7 @@ def audit_frame(audit, paths: dict[str, list[str]]) -> pd.DataFrame:
             iso_lookup[(i, c)] = k
     if audit.prototypes is None:
         rows = []
-        probs = audit.sample_logits.softmax(1)
+        probs = probabilities(audit.sample_logits, getattr(audit, "output", "logits"))
         for k, (i, c) in enumerate(iso.pairs):
             rows.append(
                 {
@@ -92,9 +93,10 @@ def audit_frame(audit, paths: dict[str, list[str]]) -> pd.DataFrame:
                     "isolated_logit": float(iso.logits_isolated[k]),
                     "kept_logit": float(iso.kept[k]),
                     **_optional_pair_values(iso, k),
+                    "region": getattr(audit, "region", None),
                 }
             )
-        return pd.DataFrame(rows)
+        return _described(pd.DataFrame(rows), audit)
     p = audit.prototypes
     probs = p.probs
     top, off, target_prob = p.flags()
@@ -115,6 +117,7 @@ def audit_frame(audit, paths: dict[str, list[str]]) -> pd.DataFrame:
                 "top_class": int(top[row]),
                 "off_target": bool(off[row]),
                 "target_prob": float(target_prob[row]),
+                "region": p.region,
             }
         )
         if p.robust_probs is not None:
@@ -131,7 +134,19 @@ def audit_frame(audit, paths: dict[str, list[str]]) -> pd.DataFrame:
                     frame.loc[c, "input"] = paths["isolated"][k]
         frame["input"] = frame["input"].astype(object)
         frames.append(frame.sort_values("entanglement", ascending=False, kind="stable"))
-    return pd.concat(frames, ignore_index=True)
+    return _described(pd.concat(frames, ignore_index=True), audit)
+
+
+def _described(df: pd.DataFrame, audit) -> pd.DataFrame:
+    """Say in ``df.attrs`` what the numbers are: output kind, probability function, region."""
+    output = getattr(audit, "output", "logits")
+    df.attrs.update(
+        output=output,
+        probability=probability_name(output),
+        model_kind=getattr(audit, "model_kind", "classifier"),
+        region=getattr(audit, "region", None),
+    )
+    return df
 
 
 def _optional_pair_values(iso, k: int) -> dict[str, float]:
@@ -219,6 +234,7 @@ def prototypes_to_arrow(result, class_list: list[str]) -> pa.Table:
         "prototype_index": pa.array([result.row_index(r) for r in rows], pa.int32()),
         "image": tensor_column(result.images),
         "logits": pa.array(list(result.logits.numpy()), pa.list_(pa.float32())),
+        "region": pa.array([result.region] * len(result.images), pa.string()),
     }
     if result.alphas is not None:
         columns["alpha"] = tensor_column(result.alphas)
@@ -241,6 +257,8 @@ def prototypes_to_arrow(result, class_list: list[str]) -> pa.Table:
         "seconds": repr(result.seconds),
         "objective_weight": repr(result.objective_weight),
         "reference_models": json.dumps(list(result.reference_models)),
+        "output": result.output,
+        "probability": probability_name(result.output),
     }
     return _with_schema(pa.table(columns), "prototypes", meta)
 
@@ -305,6 +323,10 @@ def prototypes_from_arrow(prototypes: pa.Table, trajectories: pa.Table):
         transfer_probs=transfer,
         reference_models=json.loads(meta.get("leapcore.reference_models", "[]")),
         objective_weight=float(meta.get("leapcore.objective_weight", "1.0")),
+        output=meta.get("leapcore.output", "logits"),
+        region=prototypes.column("region")[0].as_py()
+        if "region" in prototypes.column_names
+        else None,
     )
 
 
@@ -331,9 +353,11 @@ def entanglement_to_arrow(
             "prob": result.probs.numpy().reshape(-1),
             "baseline_logit": base.numpy().reshape(-1).astype(np.float32),
             "entanglement": scores.numpy().reshape(-1).astype(np.float32),
+            "region": pa.array([result.region] * (b * k), pa.string()),
         }
     )
-    return _with_schema(table, "entanglement")
+    meta = {"output": result.output, "probability": probability_name(result.output)}
+    return _with_schema(table, "entanglement", meta)
 
 
 def entanglement_from_arrow(table: pa.Table) -> torch.Tensor:
@@ -341,7 +365,9 @@ def entanglement_from_arrow(table: pa.Table) -> torch.Tensor:
     return torch.from_numpy(table.column("entanglement").to_numpy().reshape(b, -1).copy())
 
 
-def isolations_to_arrow(result, class_list: list[str], source: str) -> pa.Table:
+def isolations_to_arrow(
+    result, class_list: list[str], source: str, region: str | None = None
+) -> pa.Table:
     table = pa.table(
         {
             "source": pa.array([source] * len(result.pairs)),
@@ -354,6 +380,7 @@ def isolations_to_arrow(result, class_list: list[str], source: str) -> pa.Table:
             "logit_isolated": pa.array(result.logits_isolated.numpy(), pa.float32()),
             "coverage": pa.array(result.coverage.numpy(), pa.float32()),
             "kept_logit": pa.array(result.kept.numpy().astype(np.float32), pa.float32()),
+            "region": pa.array([region] * len(result.pairs), pa.string()),
         }
     )
     for name in ("kept_prob", "deletion_auc", "insertion_auc"):
@@ -473,7 +500,9 @@ def audit_tables(audit) -> dict[str, pa.Table]:
         )
     if audit.isolation is not None:
         source = "prototype" if audit.prototypes is not None else "sample"
-        tables["isolations"] = isolations_to_arrow(audit.isolation, audit.class_list, source)
+        tables["isolations"] = isolations_to_arrow(
+            audit.isolation, audit.class_list, source, getattr(audit, "region", None)
+        )
     return tables
 
 

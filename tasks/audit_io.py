@@ -80,7 +80,7 @@ def load_audit(
     samples: StageOutput | None = None,
 ) -> Audit:
     """The :class:`Audit` that the given stage outputs describe (stages left out stay None)."""
-    audit = Audit(class_list=list(model.class_list), config=config)
+    audit = Audit(class_list=list(model.class_list), config=config, output=config.output)
     if baseline is not None:
         audit.baseline = baseline_from_arrow(store.get_table(baseline.refs["baseline"]))
         audit.timings["baseline"] = baseline.seconds
@@ -98,6 +98,7 @@ def load_audit(
             ]
         )
         audit.timings["prototypes"] = sum(p.seconds for p in ordered)
+        audit.region = audit.prototypes.region
     if entanglement is not None:
         audit.entanglement = entanglement_from_arrow(
             store.get_table(entanglement.refs["entanglement"])
@@ -109,7 +110,12 @@ def load_audit(
             [isolations_from_arrow(store.get_table(p.refs["isolations"])) for p in ordered]
         )
         audit.timings["isolation"] = sum(p.seconds for p in ordered)
+        table = store.get_table(ordered[0].refs["isolations"])
+        if audit.region is None and "region" in table.column_names and table.num_rows:
+            audit.region = table.column("region")[0].as_py()
     if samples is not None:
         images, logits, _ = samples_from_arrow(store.get_table(samples.refs["samples"]))
         audit.samples, audit.sample_logits = images, logits
+    if audit.region is not None:
+        audit.model_kind = "segmentation"
     return audit

@@ -295,6 +295,8 @@ def engine_model(
         loaded.framework,
         config.channels_last,
         config.fold_batchnorm,
+        config.output,
+        config.region,
     )
     if isinstance(loaded.model, torch.nn.Module):
         loaded.model.to(device)

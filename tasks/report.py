@@ -165,7 +165,9 @@ def _tables(audit: Any, sample_names: list[str]) -> dict[str, pa.Table]:
             )
     if audit.isolation is not None:
         source = "prototype" if audit.prototypes is not None else "sample"
-        tables["isolations"] = isolations_to_arrow(audit.isolation, audit.class_list, source)
+        tables["isolations"] = isolations_to_arrow(
+            audit.isolation, audit.class_list, source, audit.region
+        )
     if audit.samples is not None:
         tables["samples"] = samples_to_arrow(audit.samples, audit.sample_logits, sample_names)
     return tables

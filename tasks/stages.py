@@ -304,7 +304,9 @@ def score_entanglement(
     )
     base_logits = baseline_from_arrow(store.get_table(baseline.refs["baseline"])).logits.cpu()
     began = time.perf_counter()
-    scores = entanglement_stage.entanglement(base_logits, merged.logits)
+    scores = entanglement_stage.entanglement(
+        base_logits, merged.logits, output=merged.output, targets=merged.target_mask()
+    )
     seconds = time.perf_counter() - began
     names = list(model.class_list)
     summary = []
@@ -362,7 +364,9 @@ def isolate_features(
         }
         for k, (i, c) in enumerate(isolated.pairs)
     ]
-    ref = store.put_table(isolations_to_arrow(isolated, names, "prototype"), "isolations")
+    ref = store.put_table(
+        isolations_to_arrow(isolated, names, "prototype", result.region), "isolations"
+    )
     return StageOutput(
         "isolate_features", {"isolations": ref}, isolated.seconds, summary, prototypes.first_row
     )
@@ -425,12 +429,13 @@ def isolate_samples(
     net, loaded = engine_model(model, locator, config, dev)
     images, _, names = samples_from_arrow(store.get_table(samples.refs["samples"]))
     images = engine.check_samples(images, net.input_shape, "pt")
-    audit = engine.Audit(class_list=list(model.class_list), config=config)
+    audit = engine.Audit(class_list=list(model.class_list), config=config, output=config.output)
     _seed(config)
     with engine.stage_mode(loaded.model, config, dev):
         engine.run_samples(net, images, targets, config, dev, audit)
     iso = audit.isolation
-    probs = audit.sample_logits.softmax(1)
+    audit.region = net.region_label
+    probs = audit.probabilities(audit.sample_logits)
     summary = [
         {
             "image": names[i],
@@ -442,7 +447,8 @@ def isolate_samples(
     ]
     refs = {
         "isolations": store.put_table(
-            isolations_to_arrow(iso, list(model.class_list), "sample"), "isolations"
+            isolations_to_arrow(iso, list(model.class_list), "sample", audit.region),
+            "isolations",
         ),
         "samples": store.put_table(
             samples_to_arrow(audit.samples, audit.sample_logits, names), "samples"

@@ -148,7 +148,7 @@ def load_model(uri: str | Path, source: str | None = None, **options: Any) -> Lo
         if name is None:
             raise ModelSourceError(
                 f"no model source matches {uri!r}. Give a zoo name (efficientnet_lite0, a torchvision "
-                "or timm name, hf-hub:org/name), an MLflow URI (models:/name/version, "
+                "or timm name, hf-hub:org/name), a transformers id (hf:org/name), an MLflow URI (models:/name/version, "
                 "models:/name@alias, runs:/<run_id>/<path>) or the path of an existing model file or "
                 f"folder. Known sources: {', '.join(list_sources())}."
             )
@@ -287,14 +287,17 @@ def output_width(loaded: LoadedModel) -> int:
             f"{type(err).__name__}: {str(err)[:300]}. Pass input_shape=(C, H, W) if the model "
             "takes another size."
         ) from err
+    if out.ndim == 4:  # a segmentation map: classes first (torch) or last (Keras)
+        return int(out.shape[3] if loaded.framework == "tf" else out.shape[1])
     if out.ndim != 2:
         raise ModelSourceError(
             f"{loaded.uri} returns shape {list(out.shape)} for one image; expected logits "
-            "[batch, classes]. Wrap the model so that it returns class logits."
+            "[batch, classes] (or [batch, classes, H, W] from a segmentation model). Wrap the model "
+            "so that it returns class logits."
         )
     return int(out.shape[1])
 
 
 def _ensure_builtin() -> None:
     # Importing the modules registers them; mlflow and tensorflow are imported only when loading.
-    from leapcore.sources import files, mlflow, zoo  # noqa: F401
+    from leapcore.sources import files, huggingface, mlflow, zoo  # noqa: F401

@@ -108,6 +108,10 @@ def _load_folder(
             layout="NHWC",
             metadata={"format": "savedmodel"},
         )
+    from leapcore.sources.huggingface import is_transformers_folder, load_transformers_folder
+
+    if is_transformers_folder(path):
+        return load_transformers_folder(path, uri, trusted, "file")
     weights = [p for p in ("model.safetensors", "pytorch_model.bin") if (path / p).is_file()]
     if (path / "config.json").is_file() and weights:
         return _load_timm_folder(path, uri, weights[0], arch, library)

@@ -232,11 +232,15 @@ def load_model_folder(
         loaded = _load_pytorch_flavor(path, flavors["pytorch"], uri, trusted, source)
     elif "keras" in flavors or "tensorflow" in flavors:
         loaded = _load_tf_flavor(path, flavors, uri, trusted, source)
+    elif "transformers" in flavors:
+        from leapcore.sources.huggingface import load_transformers_flavor
+
+        loaded = load_transformers_flavor(path, flavors["transformers"], uri, trusted, source)
     else:
         readable = ", ".join(sorted(f for f in flavors if f != "python_function")) or "pyfunc only"
         raise ModelSourceError(
-            f"{uri} has MLflow flavor(s) {readable}; leapcore reads the pytorch, keras and "
-            "tensorflow flavors."
+            f"{uri} has MLflow flavor(s) {readable}; leapcore reads the pytorch, keras, "
+            "tensorflow and transformers flavors."
         )
     _apply_metadata(loaded, meta, mlmodel, uri)
     return loaded
@@ -470,6 +474,7 @@ def log_model_with_metadata(
             info = mlflow.pytorch.log_model(
                 model,
                 input_example=example,
+                signature=_torch_signature(model, example),
                 serialization_format=serialization_format,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                 **common,
@@ -511,6 +516,25 @@ def log_model_with_metadata(
     else:
         uri = info.model_uri
     return LoggedModelRef(uri, info.model_uri, run_id, name, registered_model_name, version, alias)
+
+
+def _torch_signature(model: Any, example: Any) -> Any:
+    """A tensor signature from the example and the model's logits: MLflow's own inference fails on
+    dict outputs (torchvision's segmentation models return ``{"out": ...}``)."""
+    import numpy as np
+    import torch
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from leapcore.adapter import unwrap_logits
+
+    with torch.no_grad():
+        out = unwrap_logits(model(torch.from_numpy(np.asarray(example))))
+    float32 = np.dtype("float32")
+    return ModelSignature(
+        inputs=Schema([TensorSpec(float32, (-1, *np.asarray(example).shape[1:]))]),
+        outputs=Schema([TensorSpec(float32, (-1, *out.shape[1:]))]),
+    )
 
 
 def _is_torch_module(model: Any) -> bool:

@@ -36,7 +36,8 @@ def test_known_sources_and_how_uris_are_routed():
 
 def test_unknown_source_name_lists_the_known_ones():
     with pytest.raises(
-        ModelSourceError, match=r"unknown model source 'hub'; known sources: file, mlflow, zoo"
+        ModelSourceError,
+        match=r"unknown model source 'hub'; known sources: file, huggingface, mlflow, zoo",
     ):
         load_model("resnet18", source="hub")
 
@@ -44,7 +45,7 @@ def test_unknown_source_name_lists_the_known_ones():
 def test_uri_that_matches_no_source():
     with pytest.raises(
         ModelSourceError,
-        match=r"no model source matches 's3://bucket/model'.*Known sources: file, mlflow, zoo",
+        match=r"no model source matches 's3://bucket/model'.*Known sources: file, huggingface, mlflow, zoo",
     ):
         load_model("s3://bucket/model")
 
