@@ -41,7 +41,7 @@ from tasks import (
 )
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
-from tasks.runtime import SKIPPED, collect_publications, stage_finished
+from tasks.runtime import SKIPPED, collect_publications, mlflow_link, stage_finished
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 OPTIONAL = ("render_report", "export_results", "publish_mlflow", "publish_wandb")
@@ -287,6 +287,7 @@ def _explain(
             project=wandb_project,
             run_name=run_name,
             tags=["leapcore", "explain"],
+            mlflow=mlflow_link(mlflow_uri, run_id) if run_id is not None else None,
         )
     collect_publications(pending, states, result)
     return result

@@ -33,7 +33,7 @@ from leapcore.results import (
 from tasks.artifacts import ArtifactRef, ArtifactStore
 from tasks.audit_io import load_audit
 from tasks.caching import REPORT
-from tasks.model import ModelRef
+from tasks.model import ModelRef, sample_transform
 from tasks.stages import StageOutput, stage_task
 
 
@@ -76,6 +76,7 @@ def model_facts(model: ModelRef) -> dict[str, Any]:
         if model.registry.get(key):
             facts[f"registry {key}"] = model.registry[key]
     facts["input"] = "x".join(map(str, model.input_shape))
+    facts["eval transform"] = sample_transform(model, None).describe()
     return facts
 
 

@@ -98,6 +98,16 @@ def collect_publications(pending: dict[str, Any], states: dict[str, str], result
         elif stage == "publish_wandb":
             result.wandb_run_dir, result.wandb_mode = value.run_dir, value.mode
             result.wandb_sync_command, result.wandb_url = value.sync_command, value.url
+            result.wandb_run_path = value.run_path
+
+
+def mlflow_link(tracking_uri: str, run_id: str) -> dict[str, str]:
+    """What the W&B run records about the audit's MLflow run (credentials removed from the URI)."""
+    from leapcore.secrets import redact_uri
+
+    uri = redact_uri(tracking_uri)
+    url = f"{uri.rstrip('/')}/#/runs/{run_id}" if uri.startswith(("http://", "https://")) else ""
+    return {"mlflow_run_id": run_id, "mlflow_tracking_uri": uri, "mlflow_url": url}
 
 
 def run_stages(task: Any, calls: list[dict[str, Any]]) -> tuple[list[Any], str]:
@@ -187,7 +197,8 @@ class AuditResult:
         report_path: the HTML report in ``output_dir``.
         output_dir: the folder with the report, Parquet tables and PNGs.
         mlflow_run_id / mlflow_tracking_uri / mlflow_experiment: the MLflow run.
-        wandb_run_dir / wandb_mode / wandb_sync_command / wandb_url: the W&B run.
+        wandb_run_dir / wandb_mode / wandb_sync_command / wandb_url: the W&B run;
+            wandb_run_path (entity/project/run id) is the value of the MLflow run's link back.
         seconds: wall time of the audit.
     """
 
@@ -210,6 +221,7 @@ class AuditResult:
     wandb_mode: str | None = None
     wandb_sync_command: str | None = None
     wandb_url: str | None = None
+    wandb_run_path: str | None = None
     seconds: float = 0.0
 
     def where_to_look(self) -> list[str]:
