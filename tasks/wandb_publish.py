@@ -44,6 +44,7 @@ from tasks.model import ModelRef
 from tasks.redaction import redacting
 from tasks.report import ReportOutput
 from tasks.stages import StageOutput
+from tasks.wandb_records import wait_written
 
 log = logging.getLogger(__name__)
 
@@ -286,19 +287,19 @@ def log_results(wandb: Any, run: Any, pub: Publication, staging: Path) -> None:
     run.summary.update({f"mlflow/{k}": v for k, v in pub.links.items() if v})
 
 
-def log_files(wandb: Any, run: Any, pub: Publication, staging: Path) -> None:
-    """The Parquet tables as one ``leapcore-audit`` artifact (staged in the run folder)."""
+def log_files(wandb: Any, run: Any, pub: Publication) -> None:
+    """The Parquet tables as one ``leapcore-audit`` artifact (W&B stages its copy in the run folder)."""
     if not pub.files:
         return
     name = f"audit-{pub.model.get('name', 'model')}".replace("/", "-")[:120]
     artifact = wandb.Artifact(name=name, type="leapcore-audit")
-    folder = Path(tempfile.mkdtemp(prefix="files-", dir=staging))
-    for rel, data in pub.files.items():
-        path = folder / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        artifact.add_file(str(path), name=rel)
-    run.log_artifact(artifact)
+    with tempfile.TemporaryDirectory(prefix="leapcore-wandb-") as tmp:
+        for rel, data in pub.files.items():
+            path = Path(tmp) / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            artifact.add_file(str(path), name=rel)
+        run.log_artifact(artifact)
 
 
 def link_model(wandb: Any, run: Any, pub: Publication, mode: str) -> str:
@@ -368,7 +369,7 @@ def publish(
         with staged_in(run_dir) as staging:
             log_trajectories(run, pub)
             log_results(wandb, run, pub, staging)
-            log_files(wandb, run, pub, staging)
+            log_files(wandb, run, pub)
             model_artifact = link_model(wandb, run, pub, chosen) if pub.model else ""
         entity = getattr(run, "entity", "") or ""
         info = WandbRun(
@@ -384,6 +385,8 @@ def publish(
         run.finish(exit_code=1)
         raise
     run.finish()
+    if chosen == "offline" and not wait_written(run_dir):
+        log.warning("W&B: %s was not fully written after 60 s; wait before copying it.", run_dir)
     return info
 
 
