@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from leapcore.config import EngineConfig
+from leapcore.secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,11 @@ def publish_all(
 ) -> dict[str, dict[str, Any]]:
     """Run every requested publisher; ``{name: its result, or {"error": message}}``."""
     done: dict[str, dict[str, Any]] = {}
+    secrets = [
+        value.get_secret_value()
+        for value in (config.wandb_api_key, config.leap_api_key)
+        if value is not None
+    ]
     for name in requested(config):
         try:
             publisher = find_publisher(name)
@@ -61,7 +67,7 @@ def publish_all(
         try:
             done[name] = dict(publisher(project_name, audit, results, config))
         except Exception as err:
-            message = f"{name} publishing failed: {type(err).__name__}: {err}"
+            message = redact(f"{name} publishing failed: {type(err).__name__}: {err}", secrets)
             log.warning(message)
             done[name] = {"error": message}
     return done

@@ -433,6 +433,8 @@ def test_explain_samples_isolates_features_in_a_folder_of_images(
     assert set(frame["output_class"]) <= set(DIGITS)
     page = Path(result.report_path).read_text()
     assert "sample0_0.png" in page and page.count("data:image/png") >= 3 + 2 * 6
+    # The images were read with the model's eval transform, and the report says which.
+    assert "images loaded with" in page and "centre crop 32x32" in page
     run = _client().get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["samples.count"] == 3
     assert wandb_contents(result.wandb_run_dir)["history"]["isolations.nrows"] == 6
