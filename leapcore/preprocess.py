@@ -186,3 +186,36 @@ def find_eval_transform(preprocessing: Any) -> EvalTransform | None:
         if items and isinstance(items[0], EvalTransform):
             return items[0]
     return None
+
+
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def _field(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
+    return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
+
+
+def image_processor_spec(processor: Any, name: str = "") -> dict[str, Any] | None:
+    """The eval geometry of a Hugging Face image processor (``size``, ``crop_size``,
+    ``do_center_crop``, ``crop_pct``, ``resample``), read without importing transformers; None
+    when the processor's sizes are not the usual kinds."""
+    size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+    interpolation = _PIL_RESAMPLE.get(int(getattr(processor, "resample", 2) or 2), "bicubic")
+    label = f"Hugging Face image processor of {name}" if name else "Hugging Face image processor"
+    h, w, edge = _field(size, "height"), _field(size, "width"), _field(size, "shortest_edge")
+    pct = getattr(processor, "crop_pct", None)
+    if h and w:
+        resize, out = [int(h), int(w)], [int(h), int(w)]
+    elif edge and pct and int(edge) < 384:  # ConvNeXt: resize edge / crop_pct, crop edge
+        resize, out = [math.floor(int(edge) / float(pct))], [int(edge), int(edge)]
+    elif edge and pct:  # ConvNeXt at 384 and above: warp, no crop
+        resize, out = [int(edge), int(edge)], [int(edge), int(edge)]
+    elif edge:
+        resize, out = [int(edge)], [int(edge), int(edge)]
+    else:
+        return None
+    if getattr(processor, "do_center_crop", False) and _field(crop, "height"):
+        out = [int(_field(crop, "height")), int(_field(crop, "width"))]
+    return {"resize": resize, "crop": out, "interpolation": interpolation, "source": label}

@@ -85,3 +85,19 @@ def test_a_bad_transform_spec_is_a_clear_error(bad) -> None:
 
     with pytest.raises(InputError, match="eval transform"):
         from_spec(bad)
+
+
+def test_hugging_face_image_processors_give_their_geometry() -> None:
+    transformers = pytest.importorskip("transformers")
+    from leapcore.preprocess import image_processor_spec
+
+    vit = image_processor_spec(transformers.ViTImageProcessor())
+    assert vit["resize"] == [224, 224] and vit["crop"] == [224, 224]
+    assert vit["interpolation"] == "bilinear"
+    bit = image_processor_spec(transformers.BitImageProcessor())
+    assert bit["resize"] == [224] and bit["crop"] == [224, 224]
+    assert bit["interpolation"] == "bicubic"
+    convnext = image_processor_spec(
+        transformers.ConvNextImageProcessor(size={"shortest_edge": 224})
+    )
+    assert convnext["resize"] == [256] and convnext["crop"] == [224, 224]
