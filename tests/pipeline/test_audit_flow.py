@@ -143,6 +143,14 @@ def test_the_audit_lands_in_mlflow_the_registry_and_wandb(first_audit, registere
     assert wandb["history"]["entanglement._type"] == "table-file"
     assert wandb["history"]["entanglement_heatmap._type"] == "image-file"
     assert wandb["summary"]["target_prob.digit-3"] == pytest.approx(metrics["target_prob.digit-3"])
+    # Links both ways with MLflow (the MLflow side's tag takes result.wandb_run_path), the report as
+    # wandb.Html, trajectories as history, the model artifact.
+    assert wandb["config"]["mlflow"]["mlflow_run_id"] == result.mlflow_run_id
+    assert wandb["summary"]["mlflow/mlflow_run_id"] == result.mlflow_run_id
+    assert result.wandb_run_path.endswith(Path(result.wandb_run_dir).name.rsplit("-", 1)[-1])
+    assert wandb["history"]["report._type"] == "html-file"
+    assert any(k.startswith("trajectory/digit-3") for k in wandb["history"])
+    assert wandb["artifacts"][f"model-{MODEL_NAME}"]["type"] == "model"
     tables_artifact = wandb["artifacts"][f"audit-{MODEL_NAME}"]
     assert {f"tables/{t}.parquet" for t in tables} <= set(tables_artifact["files"])
     images = wandb["artifacts"][
