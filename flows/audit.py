@@ -309,7 +309,9 @@ def _run_audit(
             tags=["leapcore", "audit"],
             mlflow=mlflow_link(mlflow_run["uri"], mlflow_run["run_id"]) if mlflow_run else None,
         )
-    collect_publications(pending, states, result)
+    collect_publications(
+        pending, states, result, (mlflow_run["uri"], mlflow_run["run_id"]) if mlflow_run else None
+    )
     result.seconds = time.perf_counter() - began
     return result
 

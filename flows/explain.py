@@ -119,7 +119,8 @@ def explain_samples(
 
     Args:
         model_uri: as for ``audit_model``.
-        images: image files and/or folders of images (read at the model's input size).
+        images: image files and/or folders of images, read with the model's own eval transform
+            (resize + centre crop to its input size; see ``tasks.model.sample_transform``).
         target_classes: classes to isolate in every image (indices or names); default each image's
             top ``max_isolate_classes`` predictions.
         config: engine options (``isolation_steps``, ``use_hipe``, ...).
@@ -289,5 +290,7 @@ def _explain(
             tags=["leapcore", "explain"],
             mlflow=mlflow_link(mlflow_uri, run_id) if run_id is not None else None,
         )
-    collect_publications(pending, states, result)
+    collect_publications(
+        pending, states, result, (mlflow_uri, run_id) if run_id is not None else None
+    )
     return result

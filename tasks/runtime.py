@@ -87,8 +87,15 @@ def stage_finished(stage: str, state: str, seconds: float | None = None) -> None
     )
 
 
-def collect_publications(pending: dict[str, Any], states: dict[str, str], result: Any) -> None:
-    """Wait for the export/publish futures and record their states and outputs on ``result``."""
+def collect_publications(
+    pending: dict[str, Any],
+    states: dict[str, str],
+    result: Any,
+    mlflow: tuple[str, str] | None = None,
+) -> None:
+    """Wait for the export/publish futures and record their states and outputs on ``result``;
+    with ``mlflow`` (tracking URI, run id), tag that run with the W&B run once both are published."""
+    wandb_run = None
     for stage, future in pending.items():
         value = future.result()
         states[stage] = future.state.name
@@ -99,6 +106,16 @@ def collect_publications(pending: dict[str, Any], states: dict[str, str], result
             result.wandb_run_dir, result.wandb_mode = value.run_dir, value.mode
             result.wandb_sync_command, result.wandb_url = value.sync_command, value.url
             result.wandb_run_path = value.run_path
+            wandb_run = value
+    if mlflow is not None and wandb_run is not None and "publish_mlflow" in pending:
+        from tasks.wandb_publish import tag_mlflow_run
+
+        try:
+            tag_mlflow_run(mlflow[0], mlflow[1], wandb_run)
+        except Exception as err:  # a missing link must not fail a finished audit
+            get_run_logger().warning(
+                "could not tag the MLflow run with the W&B run (%s)", type(err).__name__
+            )
 
 
 def mlflow_link(tracking_uri: str, run_id: str) -> dict[str, str]:

@@ -527,3 +527,17 @@ def _generate_metrics(audit: Any) -> dict[str, float]:
     from leapcore.report import audit_metrics
 
     return audit_metrics(audit)
+
+
+def tag_mlflow_run(tracking_uri: str, run_id: str, info: WandbRun) -> None:
+    """The link back: tag the audit's MLflow run with the W&B run (``wandb.run_path``, and
+    ``wandb.url`` online, ``wandb.run_dir`` offline). Called once both publications are done."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    client.set_tag(run_id, "wandb.run_path", info.run_path)
+    client.set_tag(run_id, "wandb.mode", info.mode)
+    if info.url:
+        client.set_tag(run_id, "wandb.url", info.url)
+    else:
+        client.set_tag(run_id, "wandb.run_dir", info.run_dir)

@@ -151,6 +151,9 @@ def test_the_audit_lands_in_mlflow_the_registry_and_wandb(first_audit, registere
     assert wandb["history"]["report._type"] == "html-file"
     assert any(k.startswith("trajectory/digit-3") for k in wandb["history"])
     assert wandb["artifacts"][f"model-{MODEL_NAME}"]["type"] == "model"
+    tags = client.get_run(result.mlflow_run_id).data.tags
+    assert tags["wandb.run_path"] == result.wandb_run_path and tags["wandb.mode"] == "offline"
+    assert tags["wandb.run_dir"] == result.wandb_run_dir
     tables_artifact = wandb["artifacts"][f"audit-{MODEL_NAME}"]
     assert {f"tables/{t}.parquet" for t in tables} <= set(tables_artifact["files"])
     images = wandb["artifacts"][
