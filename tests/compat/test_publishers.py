@@ -47,3 +47,39 @@ def test_with_an_entity_the_entry_point_publishes(tmp_path) -> None:
     line = _run('{"wandb_entity": "someone"}', tmp_path)
     assert line.startswith("['prefect', 'tasks', 'wandb']") and line.endswith("['wandb']"), line
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_a_key_that_cannot_reach_wandb_falls_back_to_offline(tmp_path, monkeypatch) -> None:
+    import socket
+
+    import torch
+
+    from leapcore import engine
+    from tests.pipeline.support import wandb_contents
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = "0123456789abcdef" * 3  # shaped like a W&B key, so the online path is tried
+    for name, value in {
+        "WANDB_BASE_URL": f"http://127.0.0.1:{port}",
+        "WANDB_INIT_TIMEOUT": "3",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_DATA_DIR": str(tmp_path / "data"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+        "WANDB_SILENT": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_ENTITY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.Linear(392, 2))
+    config = {"max_steps": 2, "find_lr_steps": 0, "isolation": False, "input_dim": [3, 16, 16]}
+    config["wandb_api_key"] = key
+    _, results = engine.generate("fallback", net, ["a", "b"], config)
+    published = results["publications"]["wandb"]
+    assert published["mode"] == "offline", published
+    assert wandb_contents(published["run_dir"])["history"]["prototypes.nrows"] == 1
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+    assert not leaked, leaked
