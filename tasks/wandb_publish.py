@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ QUALITY_COLUMNS = {
     "prototypes": ("off_target", "target_prob_robust", "transfer_probs"),
     "isolations": ("kept_logit", "kept_prob", "deletion_auc", "insertion_auc"),
 }
+_STAGING_LOCK = threading.Lock()
 _KEY = re.compile(r"^(?:[A-Za-z0-9_]+-)?[A-Za-z0-9_]{40,}$")
 
 
@@ -151,18 +153,20 @@ def _settings(wandb: Any, config: EngineConfig, chosen: str) -> Any:
 @contextlib.contextmanager
 def staged_in(run_dir: Path) -> Iterator[Path]:
     """W&B stages media, tables and artifact files under ``WANDB_DATA_DIR`` (default: the user's
-    home); point it into the run folder while this run logs, so the folder holds every file."""
+    home); point it into the run folder while this run logs, so the folder holds every file. The
+    variable is process-wide, so runs of one process log one at a time."""
     staging = run_dir / STAGING
     staging.mkdir(parents=True, exist_ok=True)
-    previous = os.environ.get("WANDB_DATA_DIR")
-    os.environ["WANDB_DATA_DIR"] = str(staging)
-    try:
-        yield staging
-    finally:
-        if previous is None:
-            os.environ.pop("WANDB_DATA_DIR", None)
-        else:
-            os.environ["WANDB_DATA_DIR"] = previous
+    with _STAGING_LOCK:
+        previous = os.environ.get("WANDB_DATA_DIR")
+        os.environ["WANDB_DATA_DIR"] = str(staging)
+        try:
+            yield staging
+        finally:
+            if previous is None:
+                os.environ.pop("WANDB_DATA_DIR", None)
+            else:
+                os.environ["WANDB_DATA_DIR"] = previous
 
 
 def _image(wandb: Any, tensor: Any, alpha: Any = None, caption: str = "") -> Any:

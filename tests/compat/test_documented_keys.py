@@ -5,16 +5,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
-from tests.compat.conftest import GENERATE, README, code_blocks
+from tests.compat.conftest import GENERATE, README, code_blocks, need_reference
 
 COMPAT = Path(__file__).resolve().parents[2] / "docs" / "leap-ie-compat.md"
 
 
 def documented_keys() -> set[str]:
-    if not README.is_file() or not GENERATE.is_file():
-        pytest.skip("leap-ie's reference pages are not available (set LEAP_IE_REFERENCE)")
+    need_reference()
     (listing,) = [c for h, c in code_blocks() if h == "Config" and "alpha_mask" in c]
     keys = set(re.findall(r"^\s+(\w+):", listing, re.M))
     readme = README.read_text()
