@@ -101,3 +101,14 @@ def test_hugging_face_image_processors_give_their_geometry() -> None:
         transformers.ConvNextImageProcessor(size={"shortest_edge": 224})
     )
     assert convnext["resize"] == [256] and convnext["crop"] == [224, 224]
+
+
+def test_weights_with_an_architecture_get_its_transform(tmp_path) -> None:
+    import torchvision
+
+    from leapcore.sources import load_model
+
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "w.pt")
+    loaded = load_model(str(tmp_path / "w.pt"), arch="resnet18")
+    spec = loaded.metadata["eval_transform"]
+    assert spec["resize"] == [256] and spec["crop"] == [224, 224]
