@@ -374,7 +374,9 @@ def publish(
             log_trajectories(run, pub)
             log_results(wandb, run, pub, staging)
             log_files(wandb, run, pub)
-            model_artifact = link_model(wandb, run, pub, chosen) if pub.model else ""
+            # Lineage needs the model's identity (the pipeline's URI and digest; generate has none).
+            identified = pub.model.get("digest")
+            model_artifact = link_model(wandb, run, pub, chosen) if identified else ""
         entity = getattr(run, "entity", "") or ""
         info = WandbRun(
             run_id=run.id,
@@ -497,7 +499,6 @@ def publish_generate(
         :class:`WandbRun` as a dict (``run_id``, ``mode``, ``run_dir``, ``sync_command``, ...).
     """
     cfg = load_config(config) if not isinstance(config, EngineConfig) else config
-    out_dir = Path(results.get("output_dir", "."))
     tables = dict(results.get("tables") or {})
     files = {}
     for name, table in tables.items():
@@ -511,7 +512,7 @@ def publish_generate(
         tables=tables,
         params=params,
         metrics=_generate_metrics(audit),
-        model={"name": project_name, "output_dir": str(out_dir)},
+        model={"name": project_name},
         files=files,
     )
     mode = generate_mode(cfg)
