@@ -49,7 +49,7 @@ from tasks import (
 )
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
-from tasks.runtime import SKIPPED, collect_publications, stage_finished
+from tasks.runtime import SKIPPED, collect_publications, mlflow_link, stage_finished
 
 # Stage names, in order, and the short names ``skip`` also accepts.
 STAGES = (
@@ -307,8 +307,11 @@ def _run_audit(
             project=wandb_project,
             run_name=run_name,
             tags=["leapcore", "audit"],
+            mlflow=mlflow_link(mlflow_run["uri"], mlflow_run["run_id"]) if mlflow_run else None,
         )
-    collect_publications(pending, states, result)
+    collect_publications(
+        pending, states, result, (mlflow_run["uri"], mlflow_run["run_id"]) if mlflow_run else None
+    )
     result.seconds = time.perf_counter() - began
     return result
 

@@ -43,7 +43,7 @@ from tasks import (
 from tasks.attribution import attribute_samples, check_methods
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
-from tasks.runtime import SKIPPED, collect_publications, stage_finished
+from tasks.runtime import SKIPPED, collect_publications, mlflow_link, stage_finished
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 OPTIONAL = ("render_report", "export_results", "publish_mlflow", "publish_wandb")
@@ -123,7 +123,8 @@ def explain_samples(
 
     Args:
         model_uri: as for ``audit_model``.
-        images: image files and/or folders of images (read at the model's input size).
+        images: image files and/or folders of images, read with the model's own eval transform
+            (resize + centre crop to its input size; see ``tasks.model.sample_transform``).
         target_classes: classes to isolate in every image (indices or names); default each image's
             top ``max_isolate_classes`` predictions.
         config: engine options (``isolation_steps``, ``use_hipe``, ...).
@@ -320,6 +321,9 @@ def _explain(
             project=wandb_project,
             run_name=run_name,
             tags=["leapcore", "explain"],
+            mlflow=mlflow_link(mlflow_uri, run_id) if run_id is not None else None,
         )
-    collect_publications(pending, states, result)
+    collect_publications(
+        pending, states, result, (mlflow_uri, run_id) if run_id is not None else None
+    )
     return result

@@ -34,8 +34,10 @@ from leapcore.errors import InputError
 from leapcore.isolation import IsolationResult, choose_classes, isolate_features
 from leapcore.lr_finder import LearningRateResult, find_learning_rate
 from leapcore.outputs import probabilities, resolve_region
+from leapcore.preprocess import find_eval_transform
 from leapcore.problem import row_keys
 from leapcore.prototypes import PrototypeResult, optimise_prototypes
+from leapcore.publishers import publish_all
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +121,15 @@ def check_class_list(class_list: Any) -> list[str]:
     return [str(c) for c in class_list]
 
 
-def input_shape(config: EngineConfig, mode: str) -> tuple[int, int, int]:
-    """``(C, H, W)`` from ``input_dim`` (with or without batch; channels last for tf) or 3x224x224."""
+def input_shape(
+    config: EngineConfig, mode: str, preprocessing: Preprocessing = None
+) -> tuple[int, int, int]:
+    """``(C, H, W)`` from ``input_dim`` (with or without batch; channels last for tf), else the
+    output size of the :class:`~leapcore.preprocess.EvalTransform` leading ``preprocessing``
+    (what ``get_model`` returns), else 3x224x224."""
     if config.input_dim is None:
-        return (3, 224, 224)
+        transform = find_eval_transform(preprocessing)
+        return (3, *transform.size) if transform is not None else (3, 224, 224)
     dims = list(config.input_dim[-3:])
     channel_ix = config.channel_ix
     if channel_ix is not None:
@@ -135,8 +142,16 @@ def input_shape(config: EngineConfig, mode: str) -> tuple[int, int, int]:
     return (int(c), int(dims[0]), int(dims[1]))
 
 
-def check_samples(samples: Any, shape: tuple[int, int, int], mode: str) -> torch.Tensor:
-    """Samples as ``[N, C, H, W]`` float in [0, 1] on the CPU; clear errors for layout and range."""
+def check_samples(
+    samples: Any, shape: tuple[int, int, int], mode: str, preprocessing: Preprocessing = None
+) -> torch.Tensor:
+    """Samples as ``[N, C, H, W]`` float in [0, 1] on the CPU; clear errors for layout and range.
+
+    Samples of another size than ``shape`` are brought to it by the
+    :class:`~leapcore.preprocess.EvalTransform` leading ``preprocessing`` when there is one (raw
+    ``ToTensor`` images with ``get_model``'s list); samples already prepared with
+    ``preprocessing[0]`` pass unchanged.
+    """
     if isinstance(samples, np.ndarray):
         samples = torch.from_numpy(samples)
     if not isinstance(samples, torch.Tensor):
@@ -183,6 +198,10 @@ def check_samples(samples: Any, shape: tuple[int, int, int], mode: str) -> torch
             f"samples range over [{lo:.3g}, {hi:.3g}]: pass pixel values in [0, 1], before normalisation; "
             "the preprocessing argument is applied inside the engine."
         )
+    transform = find_eval_transform(preprocessing)
+    if transform is not None and tuple(samples.shape[-2:]) != tuple(shape[1:]):
+        with torch.no_grad():
+            samples = transform(samples)
     return samples.contiguous()
 
 
@@ -407,7 +426,7 @@ def run(
     cfg = load_config(config)
     mode = mode or cfg.mode or "pt"
     classes = check_class_list(class_list)
-    shape = input_shape(cfg, mode)
+    shape = input_shape(cfg, mode, preprocessing)
     dev = pick_device(device)
     wrapped = build_model(
         model,
@@ -435,7 +454,7 @@ def run(
             if isinstance(wrapped.preprocess, torch.nn.Module):
                 wrapped.preprocess.to(dev)
             if samples is not None:
-                tensor = check_samples(samples, wrapped.input_shape, mode)
+                tensor = check_samples(samples, wrapped.input_shape, mode, preprocessing)
                 targets = (
                     None
                     if target_classes is None
@@ -477,7 +496,10 @@ def generate(
     Returns:
         ``(df, results)``: the DataFrame described in ALGORITHMS.md ('Results') and a dict of numpy
         arrays (prototypes, masks, probability trajectories, ...) plus the Arrow tables under
-        ``results['tables']``.
+        ``results['tables']``. With ``wandb_api_key`` or ``wandb_entity`` in the config, the results
+        are also logged to the W&B project ``project_name`` (through the ``leapcore.publishers``
+        entry point; offline when no key works) and ``results['publications']['wandb']`` says
+        where (``run_dir``, ``sync_command``, ``url``).
     """
     from leapcore.results import audit_arrays, audit_frame, audit_tables, write_images
 
@@ -490,6 +512,9 @@ def generate(
     arrays = audit_arrays(audit)
     arrays["tables"] = audit_tables(audit)
     arrays["output_dir"] = str(out_dir)
+    publications = publish_all(project_name, audit, arrays, audit.config)
+    if publications:
+        arrays["publications"] = publications
     return df, arrays
 
 

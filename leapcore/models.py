@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from leapcore.errors import ModelSourceError
+from leapcore.preprocess import EvalTransform, default_spec, from_spec, timm_spec, torchvision_spec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -122,7 +123,9 @@ def _hub_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _torchvision_model(name: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple, list[str]]:
+def _torchvision_model(
+    name: str, pretrained: bool
+) -> tuple[nn.Module, tuple, tuple, list[str], dict]:
     import torchvision
 
     try:
@@ -131,8 +134,9 @@ def _torchvision_model(name: str, pretrained: bool) -> tuple[nn.Module, tuple, t
         raise ModelSourceError(
             f"torchvision has no model {name!r}; see torchvision.models.list_models()."
         ) from None
+    spec = torchvision_spec(name) or default_spec((224, 224))
     if not pretrained:
-        return builder(weights=None), IMAGENET_MEAN, IMAGENET_STD, imagenet_classes()
+        return builder(weights=None), IMAGENET_MEAN, IMAGENET_STD, imagenet_classes(), spec
     weights = torchvision.models.get_model_weights(name).DEFAULT
     filename = os.path.basename(weights.url)
     path = _hub_dir() / filename
@@ -145,10 +149,16 @@ def _torchvision_model(name: str, pretrained: bool) -> tuple[nn.Module, tuple, t
     model = builder(weights=None)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     transforms = weights.transforms()
-    return model, tuple(transforms.mean), tuple(transforms.std), list(weights.meta["categories"])
+    return (
+        model,
+        tuple(transforms.mean),
+        tuple(transforms.std),
+        list(weights.meta["categories"]),
+        spec,
+    )
 
 
-def _timm_model(name: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple, list[str]]:
+def _timm_model(name: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple, list[str], dict]:
     import timm
 
     if not timm.is_model(name) and not name.startswith("hf-hub:"):
@@ -177,10 +187,11 @@ def _timm_model(name: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple, l
         tuple(cfg.get("mean", IMAGENET_MEAN)),
         tuple(cfg.get("std", IMAGENET_STD)),
         classes,
+        timm_spec(model, name),
     )
 
 
-_SOURCES: dict[str, Callable[[str, bool], tuple[nn.Module, tuple, tuple, list[str]]]] = {
+_SOURCES: dict[str, Callable[[str, bool], tuple[nn.Module, tuple, tuple, list[str], dict]]] = {
     "torchvision": _torchvision_model,
     "timm": _timm_model,
 }
@@ -200,28 +211,43 @@ def get_model(
         pretrained: False gives the architecture with random weights (no files needed).
 
     Returns:
-        ``preprocessing`` is a list with one ``Normalize`` (pixel values in [0, 1] in); the model is in
-        eval mode; ``class_list`` has one name per output.
+        ``preprocessing`` is ``[EvalTransform, Normalize]``, as leap-ie's examples use it: element 0
+        brings a ``[0, 1]`` image tensor of any size to the model's input geometry (resize + centre
+        crop of the model's own eval transform; an image already that size passes unchanged), and
+        the whole list is what the model needs (pass it as ``generate(preprocessing=...)``). The
+        model is in eval mode; ``class_list`` has one name per output.
     """
     if source in ("huggingface", "hf") or name.startswith(("hf:", "huggingface:")):
         return _huggingface_model(name)
     if name == "efficientnet_lite0" and source in (None, "bundled", "timm"):
         model = load_efficientnet_lite0(pretrained)
-        return [Normalize(IMAGENET_MEAN, IMAGENET_STD)], model, imagenet_classes()
+        spec = timm_spec(model, name)
+        return eval_preprocessing(spec, IMAGENET_MEAN, IMAGENET_STD), model, imagenet_classes()
     if source is None:
         import torchvision
 
         source = "torchvision" if name in torchvision.models.list_models() else "timm"
     if source not in _SOURCES:
         raise ModelSourceError(f"unknown source {source!r}; known: {sorted(_SOURCES)}.")
-    model, mean, std, classes = _SOURCES[source](name, pretrained)
-    return [Normalize(mean, std)], model.eval(), classes
+    model, mean, std, classes, spec = _SOURCES[source](name, pretrained)
+    return eval_preprocessing(spec, mean, std), model.eval(), classes
+
+
+def eval_preprocessing(
+    spec: dict, mean: tuple[float, ...], std: tuple[float, ...]
+) -> list[nn.Module]:
+    """``[EvalTransform(spec), Normalize(mean, std)]``: leap-ie's preprocessing list."""
+    transform: EvalTransform = from_spec(spec)
+    return [transform, Normalize(mean, std)]
 
 
 def _huggingface_model(name: str) -> tuple[list[Callable], nn.Module, list[str]]:
-    """A transformers model through the ``huggingface`` source (its image processor's mean/std)."""
+    """A transformers model through the ``huggingface`` source: its image processor's eval
+    geometry first (when it has one), then its normalisation, as leap-ie's list."""
     from leapcore.sources import load_model
 
     uri = name if name.startswith(("hf:", "huggingface:")) or Path(name).exists() else f"hf:{name}"
     loaded = load_model(uri, source="huggingface")
-    return list(loaded.preprocessing), loaded.model.eval(), list(loaded.class_list)
+    spec = loaded.metadata.get("eval_transform")
+    steps = list(loaded.preprocessing)
+    return ([from_spec(spec)] if spec else []) + steps, loaded.model.eval(), list(loaded.class_list)

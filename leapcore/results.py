@@ -467,9 +467,13 @@ def learning_rate_from_arrow(table: pa.Table):
 
 
 def samples_to_arrow(
-    samples: torch.Tensor, logits: torch.Tensor | None = None, names: list[str] | None = None
+    samples: torch.Tensor,
+    logits: torch.Tensor | None = None,
+    names: list[str] | None = None,
+    transform: dict[str, Any] | None = None,
 ) -> pa.Table:
-    """User images ``[N, C, H, W]`` in [0, 1] (sample mode), with their logits once known."""
+    """User images ``[N, C, H, W]`` in [0, 1] (sample mode), with their logits once known; the
+    eval transform that loaded them (``EvalTransform.spec()``) in metadata ``leapcore.eval_transform``."""
     columns: dict[str, Any] = {
         "sample_index": pa.array(list(range(len(samples))), pa.int32()),
         "name": pa.array(names or [str(i) for i in range(len(samples))]),
@@ -477,7 +481,14 @@ def samples_to_arrow(
     }
     if logits is not None:
         columns["logits"] = pa.array(list(logits.cpu().numpy()), pa.list_(pa.float32()))
-    return _with_schema(pa.table(columns), "samples")
+    extra = {"eval_transform": json.dumps(transform)} if transform else None
+    return _with_schema(pa.table(columns), "samples", extra)
+
+
+def sample_transform_spec(table: pa.Table) -> dict[str, Any] | None:
+    """The eval transform a ``samples`` table was loaded with, or None."""
+    raw = (table.schema.metadata or {}).get(b"leapcore.eval_transform")
+    return json.loads(raw) if raw else None
 
 
 def samples_from_arrow(table: pa.Table) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:

@@ -27,6 +27,7 @@ from leapcore.adapter import LogitsModel
 from leapcore.config import EngineConfig
 from leapcore.engine import build_model, input_shape, normalise_targets
 from leapcore.errors import InputError, ModelSourceError
+from leapcore.preprocess import EvalTransform, default_spec, from_spec
 from leapcore.secrets import redact_uri
 from leapcore.sources import LoadedModel, find_source, load_model
 
@@ -83,6 +84,8 @@ class ModelRef:
         source: the model source that loaded it.
         registry: registry name/version/alias or run id (see :class:`SourceIdentity`).
         card: the ``model`` Arrow artifact (class names, digest, shape), once fetched.
+        eval_transform: the model's own eval geometry (:meth:`leapcore.preprocess.EvalTransform.spec`)
+            when its source knows it (timm/torchvision metadata, leapcore's MLflow metadata).
     """
 
     uri: str
@@ -94,6 +97,7 @@ class ModelRef:
     source: str
     registry: dict[str, str] = field(default_factory=dict)
     card: Any = None
+    eval_transform: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -274,6 +278,7 @@ def model_ref(loaded: LoadedModel, locator: ModelLocator) -> ModelRef:
         class_list=tuple(loaded.class_list),
         source=loaded.source,
         registry=dict(identity.registry),
+        eval_transform=loaded.metadata.get("eval_transform"),
     )
 
 
@@ -342,3 +347,18 @@ def resolve_targets(
     if isinstance(target_classes, (str, int)):
         target_classes = [target_classes]
     return normalise_targets([one(t) for t in target_classes], len(class_list))
+
+
+def sample_transform(model: ModelRef, config: EngineConfig | None) -> EvalTransform:
+    """How the user's images are brought to the model's input: its own eval transform (resize +
+    centre crop from its metadata), at ``input_dim``'s size when the config sets one, else the
+    ImageNet convention (:func:`leapcore.preprocess.default_spec`, labelled as such)."""
+    _, h, w = (
+        input_shape(config, model.framework)
+        if config is not None and config.input_dim is not None
+        else model.input_shape
+    )
+    spec = model.eval_transform
+    if spec is None or list(spec.get("crop", [])) != [h, w]:
+        spec = default_spec((h, w))
+    return from_spec(spec)

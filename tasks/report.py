@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from leapcore.config import EngineConfig
+from leapcore.preprocess import from_spec
 from leapcore.report import audit_metrics, entanglement_heatmap
 from leapcore.report import render_report as render_html
 from leapcore.results import (
@@ -26,6 +27,7 @@ from leapcore.results import (
     isolations_to_arrow,
     learning_rate_to_arrow,
     prototypes_to_arrow,
+    sample_transform_spec,
     samples_to_arrow,
     trajectories_to_arrow,
     write_images,
@@ -33,7 +35,7 @@ from leapcore.results import (
 from tasks.artifacts import ArtifactRef, ArtifactStore
 from tasks.audit_io import load_audit
 from tasks.caching import REPORT
-from tasks.model import ModelRef
+from tasks.model import ModelRef, sample_transform
 from tasks.stages import StageOutput, stage_task
 
 
@@ -76,6 +78,7 @@ def model_facts(model: ModelRef) -> dict[str, Any]:
         if model.registry.get(key):
             facts[f"registry {key}"] = model.registry[key]
     facts["input"] = "x".join(map(str, model.input_shape))
+    facts["eval transform"] = sample_transform(model, None).describe()  # the model's own
     return facts
 
 
@@ -98,12 +101,18 @@ def render_report(
         store, model, config, baseline, learning_rate, prototypes, entanglement, isolations, samples
     )
     sample_names: list[str] = []
+    spec = None
+    facts = model_facts(model)
     if samples is not None:
-        sample_names = store.get_table(samples.refs["samples"]).column("name").to_pylist()
+        sample_table = store.get_table(samples.refs["samples"])
+        sample_names = sample_table.column("name").to_pylist()
+        spec = sample_transform_spec(sample_table)
+        if spec is not None:  # what the images were actually loaded with
+            facts["images loaded with"] = from_spec(spec).describe()
     title = title or f"leapcore audit of {model.name}"
     files: dict[str, ArtifactRef] = {}
 
-    tables = _tables(audit, sample_names)
+    tables = _tables(audit, sample_names, spec)
     if model.card is not None:
         tables["model"] = store.get_table(model.card)
     with tempfile.TemporaryDirectory(prefix="leapcore-report-") as tmp:
@@ -135,7 +144,7 @@ def render_report(
         page = render_html(
             audit,
             title=title,
-            model=model_facts(model),
+            model=facts,
             config=config.secret_free(),
             sample_names=sample_names,
         )
@@ -149,7 +158,9 @@ def render_report(
     return ReportOutput(files, metrics, title, time.perf_counter() - began, summary)
 
 
-def _tables(audit: Any, sample_names: list[str]) -> dict[str, pa.Table]:
+def _tables(
+    audit: Any, sample_names: list[str], transform: dict[str, Any] | None = None
+) -> dict[str, pa.Table]:
     """The engine's Arrow tables of whatever stages ran."""
     tables: dict[str, pa.Table] = {}
     if audit.baseline is not None:
@@ -169,5 +180,7 @@ def _tables(audit: Any, sample_names: list[str]) -> dict[str, pa.Table]:
             audit.isolation, audit.class_list, source, audit.region
         )
     if audit.samples is not None:
-        tables["samples"] = samples_to_arrow(audit.samples, audit.sample_logits, sample_names)
+        tables["samples"] = samples_to_arrow(
+            audit.samples, audit.sample_logits, sample_names, transform
+        )
     return tables

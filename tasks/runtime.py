@@ -87,8 +87,15 @@ def stage_finished(stage: str, state: str, seconds: float | None = None) -> None
     )
 
 
-def collect_publications(pending: dict[str, Any], states: dict[str, str], result: Any) -> None:
-    """Wait for the export/publish futures and record their states and outputs on ``result``."""
+def collect_publications(
+    pending: dict[str, Any],
+    states: dict[str, str],
+    result: Any,
+    mlflow: tuple[str, str] | None = None,
+) -> None:
+    """Wait for the export/publish futures and record their states and outputs on ``result``;
+    with ``mlflow`` (tracking URI, run id), tag that run with the W&B run once both are published."""
+    wandb_run = None
     for stage, future in pending.items():
         value = future.result()
         states[stage] = future.state.name
@@ -98,6 +105,26 @@ def collect_publications(pending: dict[str, Any], states: dict[str, str], result
         elif stage == "publish_wandb":
             result.wandb_run_dir, result.wandb_mode = value.run_dir, value.mode
             result.wandb_sync_command, result.wandb_url = value.sync_command, value.url
+            result.wandb_run_path = value.run_path
+            wandb_run = value
+    if mlflow is not None and wandb_run is not None and "publish_mlflow" in pending:
+        from tasks.wandb_publish import tag_mlflow_run
+
+        try:
+            tag_mlflow_run(mlflow[0], mlflow[1], wandb_run)
+        except Exception as err:  # a missing link must not fail a finished audit
+            get_run_logger().warning(
+                "could not tag the MLflow run with the W&B run (%s)", type(err).__name__
+            )
+
+
+def mlflow_link(tracking_uri: str, run_id: str) -> dict[str, str]:
+    """What the W&B run records about the audit's MLflow run (credentials removed from the URI)."""
+    from leapcore.secrets import redact_uri
+
+    uri = redact_uri(tracking_uri)
+    url = f"{uri.rstrip('/')}/#/runs/{run_id}" if uri.startswith(("http://", "https://")) else ""
+    return {"mlflow_run_id": run_id, "mlflow_tracking_uri": uri, "mlflow_url": url}
 
 
 def run_stages(task: Any, calls: list[dict[str, Any]]) -> tuple[list[Any], str]:
@@ -187,7 +214,8 @@ class AuditResult:
         report_path: the HTML report in ``output_dir``.
         output_dir: the folder with the report, Parquet tables and PNGs.
         mlflow_run_id / mlflow_tracking_uri / mlflow_experiment: the MLflow run.
-        wandb_run_dir / wandb_mode / wandb_sync_command / wandb_url: the W&B run.
+        wandb_run_dir / wandb_mode / wandb_sync_command / wandb_url: the W&B run;
+            wandb_run_path (entity/project/run id) is the value of the MLflow run's link back.
         seconds: wall time of the audit.
     """
 
@@ -210,6 +238,7 @@ class AuditResult:
     wandb_mode: str | None = None
     wandb_sync_command: str | None = None
     wandb_url: str | None = None
+    wandb_run_path: str | None = None
     seconds: float = 0.0
 
     def where_to_look(self) -> list[str]:

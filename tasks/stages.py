@@ -39,6 +39,7 @@ from leapcore.results import (
     learning_rate_to_arrow,
     prototypes_from_arrow,
     prototypes_to_arrow,
+    sample_transform_spec,
     samples_from_arrow,
     samples_to_arrow,
     trajectories_to_arrow,
@@ -51,6 +52,7 @@ from tasks.model import (
     engine_model,
     load_and_keep,
     model_ref,
+    sample_transform,
 )
 from tasks.redaction import redacting
 
@@ -397,21 +399,23 @@ class SampleFile:
     sha256: str
 
 
-@stage_task("load_samples", SAMPLES, "Read the user's images at the model's input size.")
+@stage_task("load_samples", SAMPLES, "Read the user's images with the model's own eval transform.")
 def load_samples(
     files: list[SampleFile], model: ModelRef, config: EngineConfig, store: ArtifactStore
 ) -> StageOutput:
-    c, h, w = (
-        engine.input_shape(config, model.framework)
-        if config.input_dim is not None
-        else model.input_shape
-    )
+    c = model.input_shape[0]
+    transform = sample_transform(model, config)
     began = time.perf_counter()
-    images = torch.stack([load_image(f.path, (h, w), c) for f in files])
+    with torch.no_grad():
+        images = torch.stack([transform(load_image(f.path, None, c)[None])[0] for f in files])
     seconds = time.perf_counter() - began
     names = [os.path.basename(f.path) for f in files]
-    ref = store.put_table(samples_to_arrow(images, None, names), "samples")
-    summary = [{"image": n, "size": f"{c}x{h}x{w}"} for n in names]
+    table = samples_to_arrow(images, None, names, transform.spec())
+    ref = store.put_table(table, "samples")
+    h, w = transform.size
+    summary = [
+        {"image": n, "size": f"{c}x{h}x{w}", "transform": transform.describe()} for n in names
+    ]
     return StageOutput("load_samples", {"samples": ref}, seconds, summary)
 
 
@@ -427,7 +431,8 @@ def isolate_samples(
 ) -> StageOutput:
     dev = pick_device(device)
     net, loaded = engine_model(model, locator, config, dev)
-    images, _, names = samples_from_arrow(store.get_table(samples.refs["samples"]))
+    loaded_table = store.get_table(samples.refs["samples"])
+    images, _, names = samples_from_arrow(loaded_table)
     images = engine.check_samples(images, net.input_shape, "pt")
     audit = engine.Audit(class_list=list(model.class_list), config=config, output=config.output)
     _seed(config)
@@ -451,7 +456,10 @@ def isolate_samples(
             "isolations",
         ),
         "samples": store.put_table(
-            samples_to_arrow(audit.samples, audit.sample_logits, names), "samples"
+            samples_to_arrow(
+                audit.samples, audit.sample_logits, names, sample_transform_spec(loaded_table)
+            ),
+            "samples",
         ),
     }
     return StageOutput("isolate_samples", refs, audit.timings.get("isolation", 0.0), summary)

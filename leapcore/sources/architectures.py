@@ -16,6 +16,7 @@ from torch import nn
 
 from leapcore.errors import ModelSourceError
 from leapcore.models import IMAGENET_MEAN, IMAGENET_STD, imagenet_classes
+from leapcore.preprocess import timm_spec, torchvision_spec
 
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
 
@@ -30,6 +31,7 @@ class Architecture:
     std: tuple[float, ...]
     input_shape: tuple[int, int, int]
     class_list: list[str]
+    eval_transform: dict[str, Any] | None = None
 
 
 def extract_state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
@@ -132,7 +134,8 @@ def build_with_weights(
     mean, std, size = _preprocessing(model, arch, library)
     num_classes = _num_outputs(model)
     classes = imagenet_classes() if num_classes == 1000 else []
-    return Architecture(model.eval(), library, mean, std, size, classes)
+    spec = timm_spec(model, arch) if library == "timm" else torchvision_spec(arch)
+    return Architecture(model.eval(), library, mean, std, size, classes, spec)
 
 
 def _num_outputs(model: nn.Module) -> int | None:

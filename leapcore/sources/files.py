@@ -179,7 +179,12 @@ def _from_weights(
         built.model,
         uri,
         "file",
-        {"format": fmt, "arch": arch, "library": built.library},
+        {
+            "format": fmt,
+            "arch": arch,
+            "library": built.library,
+            "eval_transform": meta.get("eval_transform", built.eval_transform),
+        },
         mean=meta.get("mean", built.mean),
         std=meta.get("std", built.std),
         input_shape=meta.get("input_shape", built.input_shape),

@@ -25,6 +25,7 @@ from typing import Any
 
 from leapcore.errors import ModelSourceError, UntrustedSourceError
 from leapcore.sources import LoadedModel, normalize_steps, register_source
+from leapcore.preprocess import image_processor_spec
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def load_transformers_folder(
             f"{type(err).__name__}: {str(err)[:300]}"
         ) from err
     model.eval()
-    mean, std, shape, note = _preprocessing(processor_dir or path, model.config, transformers)
+    mean, std, shape, note, spec = _preprocessing(processor_dir or path, model.config, transformers)
     if note:
         log.warning("%s: %s", uri, note)
     from leapcore.models import state_dict_digest
@@ -168,6 +169,8 @@ def load_transformers_folder(
         "preprocessing": note or "from the saved image processor",
         "class_list_from": "config.id2label",
     }
+    if spec:
+        metadata["eval_transform"] = spec
     return LoadedModel(
         model=model,
         framework="pt",
@@ -196,13 +199,14 @@ def _task(raw: dict[str, Any]) -> str:
 
 def _preprocessing(
     path: Path, config: Any, transformers: Any
-) -> tuple[tuple | None, tuple | None, tuple[int, int, int], str]:
-    """``(mean, std, (C, H, W), fallback note)`` from the saved image processor, else the config."""
+) -> tuple[tuple | None, tuple | None, tuple[int, int, int], str, dict | None]:
+    """``(mean, std, (C, H, W), fallback note, eval-transform spec)`` from the saved image
+    processor, else the config (and no eval transform)."""
     channels = int(getattr(config, "num_channels", 3) or 3)
     size = getattr(config, "image_size", 224)
     size = size if isinstance(size, int) else 224
     if not (path / "preprocessor_config.json").is_file():
-        return None, None, (channels, size, size), NO_PROCESSOR
+        return None, None, (channels, size, size), NO_PROCESSOR, None
     processor = transformers.AutoImageProcessor.from_pretrained(
         str(path), local_files_only=True, trust_remote_code=False
     )
@@ -215,7 +219,7 @@ def _preprocessing(
     if getattr(processor, "do_normalize", True):
         mean = tuple(float(v) for v in processor.image_mean)
         std = tuple(float(v) for v in processor.image_std)
-    return mean, std, (channels, h, w), ""
+    return mean, std, (channels, h, w), "", image_processor_spec(processor, path.name)
 
 
 def load_transformers_flavor(

@@ -22,12 +22,13 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from leapcore.errors import ModelSourceError, UntrustedSourceError
+from leapcore.preprocess import from_spec
 from leapcore.sources import LoadedModel, register_source
 
 log = logging.getLogger(__name__)
@@ -340,6 +341,8 @@ def _apply_metadata(loaded: LoadedModel, meta: dict[str, Any], mlmodel: Any, uri
         loaded.mean = tuple(meta["mean"]) if meta.get("mean") is not None else None
         loaded.std = tuple(meta["std"]) if meta.get("std") is not None else None
         loaded.preprocessing = normalize_steps(loaded.mean, loaded.std)
+    if meta.get("eval_transform"):
+        loaded.metadata["eval_transform"] = dict(meta["eval_transform"])
     shape = meta.get("input_shape") or _signature_shape(mlmodel, loaded.layout)
     if shape:
         loaded.input_shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
@@ -408,6 +411,7 @@ def log_model_with_metadata(
     alias: str | None = None,
     serialization_format: str = "pt2",
     input_example: Any = None,
+    eval_transform: Mapping[str, Any] | None = None,
 ) -> LoggedModelRef:
     """Log a PyTorch or Keras model to the current MLflow run (one is started if none is active),
     with the metadata the ``mlflow`` source reads back, and optionally register it and set an alias.
@@ -426,6 +430,10 @@ def log_model_with_metadata(
             (loads only when trusted). PyTorch only.
         input_example: the ``torch.export`` example; default a random batch of 2 (so that the
             batch size stays dynamic). Keras models are logged with a signature instead.
+        eval_transform: how images are brought to the input size
+            (:meth:`leapcore.preprocess.EvalTransform.spec`: ``resize``, ``crop``,
+            ``interpolation``); ``leap explain`` loads images with it. Default: the
+            :class:`LoadedModel`'s own, when one is given.
 
     Returns:
         A :class:`LoggedModelRef`; ``load_model(ref.uri)`` loads the model back.
@@ -436,6 +444,7 @@ def log_model_with_metadata(
         mean = mean if mean is not None else model.mean
         std = std if std is not None else model.std
         input_shape = input_shape or model.input_shape
+        eval_transform = eval_transform or model.metadata.get("eval_transform")
         model = model.model
     if not class_list:
         raise ModelSourceError("log_model_with_metadata needs class_list (one name per output).")
@@ -455,6 +464,8 @@ def log_model_with_metadata(
         "layout": "NCHW" if is_torch else "NHWC",
         "framework": "pt" if is_torch else "tf",
     }
+    if eval_transform:
+        meta["eval_transform"] = from_spec(eval_transform).spec()
     common = {
         "name": name,
         "metadata": {METADATA_KEY: meta},

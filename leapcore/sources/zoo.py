@@ -15,6 +15,7 @@ from typing import Any
 
 from leapcore.errors import ModelSourceError
 from leapcore.models import get_model, hub_offline, state_dict_digest
+from leapcore.preprocess import EvalTransform, find_eval_transform
 from leapcore.sources import LoadedModel, register_source
 
 _LIBRARIES = ("timm", "torchvision")
@@ -91,6 +92,8 @@ def load_zoo(uri: str, pretrained: bool = True, library: str | None = None) -> L
         import torchvision
 
         library = "torchvision" if name in torchvision.models.list_models() else "timm"
+    transform = find_eval_transform(preprocessing)
+    preprocessing = [p for p in preprocessing if not isinstance(p, EvalTransform)]
     norm = preprocessing[0]
     mean = tuple(float(v) for v in norm.mean.flatten())
     std = tuple(float(v) for v in norm.std.flatten())
@@ -107,7 +110,12 @@ def load_zoo(uri: str, pretrained: bool = True, library: str | None = None) -> L
         digest=state_dict_digest(model.state_dict()),
         uri=uri,
         source="zoo",
-        metadata={"name": name, "library": library, "pretrained": pretrained},
+        metadata={
+            "name": name,
+            "library": library,
+            "pretrained": pretrained,
+            "eval_transform": transform.spec() if transform is not None else None,
+        },
         mean=mean,
         std=std,
     )

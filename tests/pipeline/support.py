@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-_BLOCK = 32 * 1024
-_HEADER = 7  # crc32 (4) + length (2) + record type (1)
+from tasks.wandb_records import wandb_records
 
 
 def task_states(flow_run_id: str) -> dict[str, list[str]]:
@@ -52,40 +49,6 @@ def flow_run_logs(flow_run_id: str) -> str:
             sort=LogSort.TIMESTAMP_ASC,
         )
     return "\n".join(log.message for log in logs)
-
-
-def wandb_records(run_dir: str | Path) -> Iterator[Any]:
-    """The protobuf records of an offline W&B run (its ``run-*.wandb`` LevelDB-style log)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    (path,) = Path(run_dir).glob("run-*.wandb")
-    data = path.read_bytes()
-    ident, magic, version = struct.unpack("<4sHB", data[:7])
-    assert ident == b":W&B" and magic == 0xBEE1 and version == 0, "not a W&B run file"
-    pos, pending = 7, b""
-    while pos + _HEADER <= len(data):
-        left = _BLOCK - pos % _BLOCK
-        if left < _HEADER:
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
-        pos += _HEADER
-        chunk, pos = data[pos : pos + length], pos + length
-        if kind == 1:  # full
-            payload = chunk
-        elif kind == 2:  # first
-            pending = chunk
-            continue
-        elif kind == 3:  # middle
-            pending += chunk
-            continue
-        elif kind == 4:  # last
-            payload, pending = pending + chunk, b""
-        else:
-            continue
-        record = pb.Record()
-        record.ParseFromString(payload)
-        yield record
 
 
 def wandb_contents(run_dir: str | Path) -> dict[str, Any]:

@@ -143,6 +143,17 @@ def test_the_audit_lands_in_mlflow_the_registry_and_wandb(first_audit, registere
     assert wandb["history"]["entanglement._type"] == "table-file"
     assert wandb["history"]["entanglement_heatmap._type"] == "image-file"
     assert wandb["summary"]["target_prob.digit-3"] == pytest.approx(metrics["target_prob.digit-3"])
+    # Links both ways with MLflow (the MLflow side's tag takes result.wandb_run_path), the report as
+    # wandb.Html, trajectories as history, the model artifact.
+    assert wandb["config"]["mlflow"]["mlflow_run_id"] == result.mlflow_run_id
+    assert wandb["summary"]["mlflow/mlflow_run_id"] == result.mlflow_run_id
+    assert result.wandb_run_path.endswith(Path(result.wandb_run_dir).name.rsplit("-", 1)[-1])
+    assert wandb["history"]["report._type"] == "html-file"
+    assert any(k.startswith("trajectory/digit-3") for k in wandb["history"])
+    assert wandb["artifacts"][f"model-{MODEL_NAME}"]["type"] == "model"
+    tags = client.get_run(result.mlflow_run_id).data.tags
+    assert tags["wandb.run_path"] == result.wandb_run_path and tags["wandb.mode"] == "offline"
+    assert tags["wandb.run_dir"] == result.wandb_run_dir
     tables_artifact = wandb["artifacts"][f"audit-{MODEL_NAME}"]
     assert {f"tables/{t}.parquet" for t in tables} <= set(tables_artifact["files"])
     images = wandb["artifacts"][
@@ -437,6 +448,8 @@ def test_explain_samples_isolates_features_in_a_folder_of_images(
     assert set(frame["output_class"]) <= set(DIGITS)
     page = Path(result.report_path).read_text()
     assert "sample0_0.png" in page and page.count("data:image/png") >= 3 + 2 * 6
+    # The images were read with the model's eval transform, and the report says which.
+    assert "images loaded with" in page and "centre crop 32x32" in page
     run = _client().get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["samples.count"] == 3
     assert wandb_contents(result.wandb_run_dir)["history"]["isolations.nrows"] == 6
