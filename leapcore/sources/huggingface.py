@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from leapcore.errors import ModelSourceError, UntrustedSourceError
-from leapcore.sources import LoadedModel, normalize_steps, register_source
 from leapcore.preprocess import image_processor_spec
+from leapcore.sources import LoadedModel, normalize_steps, register_source
 
 log = logging.getLogger(__name__)
 
