@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import base64
 import html
+import importlib
 import io
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,99 @@ _TIMING_KEYS = {
     "isolate_features": "isolation",
     "isolate_samples": "isolation",
 }
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Sections added from outside the template
+# ---------------------------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class ReportContext:
+    """What a report section may read besides the audit.
+
+    Attributes:
+        title: the report's title.
+        class_list: the model's class names.
+        tables: the audit's Arrow tables by name (``prototypes``, ``isolations``, ...) when the
+            caller has them; columns differ between versions, so read them only when present.
+        model: facts about the model (URI, digest, ...).
+        config: the options used (secret-free).
+        sample_names: names of the user's images (sample mode).
+        extra: anything else a caller passes on.
+    """
+
+    title: str = ""
+    class_list: list[str] = field(default_factory=list)
+    tables: Mapping[str, Any] = field(default_factory=dict)
+    model: Mapping[str, Any] = field(default_factory=dict)
+    config: Mapping[str, Any] = field(default_factory=dict)
+    sample_names: list[str] = field(default_factory=list)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+SectionFunction = Callable[[Any, ReportContext], "str | None"]
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """A registered section: ``render(audit, context)`` returns an HTML fragment or None (no section).
+
+    The fragment is inserted as it is, so the function escapes every text it puts in
+    (:func:`html.escape` or ``markupsafe.escape``). The report adds the heading ``title``.
+    """
+
+    name: str
+    render: SectionFunction
+    title: str
+    order: int = 100
+
+    def __call__(self, audit: Any, context: ReportContext) -> str | None:
+        return self.render(audit, context)
+
+
+#: Modules whose import registers sections (``leapcore.x`` registering ``@report_section`` at import);
+#: :func:`render_sections` imports them, so a section needs no edit of the template or of callers.
+SECTION_MODULES: tuple[str, ...] = ()
+
+#: name -> section; filled by :func:`report_section`. Sections render in ``order``, then by name,
+#: after the built-in ones.
+report_sections: dict[str, ReportSection] = {}
+
+
+def report_section(
+    name: str, *, title: str | None = None, order: int = 100
+) -> Callable[[SectionFunction], SectionFunction]:
+    """Decorator: register ``function(audit, context) -> html fragment | None`` as a report section.
+
+    Example::
+
+        @report_section("quality", title="Prototype quality", order=10)
+        def quality(audit, context):
+            if "prototypes" not in context.tables:
+                return None
+            return "<p>...</p>"
+    """
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"a report section name is letters, digits, '-' and '_', not {name!r}.")
+
+    def wrap(function: SectionFunction) -> SectionFunction:
+        report_sections[name] = ReportSection(
+            name, function, title or name.replace("_", " ").capitalize(), order
+        )
+        return function
+
+    return wrap
+
+
+def render_sections(audit: Any, context: ReportContext) -> list[tuple[ReportSection, str]]:
+    """Each registered section's fragment, in order; sections that return None are left out."""
+    for module in SECTION_MODULES:
+        importlib.import_module(module)
+    out = []
+    for section in sorted(report_sections.values(), key=lambda s: (s.order, s.name)):
+        fragment = section(audit, context)
+        if fragment:
+            out.append((section, fragment))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -328,6 +423,7 @@ def render_report(
     stages: Mapping[str, str] | None = None,
     sample_names: list[str] | None = None,
     heatmap_top: int = 20,
+    tables: Mapping[str, Any] | None = None,
 ) -> str:
     """The audit as one self-contained HTML page.
 
@@ -339,6 +435,7 @@ def render_report(
         stages: each stage's outcome (``Completed``, ``Cached``, ``Skipped``).
         sample_names: names of the user's images (sample mode).
         heatmap_top: most classes in the entanglement heatmap.
+        tables: the audit's Arrow tables, for the sections of :data:`report_sections`.
     """
     parts = [f"<h1>{_e(title)}</h1>"]
     facts = {k: v for k, v in sanitise(dict(model or {})).items() if v not in (None, "", {})}
@@ -375,6 +472,18 @@ def render_report(
             parts.append(_samples_section(audit, sources))
     if audit.isolation is not None:
         parts.append(_isolation_section(audit, sources))
+    context = ReportContext(
+        title=title,
+        class_list=list(audit.class_list),
+        tables=dict(tables or {}),
+        model=dict(model or {}),
+        config=sanitise(dict(config or {})),
+        sample_names=list(sample_names or []),
+    )
+    for section, fragment in render_sections(audit, context):
+        parts.append(
+            f"<section id='{_e(section.name)}'><h2>{_e(section.title)}</h2>{fragment}</section>"
+        )
     if stages:
         rows = [
             {

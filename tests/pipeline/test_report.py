@@ -60,3 +60,34 @@ def test_heatmap_is_a_png_with_a_row_per_prototype(audit) -> None:
     image = Image.open(io.BytesIO(entanglement_heatmap(audit, top=6)))
     assert image.format == "PNG"
     assert image.width > 6 * 34 and image.height > 2 * 34
+
+
+def test_registered_sections_render_in_order_and_none_leaves_a_section_out(audit) -> None:
+    from leapcore.report import ReportContext, report_section, report_sections
+
+    seen: list[ReportContext] = []
+
+    @report_section("zz_test_late", title="Late <section>", order=200)
+    def late(audit, context):
+        seen.append(context)
+        return "<p id='late-body'>late</p>"
+
+    @report_section("zz_test_early", order=1)
+    def early(audit, context):
+        return f"<p id='early-body'>rows: {len(context.tables['t']['x'])}</p>"
+
+    @report_section("zz_test_absent")
+    def absent(audit, context):
+        return None
+
+    try:
+        page = render_report(audit, title="t", tables={"t": {"x": [1, 2]}})
+    finally:
+        for name in ("zz_test_late", "zz_test_early", "zz_test_absent"):
+            report_sections.pop(name)
+    assert page.index("early-body") < page.index("late-body")
+    assert "rows: 2" in page and "Late &lt;section&gt;" in page
+    assert "zz_test_absent" not in page
+    assert seen[0].class_list == list(audit.class_list) and seen[0].title == "t"
+    with pytest.raises(ValueError, match="section name"):
+        report_section("bad name")
