@@ -41,6 +41,7 @@ from tasks import (
 )
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
+from tasks.report import stamp_report
 from tasks.runtime import SKIPPED, collect_publications, stage_finished
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -234,6 +235,8 @@ def _explain(
         title=f"Explanations by {model.uri}",
         html="render_report" not in off,
     )
+    provenance = {"prefect_flow_run": str(current_flow_run.id), "mlflow_run": run_id or ""}
+    report = stamp_report(report, store, model, provenance)
     for stage in OPTIONAL:
         if stage in off and stage not in states:
             states[stage] = SKIPPED
@@ -267,7 +270,7 @@ def _explain(
         "images": [Path(f.path).name for f in files],
         "targets": targets,
     }
-    seconds = {"seconds.isolate_samples": isolated.seconds}
+    seconds = {"seconds/isolate_samples": isolated.seconds}
     pending = {}
     if "export_results" not in off:
         pending["export_results"] = export_results.submit(report, store, out_dir)

@@ -159,6 +159,6 @@ def test_leap_demo_registers_efficientnet_and_prints_where_to_look(
     version = client.get_model_version_by_alias("efficientnet-lite0", "demo")
     assert version.tags["leapcore.audit_status"] == "FINISHED"
     assert (
-        client.get_run(version.tags["leapcore.audit_run_id"]).data.metrics["target_prob.goldfish"]
+        client.get_run(version.tags["leapcore.audit_run_id"]).data.metrics["target_prob/1_goldfish"]
         > 0
     )
