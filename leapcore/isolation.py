@@ -9,6 +9,7 @@ perturbation (see :mod:`leapcore.hipe`).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from leapcore.config import EngineConfig
 from leapcore.errors import InputError, NonFiniteError
 from leapcore.optim import BatchedAdam
 from leapcore.rng import RowKey, RowStreams
+
+log = logging.getLogger(__name__)
 
 _MASK_DOWNSCALE = 8  # masks are optimised on a grid 8x coarser than the image, then upsampled
 # Masks start at 0.5 everywhere: from a full mask (sigmoid(3) ~ 0.95) the coverage penalty needed
@@ -190,6 +193,7 @@ def isolate_features(
                     "feature isolation", first_bad, _upsample(last_finite, (h, w)).cpu()
                 )
             last_finite = param.detach().clone()
+            log.info("isolation step %d/%d", step, steps)
     with torch.no_grad():
         masks = _upsample(param, (h, w))
     background = background_noise(config.seed + 5, keys, tuple(source.shape[1:]), device)

@@ -400,7 +400,8 @@ def render_report(
     if audit.prototypes is not None:
         sources = [row["label"] for row in prototypes]
     else:
-        sources = names + [f"sample {i}" for i in range(len(names), len(audit.samples or []))]
+        count = 0 if audit.samples is None else len(audit.samples)
+        sources = names + [f"sample {i}" for i in range(len(names), count)]
     isolations = isolation_rows(audit, tables, sources) if audit.isolation is not None else []
     samples = (
         sample_rows(audit, names)

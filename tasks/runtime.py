@@ -95,6 +95,8 @@ def collect_publications(pending: dict[str, Any], states: dict[str, str], result
         stage_finished(stage, states[stage])
         if stage == "export_results":
             result.report_path = value
+        elif stage == "publish_mlflow" and isinstance(value, dict):
+            result.mlflow_run_page = value.get("run_page")
         elif stage == "publish_wandb":
             result.wandb_run_dir, result.wandb_mode = value.run_dir, value.mode
             result.wandb_sync_command, result.wandb_url = value.sync_command, value.url
@@ -187,6 +189,7 @@ class AuditResult:
         report_path: the HTML report in ``output_dir``.
         output_dir: the folder with the report, Parquet tables and PNGs.
         mlflow_run_id / mlflow_tracking_uri / mlflow_experiment: the MLflow run.
+        mlflow_run_page: the run's page in the MLflow UI, relative to the UI's address (``#/...``).
         wandb_run_dir / wandb_mode / wandb_sync_command / wandb_url: the W&B run.
         seconds: wall time of the audit.
     """
@@ -210,6 +213,7 @@ class AuditResult:
     wandb_mode: str | None = None
     wandb_sync_command: str | None = None
     wandb_url: str | None = None
+    mlflow_run_page: str | None = None
     seconds: float = 0.0
 
     def where_to_look(self) -> list[str]:
@@ -222,6 +226,8 @@ class AuditResult:
                 f"MLflow:  run {self.mlflow_run_id} in experiment {self.mlflow_experiment!r}; "
                 f"browse with: mlflow ui --backend-store-uri {self.mlflow_tracking_uri}"
             )
+            if self.mlflow_run_page:
+                lines.append(f"         then open http://127.0.0.1:5000/{self.mlflow_run_page}")
         if self.wandb_run_dir:
             lines.append(f"W&B:     {self.wandb_mode} run in {self.wandb_run_dir}")
             if self.wandb_sync_command:

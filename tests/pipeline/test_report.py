@@ -252,3 +252,18 @@ def test_registered_sections_render_in_order_and_none_leaves_a_section_out(audit
     assert seen[0].class_list == list(audit.class_list) and seen[0].title == "t"
     with pytest.raises(ValueError, match="section name"):
         report_section("bad name")
+
+
+def test_sample_mode_report_shows_each_image_top_classes(digits_model) -> None:
+    from tests.pipeline.conftest import digits_images
+
+    images, labels = digits_images()
+    audit = engine.run(digits_model, DIGITS, tiny_config(), samples=images[:3], device="cpu")
+    page = render_report(audit, title="explain", sample_names=["a.png", "b.png", "c.png"])
+    text = _text(page)
+    assert '<section id="images"' in page and '<section id="isolation"' in page
+    probs = audit.sample_logits.softmax(1)
+    for i, name in enumerate(["a.png", "b.png", "c.png"]):
+        top = int(probs[i].argmax())
+        assert f"{name} {DIGITS[top]}: {float(probs[i, top]):.3f}" in " ".join(text.split())
+    assert text.count("of its logit for") == len(audit.isolation.pairs)
