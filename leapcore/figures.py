@@ -26,7 +26,8 @@ from PIL import Image
 
 from leapcore.images import to_uint8
 
-WEBP_QUALITY = 82
+WEBP_QUALITY = 80
+OVERLAY_QUALITY = 68  # a heatmap over a grey image: colour fields, no fine detail to keep
 MASK_CMAP = "inferno"
 ANNOTATE_FROM = 0.1  # smaller entanglement scores are left to the colour alone
 
@@ -186,7 +187,7 @@ def isolation_figure(
     blended = (1 - opacity) * grey[..., None] + opacity * heat
     out = io.BytesIO()
     Image.fromarray((blended * 255 + 0.5).astype(np.uint8)).save(
-        out, format="WEBP", quality=WEBP_QUALITY, method=4
+        out, format="WEBP", quality=OVERLAY_QUALITY, method=4
     )
     return out.getvalue()
 

@@ -158,7 +158,10 @@ def test_the_mlflow_ui_shows_the_audit_run(audit, pipeline_home, screenshot_dir)
         browser.wait_for(
             "(document.body.textContent || '').includes('target_prob_trajectory')", timeout=60
         )
-        time.sleep(2)  # let the charts draw before the screenshot
+        # Show the trajectories: type into the chart search box as a person would.
+        browser.evaluate("document.querySelector('input[placeholder*=\"Search\"]').focus()")
+        browser.send("Input.insertText", text="target_prob_trajectory")
+        time.sleep(3)  # let the charts draw before the screenshot
         browser.screenshot(screenshot_dir / "mlflow-model-metrics.png", full_page=False)
     broken = [i["alt"] for i in seen["images"] if not i["loaded"]]
     assert not broken, broken
