@@ -432,7 +432,8 @@ def test_explain_samples_isolates_features_in_a_folder_of_images(
     frame = pq.read_table(out / "tables" / "results.parquet").to_pandas()
     assert set(frame["output_class"]) <= set(DIGITS)
     page = Path(result.report_path).read_text()
-    assert "sample0_0.png" in page and page.count("data:image/png") >= 3 + 2 * 6
+    assert "sample0_0.png" in page and page.count("data:image/webp") == 3 + 6  # images, overlays
     run = _client().get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["samples/count"] == 3
+    assert run.data.tags["leapcore.kind"] == "explain"  # told apart from audits
     assert wandb_contents(result.wandb_run_dir)["history"]["isolations.nrows"] == 6
