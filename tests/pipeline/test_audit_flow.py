@@ -142,7 +142,9 @@ def test_the_audit_lands_in_mlflow_the_registry_and_wandb(first_audit, registere
     assert wandb["history"]["isolations.nrows"] == pairs
     assert wandb["history"]["entanglement._type"] == "table-file"
     assert wandb["history"]["entanglement_heatmap._type"] == "image-file"
-    assert wandb["summary"]["target_prob/3_digit_3"] == pytest.approx(metrics["target_prob/3_digit_3"])
+    assert wandb["summary"]["target_prob/3_digit_3"] == pytest.approx(
+        metrics["target_prob/3_digit_3"]
+    )
     tables_artifact = wandb["artifacts"][f"audit-{MODEL_NAME}"]
     assert {f"tables/{t}.parquet" for t in tables} <= set(tables_artifact["files"])
     images = wandb["artifacts"][
