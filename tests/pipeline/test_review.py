@@ -115,7 +115,9 @@ def test_the_report_reads_well_in_chromium(audit, screenshot_dir) -> None:
 
 
 @needs_browser
-def test_the_mlflow_ui_shows_the_audit_run(audit, pipeline_home, screenshot_dir) -> None:
+def test_the_mlflow_ui_shows_the_audit_run(
+    audit, registered_model, pipeline_home, screenshot_dir
+) -> None:
     from tests.deployments.deploy_support import BIN, LOOPBACK, base_env, free_port, server_process
 
     client = _client()
@@ -163,6 +165,12 @@ def test_the_mlflow_ui_shows_the_audit_run(audit, pipeline_home, screenshot_dir)
         browser.send("Input.insertText", text="target_prob_trajectory")
         time.sleep(3)  # let the charts draw before the screenshot
         browser.screenshot(screenshot_dir / "mlflow-model-metrics.png", full_page=False)
+        # The model version's page: its description links the audit (markdown, marker hidden).
+        browser.goto(f"{base}/#/models/{MODEL_NAME}/versions/{registered_model.version}")
+        browser.wait_for(f"({text} || '').includes('leapcore audit')", timeout=60)
+        version_text = browser.evaluate(text)
+        links = browser.evaluate("Array.from(document.links).map(a => a.getAttribute('href'))")
+        browser.screenshot(screenshot_dir / "mlflow-model-version.png", full_page=False)
     broken = [i["alt"] for i in seen["images"] if not i["loaded"]]
     assert not broken, broken
     assert "max_steps" in body  # params table
@@ -170,3 +178,5 @@ def test_the_mlflow_ui_shows_the_audit_run(audit, pipeline_home, screenshot_dir)
     assert "Model registry" in body and "Judges" not in body and "Agent versions" not in body
     assert "output_dir" not in body and "wandb_entity" not in body
     assert seen["scrollWidth"] <= 1280, seen["wide"]
+    assert "<!--" not in version_text and "mean target probability" in version_text
+    assert any(audit.mlflow_run_id in (link or "") for link in links), links
