@@ -49,6 +49,7 @@ from tasks import (
 )
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
+from tasks.report import stamp_report
 from tasks.runtime import SKIPPED, collect_publications, mlflow_link, stage_finished
 
 # Stage names, in order, and the short names ``skip`` also accepts.
@@ -133,6 +134,15 @@ def _model_label(registry: dict[str, str], uri: str) -> str:
         version = registry.get("version")
         return f"{registry['name']} v{version}" if version else registry["name"]
     return Path(uri.rstrip("/")).stem or uri
+
+
+def _provenance(mlflow_run: dict[str, Any] | None) -> dict[str, str]:
+    """This run's ids for the report's provenance block."""
+    flow_run = getattr(current_flow_run, "root_flow_run_id", None) or current_flow_run.id
+    facts = {"prefect_flow_run": str(flow_run) if flow_run else ""}
+    if mlflow_run is not None:
+        facts["mlflow_run"] = str(mlflow_run["run_id"])
+    return facts
 
 
 def _published_params(
@@ -234,6 +244,7 @@ def _run_audit(
         title=f"Audit of {model.uri}",
         html=plan.on("render_report"),
     )
+    report = stamp_report(report, store, model, _provenance(mlflow_run))
     for stage in STAGES:
         if stage not in states and not plan.on(stage):
             states[stage] = SKIPPED
@@ -264,7 +275,7 @@ def _run_audit(
         output_dir=str(Path(out_dir).resolve()),
     )
     stage_seconds = {
-        f"seconds.{stage}": float(sum(o.seconds for o in out))
+        f"seconds/{stage}": float(sum(o.seconds for o in out))
         if isinstance(out, list)
         else float(out.seconds)
         for stage, out in outputs.items()
@@ -491,8 +502,8 @@ def audit_model(
 def _summary_lines(result: AuditResult) -> list[str]:
     lines = [f"# Audit of `{result.model_uri}`", ""]
     lines += [f"- **{stage}**: {state}" for stage, state in result.stages.items()]
-    if result.metrics.get("target_prob.mean") is not None:
-        lines.append(f"\nMean target probability: **{result.metrics['target_prob.mean']:.3f}**")
+    if result.metrics.get("target_prob/mean") is not None:
+        lines.append(f"\nMean target probability: **{result.metrics['target_prob/mean']:.3f}**")
     lines.append("")
     lines += [f"    {line}" for line in result.where_to_look()]
     return lines

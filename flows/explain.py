@@ -43,6 +43,7 @@ from tasks import (
 from tasks.attribution import attribute_samples, check_methods
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
+from tasks.report import stamp_report
 from tasks.runtime import SKIPPED, collect_publications, mlflow_link, stage_finished
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -262,6 +263,8 @@ def _explain(
         title=f"Explanations by {model.uri}",
         html="render_report" not in off,
     )
+    provenance = {"prefect_flow_run": str(current_flow_run.id), "mlflow_run": run_id or ""}
+    report = stamp_report(report, store, model, provenance)
     for stage in OPTIONAL:
         if stage in off and stage not in states:
             states[stage] = SKIPPED
@@ -296,9 +299,9 @@ def _explain(
         "images": [Path(f.path).name for f in files],
         "targets": targets,
     }
-    seconds = {"seconds.isolate_samples": isolated.seconds}
+    seconds = {"seconds/isolate_samples": isolated.seconds}
     if attributed is not None:
-        seconds["seconds.attribute_samples"] = attributed.seconds
+        seconds["seconds/attribute_samples"] = attributed.seconds
         table = store.get_table(attributed.refs["attributions"])
         seconds.update(attribution_metrics(table))  # logged as MLflow metrics with the timings
         result.metrics.update(attribution_metrics(table))

@@ -4,7 +4,7 @@
     leap explain MODEL_URI photo.jpg photos/ --classes tabby
     leap demo
     leap serve          # the deployments of deployments/prefect.yaml, from one process
-    leap server         # how to start Prefect and MLflow servers on 127.0.0.1
+    leap services       # how to start Prefect and MLflow servers on 127.0.0.1 (was: leap server)
 
 Prefect, MLflow and W&B are imported inside the subcommands only, so ``import leapcore`` never
 imports them. Without ``PREFECT_API_URL`` Prefect starts a temporary local server; without
@@ -23,7 +23,51 @@ import time
 from pathlib import Path
 from typing import Any
 
+from leapcore import __version__
+
 log = logging.getLogger(__name__)
+STARTED = time.perf_counter()  # the console script imports this module first: wall time from here
+
+# Stage names ``--skip`` takes (flows.audit.STAGES / ALIASES and flows.explain; a test keeps them
+# equal). Written out so that ``leap --help`` imports no flow (Prefect takes seconds to import).
+SKIP_STAGES = {
+    "baseline": "generate_baseline (and what needs it: lr, prototypes, entanglement, isolation)",
+    "lr": "find_learning_rate (prototypes then use the config's lr)",
+    "prototypes": "optimise_prototypes (and entanglement, isolation)",
+    "entanglement": "score_entanglement",
+    "isolation": "isolate_features",
+    "report": "render_report (the HTML page; tables and images are still written)",
+    "export": "export_results (the copy in --output-dir)",
+    "mlflow": "publish_mlflow",
+    "wandb": "publish_wandb",
+}
+EXPLAIN_SKIP = ("report", "export", "mlflow", "wandb")
+
+
+def skip_help(names: tuple[str, ...] | None = None) -> str:
+    """``--skip``'s help: the stage names, one a line."""
+    shown = {k: v for k, v in SKIP_STAGES.items() if names is None or k in names}
+    return "stages to switch off, by short or full name:\n" + "\n".join(
+        f"  {short:<13}{full}" for short, full in shown.items()
+    )
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps help text like argparse, but keeps its line breaks (the list of --skip stages)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        lines: list[str] = []
+        for line in text.splitlines():
+            indent = " " * (len(line) - len(line.lstrip()))
+            lines += textwrap.wrap(line, width, subsequent_indent=indent + "  ") or [""]
+        return lines
+
+
+# Loggers of the services whose INFO lines (MLflow's "Created version", alembic's migrations of a
+# new SQLite store, Prefect's temporary-server banner) belong to --verbose only.
+FOREIGN_LOGGERS = ("mlflow", "alembic", "prefect", "httpx", "urllib3", "wandb", "distributed")
 
 DEMO_MODEL = "efficientnet-lite0"
 DEMO_ALIAS = "demo"
@@ -51,35 +95,44 @@ def _say(text: str = "") -> None:
 class ProgressDisplay(logging.Handler):
     """Progress bars fed by the pipeline's stage records and the engine's step logs.
 
-    One bar per stage; prototype optimisation advances with the engine's ``prototypes step i/n``
-    records (every ``log_freq`` steps). Without a terminal, plain lines are printed instead.
+    One bar per stage, each with a step count: prototype optimisation and feature isolation advance
+    with the engine's ``prototypes step i/n`` and ``isolation step i/n`` records (every ``log_freq``
+    steps); other stages count 0/1 -> 1/1. Without a terminal, plain lines are printed instead.
     """
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, console: Any = None):
         super().__init__(logging.INFO)
-        self.live = enabled and sys.stdout.isatty()
+        self.live = enabled and (console is not None or sys.stdout.isatty())
         self.enabled = enabled
         self.bars: dict[str, Any] = {}
         self.progress: Any = None
         if self.live:
             from rich.progress import (
                 BarColumn,
+                MofNCompleteColumn,
                 Progress,
-                SpinnerColumn,
                 TextColumn,
                 TimeElapsedColumn,
             )
 
             self.progress = Progress(
-                SpinnerColumn(),
                 TextColumn("{task.description:<28}"),
                 BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[unit]:<6}"),
                 TextColumn("{task.fields[state]}"),
                 TimeElapsedColumn(),
+                console=console,
             )
 
+    LOGGERS = ("leapcore.pipeline", "leapcore.prototypes", "leapcore.isolation")
+    STEPPED = {
+        "leapcore.prototypes": ("optimise_prototypes",),
+        "leapcore.isolation": ("isolate_features", "isolate_samples"),
+    }
+
     def __enter__(self) -> ProgressDisplay:
-        for name in ("leapcore.pipeline", "leapcore.prototypes"):
+        for name in self.LOGGERS:
             logger = logging.getLogger(name)
             logger.addHandler(self)
             logger.setLevel(logging.INFO)
@@ -88,7 +141,7 @@ class ProgressDisplay(logging.Handler):
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for name in ("leapcore.pipeline", "leapcore.prototypes"):
+        for name in self.LOGGERS:
             logging.getLogger(name).removeHandler(self)
         if self.progress is not None:
             self.progress.stop()
@@ -100,9 +153,10 @@ class ProgressDisplay(logging.Handler):
             stage = getattr(record, "leap_stage", None)
             if stage is not None:
                 self._stage(stage, record)
-            elif record.name == "leapcore.prototypes" and isinstance(record.args, tuple):
+            elif record.name in self.STEPPED and isinstance(record.args, tuple):
                 step, total = int(record.args[0]), int(record.args[1])
-                self._advance("optimise_prototypes", step, total)
+                for stage in self.STEPPED[record.name]:
+                    self._advance(stage, step, total)
         except Exception:  # progress must never break an audit
             self.handleError(record)
 
@@ -115,28 +169,42 @@ class ProgressDisplay(logging.Handler):
                 _say(f"  {stage}: {getattr(record, 'leap_state', '')}{took}")
             return
         if event == "start" and stage not in self.bars:
-            self.bars[stage] = self.progress.add_task(stage, total=None, state="running")
+            self.bars[stage] = self.progress.add_task(
+                stage, total=1, completed=0, state="running", unit=""
+            )
         elif event == "end":
             state = getattr(record, "leap_state", "")
             if stage not in self.bars:
-                self.bars[stage] = self.progress.add_task(stage, total=1, state=state)
-            self.progress.update(self.bars[stage], total=1, completed=1, state=state)
+                self.bars[stage] = self.progress.add_task(stage, total=1, state=state, unit="")
+            total = self.progress.tasks[self._index(stage)].total or 1
+            self.progress.update(self.bars[stage], total=total, completed=total, state=state)
+
+    def _index(self, stage: str) -> int:
+        return [t.id for t in self.progress.tasks].index(self.bars[stage])
 
     def _advance(self, stage: str, step: int, total: int) -> None:
         if not self.live or stage not in self.bars:
             return
-        self.progress.update(self.bars[stage], total=total, completed=min(step, total))
+        self.progress.update(
+            self.bars[stage], total=total, completed=min(step, total), unit="steps"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- #
 # Arguments shared by the subcommands
 # ---------------------------------------------------------------------------------------------- #
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
+def _add_run_options(
+    parser: argparse.ArgumentParser,
+    skip_names: tuple[str, ...] | None = None,
+    classes_default: str = "class 0, as leap-ie's generate",
+) -> None:
     parser.add_argument(
         "--classes",
         nargs="+",
         metavar="CLASS",
-        help="target classes: indices or names; 'a+b' for a hybrid of two classes",
+        help="target classes: indices or names, separated by spaces or commas (--classes 1 2 or "
+        "--classes 1,2); quote a name with spaces (--classes \"golden retriever\" tabby); 'a+b' "
+        f"for a hybrid of two classes. Default: {classes_default}",
     )
     parser.add_argument("--config", metavar="FILE", help="JSON file of engine options")
     parser.add_argument(
@@ -147,7 +215,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="set one engine option (value in JSON, e.g. --set max_steps=200); repeatable",
     )
     parser.add_argument(
-        "--skip", nargs="+", default=[], metavar="STAGE", help="stages to switch off (e.g. wandb)"
+        "--skip", nargs="+", default=[], metavar="STAGE", help=skip_help(skip_names)
     )
     parser.add_argument("--store", metavar="URI", help="artifact store (folder or s3://, gs://)")
     parser.add_argument("--experiment", help="MLflow experiment (default leapcore-audits)")
@@ -162,7 +230,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="where the report, tables and images are written")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect's run logs")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Prefect's, MLflow's and W&B's own log lines and full tracebacks",
+    )
 
 
 def _config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -201,9 +274,31 @@ def _model_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _classes(values: list[str] | None) -> list[Any] | None:
+    """``--classes`` values: split at commas, indices as ints, names as they are."""
     if not values:
         return None
-    return [int(v) if v.lstrip("-").isdigit() else v for v in values]
+    items = [part.strip() for value in values for part in value.split(",")]
+    return [int(v) if v.lstrip("-").isdigit() else v for v in items if v]
+
+
+def _announce_classes(values: list[str] | None, command: str) -> None:
+    """Say which classes an audit targets when the user named none, and why."""
+    if values:
+        return
+    if command == "audit":
+        _say(
+            "No --classes given: auditing class 0, the default of leap-ie's generate. Name the "
+            "classes to audit with --classes (indices or names)."
+        )
+
+
+def _hint(err: BaseException, values: list[str] | None) -> str:
+    """A hint for a class name split at its spaces (``--classes golden retriever``)."""
+    words = [v for v in (values or []) if not v.lstrip("-").isdigit()]
+    if "no class named" in str(err) and len(words) > 1:
+        joined = " ".join(words[:2])
+        return f'\nhint: a class name with spaces needs quotes: --classes "{joined}"'
+    return ""
 
 
 def _quiet(verbose: bool) -> None:
@@ -219,9 +314,48 @@ def _quiet(verbose: bool) -> None:
     # The temporary server can take over 30 s to start on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("WANDB_SILENT", "true")
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        for name in FOREIGN_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _report(result: Any, as_json: bool) -> None:
+def _wall() -> float:
+    return time.perf_counter() - STARTED
+
+
+def _predictions(result: Any, top: int = 3) -> list[str]:
+    """``name: class (p), class (p), class (p)`` per explained image, from its samples table."""
+    folder = Path(result.output_dir or ".")
+    path = folder / "tables" / "samples.parquet"
+    model = folder / "tables" / "model.parquet"
+    if not path.is_file():
+        return []
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if "logits" not in table.column_names:
+        return []
+    names: list[str] = []
+    if model.is_file():
+        card = pq.read_table(model)
+        if "class_name" in card.column_names:
+            names = [str(n) for n in card.column("class_name").to_pylist()]
+    lines = []
+    for name, logits in zip(table.column("name").to_pylist(), table.column("logits").to_pylist()):
+        values = np.asarray(logits, dtype=np.float64)
+        probs = np.exp(values - values.max())
+        probs /= probs.sum()
+        best = np.argsort(-probs)[:top]
+        shown = ", ".join(
+            f"{names[i] if i < len(names) else i} ({probs[i]:.3f})" for i in best.tolist()
+        )
+        lines.append(f"{name}: {shown}")
+    return lines
+
+
+def _report(result: Any, as_json: bool, kind: str = "audit") -> None:
     if as_json:
         _say(
             json.dumps(
@@ -239,21 +373,30 @@ def _report(result: Any, as_json: bool) -> None:
                     "wandb_run_dir": result.wandb_run_dir,
                     "wandb_sync_command": result.wandb_sync_command,
                     "seconds": result.seconds,
+                    "wall_seconds": _wall(),
                 },
                 indent=2,
             )
         )
         return
     _say()
-    _say(f"Done in {result.seconds:.0f} s. Where to look:")
+    if kind == "explain":
+        lines = _predictions(result)
+        if lines:
+            _say("Top classes per image:")
+            for line in lines:
+                _say(f"  {line}")
+    elif result.target_names:
+        _say(f"Audited: {', '.join(result.target_names)}.")
+    _say(f"Done in {_wall():.0f} s (wall time). Where to look:")
     for line in result.where_to_look():
         _say(f"  {line}")
 
 
-def _fail(err: BaseException, verbose: bool) -> int:
+def _fail(err: BaseException, verbose: bool, classes: list[str] | None = None) -> int:
     if verbose:
         raise err
-    sys.stderr.write(f"leap: {type(err).__name__}: {err}\n")
+    sys.stderr.write(f"leap: {type(err).__name__}: {err}{_hint(err, classes)}\n")
     return 1
 
 
@@ -262,6 +405,9 @@ def _fail(err: BaseException, verbose: bool) -> int:
 # ---------------------------------------------------------------------------------------------- #
 def _run_flow(args: argparse.Namespace, flow: Any, *positional: Any, **options: Any) -> int:
     """Run ``flow`` with the options ``audit`` and ``explain`` share, then print where results went."""
+    kind = "explain" if "images" in args else "audit"
+    if not args.json:
+        _announce_classes(args.classes, kind)
     try:
         with ProgressDisplay(not args.no_progress and not args.json):
             result = flow(
@@ -278,8 +424,8 @@ def _run_flow(args: argparse.Namespace, flow: Any, *positional: Any, **options: 
                 **options,
             )
     except Exception as err:
-        return _fail(err, args.verbose)
-    _report(result, args.json)
+        return _fail(err, args.verbose, args.classes)
+    _report(result, args.json, kind)
     return 0
 
 
@@ -357,7 +503,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 output_dir=args.output_dir,
             )
     except Exception as err:
-        return _fail(err, args.verbose)
+        return _fail(err, args.verbose, args.classes)
     result.seconds = time.perf_counter() - began
     _report(result, False)
     return 0
@@ -393,9 +539,15 @@ mlflow.db; `mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db` browses the 
 """
 
 
-def cmd_server(args: argparse.Namespace) -> int:
+def cmd_services(args: argparse.Namespace) -> int:
     _say(SERVER_HELP)
     return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """The old name of ``leap services`` (hidden; says the new name)."""
+    sys.stderr.write("leap: `leap server` is now `leap services` (next to `leap serve`).\n")
+    return cmd_services(args)
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -408,10 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Interpretability audits for image classifiers: prototypes, entanglement and "
         "feature isolation, registered in MLflow and W&B. No server or account needed.",
     )
+    parser.add_argument("--version", action="version", version=f"leap (leapcore) {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     audit = sub.add_parser(
         "audit",
+        formatter_class=_Formatter,
         help="audit a model: prototypes, entanglement, isolations -> MLflow, W&B, HTML report",
         description="Audit MODEL_URI (models:/name/version, models:/name@alias, runs:/<id>/<path>, "
         "a model file or folder, or a zoo name such as efficientnet_lite0).",
@@ -431,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = sub.add_parser(
         "explain",
+        formatter_class=_Formatter,
         help="isolate the features behind a model's predictions on your images",
         description="Feature isolation on IMAGE files and folders of images.",
     )
@@ -441,11 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M1,M2",
         help="attribution methods as well, comma-separated (e.g. ig,lrp,crp; see docs/attribution.md)",
     )
-    _add_run_options(explain)
+    _add_run_options(explain, EXPLAIN_SKIP, "each image's top max_isolate_classes predictions")
     explain.set_defaults(handler=cmd_explain)
 
     demo = sub.add_parser(
         "demo",
+        formatter_class=_Formatter,
         help="register the bundled EfficientNet-Lite0 in MLflow and audit a few ImageNet classes",
         description="The main job: register the bundled pretrained EfficientNet-Lite0 in the local "
         "MLflow registry and audit a few ImageNet classes (a few minutes on 2 CPU cores). No "
@@ -458,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--isolation-steps", type=int, help=f"default {DEMO_CONFIG['isolation_steps']}"
     )
-    demo.add_argument("--skip", nargs="+", default=[], metavar="STAGE")
+    demo.add_argument("--skip", nargs="+", default=[], metavar="STAGE", help=skip_help())
     demo.add_argument("--store", metavar="URI", help="artifact store (default .leap/artifacts)")
     demo.add_argument("--output-dir", help="default leap_results/leapcore-demo")
     demo.add_argument("--no-progress", action="store_true")
@@ -474,12 +630,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=None)
 
-    server = sub.add_parser(
-        "server",
-        help="how to start Prefect and MLflow servers on 127.0.0.1",
+    services = sub.add_parser(
+        "services",
+        help="how to start Prefect and MLflow servers on 127.0.0.1 (for leap serve)",
         description="Print the commands that start Prefect and MLflow servers on 127.0.0.1.",
     )
-    server.set_defaults(handler=cmd_server)
+    services.set_defaults(handler=cmd_services)
+    # The old name, left out of the help (no help=): it prints the new one.
+    sub.add_parser("server").set_defaults(handler=cmd_server)
     return parser
 
 

@@ -14,6 +14,7 @@ RISE deletion / insertion AUC of its saliency map (:mod:`leapcore.faithfulness`)
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -48,6 +49,8 @@ LEVELS = (
     1.0,
 )
 AUC_STEPS = 16
+log = logging.getLogger(__name__)
+
 # Masks start at 0.5 everywhere: from a full mask (sigmoid(3) ~ 0.95) the coverage penalty needed
 # hundreds of steps to shrink it; from 0.5 the logit term grows the evidence and the penalty shrinks
 # the rest within ~100 steps on efficientnet_lite0 (coverage ~0.3 keeping >= 100 % of the logit).
@@ -320,6 +323,7 @@ def isolate_features(
                     "feature isolation", first_bad, _upsample(last_finite, (h, w)).cpu()
                 )
             last_finite = param.detach().clone()
+            log.info("isolation step %d/%d", step, steps)
     with torch.no_grad():
         masks = _upsample(param, (h, w))
     background = make_background(config.isolation_background, source, config.seed + 5, keys)

@@ -136,11 +136,11 @@ OFF_TARGET_TAG = "leapcore.off_target_prototypes"
 def quality_metrics(audit) -> dict[str, float]:
     """Per-class quality metrics of an audit, for MLflow and W&B (keys as ``audit_metrics``'s).
 
-    ``off_target.<class>`` (1.0 when any prototype of the class is off target),
-    ``target_prob_robust.<class>``, ``transfer_prob.<class>.<k>``, ``prototypes.off_target``
+    ``off_target/<target>`` (1.0 when any prototype of the class is off target),
+    ``target_prob_robust/<target>``, ``transfer_prob/<target>/<k>``, ``prototypes/off_target``
     (count), and the isolation means of ``kept_prob``, ``deletion_auc`` and ``insertion_auc``.
     """
-    from leapcore.report import metric_name
+    from leapcore.report import target_key
 
     metrics: dict[str, float] = {}
     p = getattr(audit, "prototypes", None)
@@ -148,34 +148,34 @@ def quality_metrics(audit) -> dict[str, float]:
         _, off, _ = p.flags()
         names = audit.class_list
         for row in range(len(off)):
-            name = "+".join(names[c] for c in p.targets[p.row_target(row)])
-            key = metric_name("off_target", name)
+            name = target_key(p.targets[p.row_target(row)], names)
+            key = f"off_target/{name}"
             metrics[key] = max(metrics.get(key, 0.0), float(off[row]))
             if p.robust_probs is not None:
-                key = metric_name("target_prob_robust", name)
+                key = f"target_prob_robust/{name}"
                 metrics[key] = metrics.get(key, 0.0) + float(p.robust_probs[row]) / p.per_target
             if p.transfer_probs is not None:
                 for k in range(p.transfer_probs.shape[1]):
-                    key = metric_name("transfer_prob", name, str(k))
+                    key = f"transfer_prob/{name}/{k}"
                     metrics[key] = metrics.get(key, 0.0) + float(p.transfer_probs[row, k]) / (
                         p.per_target
                     )
-        metrics["prototypes.off_target"] = float(off.sum())
+        metrics["prototypes/off_target"] = float(off.sum())
     iso = getattr(audit, "isolation", None)
     if iso is not None:
         for field in ("kept_prob", "deletion_auc", "insertion_auc"):
             value = getattr(iso, field)
             if value is not None:
-                metrics[f"isolation.mean_{field}"] = float(value.mean())
+                metrics[f"isolation/mean_{field}"] = float(value.mean())
     return metrics
 
 
 def quality_tags(metrics: dict[str, float]) -> dict[str, str]:
-    """The run tag naming the classes whose prototypes are off target ('none' when all are fine)."""
-    if "prototypes.off_target" not in metrics:
+    """The run tag naming the targets whose prototypes are off target ('none' when all are fine)."""
+    if "prototypes/off_target" not in metrics:
         return {}
     off = sorted(
-        k.split(".", 1)[1] for k, v in metrics.items() if k.startswith("off_target.") and v
+        k.split("/", 1)[1] for k, v in metrics.items() if k.startswith("off_target/") and v
     )
     return {OFF_TARGET_TAG: ",".join(off) if off else "none"}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -134,6 +135,92 @@ def run_tags(
     return tags
 
 
+# Options that route or label a run (where files go, which W&B team): not parameters of the audit.
+ENVIRONMENT_OPTIONS = frozenset(
+    {"leap_api_key", "wandb_api_key", "wandb_entity", "project_name", "output_dir", "samples"}
+)
+# MLflow 3's UI files an experiment as classic ML (runs, model metrics) or GenAI (traces) by this tag.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+CLASSIC_ML = "custom_model_development"
+DESCRIPTION_MARK = "<!-- leapcore audit -->"
+# MLflow 3.17's UI picks GenAI or classic ML pages per browser (default GenAI), whatever the
+# experiment's kind; links that open the classic pages carry this query.
+CLASSIC_VIEW = "?workflowType=machine_learning"
+
+
+def run_page(experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI, relative to the UI's address, in the classic ML view."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}{CLASSIC_VIEW}"
+
+
+def audit_params(params: dict[str, Any]) -> dict[str, str]:
+    """The params an audit logs: the options and the audit's own settings, environment ones left out."""
+    kept = {k: v for k, v in params.items() if k not in ENVIRONMENT_OPTIONS}
+    return flatten_params(kept)
+
+
+def trajectory_series(
+    prototypes: Any, trajectories: Any, class_list: list[str]
+) -> dict[str, list[tuple[int, float]]]:
+    """``target_prob_trajectory/<classes>_<slug>/<prototype>`` -> ``[(step, target probability)]``
+    from the ``prototypes`` and ``trajectories`` Arrow tables (the mean over a hybrid's classes)."""
+    from leapcore.report import target_key
+
+    rows = prototypes.select(["row", "target_classes", "prototype_index"]).to_pylist()
+    targets = {r["row"]: (list(r["target_classes"]), r["prototype_index"]) for r in rows}
+    sums: dict[tuple[int, int], list[float]] = {}
+    for step, row, cls, prob in zip(
+        trajectories.column("step").to_pylist(),
+        trajectories.column("row").to_pylist(),
+        trajectories.column("class_index").to_pylist(),
+        trajectories.column("prob").to_pylist(),
+    ):
+        if row in targets and cls in targets[row][0]:
+            sums.setdefault((row, step), []).append(prob)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for (row, step), values in sorted(sums.items()):
+        classes, index = targets[row]
+        key = f"target_prob_trajectory/{target_key(classes, class_list)}/{index}"
+        series.setdefault(key, []).append((int(step), sum(values) / len(values)))
+    return series
+
+
+def logged_model_id(client: Any, registry: dict[str, str]) -> str | None:
+    """The MLflow 3 LoggedModel behind the registry version the audit read, if it has one."""
+    if not registry.get("name") or not registry.get("version"):
+        return None
+    version = client.get_model_version(registry["name"], str(registry["version"]))
+    model_id = getattr(version, "model_id", None)
+    if not model_id:  # the file and SQL stores leave it unset; the source names the LoggedModel
+        found = re.fullmatch(r"models:/(m-[0-9a-f]+)/?", version.source or "")
+        model_id = found.group(1) if found else None
+    return model_id
+
+
+def _describe_version(
+    client: Any, registry: dict[str, str], run_id: str, experiment_id: str, metrics: dict
+) -> None:
+    """Add (or replace) the leapcore paragraph of the model version's description: links to the
+    audit's run and its report, and the headline numbers."""
+    if not registry.get("name") or not registry.get("version"):
+        return
+    name, version = registry["name"], str(registry["version"])
+    current = client.get_model_version(name, version).description or ""
+    kept = current.split(DESCRIPTION_MARK)[0].rstrip()
+    run = f"#/experiments/{experiment_id}/runs/{run_id}"
+    lines = [
+        DESCRIPTION_MARK,
+        f"**leapcore audit**: [run {run_id[:8]}]({run}{CLASSIC_VIEW}) · "
+        f"[report]({run}/artifacts/report.html{CLASSIC_VIEW})",
+    ]
+    if "target_prob/mean" in metrics:
+        lines.append(f"mean target probability {metrics['target_prob/mean']:.3f}")
+    if "entanglement_max_other/max" in metrics:
+        lines.append(f"strongest entanglement {metrics['entanglement_max_other/max']:.2f}")
+    text = (kept + "\n\n" if kept else "") + "\n\n".join(lines)
+    client.update_model_version(name, version, description=text)
+
+
 @task(name="publish_mlflow", retries=2, retry_delay_seconds=2, persist_result=False)
 @redacting
 def publish_mlflow(
@@ -146,23 +233,54 @@ def publish_mlflow(
     store: ArtifactStore,
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Log params, metrics, tags and the download bundle to the audit's run."""
-    from mlflow.entities import Metric, Param, RunTag
+    """Log params, metrics, tags and the download bundle to the audit's run.
+
+    - params: the options (environment ones such as ``output_dir`` left out);
+    - metrics: the headline numbers and stage times, and each prototype's target probability per
+      optimisation step (``target_prob_trajectory/...``, step metrics); for an audit of a registry
+      version backed by an MLflow 3 LoggedModel, every metric carries its ``model_id`` and the model
+      is logged as the run's input, so the numbers show on the model's page too;
+    - the experiment is tagged as classic ML (not GenAI) for MLflow's UI;
+    - the model version's description links the run and its report (audits only, not explain).
+    """
+    from mlflow.entities import LoggedModelInput, Metric, Param, RunTag
 
     client = _client(uri)
     now = int(time.time() * 1000)
-    flat = flatten_params(params)
+    kind = (tags or {}).get("leapcore.kind", "audit")
+    experiment_id = client.get_run(run_id).info.experiment_id
+    experiment = client.get_experiment(experiment_id)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != CLASSIC_ML:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, CLASSIC_ML)
+    model_id = logged_model_id(client, model.registry)
+    if model_id is not None:
+        client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
+    flat = audit_params(params)
     items = sorted(flat.items())
     for start in range(0, len(items), 90):
         client.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + 90]])
-    metric_items = sorted({**report.metrics, **metrics}.items())
-    for start in range(0, len(metric_items), 900):
-        client.log_batch(
-            run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in metric_items[start : start + 900]],
+    values = [
+        Metric(k, float(v), now, 0, model_id=model_id)
+        for k, v in sorted({**report.metrics, **metrics}.items())
+    ]
+    tables = report.tables()
+    if "tables/prototypes.parquet" in tables and "tables/trajectories.parquet" in tables:
+        series = trajectory_series(
+            store.get_table(tables["tables/prototypes.parquet"]),
+            store.get_table(tables["tables/trajectories.parquet"]),
+            list(model.class_list),
         )
+        values += [
+            Metric(key, value, now, step, model_id=model_id)
+            for key, points in sorted(series.items())
+            for step, value in points
+        ]
+    for start in range(0, len(values), 900):
+        client.log_batch(run_id, metrics=values[start : start + 900])
     all_tags = {**(tags or {}), "leapcore.model_digest": model.digest}
     all_tags.update(quality_tags(report.metrics))  # issue 19 (h19): off-target prototypes
+    if model_id is not None:
+        all_tags["leapcore.logged_model_id"] = model_id
     client.log_batch(run_id, tags=[RunTag(k, str(v)[:4900]) for k, v in sorted(all_tags.items())])
     with tempfile.TemporaryDirectory(prefix="leapcore-mlflow-") as tmp:
         root = Path(tmp)
@@ -171,9 +289,13 @@ def publish_mlflow(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(store.get_bytes(ref))
         client.log_artifacts(run_id, str(root))
+    if kind == "audit":
+        _describe_version(client, model.registry, run_id, experiment_id, report.metrics)
     return {
         "run_id": run_id,
         "params": len(flat),
-        "metrics": len(metric_items),
+        "metrics": len(values),
         "files": len(report.files),
+        "model_id": model_id,
+        "run_page": run_page(experiment_id, run_id),
     }

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pyarrow as pa
 
 from leapcore.config import EngineConfig
 from leapcore.preprocess import from_spec
-from leapcore.report import audit_metrics, entanglement_heatmap
+from leapcore.report import audit_metrics, entanglement_heatmap, stamp_provenance
 from leapcore.report import render_report as render_html
 from leapcore.results import (
     audit_frame,
@@ -71,7 +72,7 @@ def model_facts(model: ModelRef) -> dict[str, Any]:
     """What the report and the publishers say about the model."""
     facts: dict[str, Any] = {
         "model": model.uri,
-        "digest": model.digest[:16],
+        "digest": model.digest,
         "classes": model.num_classes,
     }
     for key in ("name", "version", "alias", "run_id"):
@@ -141,12 +142,15 @@ def render_report(
             entanglement_heatmap(audit), "images", "png", "png"
         )
     if html:
+        # The provenance block (time, run ids) is filled per run by stamp_report: this page is cached.
         page = render_html(
             audit,
             title=title,
             model=facts,
             config=config.secret_free(),
             sample_names=sample_names,
+            tables=tables,
+            stamp_later=True,
         )
         files["report.html"] = store.put_bytes(page.encode("utf-8"), "reports", "html", "html")
     metrics = audit_metrics(audit)
@@ -156,6 +160,20 @@ def render_report(
         if "/" not in k or k.startswith("tables/")
     ]
     return ReportOutput(files, metrics, title, time.perf_counter() - began, summary)
+
+
+def stamp_report(
+    report: ReportOutput, store: ArtifactStore, model: ModelRef, provenance: Mapping[str, Any]
+) -> ReportOutput:
+    """``report`` with its page's provenance block filled for this run (time, MLflow run, Prefect
+    flow run, ...): the page of a cached ``render_report`` would otherwise carry no run at all."""
+    ref = report.report
+    if ref is None:
+        return report
+    facts = model_facts(model)
+    page = stamp_provenance(store.get_bytes(ref).decode("utf-8"), provenance, facts)
+    stamped = store.put_bytes(page.encode("utf-8"), "reports", "html", "html")
+    return replace(report, files={**report.files, "report.html": stamped})
 
 
 def _tables(

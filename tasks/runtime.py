@@ -102,6 +102,8 @@ def collect_publications(
         stage_finished(stage, states[stage])
         if stage == "export_results":
             result.report_path = value
+        elif stage == "publish_mlflow" and isinstance(value, dict):
+            result.mlflow_run_page = value.get("run_page")
         elif stage == "publish_wandb":
             result.wandb_run_dir, result.wandb_mode = value.run_dir, value.mode
             result.wandb_sync_command, result.wandb_url = value.sync_command, value.url
@@ -216,6 +218,8 @@ class AuditResult:
         mlflow_run_id / mlflow_tracking_uri / mlflow_experiment: the MLflow run.
         wandb_run_dir / wandb_mode / wandb_sync_command / wandb_url: the W&B run;
             wandb_run_path (entity/project/run id) is the value of the MLflow run's link back.
+        mlflow_run_page: the run's page in the MLflow UI, relative to the UI's address (``#/...``).
+        wandb_run_dir / wandb_mode / wandb_sync_command / wandb_url: the W&B run.
         seconds: wall time of the audit.
     """
 
@@ -239,6 +243,7 @@ class AuditResult:
     wandb_sync_command: str | None = None
     wandb_url: str | None = None
     wandb_run_path: str | None = None
+    mlflow_run_page: str | None = None
     seconds: float = 0.0
 
     def where_to_look(self) -> list[str]:
@@ -251,6 +256,8 @@ class AuditResult:
                 f"MLflow:  run {self.mlflow_run_id} in experiment {self.mlflow_experiment!r}; "
                 f"browse with: mlflow ui --backend-store-uri {self.mlflow_tracking_uri}"
             )
+            if self.mlflow_run_page:
+                lines.append(f"         then open http://127.0.0.1:5000/{self.mlflow_run_page}")
         if self.wandb_run_dir:
             lines.append(f"W&B:     {self.wandb_mode} run in {self.wandb_run_dir}")
             if self.wandb_sync_command:

@@ -196,7 +196,7 @@ def test_quality_section_names_off_target_prototypes(digits, digit_isolation):
     fragment = quality_section(audit)
     assert "off target" in fragment and "classified as another class" in fragment
     metrics = quality_metrics(audit)
-    assert metrics["prototypes.off_target"] >= 9
+    assert metrics["prototypes/off_target"] >= 9
     assert quality_tags(metrics)["leapcore.off_target_prototypes"].count(",") >= 8
     iso_fragment = quality_section(digit_isolation)
     assert "deletion AUC" in iso_fragment

@@ -87,13 +87,13 @@ def test_the_audit_lands_in_mlflow_the_registry_and_wandb(first_audit, registere
     assert params["audit.model_uri"] == registered_model.uri
     assert "wandb_api_key" not in params and "leap_api_key" not in params
     for key in (
-        "target_prob.digit-3",
-        "target_prob.digit-7",
-        "entanglement.max_other",
-        "entanglement.digit-3.max_other",
-        "isolation.mean_coverage",
-        "seconds.optimise_prototypes",
-        "seconds.isolate_features",
+        "target_prob/3_digit_3",
+        "target_prob/7_digit_7",
+        "entanglement_max_other/max",
+        "entanglement_max_other/3_digit_3",
+        "isolation/mean_coverage",
+        "seconds/optimise_prototypes",
+        "seconds/isolate_features",
         "lr",
     ):
         assert key in metrics, key
@@ -142,7 +142,9 @@ def test_the_audit_lands_in_mlflow_the_registry_and_wandb(first_audit, registere
     assert wandb["history"]["isolations.nrows"] == pairs
     assert wandb["history"]["entanglement._type"] == "table-file"
     assert wandb["history"]["entanglement_heatmap._type"] == "image-file"
-    assert wandb["summary"]["target_prob.digit-3"] == pytest.approx(metrics["target_prob.digit-3"])
+    assert wandb["summary"]["target_prob/3_digit_3"] == pytest.approx(
+        metrics["target_prob/3_digit_3"]
+    )
     # Links both ways with MLflow (the MLflow side's tag takes result.wandb_run_path), the report as
     # wandb.Html, trajectories as history, the model artifact.
     assert wandb["config"]["mlflow"]["mlflow_run_id"] == result.mlflow_run_id
@@ -220,7 +222,7 @@ def test_a_rerun_is_cached_and_max_steps_recomputes_only_downstream(
     # Registration still happens: a new MLflow run, holding the same results.
     assert again.mlflow_run_id != first_audit.mlflow_run_id
     assert _client().get_run(again.mlflow_run_id).info.status == "FINISHED"
-    assert again.metrics["target_prob.digit-3"] == first_audit.metrics["target_prob.digit-3"]
+    assert again.metrics["target_prob/3_digit_3"] == first_audit.metrics["target_prob/3_digit_3"]
 
     longer = audit_model(
         registered_model.uri,
@@ -447,9 +449,10 @@ def test_explain_samples_isolates_features_in_a_folder_of_images(
     frame = pq.read_table(out / "tables" / "results.parquet").to_pandas()
     assert set(frame["output_class"]) <= set(DIGITS)
     page = Path(result.report_path).read_text()
-    assert "sample0_0.png" in page and page.count("data:image/png") >= 3 + 2 * 6
+    assert "sample0_0.png" in page and page.count("data:image/webp") == 3 + 6  # images, overlays
     # The images were read with the model's eval transform, and the report says which.
     assert "images loaded with" in page and "centre crop 32x32" in page
     run = _client().get_run(result.mlflow_run_id)
-    assert run.info.status == "FINISHED" and run.data.metrics["samples.count"] == 3
+    assert run.info.status == "FINISHED" and run.data.metrics["samples/count"] == 3
+    assert run.data.tags["leapcore.kind"] == "explain"  # told apart from audits
     assert wandb_contents(result.wandb_run_dir)["history"]["isolations.nrows"] == 6
