@@ -120,7 +120,9 @@ class EngineConfig(BaseModel):
         50, "Windows the range test is split into; one loss is recorded per window.", LR, ge=2
     )
     stop_lr_early: bool = _opt(
-        True, "Stop the range test once a window's loss is not finite or exceeds the best window's by more than three times its magnitude.", LR
+        True,
+        "Stop the range test once a window's loss is not finite or exceeds the best window's by more than three times its magnitude.",
+        LR,
     )
 
     # --- baseline ---

@@ -23,7 +23,13 @@ def test_hipe_saliency_concentrates_on_the_only_region_the_class_reads():
     audit = engine.run(
         PatchDetail(),
         ["patch", "flat"],
-        {"input_dim": [1, 32, 32], "use_hipe": True, "hipe_min_cell": 2, "isolate_classes": [0]},
+        {
+            "input_dim": [1, 32, 32],
+            "use_hipe": True,
+            "hipe_min_cell": 2,
+            "isolate_classes": [0],
+            "isolation_keep": 0,  # the saliency itself, not the calibrated binary mask
+        },
         samples=samples,
         device="cpu",
     )
