@@ -90,11 +90,12 @@ def test_isolation_keeps_the_evidence_inside_the_region(segmenter):
     image = torch.rand((1, 3, SEG_SIZE, SEG_SIZE), generator=torch.Generator().manual_seed(3)) * 0.2
     image[0, :, 1:8, 10:17] = torch.tensor([0.9, 0.1, 0.1])[:, None, None]
     image[0, :, 22:29, 10:17] = torch.tensor([0.9, 0.1, 0.1])[:, None, None]
-    config = seg_config(region=[9, 0, 18, 9], isolation=True, isolation_steps=60)
+    # The soft saliency (isolation_keep 0): where the evidence lies, before calibration to a mask.
+    config = seg_config(region=[9, 0, 18, 9], isolation=True, isolation_steps=60, isolation_keep=0)
     audit = engine.run(segmenter, SHAPE_NAMES, config, target_classes=[1], samples=image)
     mask = audit.isolation.masks[0, 0]
     top, bottom = float(mask[1:8, 10:17].mean()), float(mask[22:29, 10:17].mean())
-    assert top > 0.4 and bottom < 0.2, (top, bottom)
+    assert top > 0.3 and bottom < 0.1 and top > 5 * bottom, (top, bottom)  # measured 0.37, 0.03
     assert audit.isolation.logits_isolated[0] > 0
 
 

@@ -198,7 +198,8 @@ def test_local_cache_ids_and_get_model(vit_folder, segformer_folder, tmp_path, m
     seg = load_model("hf:acme/tiny-segformer@main")
     assert seg.metadata["task"] == "segmentation" and seg.class_list[1] == "square"
     preprocessing, model, classes = get_model("acme/tiny-vit", source="huggingface")
-    assert classes == DIGITS and preprocessing[0].mean.flatten().tolist() == list(MEAN)
+    normalize = preprocessing[-1]  # [eval transform of the image processor, Normalize]
+    assert classes == DIGITS and normalize.mean.flatten().tolist() == list(MEAN)
     with pytest.raises(
         ModelSourceError, match="not in the local Hugging Face cache.*never downloads"
     ):
