@@ -157,14 +157,21 @@ def _run_audit(
     wandb_project: str | None,
     run_name: str,
     flow_name: str,
+    fetched: tuple[Any, str] | None = None,
 ) -> AuditResult:
-    """Wire the stage tasks; runs inside ``audit_model`` or its ``audit-stages`` subflow."""
+    """Wire the stage tasks; runs inside ``audit_model`` or its ``audit-stages`` subflow.
+
+    ``fetched`` is the ``fetch_model`` output and state when the caller already fetched the model
+    (``audit_model`` does, to check the classes before the MLflow run opens).
+    """
     logger = get_run_logger()
     began = time.perf_counter()
     states: dict[str, str] = {}
     outputs: dict[str, Any] = {}
 
-    model, states["fetch_model"] = run_stage(fetch_model, locator=locator, store=store)
+    if fetched is None:
+        fetched = run_stage(fetch_model, locator=locator, store=store)
+    model, states["fetch_model"] = fetched
     outputs["fetch_model"] = model
     targets = resolve_targets(target_classes, model.class_list)
     names = ["+".join(model.class_list[c] for c in t) for t in targets]
@@ -331,6 +338,7 @@ def audit_stages(
     wandb_project: str | None,
     run_name: str,
     flow_name: str,
+    fetched: tuple[Any, str] | None = None,
 ) -> AuditResult:
     """Run the stages of an audit in a subflow (used when ``audit_model`` gets another task runner)."""
     result = _run_audit(
@@ -346,6 +354,7 @@ def audit_stages(
         wandb_project,
         run_name,
         flow_name,
+        fetched,
     )
     result.stages_flow_run_id = str(current_flow_run.id)
     return result
@@ -435,6 +444,12 @@ def audit_model(
         label = _model_label(registry, locator.identity.uri if locator.identity else model_uri)
         flow_run_id = str(current_flow_run.id)
         run_name = f"audit {label} {flow_run_id[:8]}"
+        runner = _task_runner(task_runner)
+        # Everything the user typed is checked before the MLflow run opens, so a typo leaves no
+        # FAILED run and does not touch the version's audit tags. The classes need the model's class
+        # list: fetch it first (cached in the store, so a rerun reads it back).
+        fetched = run_stage(fetch_model, locator=locator, store=store)
+        resolve_targets(target_classes, fetched[0].class_list)
         mlflow_run = None
         exp_name = experiment or DEFAULT_EXPERIMENT
         if plan.on("publish_mlflow"):
@@ -454,9 +469,9 @@ def audit_model(
             "wandb_project": wandb_project,
             "run_name": run_name,
             "flow_name": "audit",
+            "fetched": fetched,
         }
         try:
-            runner = _task_runner(task_runner)
             if runner is None:
                 result = _run_audit(**arguments)
                 result.stages_flow_run_id = flow_run_id

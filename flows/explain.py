@@ -145,12 +145,18 @@ def explain_samples(
         label = registry.get("name") or Path(shown.rstrip("/")).stem or shown
         run_name = f"explain {label} {flow_run_id[:8]}"
         exp_name = experiment or DEFAULT_EXPERIMENT
+        # Checked before the MLflow run opens (see audit_model): the classes need the model.
+        fetched = run_stage(fetch_model, locator=locator, store=store)
+        if target_classes is not None:
+            resolve_targets(target_classes, fetched[0].class_list)
         run_id = None
         if "publish_mlflow" not in off:
             tags = run_tags(None, model_uri, registry, flow_run_id, {"leapcore.kind": "explain"})
-            run_id = open_audit_run(mlflow_uri, exp_name, run_name, tags, registry)
+            # No registry: the version's leapcore.audit_* tags name audits only, never an explain run.
+            run_id = open_audit_run(mlflow_uri, exp_name, run_name, tags, None)
         try:
             result = _explain(
+                fetched,
                 cfg,
                 locator,
                 files,
@@ -170,12 +176,12 @@ def explain_samples(
                     mlflow_uri,
                     run_id,
                     "FAILED",
-                    registry,
+                    None,
                     error=clean_text(f"{type(err).__name__}: {err}", secrets),
                 )
             raise
         if run_id is not None:
-            close_audit_run(mlflow_uri, run_id, "FINISHED", registry)
+            close_audit_run(mlflow_uri, run_id, "FINISHED", None)
             result.mlflow_run_id = run_id
             result.mlflow_tracking_uri = clean_text(mlflow_uri, secrets)
             result.mlflow_experiment = exp_name
@@ -194,6 +200,7 @@ def explain_samples(
 
 
 def _explain(
+    fetched: tuple[Any, str],
     cfg: EngineConfig,
     locator: Any,
     files: list[SampleFile],
@@ -208,7 +215,7 @@ def _explain(
     run_name: str,
 ) -> AuditResult:
     states: dict[str, str] = {}
-    model, states["fetch_model"] = run_stage(fetch_model, locator=locator, store=store)
+    model, states["fetch_model"] = fetched
     targets = None if target_classes is None else resolve_targets(target_classes, model.class_list)
     samples, states["load_samples"] = run_stage(
         load_samples, files=files, model=model, config=cfg, store=store

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from leapcore import penalties
+from leapcore import penalties, rowwise
 from leapcore.config import EngineConfig
 from leapcore.errors import InputError, NonFiniteError
 from leapcore.optim import BatchedAdam
@@ -175,7 +175,8 @@ def isolate_features(
             loss = (
                 -kept
                 + config.isolation_alpha_weight * penalties.coverage(mask)
-                + config.isolation_hf_weight * penalties.high_frequency(torch.sigmoid(param[rows]))
+                + config.isolation_hf_weight
+                * penalties.high_frequency(rowwise.sigmoid(param[rows]))
             ).sum()
             loss.backward()
             loss_total = loss_total + loss.detach()
@@ -199,7 +200,7 @@ def isolate_features(
 
 
 def _upsample(param: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(torch.sigmoid(param), size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(rowwise.sigmoid(param), size=size, mode="bilinear", align_corners=False)
 
 
 def _class_logits(
