@@ -372,6 +372,35 @@ def _planned_chunk_size(
     return planned_chunk_size(model, locator, config, num_targets, device)
 
 
+def check_inputs(
+    model_uri: str,
+    config: dict[str, Any] | str | EngineConfig | None = None,
+    skip: list[str] | None = None,
+    artifact_store: str | None = None,
+    model_options: dict[str, Any] | None = None,
+    task_runner: Any = "threads",
+) -> tuple[EngineConfig, StagePlan, ArtifactStore, Any]:
+    """Check what ``audit_model`` gets before anything starts: config, skip, store, model URI.
+
+    Needs no Prefect server and opens no MLflow run (a registry URI is looked up in the registry),
+    so the CLI calls it before the flow; ``audit_model`` calls it again. The classes are checked
+    against the model's class list once the model is fetched, still before the run opens.
+
+    Returns:
+        The config, the stage plan, the artifact store and the model's locator.
+
+    Raises:
+        InputError, ModelSourceError: what is wrong, with secrets removed.
+    """
+    cfg = load_config(config)
+    with scrubbed_errors(secret_values(cfg, model_uri, artifact_store, model_options)):
+        plan = plan_stages(skip, cfg)
+        _task_runner(task_runner)
+        store = ArtifactStore(artifact_store)
+        locator = locate_model(model_uri, model_options, tracking_uri())
+    return cfg, plan, store, locator
+
+
 def _task_runner(spec: Any) -> Any:
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("threads", "thread")):
         return None
@@ -433,13 +462,12 @@ def audit_model(
         Whatever a stage raised, with secrets removed from its text. The MLflow run is then FAILED.
     """
     began = time.perf_counter()
-    cfg = load_config(config)
+    cfg, plan, store, locator = check_inputs(
+        model_uri, config, skip, artifact_store, model_options, task_runner
+    )
     secrets = secret_values(cfg, model_uri, artifact_store, model_options)
     with scrubbed_errors(secrets):
-        plan = plan_stages(skip, cfg)
-        store = ArtifactStore(artifact_store)
         mlflow_uri = tracking_uri()
-        locator = locate_model(model_uri, model_options, mlflow_uri)
         registry = dict(locator.identity.registry) if locator.identity else {}
         label = _model_label(registry, locator.identity.uri if locator.identity else model_uri)
         flow_run_id = str(current_flow_run.id)

@@ -97,6 +97,28 @@ def _skipped(skip: list[str] | str | None) -> set[str]:
     return off
 
 
+def check_inputs(
+    model_uri: str,
+    images: list[str] | str,
+    config: dict[str, Any] | str | EngineConfig | None = None,
+    skip: list[str] | None = None,
+    artifact_store: str | None = None,
+    model_options: dict[str, Any] | None = None,
+) -> tuple[EngineConfig, set[str], list[SampleFile], ArtifactStore, Any]:
+    """Check what ``explain_samples`` gets before anything starts (see ``flows.audit.check_inputs``).
+
+    Returns:
+        The config, the skipped stages, the image files, the artifact store and the locator.
+    """
+    cfg = load_config(config)
+    with scrubbed_errors(secret_values(cfg, model_uri, artifact_store, model_options)):
+        off = _skipped(skip)
+        files = image_files(images)
+        store = ArtifactStore(artifact_store)
+        locator = locate_model(model_uri, model_options, tracking_uri())
+    return cfg, off, files, store, locator
+
+
 @secret_safe_flow(
     name="explain-samples",
     description="Isolate the features behind a model's predictions on the user's images.",
@@ -131,14 +153,12 @@ def explain_samples(
         An :class:`~tasks.runtime.AuditResult`.
     """
     began = time.perf_counter()
-    cfg = load_config(config)
+    cfg, off, files, store, locator = check_inputs(
+        model_uri, images, config, skip, artifact_store, model_options
+    )
     secrets = secret_values(cfg, model_uri, artifact_store, model_options)
     with scrubbed_errors(secrets):
-        off = _skipped(skip)
-        files = image_files(images)
-        store = ArtifactStore(artifact_store)
         mlflow_uri = tracking_uri()
-        locator = locate_model(model_uri, model_options, mlflow_uri)
         registry = dict(locator.identity.registry) if locator.identity else {}
         flow_run_id = str(current_flow_run.id)
         shown = locator.identity.uri if locator.identity else "model"

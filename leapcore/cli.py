@@ -260,9 +260,17 @@ def _fail(err: BaseException, verbose: bool) -> int:
 # ---------------------------------------------------------------------------------------------- #
 # Subcommands
 # ---------------------------------------------------------------------------------------------- #
-def _run_flow(args: argparse.Namespace, flow: Any, *positional: Any, **options: Any) -> int:
-    """Run ``flow`` with the options ``audit`` and ``explain`` share, then print where results went."""
+def _run_flow(
+    args: argparse.Namespace, flow: Any, *positional: Any, check: Any = None, **options: Any
+) -> int:
+    """Run ``flow`` with the options ``audit`` and ``explain`` share, then print where results went.
+
+    ``check()`` validates the input first, before Prefect starts a temporary server or an
+    MLflow run opens, so a typo costs seconds and leaves nothing behind.
+    """
     try:
+        if check is not None:
+            check()
         with ProgressDisplay(not args.no_progress and not args.json):
             result = flow(
                 *positional,
@@ -285,12 +293,20 @@ def _run_flow(args: argparse.Namespace, flow: Any, *positional: Any, **options: 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     _quiet(args.verbose)
-    from flows.audit import audit_model
+    from flows.audit import audit_model, check_inputs
 
     return _run_flow(
         args,
         audit_model,
         args.model_uri,
+        check=lambda: check_inputs(
+            args.model_uri,
+            _config(args),
+            args.skip,
+            args.store,
+            _model_options(args),
+            args.task_runner,
+        ),
         class_chunk_size=args.chunk_size,
         task_runner=args.task_runner,
     )
@@ -298,9 +314,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     _quiet(args.verbose)
-    from flows.explain import explain_samples
+    from flows.explain import check_inputs, explain_samples
 
-    return _run_flow(args, explain_samples, args.model_uri, args.images)
+    return _run_flow(
+        args,
+        explain_samples,
+        args.model_uri,
+        args.images,
+        check=lambda: check_inputs(
+            args.model_uri, args.images, _config(args), args.skip, args.store, _model_options(args)
+        ),
+    )
 
 
 def register_demo_model(name: str = DEMO_MODEL, alias: str = DEMO_ALIAS) -> str:

@@ -90,3 +90,47 @@ def test_explain_runs_leave_the_audit_tags_alone(
     (run,) = _runs(client, "explains")
     assert run.info.run_id == result.mlflow_run_id and run.info.status == "FINISHED"
     assert _audit_tags(client, registered_model.version) == (SENTINEL_RUN, "FINISHED")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--skip", "wandb", "protoypes"], "unknown stage 'protoypes' in skip"),
+        (["--set", "max_stepz=3"], "max_stepz"),
+        (["--classes", "3"], "no-such-model"),
+    ],
+    ids=["skip", "config", "model-uri"],
+)
+def test_leap_audit_rejects_bad_input_before_a_server_starts(
+    pipeline_home, registered_model, tmp_path, args, message
+) -> None:
+    """No PREFECT_API_URL: a Prefect server would be started (and would create its database)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    uri = "models:/no-such-model@champion" if message == "no-such-model" else registered_model.uri
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONPATH": str(Path(__file__).parents[2])}
+    env.pop("PREFECT_API_URL", None)
+    client = _client()
+    before = len(_runs(client, "leapcore-audits"))
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "leapcore.cli", "audit", uri, *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    seconds = time.monotonic() - began
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("leap: ") and message in lines[0], lines
+    assert not list(home.rglob("*.db")), "a Prefect server was started"
+    assert len(_runs(client, "leapcore-audits")) == before
+    # Imports only (a few seconds on an idle machine); no server start and no model download.
+    print(f"rejected in {seconds:.1f} s")
