@@ -19,6 +19,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
+from leapcore import stopping
 from leapcore.config import EngineConfig, load_config
 from leapcore.errors import InputError
 from tasks import (
@@ -510,7 +511,7 @@ def audit_model(
                 close_audit_run(
                     mlflow_uri,
                     mlflow_run["run_id"],
-                    "FAILED",
+                    end_status(err),
                     registry,
                     error=clean_text(f"{type(err).__name__}: {err}", secrets),
                 )
@@ -526,6 +527,17 @@ def audit_model(
         for line in result.where_to_look():
             get_run_logger().info(line)
         return result
+
+
+def end_status(err: BaseException) -> str:
+    """``KILLED`` for a signal (SIGTERM, Ctrl-C), which also stops the stages still running; else
+    ``FAILED``."""
+    from prefect.exceptions import TerminationSignal
+
+    if isinstance(err, (KeyboardInterrupt, TerminationSignal)) or stopping.requested():
+        stopping.request_stop(f"stopped by {type(err).__name__}")
+        return "KILLED"
+    return "FAILED"
 
 
 def _summary_lines(result: AuditResult) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
+from flows.audit import end_status
 from leapcore.config import EngineConfig, load_config
 from leapcore.errors import InputError
 from tasks import (
@@ -195,7 +196,7 @@ def explain_samples(
                 close_audit_run(
                     mlflow_uri,
                     run_id,
-                    "FAILED",
+                    end_status(err),
                     None,
                     error=clean_text(f"{type(err).__name__}: {err}", secrets),
                 )

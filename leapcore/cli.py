@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -268,9 +269,11 @@ def _run_flow(
     ``check()`` validates the input first, before Prefect starts a temporary server or an
     MLflow run opens, so a typo costs seconds and leaves nothing behind.
     """
+    stopped_by: list[str] = []
     try:
         if check is not None:
             check()
+        stopped_by = _stop_on_signals()
         with ProgressDisplay(not args.no_progress and not args.json):
             result = flow(
                 *positional,
@@ -287,8 +290,42 @@ def _run_flow(
             )
     except Exception as err:
         return _fail(err, args.verbose)
+    except (
+        BaseException
+    ) as err:  # SIGTERM, SIGINT (KeyboardInterrupt) or Prefect's TerminationSignal
+        if type(err).__name__ not in ("KeyboardInterrupt", "TerminationSignal"):
+            raise
+        from leapcore import stopping
+
+        stopping.request_stop("stopped")  # stages still running end at their next step
+        name = stopped_by[0] if stopped_by else "SIGINT"
+        sys.stderr.write(
+            f"leap: stopped by {name}; the MLflow run (if any) is marked KILLED; run the same "
+            "command again to resume from the cached stages.\n"
+        )
+        return 128 + int(getattr(signal, name, signal.SIGINT))
     _report(result, args.json)
     return 0
+
+
+def _stop_on_signals() -> list[str]:
+    """SIGTERM and SIGINT ask the running stages to stop (``leapcore.stopping``) and raise
+    KeyboardInterrupt once, so the flow marks its MLflow run KILLED and the process exits, stopping
+    Prefect's temporary server (its atexit hook). Returns the list the signal's name is put in."""
+    from leapcore import stopping
+
+    received: list[str] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        first = not received
+        received.append(signal.Signals(signum).name)
+        stopping.request_stop(f"stopped by {received[-1]}")
+        if first:
+            raise KeyboardInterrupt(received[-1])
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    return received
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from leapcore import penalties, rowwise
+from leapcore import penalties, rowwise, stopping
 from leapcore.config import EngineConfig
 from leapcore.errors import InputError, NonFiniteError
 from leapcore.optim import BatchedAdam
@@ -164,6 +164,7 @@ def isolate_features(
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     last_finite = param.detach().clone()
     for step in range(1, steps + 1):
+        stopping.check()
         noise = streams.rand(source.shape[1:])
         loss_total = torch.zeros((), device=device)
         for start in range(0, n, chunk_size):
