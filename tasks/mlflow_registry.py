@@ -40,6 +40,9 @@ def tracking_uri() -> str:
 
 
 def _client(uri: str) -> Any:
+    # MLflow prints "View run ... at: http://user:password@host/..." when a run ends on a tracking
+    # server, credentials included; leapcore logs its own link with the password redacted.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow import MlflowClient
 
     registry = os.environ.get("MLFLOW_REGISTRY_URI") or uri
