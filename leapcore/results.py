@@ -254,7 +254,7 @@ def prototypes_from_arrow(prototypes: pa.Table, trajectories: pa.Table):
         trajectory=traj,
         lr=float(meta["leapcore.lr"]),
         steps=int(meta["leapcore.steps"]),
-        seconds=float(meta["leapcore.seconds"]),
+        seconds=float(meta.get("leapcore.seconds", 0.0)),
     )
 
 
@@ -324,7 +324,7 @@ def isolations_from_arrow(table: pa.Table):
         logits_full=torch.from_numpy(table.column("logit_full").to_numpy().copy()),
         logits_isolated=torch.from_numpy(table.column("logit_isolated").to_numpy().copy()),
         method=meta["leapcore.method"],
-        seconds=float(meta["leapcore.seconds"]),
+        seconds=float(meta.get("leapcore.seconds", 0.0)),
     )
 
 

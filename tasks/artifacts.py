@@ -31,6 +31,10 @@ DEFAULT_STORE = ".leap/artifacts"
 STORE_ENV = "LEAP_ARTIFACT_STORE"
 
 
+# Schema metadata that measures the run, not the result: never part of an artifact's bytes.
+TIMING_KEYS = frozenset({b"leapcore.seconds"})
+
+
 class ArtifactError(RuntimeError):
     """An artifact is missing, or its content does not match its hash (never trusted)."""
 
@@ -98,7 +102,17 @@ class ArtifactStore:
 
     # -- writing ---------------------------------------------------------------------------------
     def put_table(self, table: pa.Table, stage: str) -> ArtifactRef:
-        """Store ``table`` as an Arrow IPC file under ``stage/``; the schema name comes from its metadata."""
+        """Store ``table`` as an Arrow IPC file under ``stage/``; the schema name comes from its metadata.
+
+        Wall-clock timings (``leapcore.seconds``) are dropped from the metadata: the file's hash keys
+        every later stage's cache, and identical results must get identical hashes (the timing
+        travels in the stage's output instead).
+        """
+        meta = table.schema.metadata or {}
+        if any(k in TIMING_KEYS for k in meta):
+            table = table.replace_schema_metadata(
+                {k: v for k, v in meta.items() if k not in TIMING_KEYS}
+            )
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
