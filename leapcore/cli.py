@@ -15,6 +15,7 @@ offline.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -288,17 +289,22 @@ def _run_flow(
                 output_dir=args.output_dir,
                 **options,
             )
-    except Exception as err:
-        return _fail(err, args.verbose)
-    except (
-        BaseException
-    ) as err:  # SIGTERM, SIGINT (KeyboardInterrupt) or Prefect's TerminationSignal
-        if type(err).__name__ not in ("KeyboardInterrupt", "TerminationSignal"):
-            raise
+    except BaseException as err:
         from leapcore import stopping
 
-        stopping.request_stop("stopped")  # stages still running end at their next step
+        # Stages still running in worker threads end at their next step, so the process can exit.
+        stopping.request_stop("the CLI is exiting")
+        # SIGTERM, SIGINT (KeyboardInterrupt) or Prefect's TerminationSignal. What follows a signal
+        # may fail too (Ctrl-C also stops Prefect's server): the signal is what the user must hear.
+        signalled = stopped_by or type(err).__name__ in ("KeyboardInterrupt", "TerminationSignal")
+        if not signalled:
+            if isinstance(err, Exception):
+                return _fail(err, args.verbose)
+            raise
         name = stopped_by[0] if stopped_by else "SIGINT"
+        # A watchdog: should shutting down hang (Ctrl-C also stops Prefect's server, whose clients
+        # then retry), say where and exit anyway.
+        faulthandler.dump_traceback_later(_EXIT_GRACE_S, exit=True)
         sys.stderr.write(
             f"leap: stopped by {name}; the MLflow run (if any) is marked KILLED; run the same "
             "command again to resume from the cached stages.\n"
@@ -306,6 +312,9 @@ def _run_flow(
         return 128 + int(getattr(signal, name, signal.SIGINT))
     _report(result, args.json)
     return 0
+
+
+_EXIT_GRACE_S = 20.0
 
 
 def _stop_on_signals() -> list[str]:

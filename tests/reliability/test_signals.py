@@ -51,7 +51,9 @@ def _start(home: Path, tmp_path: Path, experiment: str, config: Path) -> subproc
     )
 
 
-def _wait_for_running_run(home: Path, experiment: str, proc: subprocess.Popen) -> list[int]:
+def _wait_for_running_run(
+    home: Path, experiment: str, proc: subprocess.Popen, settle: float = 3.0
+) -> list[int]:
     """Wait until the audit's run is open and a stage computes; returns the process tree's pids."""
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline:
@@ -61,7 +63,7 @@ def _wait_for_running_run(home: Path, experiment: str, proc: subprocess.Popen) -
         time.sleep(1)
     else:
         pytest.fail("the audit's MLflow run never opened")
-    time.sleep(3)  # into the first stages
+    time.sleep(settle)  # into the first stages
     tree = psutil.Process(proc.pid).children(recursive=True)
     return [proc.pid] + [p.pid for p in tree]
 
@@ -100,6 +102,7 @@ def test_a_stopped_audit_is_marked_killed_and_leaves_no_server(home, tmp_path, h
     else:
         proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
+    print(err[-6000:])
     seconds = time.monotonic() - sent
     assert proc.returncode != 0
     last = err.strip().splitlines()[-1]
@@ -117,9 +120,9 @@ def test_after_sigkill_the_next_audit_marks_the_stale_run_killed_and_resumes(
     home, tmp_path
 ) -> None:
     experiment = "sigkilled"
-    config = write_config(tmp_path / "cfg.json", max_steps=60)
+    config = write_config(tmp_path / "cfg.json", max_steps=600)
     proc = _start(home, tmp_path, experiment, config)
-    pids = _wait_for_running_run(home, experiment, proc)
+    pids = _wait_for_running_run(home, experiment, proc, settle=0.5)
     os.killpg(proc.pid, signal.SIGKILL)  # the OOM killer or `kill -9` of the job
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
