@@ -15,7 +15,7 @@ offline.
 from __future__ import annotations
 
 import argparse
-import faulthandler
+import contextlib
 import json
 import logging
 import os
@@ -302,19 +302,43 @@ def _run_flow(
                 return _fail(err, args.verbose)
             raise
         name = stopped_by[0] if stopped_by else "SIGINT"
-        # A watchdog: should shutting down hang (Ctrl-C also stops Prefect's server, whose clients
-        # then retry), say where and exit anyway.
-        faulthandler.dump_traceback_later(_EXIT_GRACE_S, exit=True)
+        code = 128 + int(getattr(signal, name, signal.SIGINT))
+        _exit_within(_EXIT_GRACE_S, code)
         sys.stderr.write(
             f"leap: stopped by {name}; the MLflow run (if any) is marked KILLED; run the same "
             "command again to resume from the cached stages.\n"
         )
-        return 128 + int(getattr(signal, name, signal.SIGINT))
+        return code
     _report(result, args.json)
     return 0
 
 
-_EXIT_GRACE_S = 20.0
+_EXIT_GRACE_S = 10.0
+
+
+def _exit_within(seconds: float, code: int) -> None:
+    """A watchdog for shutting down after a signal: Ctrl-C also stops Prefect's temporary server,
+    and Prefect's log and event services then retry it at exit for minutes. After ``seconds`` the
+    process stops its own child processes (that server) and exits with ``code``."""
+    import threading
+
+    def finish() -> None:
+        for pid in _child_pids():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        os._exit(code)
+
+    timer = threading.Timer(seconds, finish)
+    timer.daemon = True
+    timer.start()
+
+
+def _child_pids() -> list[int]:
+    try:
+        import psutil
+    except ImportError:
+        return []
+    return [p.pid for p in psutil.Process().children(recursive=True)]
 
 
 def _stop_on_signals() -> list[str]:

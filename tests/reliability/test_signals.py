@@ -102,11 +102,12 @@ def test_a_stopped_audit_is_marked_killed_and_leaves_no_server(home, tmp_path, h
     else:
         proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    print(err[-6000:])
     seconds = time.monotonic() - sent
     assert proc.returncode != 0
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"leap: stopped by {how}") and "KILLED" in last, err[-3000:]
+    # The last line (Prefect's own "Error logging to API" may precede it on the same line when
+    # Ctrl-C also stopped its server).
+    assert f"leap: stopped by {how}; the MLflow run (if any) is marked KILLED" in last, err[-3000:]
     assert seconds < 60, f"{seconds:.0f} s to stop (100,000 steps would take hours)"
     (run,) = _runs(home, experiment)
     assert run.info.status == "KILLED"
