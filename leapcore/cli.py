@@ -301,28 +301,39 @@ def _run_flow(
             if isinstance(err, Exception):
                 return _fail(err, args.verbose)
             raise
-        name = stopped_by[0] if stopped_by else "SIGINT"
-        code = 128 + int(getattr(signal, name, signal.SIGINT))
-        _exit_within(_EXIT_GRACE_S, code)
-        sys.stderr.write(
-            f"leap: stopped by {name}; the MLflow run (if any) is marked KILLED; run the same "
-            "command again to resume from the cached stages.\n"
-        )
-        return code
+        term = type(err).__name__ == "TerminationSignal"
+        name = stopped_by[0] if stopped_by else ("SIGTERM" if term else "SIGINT")
+        _say_stopped(name)
+        return 128 + int(getattr(signal, name, signal.SIGINT))
     _report(result, args.json)
     return 0
 
 
-_EXIT_GRACE_S = 10.0
+_EXIT_GRACE_S = 20.0
+_SAID: list[str] = []
 
 
-def _exit_within(seconds: float, code: int) -> None:
-    """A watchdog for shutting down after a signal: Ctrl-C also stops Prefect's temporary server,
-    and Prefect's log and event services then retry it at exit for minutes. After ``seconds`` the
-    process stops its own child processes (that server) and exits with ``code``."""
+def _say_stopped(name: str) -> None:
+    """The one line a stopped run prints (once)."""
+    if not _SAID:
+        _SAID.append(name)
+        sys.stderr.write(
+            f"leap: stopped by {name}; the MLflow run (if any) is marked KILLED; run the same "
+            "command again to resume from the cached stages.\n"
+        )
+        sys.stderr.flush()
+
+
+def _exit_within(seconds: float, name: str) -> None:
+    """A watchdog started by a signal: Ctrl-C also stops Prefect's temporary server, and Prefect
+    then retries it for minutes (crash states, logs, events). After ``seconds`` the process says it
+    stopped, stops its own child processes (that server) and exits with 128 + the signal."""
     import threading
 
+    code = 128 + int(getattr(signal, name, signal.SIGINT))
+
     def finish() -> None:
+        _say_stopped(name)
         for pid in _child_pids():
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
@@ -354,6 +365,7 @@ def _stop_on_signals() -> list[str]:
         received.append(signal.Signals(signum).name)
         stopping.request_stop(f"stopped by {received[-1]}")
         if first:
+            _exit_within(_EXIT_GRACE_S, received[-1])
             raise KeyboardInterrupt(received[-1])
 
     for signum in (signal.SIGTERM, signal.SIGINT):
