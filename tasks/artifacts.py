@@ -13,6 +13,7 @@ is detected instead of trusted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -140,12 +141,23 @@ class ArtifactStore:
     def _write_atomic(self, key: str, data: bytes) -> None:
         path = self._path(key)
         parent = path.rsplit("/", 1)[0]
-        self._fs.create_dir(parent, recursive=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
+            self._fs.create_dir(parent, recursive=True)
             with self._fs.open_output_stream(tmp) as out:
                 out.write(data)
             self._fs.move(tmp, path)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                with contextlib.suppress(Exception):
+                    self._fs.delete_file(tmp)
+                raise
+            # A read-only folder, file system or bucket: say which store, not only which file.
+            raise ArtifactError(
+                f"cannot write to the artifact store {self.uri!r} (read-only or no permission: "
+                f"{redact_uri(str(err)).replace(self._root, self.uri)}); pass a writable store "
+                f"(artifact_store=..., CLI --store, or {STORE_ENV})."
+            ) from None
         except BaseException:
             with contextlib.suppress(Exception):
                 self._fs.delete_file(tmp)

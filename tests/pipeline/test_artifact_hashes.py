@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import torch
 
@@ -44,3 +46,22 @@ def test_timings_do_not_change_an_artifacts_hash(tmp_path) -> None:
     )
     assert other.sha256 != fast.sha256  # other content, other hash
     assert isinstance(store.get_table(fast), pa.Table)
+
+
+def test_a_read_only_store_says_artifact_store(tmp_path) -> None:
+    import os
+
+    import pytest
+
+    from tasks.artifacts import ArtifactError
+
+    root = tmp_path / "store"
+    root.mkdir()
+    root.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into read-only folders; sysfs refuses even root
+        root = Path("/sys/leapcore-read-only-store")
+    try:
+        with pytest.raises(ArtifactError, match="cannot write to the artifact store"):
+            ArtifactStore(str(root)).put_bytes(b"data", "stage", "bin", "raw")
+    finally:
+        (tmp_path / "store").chmod(0o755)
