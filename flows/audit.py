@@ -48,6 +48,7 @@ from tasks import (
     summarise,
     tracking_uri,
 )
+from tasks.export import check_output_dir
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
 from tasks.runtime import SKIPPED, collect_publications, stage_finished
@@ -258,7 +259,7 @@ def _run_audit(
     out_dir = (
         output_dir
         or config.output_dir
-        or str(Path("leap_results") / (config.project_name or model.name))
+        or str(Path("leap_results") / (config.project_name or model.name) / model.name)
     )
     result = AuditResult(
         flow_run_id=None,
@@ -380,6 +381,7 @@ def check_inputs(
     artifact_store: str | None = None,
     model_options: dict[str, Any] | None = None,
     task_runner: Any = "threads",
+    output_dir: str | None = None,
 ) -> tuple[EngineConfig, StagePlan, ArtifactStore, Any]:
     """Check what ``audit_model`` gets before anything starts: config, skip, store, model URI.
 
@@ -399,6 +401,8 @@ def check_inputs(
         _task_runner(task_runner)
         store = ArtifactStore(artifact_store)
         locator = locate_model(model_uri, model_options, tracking_uri())
+        if plan.on("export_results") and (output_dir or cfg.output_dir):
+            check_output_dir(output_dir or cfg.output_dir)
     return cfg, plan, store, locator
 
 
@@ -454,7 +458,8 @@ def audit_model(
         model_options: options for ``leapcore.sources.load_model`` (``class_list``, ``trusted``, ...).
         device: ``cpu``, ``cuda``, ...; default the best available.
         output_dir: where the report, tables and PNGs are written (default the config's
-            ``output_dir`` or ``leap_results/<project or model name>``).
+            ``output_dir`` or ``leap_results/<project or model name>/<model name>``); the folder
+            is replaced as a whole by each audit (``tasks.export``).
 
     Returns:
         An :class:`~tasks.runtime.AuditResult` (stage outcomes, metrics, where everything went).
@@ -464,7 +469,7 @@ def audit_model(
     """
     began = time.perf_counter()
     cfg, plan, store, locator = check_inputs(
-        model_uri, config, skip, artifact_store, model_options, task_runner
+        model_uri, config, skip, artifact_store, model_options, task_runner, output_dir
     )
     secrets = secret_values(cfg, model_uri, artifact_store, model_options)
     with scrubbed_errors(secrets):

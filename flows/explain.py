@@ -40,6 +40,7 @@ from tasks import (
     summarise,
     tracking_uri,
 )
+from tasks.export import check_output_dir
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
 from tasks.runtime import SKIPPED, collect_publications, stage_finished
@@ -105,6 +106,7 @@ def check_inputs(
     skip: list[str] | None = None,
     artifact_store: str | None = None,
     model_options: dict[str, Any] | None = None,
+    output_dir: str | None = None,
 ) -> tuple[EngineConfig, set[str], list[SampleFile], ArtifactStore, Any]:
     """Check what ``explain_samples`` gets before anything starts (see ``flows.audit.check_inputs``).
 
@@ -117,6 +119,8 @@ def check_inputs(
         files = image_files(images)
         store = ArtifactStore(artifact_store)
         locator = locate_model(model_uri, model_options, tracking_uri())
+        if "export_results" not in off and (output_dir or cfg.output_dir):
+            check_output_dir(output_dir or cfg.output_dir)
     return cfg, off, files, store, locator
 
 
@@ -155,7 +159,7 @@ def explain_samples(
     """
     began = time.perf_counter()
     cfg, off, files, store, locator = check_inputs(
-        model_uri, images, config, skip, artifact_store, model_options
+        model_uri, images, config, skip, artifact_store, model_options, output_dir
     )
     secrets = secret_values(cfg, model_uri, artifact_store, model_options)
     with scrubbed_errors(secrets):

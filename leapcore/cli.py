@@ -388,6 +388,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             args.store,
             _model_options(args),
             args.task_runner,
+            args.output_dir,
         ),
         class_chunk_size=args.chunk_size,
         task_runner=args.task_runner,
@@ -404,7 +405,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         args.model_uri,
         args.images,
         check=lambda: check_inputs(
-            args.model_uri, args.images, _config(args), args.skip, args.store, _model_options(args)
+            args.model_uri,
+            args.images,
+            _config(args),
+            args.skip,
+            args.store,
+            _model_options(args),
+            args.output_dir,
         ),
     )
 
