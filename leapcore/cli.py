@@ -15,7 +15,6 @@ offline.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -270,11 +269,13 @@ def _run_flow(
     ``check()`` validates the input first, before Prefect starts a temporary server or an
     MLflow run opens, so a typo costs seconds and leaves nothing behind.
     """
+    from leapcore.cli_signals import say_stopped, stop_on_signals
+
     stopped_by: list[str] = []
     try:
         if check is not None:
             check()
-        stopped_by = _stop_on_signals()
+        stopped_by = stop_on_signals()
         with ProgressDisplay(not args.no_progress and not args.json):
             result = flow(
                 *positional,
@@ -303,74 +304,10 @@ def _run_flow(
             raise
         term = type(err).__name__ == "TerminationSignal"
         name = stopped_by[0] if stopped_by else ("SIGTERM" if term else "SIGINT")
-        _say_stopped(name)
+        say_stopped(name)
         return 128 + int(getattr(signal, name, signal.SIGINT))
     _report(result, args.json)
     return 0
-
-
-_EXIT_GRACE_S = 20.0
-_SAID: list[str] = []
-
-
-def _say_stopped(name: str) -> None:
-    """The one line a stopped run prints (once)."""
-    if not _SAID:
-        _SAID.append(name)
-        sys.stderr.write(
-            f"leap: stopped by {name}; the MLflow run (if any) is marked KILLED; run the same "
-            "command again to resume from the cached stages.\n"
-        )
-        sys.stderr.flush()
-
-
-def _exit_within(seconds: float, name: str) -> None:
-    """A watchdog started by a signal: Ctrl-C also stops Prefect's temporary server, and Prefect
-    then retries it for minutes (crash states, logs, events). After ``seconds`` the process says it
-    stopped, stops its own child processes (that server) and exits with 128 + the signal."""
-    import threading
-
-    code = 128 + int(getattr(signal, name, signal.SIGINT))
-
-    def finish() -> None:
-        _say_stopped(name)
-        for pid in _child_pids():
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGTERM)
-        os._exit(code)
-
-    timer = threading.Timer(seconds, finish)
-    timer.daemon = True
-    timer.start()
-
-
-def _child_pids() -> list[int]:
-    try:
-        import psutil
-    except ImportError:
-        return []
-    return [p.pid for p in psutil.Process().children(recursive=True)]
-
-
-def _stop_on_signals() -> list[str]:
-    """SIGTERM and SIGINT ask the running stages to stop (``leapcore.stopping``) and raise
-    KeyboardInterrupt once, so the flow marks its MLflow run KILLED and the process exits, stopping
-    Prefect's temporary server (its atexit hook). Returns the list the signal's name is put in."""
-    from leapcore import stopping
-
-    received: list[str] = []
-
-    def on_signal(signum: int, frame: Any) -> None:
-        first = not received
-        received.append(signal.Signals(signum).name)
-        stopping.request_stop(f"stopped by {received[-1]}")
-        if first:
-            _exit_within(_EXIT_GRACE_S, received[-1])
-            raise KeyboardInterrupt(received[-1])
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
-    return received
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
