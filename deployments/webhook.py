@@ -164,12 +164,19 @@ def create_app(
 
     @app.post(path)
     async def mlflow_delivery(req: Request) -> JSONResponse:
-        body = await req.body()
         delivery_id = req.headers.get(DELIVERY_ID_HEADER)
         client = req.client.host if req.client else "?"
+        body, refusal = await _read_capped(req)
+        if refusal is not None:
+            app.state.deliveries["rejected"] += 1
+            log.warning(
+                "rejected MLflow webhook delivery %r from %s: %s",
+                (delivery_id or "")[:64],
+                client,
+                refusal.body.decode(),
+            )
+            return refusal
         try:
-            if len(body) > MAX_BODY_BYTES:
-                raise SignatureError(f"body of {len(body)} bytes is over {MAX_BODY_BYTES}")
             verify_signature(
                 secret,
                 delivery_id,
@@ -190,6 +197,8 @@ def create_app(
         app.state.deliveries["accepted"] += 1
         try:
             delivery = json.loads(body)
+            if not isinstance(delivery, dict):
+                raise ValueError(f"the body is a JSON {type(delivery).__name__}, not an object")
             target = model_uri_of(delivery)
         except ValueError as err:
             log.warning("ignored malformed MLflow delivery %s: %s", delivery_id, err)
@@ -222,6 +231,28 @@ def create_app(
         )
 
     return app
+
+
+async def _read_capped(req: Request) -> tuple[bytes, JSONResponse | None]:
+    """The body, read in chunks and never more than ``MAX_BODY_BYTES`` (a declared
+    ``Content-Length`` over it is refused before reading): ``(body, None)`` or ``(b"", response)``."""
+    declared = req.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            return b"", JSONResponse({"detail": "bad Content-Length"}, status_code=400)
+        if int(declared) > MAX_BODY_BYTES:
+            return b"", _too_large()
+    chunks, size = [], 0
+    async for chunk in req.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return b"", _too_large()
+        chunks.append(chunk)
+    return b"".join(chunks), None
+
+
+def _too_large() -> JSONResponse:
+    return JSONResponse({"detail": f"body over {MAX_BODY_BYTES} bytes"}, status_code=413)
 
 
 def run_in_thread(app: Any, host: str, port: int) -> tuple[Any, threading.Thread]:

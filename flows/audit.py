@@ -19,6 +19,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
+from leapcore import stopping
 from leapcore.config import EngineConfig, load_config
 from leapcore.errors import InputError
 from tasks import (
@@ -47,6 +48,7 @@ from tasks import (
     summarise,
     tracking_uri,
 )
+from tasks.export import check_output_dir
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
 from tasks.report import stamp_report
@@ -167,14 +169,21 @@ def _run_audit(
     wandb_project: str | None,
     run_name: str,
     flow_name: str,
+    fetched: tuple[Any, str] | None = None,
 ) -> AuditResult:
-    """Wire the stage tasks; runs inside ``audit_model`` or its ``audit-stages`` subflow."""
+    """Wire the stage tasks; runs inside ``audit_model`` or its ``audit-stages`` subflow.
+
+    ``fetched`` is the ``fetch_model`` output and state when the caller already fetched the model
+    (``audit_model`` does, to check the classes before the MLflow run opens).
+    """
     logger = get_run_logger()
     began = time.perf_counter()
     states: dict[str, str] = {}
     outputs: dict[str, Any] = {}
 
-    model, states["fetch_model"] = run_stage(fetch_model, locator=locator, store=store)
+    if fetched is None:
+        fetched = run_stage(fetch_model, locator=locator, store=store)
+    model, states["fetch_model"] = fetched
     outputs["fetch_model"] = model
     targets = resolve_targets(target_classes, model.class_list)
     names = ["+".join(model.class_list[c] for c in t) for t in targets]
@@ -261,7 +270,7 @@ def _run_audit(
     out_dir = (
         output_dir
         or config.output_dir
-        or str(Path("leap_results") / (config.project_name or model.name))
+        or str(Path("leap_results") / (config.project_name or model.name) / model.name)
     )
     result = AuditResult(
         flow_run_id=None,
@@ -345,6 +354,7 @@ def audit_stages(
     wandb_project: str | None,
     run_name: str,
     flow_name: str,
+    fetched: tuple[Any, str] | None = None,
 ) -> AuditResult:
     """Run the stages of an audit in a subflow (used when ``audit_model`` gets another task runner)."""
     result = _run_audit(
@@ -360,6 +370,7 @@ def audit_stages(
         wandb_project,
         run_name,
         flow_name,
+        fetched,
     )
     result.stages_flow_run_id = str(current_flow_run.id)
     return result
@@ -375,6 +386,38 @@ def _planned_chunk_size(
     except ImportError:
         return None
     return planned_chunk_size(model, locator, config, num_targets, device)
+
+
+def check_inputs(
+    model_uri: str,
+    config: dict[str, Any] | str | EngineConfig | None = None,
+    skip: list[str] | None = None,
+    artifact_store: str | None = None,
+    model_options: dict[str, Any] | None = None,
+    task_runner: Any = "threads",
+    output_dir: str | None = None,
+) -> tuple[EngineConfig, StagePlan, ArtifactStore, Any]:
+    """Check what ``audit_model`` gets before anything starts: config, skip, store, model URI.
+
+    Needs no Prefect server and opens no MLflow run (a registry URI is looked up in the registry),
+    so the CLI calls it before the flow; ``audit_model`` calls it again. The classes are checked
+    against the model's class list once the model is fetched, still before the run opens.
+
+    Returns:
+        The config, the stage plan, the artifact store and the model's locator.
+
+    Raises:
+        InputError, ModelSourceError: what is wrong, with secrets removed.
+    """
+    cfg = load_config(config)
+    with scrubbed_errors(secret_values(cfg, model_uri, artifact_store, model_options)):
+        plan = plan_stages(skip, cfg)
+        _task_runner(task_runner)
+        store = ArtifactStore(artifact_store)
+        locator = locate_model(model_uri, model_options, tracking_uri())
+        if plan.on("export_results") and (output_dir or cfg.output_dir):
+            check_output_dir(output_dir or cfg.output_dir)
+    return cfg, plan, store, locator
 
 
 def _task_runner(spec: Any) -> Any:
@@ -429,7 +472,8 @@ def audit_model(
         model_options: options for ``leapcore.sources.load_model`` (``class_list``, ``trusted``, ...).
         device: ``cpu``, ``cuda``, ...; default the best available.
         output_dir: where the report, tables and PNGs are written (default the config's
-            ``output_dir`` or ``leap_results/<project or model name>``).
+            ``output_dir`` or ``leap_results/<project or model name>/<model name>``); the folder
+            is replaced as a whole by each audit (``tasks.export``).
 
     Returns:
         An :class:`~tasks.runtime.AuditResult` (stage outcomes, metrics, where everything went).
@@ -438,17 +482,22 @@ def audit_model(
         Whatever a stage raised, with secrets removed from its text. The MLflow run is then FAILED.
     """
     began = time.perf_counter()
-    cfg = load_config(config)
+    cfg, plan, store, locator = check_inputs(
+        model_uri, config, skip, artifact_store, model_options, task_runner, output_dir
+    )
     secrets = secret_values(cfg, model_uri, artifact_store, model_options)
     with scrubbed_errors(secrets):
-        plan = plan_stages(skip, cfg)
-        store = ArtifactStore(artifact_store)
         mlflow_uri = tracking_uri()
-        locator = locate_model(model_uri, model_options, mlflow_uri)
         registry = dict(locator.identity.registry) if locator.identity else {}
         label = _model_label(registry, locator.identity.uri if locator.identity else model_uri)
         flow_run_id = str(current_flow_run.id)
         run_name = f"audit {label} {flow_run_id[:8]}"
+        runner = _task_runner(task_runner)
+        # Everything the user typed is checked before the MLflow run opens, so a typo leaves no
+        # FAILED run and does not touch the version's audit tags. The classes need the model's class
+        # list: fetch it first (cached in the store, so a rerun reads it back).
+        fetched = run_stage(fetch_model, locator=locator, store=store)
+        resolve_targets(target_classes, fetched[0].class_list)
         mlflow_run = None
         exp_name = experiment or DEFAULT_EXPERIMENT
         if plan.on("publish_mlflow"):
@@ -468,9 +517,9 @@ def audit_model(
             "wandb_project": wandb_project,
             "run_name": run_name,
             "flow_name": "audit",
+            "fetched": fetched,
         }
         try:
-            runner = _task_runner(task_runner)
             if runner is None:
                 result = _run_audit(**arguments)
                 result.stages_flow_run_id = flow_run_id
@@ -481,7 +530,7 @@ def audit_model(
                 close_audit_run(
                     mlflow_uri,
                     mlflow_run["run_id"],
-                    "FAILED",
+                    end_status(err),
                     registry,
                     error=clean_text(f"{type(err).__name__}: {err}", secrets),
                 )
@@ -497,6 +546,17 @@ def audit_model(
         for line in result.where_to_look():
             get_run_logger().info(line)
         return result
+
+
+def end_status(err: BaseException) -> str:
+    """``KILLED`` for a signal (SIGTERM, Ctrl-C), which also stops the stages still running; else
+    ``FAILED``."""
+    from prefect.exceptions import TerminationSignal
+
+    if isinstance(err, (KeyboardInterrupt, TerminationSignal)) or stopping.requested():
+        stopping.request_stop(f"stopped by {type(err).__name__}")
+        return "KILLED"
+    return "FAILED"
 
 
 def _summary_lines(result: AuditResult) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
+from flows.audit import end_status
 from leapcore.attribution.report import attribution_metrics
 from leapcore.config import EngineConfig, load_config
 from leapcore.errors import InputError
@@ -41,6 +42,7 @@ from tasks import (
     tracking_uri,
 )
 from tasks.attribution import attribute_samples, check_methods
+from tasks.export import check_output_dir
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
 from tasks.report import stamp_report
@@ -100,6 +102,31 @@ def _skipped(skip: list[str] | str | None) -> set[str]:
     return off
 
 
+def check_inputs(
+    model_uri: str,
+    images: list[str] | str,
+    config: dict[str, Any] | str | EngineConfig | None = None,
+    skip: list[str] | None = None,
+    artifact_store: str | None = None,
+    model_options: dict[str, Any] | None = None,
+    output_dir: str | None = None,
+) -> tuple[EngineConfig, set[str], list[SampleFile], ArtifactStore, Any]:
+    """Check what ``explain_samples`` gets before anything starts (see ``flows.audit.check_inputs``).
+
+    Returns:
+        The config, the skipped stages, the image files, the artifact store and the locator.
+    """
+    cfg = load_config(config)
+    with scrubbed_errors(secret_values(cfg, model_uri, artifact_store, model_options)):
+        off = _skipped(skip)
+        files = image_files(images)
+        store = ArtifactStore(artifact_store)
+        locator = locate_model(model_uri, model_options, tracking_uri())
+        if "export_results" not in off and (output_dir or cfg.output_dir):
+            check_output_dir(output_dir or cfg.output_dir)
+    return cfg, off, files, store, locator
+
+
 @secret_safe_flow(
     name="explain-samples",
     description="Isolate the features behind a model's predictions on the user's images.",
@@ -140,27 +167,31 @@ def explain_samples(
         An :class:`~tasks.runtime.AuditResult`.
     """
     began = time.perf_counter()
-    cfg = load_config(config)
+    cfg, off, files, store, locator = check_inputs(
+        model_uri, images, config, skip, artifact_store, model_options, output_dir
+    )
     secrets = secret_values(cfg, model_uri, artifact_store, model_options)
     with scrubbed_errors(secrets):
-        off = _skipped(skip)
         attribution_methods = check_methods(methods)
-        files = image_files(images)
-        store = ArtifactStore(artifact_store)
         mlflow_uri = tracking_uri()
-        locator = locate_model(model_uri, model_options, mlflow_uri)
         registry = dict(locator.identity.registry) if locator.identity else {}
         flow_run_id = str(current_flow_run.id)
         shown = locator.identity.uri if locator.identity else "model"
         label = registry.get("name") or Path(shown.rstrip("/")).stem or shown
         run_name = f"explain {label} {flow_run_id[:8]}"
         exp_name = experiment or DEFAULT_EXPERIMENT
+        # Checked before the MLflow run opens (see audit_model): the classes need the model.
+        fetched = run_stage(fetch_model, locator=locator, store=store)
+        if target_classes is not None:
+            resolve_targets(target_classes, fetched[0].class_list)
         run_id = None
         if "publish_mlflow" not in off:
             tags = run_tags(None, model_uri, registry, flow_run_id, {"leapcore.kind": "explain"})
-            run_id = open_audit_run(mlflow_uri, exp_name, run_name, tags, registry)
+            # No registry: the version's leapcore.audit_* tags name audits only, never an explain run.
+            run_id = open_audit_run(mlflow_uri, exp_name, run_name, tags, None)
         try:
             result = _explain(
+                fetched,
                 cfg,
                 locator,
                 files,
@@ -181,13 +212,13 @@ def explain_samples(
                 close_audit_run(
                     mlflow_uri,
                     run_id,
-                    "FAILED",
-                    registry,
+                    end_status(err),
+                    None,
                     error=clean_text(f"{type(err).__name__}: {err}", secrets),
                 )
             raise
         if run_id is not None:
-            close_audit_run(mlflow_uri, run_id, "FINISHED", registry)
+            close_audit_run(mlflow_uri, run_id, "FINISHED", None)
             result.mlflow_run_id = run_id
             result.mlflow_tracking_uri = clean_text(mlflow_uri, secrets)
             result.mlflow_experiment = exp_name
@@ -206,6 +237,7 @@ def explain_samples(
 
 
 def _explain(
+    fetched: tuple[Any, str],
     cfg: EngineConfig,
     locator: Any,
     files: list[SampleFile],
@@ -222,7 +254,7 @@ def _explain(
     method_options: dict[str, Any] | None = None,
 ) -> AuditResult:
     states: dict[str, str] = {}
-    model, states["fetch_model"] = run_stage(fetch_model, locator=locator, store=store)
+    model, states["fetch_model"] = fetched
     targets = None if target_classes is None else resolve_targets(target_classes, model.class_list)
     samples, states["load_samples"] = run_stage(
         load_samples, files=files, model=model, config=cfg, store=store

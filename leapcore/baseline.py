@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leapcore import penalties
+from leapcore import penalties, stopping
 from leapcore.config import EngineConfig
 from leapcore.errors import InputError
 from leapcore.optim import BatchedAdam
@@ -96,6 +96,7 @@ def _equidistant(
     samples = max(2, config.transform_samples)
     step = 0
     for step in range(1, config.baseline_steps + 1):
+        stopping.check()
         image = param.render()
         view = image.repeat(samples, 1, 1, 1)
         if not augmenter.is_identity:

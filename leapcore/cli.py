@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -403,12 +404,24 @@ def _fail(err: BaseException, verbose: bool, classes: list[str] | None = None) -
 # ---------------------------------------------------------------------------------------------- #
 # Subcommands
 # ---------------------------------------------------------------------------------------------- #
-def _run_flow(args: argparse.Namespace, flow: Any, *positional: Any, **options: Any) -> int:
-    """Run ``flow`` with the options ``audit`` and ``explain`` share, then print where results went."""
+def _run_flow(
+    args: argparse.Namespace, flow: Any, *positional: Any, check: Any = None, **options: Any
+) -> int:
+    """Run ``flow`` with the options ``audit`` and ``explain`` share, then print where results went.
+
+    ``check()`` validates the input first, before Prefect starts a temporary server or an
+    MLflow run opens, so a typo costs seconds and leaves nothing behind.
+    """
+    from leapcore.cli_signals import say_stopped, stop_on_signals
+
+    stopped_by: list[str] = []
     kind = "explain" if "images" in args else "audit"
     if not args.json:
         _announce_classes(args.classes, kind)
     try:
+        if check is not None:
+            check()
+        stopped_by = stop_on_signals()
         with ProgressDisplay(not args.no_progress and not args.json):
             result = flow(
                 *positional,
@@ -423,20 +436,43 @@ def _run_flow(args: argparse.Namespace, flow: Any, *positional: Any, **options: 
                 output_dir=args.output_dir,
                 **options,
             )
-    except Exception as err:
-        return _fail(err, args.verbose, args.classes)
+    except BaseException as err:
+        from leapcore import stopping
+
+        # Stages still running in worker threads end at their next step, so the process can exit.
+        stopping.request_stop("the CLI is exiting")
+        # SIGTERM, SIGINT (KeyboardInterrupt) or Prefect's TerminationSignal. What follows a signal
+        # may fail too (Ctrl-C also stops Prefect's server): the signal is what the user must hear.
+        signalled = stopped_by or type(err).__name__ in ("KeyboardInterrupt", "TerminationSignal")
+        if not signalled:
+            if isinstance(err, Exception):
+                return _fail(err, args.verbose, args.classes)
+            raise
+        term = type(err).__name__ == "TerminationSignal"
+        name = stopped_by[0] if stopped_by else ("SIGTERM" if term else "SIGINT")
+        say_stopped(name)
+        return 128 + int(getattr(signal, name, signal.SIGINT))
     _report(result, args.json, kind)
     return 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     _quiet(args.verbose)
-    from flows.audit import audit_model
+    from flows.audit import audit_model, check_inputs
 
     return _run_flow(
         args,
         audit_model,
         args.model_uri,
+        check=lambda: check_inputs(
+            args.model_uri,
+            _config(args),
+            args.skip,
+            args.store,
+            _model_options(args),
+            args.task_runner,
+            args.output_dir,
+        ),
         class_chunk_size=args.chunk_size,
         task_runner=args.task_runner,
     )
@@ -444,9 +480,24 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     _quiet(args.verbose)
-    from flows.explain import explain_samples
+    from flows.explain import check_inputs, explain_samples
 
-    return _run_flow(args, explain_samples, args.model_uri, args.images, methods=args.methods)
+    return _run_flow(
+        args,
+        explain_samples,
+        args.model_uri,
+        args.images,
+        check=lambda: check_inputs(
+            args.model_uri,
+            args.images,
+            _config(args),
+            args.skip,
+            args.store,
+            _model_options(args),
+            args.output_dir,
+        ),
+        methods=args.methods,
+    )
 
 
 def register_demo_model(name: str = DEMO_MODEL, alias: str = DEMO_ALIAS) -> str:

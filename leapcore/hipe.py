@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from leapcore import stopping
 from leapcore.config import EngineConfig
 from leapcore.isolation import IsolationResult, _class_logits, make_background, pair_keys
 from leapcore.rng import RowKey
@@ -56,6 +57,7 @@ def hierarchical_perturbation(
             (p, y, x) for p in range(n) for y in range(0, h, cell_h) for x in range(0, w, cell_w)
         ]
         while cells:
+            stopping.check()
             pair_idx = torch.tensor([c[0] for c in cells], device=device)
             occluded = source[pair_idx].clone()
             for k, (p, y, x) in enumerate(cells):

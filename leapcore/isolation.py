@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from leapcore import penalties
+from leapcore import penalties, rowwise, stopping
 from leapcore.config import EngineConfig
 from leapcore.errors import InputError, NonFiniteError
 from leapcore.optim import BatchedAdam
@@ -297,6 +297,7 @@ def isolate_features(
     if config.isolation_background != "noise":
         fixed = make_background(config.isolation_background, source, config.seed + 5, keys)
     for step in range(1, steps + 1):
+        stopping.check()
         noise = streams.rand(source.shape[1:]) if fixed is None else fixed
         loss_total = torch.zeros((), device=device)
         for start in range(0, n, chunk_size):
@@ -308,7 +309,8 @@ def isolate_features(
             loss = (
                 -kept
                 + config.isolation_alpha_weight * penalties.coverage(mask)
-                + config.isolation_hf_weight * penalties.high_frequency(torch.sigmoid(param[rows]))
+                + config.isolation_hf_weight
+                * penalties.high_frequency(rowwise.sigmoid(param[rows]))
             ).sum()
             loss.backward()
             loss_total = loss_total + loss.detach()
@@ -343,7 +345,7 @@ def isolate_features(
 
 
 def _upsample(param: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(torch.sigmoid(param), size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(rowwise.sigmoid(param), size=size, mode="bilinear", align_corners=False)
 
 
 def _class_probs(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from leapcore import stopping
 from leapcore.config import EngineConfig
 from leapcore.problem import PrototypeProblem, TargetSet, row_keys, target_weights
 
@@ -85,6 +86,7 @@ def find_learning_rate(
     for rate in rates[: max(1, config.find_lr_steps // per_window)]:
         total = torch.zeros((), device=start.device)
         for _ in range(per_window):
+            stopping.check()
             total = total + problem.step(rate).loss
         loss = float(total) / per_window  # one sync per window
         losses.append(loss)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from leapcore import rowwise
+
 _EPS = 1e-4
 
 # Square root of the ImageNet colour covariance (Lucid), normalised so that its largest column has norm 1.
@@ -38,7 +40,7 @@ class Parameterisation:
 
     def render(self, rows: slice = slice(None)) -> torch.Tensor:
         """Images ``[B, C, H, W]`` in [0, 1] for the rows ``rows`` (all rows by default)."""
-        return torch.sigmoid(self.offset[rows] + self.render_delta(rows))
+        return rowwise.sigmoid(self.offset[rows] + self.render_delta(rows))
 
     def snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.params]

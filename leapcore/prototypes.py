@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from leapcore import stopping
 from leapcore.config import EngineConfig
 from leapcore.errors import InputError, NonFiniteError
 from leapcore.outputs import probabilities
@@ -146,6 +147,7 @@ def optimise_prototypes(
     bad_step = torch.full((), -1, dtype=torch.long, device=start.device)
     began = time.perf_counter()
     for step in range(1, config.max_steps + 1):
+        stopping.check()
         out = problem.step(lr)
         bad_step = torch.where(
             (bad_step < 0) & ~out.finite, torch.full_like(bad_step, step), bad_step

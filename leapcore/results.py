@@ -318,7 +318,7 @@ def prototypes_from_arrow(prototypes: pa.Table, trajectories: pa.Table):
         trajectory=traj,
         lr=float(meta["leapcore.lr"]),
         steps=int(meta["leapcore.steps"]),
-        seconds=float(meta["leapcore.seconds"]),
+        seconds=float(meta.get("leapcore.seconds", 0.0)),
         robust_probs=robust,
         transfer_probs=transfer,
         reference_models=json.loads(meta.get("leapcore.reference_models", "[]")),
@@ -406,7 +406,7 @@ def isolations_from_arrow(table: pa.Table):
         logits_full=torch.from_numpy(table.column("logit_full").to_numpy().copy()),
         logits_isolated=torch.from_numpy(table.column("logit_isolated").to_numpy().copy()),
         method=meta["leapcore.method"],
-        seconds=float(meta["leapcore.seconds"]),
+        seconds=float(meta.get("leapcore.seconds", 0.0)),
         **{
             name: torch.from_numpy(table.column(name).to_numpy().copy())
             for name in ("kept_prob", "deletion_auc", "insertion_auc")

@@ -13,6 +13,7 @@ is detected instead of trusted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -29,6 +30,10 @@ from leapcore.secrets import redact_uri
 
 DEFAULT_STORE = ".leap/artifacts"
 STORE_ENV = "LEAP_ARTIFACT_STORE"
+
+
+# Schema metadata that measures the run, not the result: never part of an artifact's bytes.
+TIMING_KEYS = frozenset({b"leapcore.seconds"})
 
 
 class ArtifactError(RuntimeError):
@@ -98,7 +103,17 @@ class ArtifactStore:
 
     # -- writing ---------------------------------------------------------------------------------
     def put_table(self, table: pa.Table, stage: str) -> ArtifactRef:
-        """Store ``table`` as an Arrow IPC file under ``stage/``; the schema name comes from its metadata."""
+        """Store ``table`` as an Arrow IPC file under ``stage/``; the schema name comes from its metadata.
+
+        Wall-clock timings (``leapcore.seconds``) are dropped from the metadata: the file's hash keys
+        every later stage's cache, and identical results must get identical hashes (the timing
+        travels in the stage's output instead).
+        """
+        meta = table.schema.metadata or {}
+        if any(k in TIMING_KEYS for k in meta):
+            table = table.replace_schema_metadata(
+                {k: v for k, v in meta.items() if k not in TIMING_KEYS}
+            )
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
@@ -126,12 +141,23 @@ class ArtifactStore:
     def _write_atomic(self, key: str, data: bytes) -> None:
         path = self._path(key)
         parent = path.rsplit("/", 1)[0]
-        self._fs.create_dir(parent, recursive=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
+            self._fs.create_dir(parent, recursive=True)
             with self._fs.open_output_stream(tmp) as out:
                 out.write(data)
             self._fs.move(tmp, path)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                with contextlib.suppress(Exception):
+                    self._fs.delete_file(tmp)
+                raise
+            # A read-only folder, file system or bucket: say which store, not only which file.
+            raise ArtifactError(
+                f"cannot write to the artifact store {self.uri!r} (read-only or no permission: "
+                f"{redact_uri(str(err)).replace(self._root, self.uri)}); pass a writable store "
+                f"(artifact_store=..., CLI --store, or {STORE_ENV})."
+            ) from None
         except BaseException:
             with contextlib.suppress(Exception):
                 self._fs.delete_file(tmp)

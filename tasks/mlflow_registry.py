@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +42,9 @@ def tracking_uri() -> str:
 
 
 def _client(uri: str) -> Any:
+    # MLflow prints "View run ... at: http://user:password@host/..." when a run ends on a tracking
+    # server, credentials included; leapcore logs its own link with the password redacted.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow import MlflowClient
 
     registry = os.environ.get("MLFLOW_REGISTRY_URI") or uri
@@ -71,14 +75,70 @@ def open_audit_run(
     client = _client(uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else _create_experiment(client, experiment)
+    if found is not None:
+        mark_stale_runs(client, experiment_id, tags.get("leapcore.model_uri"), registry)
+    owner = {"leapcore.host": socket.gethostname(), "leapcore.pid": str(os.getpid())}
     run = client.create_run(
         experiment_id,
         run_name=run_name,
-        tags={**tags, "leapcore.version": __version__, "mlflow.runName": run_name},
+        tags={**tags, **owner, "leapcore.version": __version__, "mlflow.runName": run_name},
     )
     run_id = run.info.run_id
     _tag_version(client, registry, run_id, "RUNNING")
     return run_id
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def mark_stale_runs(
+    client: Any, experiment_id: str, model_uri: str | None, registry: dict[str, str] | None
+) -> list[str]:
+    """End as ``KILLED`` the RUNNING runs of audits of ``model_uri`` whose process is gone.
+
+    A run records its host and process id when it opens; a process killed with SIGKILL cannot
+    close its run, so the next audit of the same model on the same host does. Runs of live
+    processes, and of other hosts, are left alone. The version's audit tags follow when they name
+    a run ended here.
+
+    Returns:
+        The ids of the runs marked ``KILLED``.
+    """
+    if not model_uri:
+        return []
+    quoted = model_uri.replace("'", "\\'")
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`leapcore.model_uri` = '{quoted}'",
+    )
+    host = socket.gethostname()
+    killed = []
+    for run in runs:
+        tags = run.data.tags
+        pid = tags.get("leapcore.pid", "")
+        if tags.get("leapcore.host") != host or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        run_id = run.info.run_id
+        client.set_tag(run_id, "leapcore.status", "KILLED")
+        client.set_tag(
+            run_id, "leapcore.error", f"process {pid} on {host} ended without closing it"
+        )
+        client.set_terminated(run_id, status="KILLED")
+        killed.append(run_id)
+    if killed and registry and registry.get("name") and registry.get("version"):
+        version = client.get_model_version(registry["name"], registry["version"])
+        if version.tags.get(TAG_RUN_ID) in killed:
+            client.set_model_version_tag(
+                registry["name"], registry["version"], TAG_STATUS, "KILLED"
+            )
+    return killed
 
 
 def _create_experiment(client: Any, name: str) -> str:
@@ -98,7 +158,8 @@ def close_audit_run(
     registry: dict[str, str] | None = None,
     error: str | None = None,
 ) -> None:
-    """End the run as ``FINISHED`` or ``FAILED`` (with the cleaned error text) and tag the version."""
+    """End the run as ``FINISHED``, ``FAILED`` or ``KILLED`` (with the cleaned error text) and tag
+    the version."""
     client = _client(uri)
     if error:
         client.set_tag(run_id, "leapcore.error", error[:4900])

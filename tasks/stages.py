@@ -119,7 +119,11 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only what a retry can fix: not leapcore's own errors (bad input, NaN, bad artifacts)."""
     try:
         state.result()
-    except (LeapError, ArtifactError, TypeError, ValueError, KeyError):
+    except (ConnectionError, TimeoutError):  # network and remote stores: worth another try
+        return True
+    # Deterministic: bad input, NaN, bad artifacts, unreadable or corrupt files (OSError, PIL's
+    # UnidentifiedImageError), decode errors (ValueError), a stop request (a LeapError).
+    except (LeapError, ArtifactError, OSError, TypeError, ValueError, KeyError):
         return False
     except Exception:
         return True

@@ -60,6 +60,40 @@ _UNSAFE_OPS = (
     "WriteSummary",
     "ImmutableConst",
 )
+# Whole op families that can reach files, Python, the network or the console: any op whose name
+# contains one of these is refused unless trusted (tf.data writers such as DatasetToTFRecord and
+# SaveDatasetV2, readers, summaries, prints, checkpoints, py_function, ...). A serving graph of an
+# image classifier needs none of them.
+_UNSAFE_OP_PARTS = (
+    "File",
+    "Dataset",
+    "Iterator",
+    "Reader",
+    "Writer",
+    "Summary",
+    "Print",
+    "PyFunc",
+    "Save",
+    "Restore",
+    "Checkpoint",
+    "Record",
+    "Sql",
+    "Socket",
+    "Rpc",
+    "Enqueue",
+    "Dequeue",
+    "Queue",
+    "Lookup",
+    "ImportTable",
+    "InitializeTableFromTextFile",
+)
+
+
+def unsafe_ops(ops: set[str]) -> list[str]:
+    """The ops of ``ops`` that can touch files, Python, the network or the console."""
+    return sorted(
+        op for op in ops if op in _UNSAFE_OPS or any(part in op for part in _UNSAFE_OP_PARTS)
+    )
 
 
 def import_tensorflow() -> Any:
@@ -411,7 +445,7 @@ def load_saved_model(path: str | Path, trusted: bool = False) -> tuple[SavedMode
         )
     signature = signatures["serving_default"]
     if not trusted:
-        unsafe = sorted(_graph_ops(signature) & set(_UNSAFE_OPS))
+        unsafe = unsafe_ops(_graph_ops(signature))
         if unsafe:
             raise UntrustedSourceError(
                 f"the SavedModel {path} runs ops that touch files or call Python ({', '.join(unsafe)}); "

@@ -193,3 +193,43 @@ def test_mlflow_server_deliveries_reach_the_endpoint(register_version, model_nam
             client.delete_webhook(hook.webhook_id)
         server.should_exit = True
         thread.join(10)
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Hostile bodies (no servers: FastAPI's test client; the audit request must never be reached)
+# ---------------------------------------------------------------------------------------------- #
+def _never_called(model_uri, requested_by):
+    raise AssertionError(f"an audit was requested for {model_uri}")
+
+
+def test_oversized_bodies_get_413_without_being_read_whole():
+    from fastapi.testclient import TestClient
+
+    from deployments.webhook import MAX_BODY_BYTES
+
+    app = create_app(SECRET, request=_never_called)
+    sent: list[int] = []
+
+    def stream():  # chunked, no Content-Length: the cap must hold while streaming
+        for _ in range(64):
+            sent.append(1)
+            yield b"x" * (256 * 1024)
+
+    with TestClient(app) as http:
+        big = b"[" + b"0," * MAX_BODY_BYTES + b"0]"
+        declared = http.post("/mlflow", content=big, headers=_headers(big))
+        assert declared.status_code == 413
+        streamed = http.post("/mlflow", content=stream(), headers=_headers(b""))
+        assert streamed.status_code == 413
+    assert app.state.deliveries["rejected"] == 2 and app.state.deliveries["accepted"] == 0
+
+
+@pytest.mark.parametrize("body", [b"[1, 2, 3]", b'"a string"', b"42", b"null", b"{not json"])
+def test_signed_bodies_that_are_not_a_delivery_object_get_400(body):
+    from fastapi.testclient import TestClient
+
+    app = create_app(SECRET, request=_never_called)
+    with TestClient(app) as http:
+        answer = http.post("/mlflow", content=body, headers=_headers(body))
+    assert answer.status_code == 400, answer.text
+    assert answer.json() == {"detail": "malformed delivery"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +179,66 @@ def test_tensorflow_flavor_without_metadata_takes_a_class_list_file(
         match=r"returns 10 outputs but the class list from the class_list option has 3 names",
     ):
         load_model(info.model_uri, class_list=["a", "b", "c"])
+
+
+def _io_graphs(tf, marker):
+    """Serving functions that each write ``marker`` with another I/O-capable op."""
+
+    def tfrecord(x):
+        tf.data.experimental.TFRecordWriter(str(marker)).write(
+            tf.data.Dataset.from_tensors(tf.constant("graph ran"))
+        )
+        return x
+
+    def save_dataset(x):
+        tf.data.Dataset.from_tensors(tf.constant(1)).save(str(marker))
+        return x
+
+    def write_file(x):
+        tf.io.write_file(str(marker), "graph ran")
+        return x
+
+    def print_to_file(x):
+        tf.print("graph ran", output_stream=f"file://{marker}")
+        return x
+
+    def py_function(x):
+        tf.py_function(lambda: marker.write_text("graph ran") and 0.0, [], tf.float32)
+        return x
+
+    return {
+        "DatasetToTFRecord": tfrecord,
+        "SaveDatasetV2": save_dataset,
+        "WriteFile": write_file,
+        "PrintV2": print_to_file,
+        "EagerPyFunc": py_function,
+    }
+
+
+@pytest.mark.parametrize(
+    "op", ["DatasetToTFRecord", "SaveDatasetV2", "WriteFile", "PrintV2", "EagerPyFunc"]
+)
+def test_saved_models_with_io_ops_are_refused_unless_trusted(tf, tmp_path, op):
+    marker = tmp_path / "written.marker"
+    side_effect = _io_graphs(tf, marker)[op]
+
+    class Hostile(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(tf.ones((SIZE * SIZE, 10)))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, SIZE, SIZE, 1], tf.float32)])
+        def serve(self, x):
+            x = side_effect(x)
+            return tf.matmul(tf.reshape(x, (-1, SIZE * SIZE)), self.w)
+
+    module = Hostile()
+    folder = tmp_path / "hostile"
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+    if marker.is_dir():  # Dataset.save wrote its folder while the function was traced
+        shutil.rmtree(marker)
+    marker.unlink(missing_ok=True)
+    shown = "SaveDataset" if op == "SaveDatasetV2" else op  # SaveDataset in older TF
+    with pytest.raises(UntrustedSourceError, match=rf"{shown}.*trusted=True"):
+        load_model(folder)
+    assert not marker.exists()
