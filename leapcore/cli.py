@@ -667,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--skip", nargs="+", default=[], metavar="STAGE", help=skip_help())
     demo.add_argument("--store", metavar="URI", help="artifact store (default .leap/artifacts)")
-    demo.add_argument("--output-dir", help="default leap_results/leapcore-demo")
+    demo.add_argument("--output-dir", help="default leap_results/leapcore-demo/<model name>")
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("-v", "--verbose", action="store_true")
     demo.set_defaults(handler=cmd_demo)
