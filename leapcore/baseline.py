@@ -13,6 +13,7 @@ from leapcore.errors import InputError
 from leapcore.optim import BatchedAdam
 from leapcore.outputs import probabilities
 from leapcore.parameterisation import create_parameterisation
+from leapcore.rng import Stream
 from leapcore.transforms import DRAW_COLUMNS, NoiseBank, create_augmenter
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,10 @@ def _equidistant(
     param = create_parameterisation(config.parameterisation, start, start.shape[0])
     optimiser = BatchedAdam(param.params)
     augmenter = create_augmenter(config.transform, (config.blur_min, config.blur_max))
-    gen = torch.Generator(device=start.device).manual_seed(config.seed + 3)
-    bank = NoiseBank(config.seed + 3, tuple(start.shape[1:]), start.device, start.dtype)
+    gen = torch.Generator(device=start.device).manual_seed(config.seed + Stream.BASELINE)
+    bank = NoiseBank(
+        config.seed + Stream.BASELINE, tuple(start.shape[1:]), start.device, start.dtype
+    )
     tolerance = 0.5 / model.num_classes
     output = getattr(model, "output", "logits")
     samples = max(2, config.transform_samples)

@@ -38,6 +38,7 @@ from leapcore.preprocess import find_eval_transform
 from leapcore.problem import row_keys
 from leapcore.prototypes import PrototypeResult, optimise_prototypes
 from leapcore.publishers import publish_all
+from leapcore.rng import Stream
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,8 @@ def isolation_inputs(
     if prototypes.alphas is not None:
         alpha = prototypes.alphas.to(device)
         background = torch.rand(
-            shown.shape[1:], generator=torch.Generator().manual_seed(config.seed + 1)
+            shown.shape[1:],
+            generator=torch.Generator().manual_seed(config.seed + Stream.TRANSFORMS),
         ).to(device)
         shown = shown * alpha + background * (1 - alpha)
     return shown, classes

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from leapcore import stopping
 from leapcore.config import EngineConfig
 from leapcore.isolation import IsolationResult, _class_logits, make_background, pair_keys
-from leapcore.rng import RowKey
+from leapcore.rng import RowKey, Stream
 
 
 def blurred_substrate(images: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,9 @@ def hierarchical_perturbation(
     n, _, h, w = source.shape
     keys = pair_keys(pairs, image_keys)
     with torch.no_grad():
-        substrate = make_background(config.isolation_background, source, config.seed + 6, keys)
+        substrate = make_background(
+            config.isolation_background, source, config.seed + Stream.HIPE_SUBSTRATE, keys
+        )
         full = _class_logits(model, source, cls, chunk_size)
         saliency = torch.zeros((n, 1, h, w), device=device)
         cell_h, cell_w = max(1, h // 4), max(1, w // 4)

@@ -26,7 +26,7 @@ from leapcore.config import EngineConfig
 from leapcore.errors import InputError, NonFiniteError
 from leapcore.optim import BatchedAdam
 from leapcore.outputs import model_probabilities
-from leapcore.rng import RowKey, RowStreams
+from leapcore.rng import RowKey, RowStreams, Stream
 
 LEVELS = (
     0.01,
@@ -289,13 +289,15 @@ def isolate_features(
     param = torch.full((n, 1, *grid), _MASK_INIT, device=device, requires_grad=True)
     optimiser = BatchedAdam([param])
     keys = pair_keys(pairs, image_keys)
-    streams = RowStreams(config.seed + 4, keys, device)
+    streams = RowStreams(config.seed + Stream.ISOLATION_STEPS, keys, device)
     steps = config.steps_for_isolation
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     last_finite = param.detach().clone()
     fixed = None
     if config.isolation_background != "noise":
-        fixed = make_background(config.isolation_background, source, config.seed + 5, keys)
+        fixed = make_background(
+            config.isolation_background, source, config.seed + Stream.ISOLATION_BACKGROUND, keys
+        )
     for step in range(1, steps + 1):
         stopping.check()
         noise = streams.rand(source.shape[1:]) if fixed is None else fixed
@@ -328,7 +330,9 @@ def isolate_features(
             log.info("isolation step %d/%d", step, steps)
     with torch.no_grad():
         masks = _upsample(param, (h, w))
-    background = make_background(config.isolation_background, source, config.seed + 5, keys)
+    background = make_background(
+        config.isolation_background, source, config.seed + Stream.ISOLATION_BACKGROUND, keys
+    )
     return IsolationResult.from_saliency(
         model,
         pairs,

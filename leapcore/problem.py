@@ -19,7 +19,7 @@ from leapcore.errors import InputError
 from leapcore.objectives import get_objective
 from leapcore.optim import BatchedAdam
 from leapcore.parameterisation import Parameterisation, create_parameterisation
-from leapcore.rng import RowKey, RowStreams
+from leapcore.rng import RowKey, RowStreams, Stream
 from leapcore.transforms import DRAW_COLUMNS, Augmenter, NoiseBank, create_augmenter
 
 TargetSet = list[int]
@@ -101,9 +101,9 @@ class PrototypeProblem:
         if len(self.keys) != self.batch:
             raise ValueError(f"{len(self.keys)} row keys for a batch of {self.batch} rows")
         self.streams = RowStreams(seed, self.keys, device)
-        self.bank = NoiseBank(seed + 7, self.shape, device, dtype)
+        self.bank = NoiseBank(seed + Stream.NOISE_BANK, self.shape, device, dtype)
         # A fixed background for evaluating alpha prototypes, so reported logits are repeatable.
-        eval_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        eval_gen = torch.Generator(device=device).manual_seed(seed + Stream.TRANSFORMS)
         self.eval_background = torch.rand(
             (1, *self.shape), generator=eval_gen, device=device, dtype=dtype
         )

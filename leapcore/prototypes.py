@@ -15,7 +15,7 @@ from leapcore.errors import InputError, NonFiniteError
 from leapcore.outputs import probabilities
 from leapcore.problem import PrototypeProblem, TargetSet, row_keys, target_weights
 from leapcore.quality import prototype_flags, robust_target_probs
-from leapcore.rng import RowStreams
+from leapcore.rng import RowStreams, Stream
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,9 @@ def optimise_prototypes(
         # several prototypes of one target start from slightly different images.
         with torch.no_grad():
             offset = problem.colour.offset
-            jitter = RowStreams(config.seed + 2, keys, start.device).randn(offset.shape[1:])
+            jitter = RowStreams(config.seed + Stream.PROTOTYPE_JITTER, keys, start.device).randn(
+                offset.shape[1:]
+            )
             offset.add_(0.25 * jitter.to(offset.dtype))
     steps_logged: list[int] = []
     trajectory: list[torch.Tensor] = []

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from leapcore.errors import InputError
 from leapcore.outputs import model_probabilities, probabilities
+from leapcore.rng import Stream
 
 ROBUST_VIEWS = 8  # crops per prototype; the mean over 8 moves by < 0.05 between seeds on the digits
 
@@ -92,7 +93,7 @@ def robust_target_probs(
     views: int = ROBUST_VIEWS,
 ) -> torch.Tensor:
     """Mean target probability of each image over ``views`` seeded random resized crops and flips."""
-    gen = torch.Generator().manual_seed(seed + 11)
+    gen = torch.Generator().manual_seed(seed + Stream.ROBUST_VIEWS)
     crops = random_resized_crops(images.detach().cpu().float(), views, gen).to(images.device)
     logits = torch.cat([model(crops[i : i + chunk_size]) for i in range(0, len(crops), chunk_size)])
     mask = target_mask(targets, per_target, logits.shape[1])

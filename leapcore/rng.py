@@ -10,10 +10,27 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Hashable, Sequence
+from enum import IntEnum
 
 import torch
 
 RowKey = Hashable
+
+
+class Stream(IntEnum):
+    """Offsets added to the user's seed, one per random stream, so no two streams share draws.
+
+    The values are fixed: changing one changes every result that draws from that stream.
+    """
+
+    TRANSFORMS = 1  # evaluation transforms of the prototype step; the backdrop of alpha prototypes
+    PROTOTYPE_JITTER = 2  # start offsets of several prototypes per target
+    BASELINE = 3  # equidistant-baseline transforms and fill
+    ISOLATION_STEPS = 4  # mask optimisation's per-step noise
+    ISOLATION_BACKGROUND = 5  # what masked-out pixels show
+    HIPE_SUBSTRATE = 6  # what HiPE's occluded cells show
+    NOISE_BANK = 7  # the bank of fill-noise images
+    ROBUST_VIEWS = 11  # random resized crops of the quality measure
 
 
 def stream_seed(seed: int, key: RowKey) -> int:
