@@ -53,6 +53,7 @@ from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
 from tasks.report import stamp_report
 from tasks.runtime import SKIPPED, collect_publications, mlflow_link, stage_finished
+from tasks.wandb_publish import new_run_id, run_label
 
 # Stage names, in order, and the short names ``skip`` also accepts.
 STAGES = (
@@ -138,12 +139,14 @@ def _model_label(registry: dict[str, str], uri: str) -> str:
     return Path(uri.rstrip("/")).stem or uri
 
 
-def _provenance(mlflow_run: dict[str, Any] | None) -> dict[str, str]:
-    """This run's ids for the report's provenance block."""
+def _provenance(mlflow_run: dict[str, Any] | None, wandb_run: str = "") -> dict[str, str]:
+    """This run's ids for the report's provenance block (the W&B run is named before it starts)."""
     flow_run = getattr(current_flow_run, "root_flow_run_id", None) or current_flow_run.id
     facts = {"prefect_flow_run": str(flow_run) if flow_run else ""}
     if mlflow_run is not None:
         facts["mlflow_run"] = str(mlflow_run["run_id"])
+    if wandb_run:
+        facts["wandb_run"] = wandb_run
     return facts
 
 
@@ -253,7 +256,9 @@ def _run_audit(
         title=f"Audit of {model.uri}",
         html=plan.on("render_report"),
     )
-    report = stamp_report(report, store, model, _provenance(mlflow_run))
+    wandb_run_id = new_run_id() if plan.on("publish_wandb") else None
+    wandb_label = run_label(config, wandb_project, wandb_run_id) if wandb_run_id else ""
+    report = stamp_report(report, store, model, _provenance(mlflow_run, wandb_label))
     for stage in STAGES:
         if stage not in states and not plan.on(stage):
             states[stage] = SKIPPED
@@ -326,6 +331,7 @@ def _run_audit(
             isolations=isolations or None,
             project=wandb_project,
             run_name=run_name,
+            run_id=wandb_run_id,
             tags=["leapcore", "audit"],
             mlflow=mlflow_link(mlflow_run["uri"], mlflow_run["run_id"]) if mlflow_run else None,
         )

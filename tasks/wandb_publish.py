@@ -332,10 +332,12 @@ def open_run(
     directory: str | None,
     job_type: str,
     tags: list[str] | None,
+    run_id: str | None = None,
 ) -> Any:
     import wandb
 
     return wandb.init(
+        id=run_id,
         project=project,
         entity=config.wandb_entity or None,
         name=run_name,
@@ -358,8 +360,10 @@ def publish(
     tags: list[str] | None = None,
     directory: str | None = None,
     job_type: str = "audit",
+    run_id: str | None = None,
 ) -> WandbRun:
-    """Log one audit as one W&B run (the code both the task and ``generate`` use)."""
+    """Log one audit as one W&B run (the code both the task and ``generate`` use); ``run_id``
+    lets a caller name the run before it exists (the report's provenance)."""
     import wandb
 
     chosen = wandb_mode(config, mode)
@@ -367,7 +371,7 @@ def publish(
     if pub.links:
         params["mlflow"] = {k: v for k, v in pub.links.items() if v}
     project = project or config.project_name or DEFAULT_PROJECT
-    run = open_run(config, params, project, run_name, chosen, directory, job_type, tags)
+    run = open_run(config, params, project, run_name, chosen, directory, job_type, tags, run_id)
     run_dir = Path(run.dir).parent
     try:
         with staged_in(run_dir) as staging:
@@ -394,6 +398,21 @@ def publish(
     if chosen == "offline" and not wait_written(run_dir):
         log.warning("W&B: %s was not fully written after 60 s; wait before copying it.", run_dir)
     return info
+
+
+def new_run_id() -> str:
+    """A W&B run id chosen before the run starts (8 lowercase letters and digits, as W&B's own)."""
+    import secrets
+    import string
+
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def run_label(config: EngineConfig, project: str | None, run_id: str) -> str:
+    """``entity/project/run id`` (entity when configured), as the report's provenance shows it."""
+    parts = (config.wandb_entity or "", project or config.project_name or DEFAULT_PROJECT, run_id)
+    return "/".join(p for p in parts if p)
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -456,6 +475,7 @@ def publish_wandb(
     tags: list[str] | None = None,
     directory: str | None = None,
     mlflow: dict[str, str] | None = None,
+    run_id: str | None = None,
 ) -> WandbRun:
     """Log the audit as one W&B run; offline when no account is configured.
 
@@ -466,7 +486,7 @@ def publish_wandb(
         store, model, config, baseline, None, prototypes, entanglement, isolations, samples
     )
     pub = pipeline_publication(model, params, report, store, audit, samples, dict(mlflow or {}))
-    return publish(pub, config, project, run_name, mode, tags, directory)
+    return publish(pub, config, project, run_name, mode, tags, directory, run_id=run_id)
 
 
 # ---------------------------------------------------------------------------------------------- #

@@ -150,6 +150,8 @@ def test_the_audit_lands_in_mlflow_the_registry_and_wandb(first_audit, registere
     assert wandb["config"]["mlflow"]["mlflow_run_id"] == result.mlflow_run_id
     assert wandb["summary"]["mlflow/mlflow_run_id"] == result.mlflow_run_id
     assert result.wandb_run_path.endswith(Path(result.wandb_run_dir).name.rsplit("-", 1)[-1])
+    # The report names the W&B run it was published with (named before the run starts).
+    assert result.wandb_run_path.rsplit("/", 1)[-1] in Path(result.report_path).read_text()
     assert wandb["history"]["report._type"] == "html-file"
     assert any(k.startswith("trajectory/digit-3") for k in wandb["history"])
     assert wandb["artifacts"][f"model-{MODEL_NAME}"]["type"] == "model"
