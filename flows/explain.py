@@ -296,7 +296,7 @@ def _explain(
         html="render_report" not in off,
     )
     provenance = {"prefect_flow_run": str(current_flow_run.id), "mlflow_run": run_id or ""}
-    report = stamp_report(report, store, model, provenance)
+    report = stamp_report(report, store, model, provenance, samples)
     for stage in OPTIONAL:
         if stage in off and stage not in states:
             states[stage] = SKIPPED

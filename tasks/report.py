@@ -108,8 +108,7 @@ def render_report(
         sample_table = store.get_table(samples.refs["samples"])
         sample_names = sample_table.column("name").to_pylist()
         spec = sample_transform_spec(sample_table)
-        if spec is not None:  # what the images were actually loaded with
-            facts["images loaded with"] = from_spec(spec).describe()
+        facts.update(_loaded_with(spec))
     title = title or f"leapcore audit of {model.name}"
     files: dict[str, ArtifactRef] = {}
 
@@ -162,8 +161,17 @@ def render_report(
     return ReportOutput(files, metrics, title, time.perf_counter() - began, summary)
 
 
+def _loaded_with(spec: dict[str, Any] | None) -> dict[str, str]:
+    """What the user's images were actually loaded with (the samples table's transform)."""
+    return {} if spec is None else {"images loaded with": from_spec(spec).describe()}
+
+
 def stamp_report(
-    report: ReportOutput, store: ArtifactStore, model: ModelRef, provenance: Mapping[str, Any]
+    report: ReportOutput,
+    store: ArtifactStore,
+    model: ModelRef,
+    provenance: Mapping[str, Any],
+    samples: StageOutput | None = None,
 ) -> ReportOutput:
     """``report`` with its page's provenance block filled for this run (time, MLflow run, Prefect
     flow run, ...): the page of a cached ``render_report`` would otherwise carry no run at all."""
@@ -171,6 +179,8 @@ def stamp_report(
     if ref is None:
         return report
     facts = model_facts(model)
+    if samples is not None:
+        facts.update(_loaded_with(sample_transform_spec(store.get_table(samples.refs["samples"]))))
     page = stamp_provenance(store.get_bytes(ref).decode("utf-8"), provenance, facts)
     stamped = store.put_bytes(page.encode("utf-8"), "reports", "html", "html")
     return replace(report, files={**report.files, "report.html": stamped})
