@@ -488,6 +488,7 @@ def audit_model(
         Whatever a stage raised, with secrets removed from its text. The MLflow run is then FAILED.
     """
     began = time.perf_counter()
+    stopping.clear()  # a stop asked of an earlier run in this process is not this run's
     cfg, plan, store, locator = check_inputs(
         model_uri, config, skip, artifact_store, model_options, task_runner, output_dir
     )

@@ -16,6 +16,7 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
 from flows.audit import end_status
+from leapcore import stopping
 from leapcore.attribution.report import attribution_metrics
 from leapcore.config import EngineConfig, load_config
 from leapcore.errors import InputError
@@ -167,6 +168,7 @@ def explain_samples(
         An :class:`~tasks.runtime.AuditResult`.
     """
     began = time.perf_counter()
+    stopping.clear()  # a stop asked of an earlier run in this process is not this run's
     cfg, off, files, store, locator = check_inputs(
         model_uri, images, config, skip, artifact_store, model_options, output_dir
     )
