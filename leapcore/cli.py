@@ -439,11 +439,13 @@ def _run_flow(
     except BaseException as err:
         from leapcore import stopping
 
-        # Stages still running in worker threads end at their next step, so the process can exit.
-        stopping.request_stop("the CLI is exiting")
         # SIGTERM, SIGINT (KeyboardInterrupt) or Prefect's TerminationSignal. What follows a signal
         # may fail too (Ctrl-C also stops Prefect's server): the signal is what the user must hear.
         signalled = stopped_by or type(err).__name__ in ("KeyboardInterrupt", "TerminationSignal")
+        if signalled:
+            # Stages still running in worker threads end at their next step, so the process can
+            # exit. Only for a signal: an ordinary error must not stop later runs of this process.
+            stopping.request_stop("the CLI is exiting")
         if not signalled:
             if isinstance(err, Exception):
                 return _fail(err, args.verbose, args.classes)
