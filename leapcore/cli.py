@@ -412,16 +412,20 @@ def _run_flow(
     ``check()`` validates the input first, before Prefect starts a temporary server or an
     MLflow run opens, so a typo costs seconds and leaves nothing behind.
     """
+    from leapcore import stopping
     from leapcore.cli_signals import say_stopped, stop_on_signals
 
     stopped_by: list[str] = []
     kind = "explain" if "images" in args else "audit"
     if not args.json:
         _announce_classes(args.classes, kind)
+    stopping.clear()  # a new run: an earlier call's request (same process) does not apply
+    started = False
     try:
         if check is not None:
             check()
         stopped_by = stop_on_signals()
+        started = True
         with ProgressDisplay(not args.no_progress and not args.json):
             result = flow(
                 *positional,
@@ -437,10 +441,11 @@ def _run_flow(
                 **options,
             )
     except BaseException as err:
-        from leapcore import stopping
-
         # Stages still running in worker threads end at their next step, so the process can exit.
-        stopping.request_stop("the CLI is exiting")
+        # Refused input (check) started nothing: no request, which would stop this process's next
+        # run (leapcore.cli.main called again, tests, notebooks) at its first step.
+        if started:
+            stopping.request_stop("the CLI is exiting")
         # SIGTERM, SIGINT (KeyboardInterrupt) or Prefect's TerminationSignal. What follows a signal
         # may fail too (Ctrl-C also stops Prefect's server): the signal is what the user must hear.
         signalled = stopped_by or type(err).__name__ in ("KeyboardInterrupt", "TerminationSignal")
@@ -480,14 +485,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     _quiet(args.verbose)
-    from flows.explain import check_inputs, explain_samples
+    from flows.explain import check_inputs, check_methods, explain_samples
 
-    return _run_flow(
-        args,
-        explain_samples,
-        args.model_uri,
-        args.images,
-        check=lambda: check_inputs(
+    def check() -> None:
+        check_inputs(
             args.model_uri,
             args.images,
             _config(args),
@@ -495,8 +496,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
             args.store,
             _model_options(args),
             args.output_dir,
-        ),
-        methods=args.methods,
+        )
+        check_methods(args.methods)  # a misspelt method is refused before Prefect starts
+
+    return _run_flow(
+        args, explain_samples, args.model_uri, args.images, check=check, methods=args.methods
     )
 
 

@@ -78,6 +78,10 @@ def test_leap_explain_methods_refuses_an_unknown_method_before_anything_runs(
     err = capsys.readouterr().err
     assert code == 1
     assert "unknown attribution method 'lpr'. Did you mean 'lrp'" in err
+    # Refused before anything started: no stop request is left to stop this process's next run.
+    from leapcore import stopping
+
+    assert not stopping.requested()
 
 
 def test_explain_with_methods_shows_and_publishes_the_attributions(
