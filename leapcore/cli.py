@@ -412,20 +412,16 @@ def _run_flow(
     ``check()`` validates the input first, before Prefect starts a temporary server or an
     MLflow run opens, so a typo costs seconds and leaves nothing behind.
     """
-    from leapcore import stopping
     from leapcore.cli_signals import say_stopped, stop_on_signals
 
     stopped_by: list[str] = []
     kind = "explain" if "images" in args else "audit"
     if not args.json:
         _announce_classes(args.classes, kind)
-    stopping.clear()  # a new run: an earlier call's request (same process) does not apply
-    started = False
     try:
         if check is not None:
             check()
         stopped_by = stop_on_signals()
-        started = True
         with ProgressDisplay(not args.no_progress and not args.json):
             result = flow(
                 *positional,
@@ -441,14 +437,15 @@ def _run_flow(
                 **options,
             )
     except BaseException as err:
-        # Stages still running in worker threads end at their next step, so the process can exit.
-        # Refused input (check) started nothing: no request, which would stop this process's next
-        # run (leapcore.cli.main called again, tests, notebooks) at its first step.
-        if started:
-            stopping.request_stop("the CLI is exiting")
+        from leapcore import stopping
+
         # SIGTERM, SIGINT (KeyboardInterrupt) or Prefect's TerminationSignal. What follows a signal
         # may fail too (Ctrl-C also stops Prefect's server): the signal is what the user must hear.
         signalled = stopped_by or type(err).__name__ in ("KeyboardInterrupt", "TerminationSignal")
+        if signalled:
+            # Stages still running in worker threads end at their next step, so the process can
+            # exit. Only for a signal: an ordinary error must not stop later runs of this process.
+            stopping.request_stop("the CLI is exiting")
         if not signalled:
             if isinstance(err, Exception):
                 return _fail(err, args.verbose, args.classes)
