@@ -273,7 +273,7 @@ def _explain(
     )
     summarise("explain", "isolate_samples", [isolated], states["isolate_samples"])
     attributed = None
-    if methods:
+    if methods:  # before the report, whose ``attributions`` section shows its table
         attributed, states["attribute_samples"] = run_stage(
             attribute_samples,
             model=model,
@@ -296,6 +296,7 @@ def _explain(
         samples=isolated,
         title=f"Explanations by {model.uri}",
         html="render_report" not in off,
+        attributions=attributed,
     )
     provenance = {"prefect_flow_run": str(current_flow_run.id), "mlflow_run": run_id or ""}
     report = stamp_report(report, store, model, provenance, samples)

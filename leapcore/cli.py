@@ -482,14 +482,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     _quiet(args.verbose)
-    from flows.explain import check_inputs, explain_samples
+    from flows.explain import check_inputs, check_methods, explain_samples
 
-    return _run_flow(
-        args,
-        explain_samples,
-        args.model_uri,
-        args.images,
-        check=lambda: check_inputs(
+    def check() -> None:
+        check_inputs(
             args.model_uri,
             args.images,
             _config(args),
@@ -497,8 +493,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
             args.store,
             _model_options(args),
             args.output_dir,
-        ),
-        methods=args.methods,
+        )
+        check_methods(args.methods)  # a misspelt method is refused before Prefect starts
+
+    return _run_flow(
+        args, explain_samples, args.model_uri, args.images, check=check, methods=args.methods
     )
 
 

@@ -96,6 +96,7 @@ def render_report(
     samples: StageOutput | None = None,
     title: str | None = None,
     html: bool = True,
+    attributions: StageOutput | None = None,
 ) -> ReportOutput:
     began = time.perf_counter()
     audit = load_audit(
@@ -115,6 +116,8 @@ def render_report(
     tables = _tables(audit, sample_names, spec)
     if model.card is not None:
         tables["model"] = store.get_table(model.card)
+    if attributions is not None:  # attribute_samples: the report's section, a Parquet table
+        tables["attributions"] = store.get_table(attributions.refs["attributions"])
     with tempfile.TemporaryDirectory(prefix="leapcore-report-") as tmp:
         root = Path(tmp)
         paths = write_images(audit, root / "images")

@@ -4,10 +4,11 @@
 
 What a run holds: the secret-free config (with the MLflow run it belongs to), the prototype and
 isolation tables (images, probabilities and whichever quality columns the Arrow tables carry), the
-entanglement matrix and heatmap, the optimisation trajectories as history steps
-(``trajectory/<row>`` against ``optimisation_step``), the HTML report as ``wandb.Html``, the Parquet
-tables as an artifact and a ``model`` artifact for lineage (``use_artifact`` online; W&B refuses it
-offline, so offline runs log the model artifact as an output instead).
+entanglement matrix and heatmap, the attribution maps (``tasks.wandb_attributions``), the
+optimisation trajectories as history steps (``trajectory/<row>`` against ``optimisation_step``),
+the HTML report as ``wandb.Html``, the Parquet tables as an artifact and a ``model`` artifact for
+lineage (``use_artifact`` online; W&B refuses it offline, so offline runs log the model artifact
+as an output instead).
 
 Offline unless an account is configured: ``wandb_api_key`` or ``wandb_entity`` in the config, or
 ``WANDB_API_KEY`` / ``WANDB_ENTITY`` in the environment, switch to online; ``WANDB_MODE`` (or the
@@ -45,6 +46,7 @@ from tasks.model import ModelRef
 from tasks.redaction import redacting
 from tasks.report import ReportOutput
 from tasks.stages import StageOutput
+from tasks.wandb_attributions import attribution_table
 from tasks.wandb_records import wait_written
 
 log = logging.getLogger(__name__)
@@ -283,6 +285,8 @@ def log_results(wandb: Any, run: Any, pub: Publication, staging: Path) -> None:
         logged["entanglement_heatmap"] = wandb.Image(str(path))
     if audit.isolation is not None:
         logged["isolations"] = isolation_table(wandb, pub)
+    if "attributions" in pub.tables:  # explain_samples(..., methods=...)
+        logged["attributions"] = attribution_table(wandb, pub.tables["attributions"], audit.samples)
     if pub.report_html is not None:
         logged["report"] = wandb.Html(pub.report_html, inject=False)
     if logged:

@@ -78,3 +78,94 @@ def test_leap_explain_methods_refuses_an_unknown_method_before_anything_runs(
     err = capsys.readouterr().err
     assert code == 1
     assert "unknown attribution method 'lpr'. Did you mean 'lrp'" in err
+    # Refused before anything started: no stop request is left to stop this process's next run.
+    from leapcore import stopping
+
+    assert not stopping.requested()
+
+
+def test_explain_with_methods_shows_and_publishes_the_attributions(
+    prefect_server, registered_model, fresh_store, tmp_path
+) -> None:
+    """The report's ``attributions`` section, the Parquet table as an MLflow artifact and the
+    ``attributions`` W&B table (read back from the offline run's files) all show the stage's maps."""
+    import io
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from flows import explain_samples
+    from leapcore.attribution.arrow import attributions_from_arrow
+    from leapcore.attribution.report import map_png
+    from tasks import ArtifactStore
+    from tasks.wandb_records import wandb_records
+    from tests.pipeline.support import wandb_contents
+
+    options = {
+        "config": tiny_config(),
+        "artifact_store": fresh_store,
+        "skip": ["export"],
+        "output_dir": str(tmp_path / "out"),
+        "methods": "ig,lrp",
+    }
+    result = explain_samples(registered_model.uri, [str(_folder(tmp_path))], **options)
+    store = ArtifactStore(fresh_store)
+    table = store.get_table(result.outputs["attribute_samples"].refs["attributions"])
+    _, scores = attributions_from_arrow(table)
+    methods = ("integrated_gradients", "lrp_epsilon_plus_flat")
+
+    # 1. The report renders the registered section: one map per (image, method) with its scores.
+    page = store.get_bytes(result.outputs["render_report"].report).decode("utf-8")
+    assert '<section id="attributions">' in page
+    for method in methods:
+        assert page.count(f'alt="{method}"') == 2
+        for value in scores[method]["deletion_auc"].tolist():
+            assert f"del {value:.3f}" in page
+
+    # 2. MLflow holds the attributions table as a Parquet artifact, equal to the stage's table.
+    client = MlflowClient()
+    local = client.download_artifacts(result.mlflow_run_id, "tables/attributions.parquet")
+    assert pq.read_table(local).equals(table)
+
+    # 3. W&B: the ``attributions`` table, one row per (image, class, method), read back from the
+    # offline run: its history entry and the run_table artifact that holds the cells and images.
+    wandb = wandb_contents(result.wandb_run_dir)
+    assert wandb["history"]["attributions._type"] == "table-file"
+    assert wandb["history"]["attributions.nrows"] == table.num_rows
+    files = {}
+    for record in wandb_records(result.wandb_run_dir):
+        if record.WhichOneof("record_type") == "artifact" and record.artifact.name.endswith(
+            "-attributions"
+        ):
+            files = {e.path: Path(e.local_path) for e in record.artifact.manifest.contents}
+    logged = json.loads(files["attributions.table.json"].read_text())
+    columns = logged["columns"]
+    assert columns == ["image", "class", "method", "picture", "map"] + [
+        "deletion_auc",
+        "insertion_auc",
+        "sparseness",
+    ]
+    rows = [dict(zip(columns, row)) for row in logged["data"]]
+    maps, _ = attributions_from_arrow(table)
+    names = table.column("image_name").to_pylist()
+    expected = {
+        (r["image_name"], r["method"]): r
+        for r in table.select(["image_name", "method", "deletion_auc", "sparseness"]).to_pylist()
+    }
+    assert len(rows) == table.num_rows
+    assert {(r["image"], r["method"]) for r in rows} == set(expected)
+    for row in rows:
+        want = expected[(row["image"], row["method"])]
+        assert row["deletion_auc"] == pytest.approx(want["deletion_auc"], abs=1e-6)
+        assert row["sparseness"] == pytest.approx(want["sparseness"], abs=1e-6)
+        # The map image is the method's own map for that image, drawn as in the report.
+        pair = names.index(row["image"])
+        drawn = np.asarray(Image.open(files[row["map"]["path"]]).convert("RGB"))
+        own = np.asarray(Image.open(io.BytesIO(map_png(maps.maps[row["method"]][pair]))))
+        np.testing.assert_array_equal(drawn, own)
+        picture = np.asarray(Image.open(files[row["picture"]["path"]]))
+        assert picture.shape[:2] == (32, 32) and picture.std() > 0

@@ -1,0 +1,46 @@
+"""The W&B table of an ``attributions`` table (``explain_samples(..., methods=...)``).
+
+One row per (image, class, method): the image, the method's signed map drawn as in the report
+(matplotlib ``bwr``, centred on zero, scaled by its largest absolute value), RISE deletion and
+insertion AUC and Gini sparseness, as the ``attributions`` Arrow table holds them.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image
+
+from leapcore.attribution.arrow import attributions_from_arrow
+from leapcore.attribution.report import map_png
+from leapcore.images import to_uint8
+
+COLUMNS = ["image", "class", "method", "picture", "map", "deletion_auc", "insertion_auc"]
+COLUMNS += ["sparseness"]
+
+
+def attribution_table(wandb: Any, table: pa.Table, images: Any = None) -> Any:
+    """``wandb.Table`` of the maps in ``table``; ``images`` (``[N, C, H, W]`` in [0, 1], the
+    explained samples) fills the ``picture`` column (None without them)."""
+    result, scores = attributions_from_arrow(table)
+    names = table.column("image_name").to_pylist()
+    classes = table.column("target_name").to_pylist()
+    out = wandb.Table(columns=COLUMNS)
+    for p in range(len(result.targets)):
+        index = int(result.image_index[p])
+        picture = None
+        if images is not None and index < len(images):
+            picture = wandb.Image(to_uint8(images[index]), caption=names[p])
+        for method in result.methods:
+            drawn = Image.open(io.BytesIO(map_png(result.maps[method][p])))
+            out.add_data(
+                names[p],
+                classes[p],
+                method,
+                picture,
+                wandb.Image(drawn, caption=f"{method} {classes[p]}"),
+                *[float(scores[method][k][p]) for k in COLUMNS[5:]],
+            )
+    return out
