@@ -412,7 +412,7 @@ def _run_flow(
     ``check()`` validates the input first, before Prefect starts a temporary server or an
     MLflow run opens, so a typo costs seconds and leaves nothing behind.
     """
-    from leapcore.cli_signals import say_stopped, stop_on_signals
+    from leapcli.signals import say_stopped, stop_on_signals
 
     stopped_by: list[str] = []
     kind = "explain" if "images" in args else "audit"
@@ -507,7 +507,7 @@ def register_demo_model(name: str = DEMO_MODEL, alias: str = DEMO_ALIAS) -> str:
     from mlflow import MlflowClient
 
     from leapcore.sources import load_model
-    from leapcore.sources.mlflow import log_model_with_metadata
+    from tasks.mlflow_models import log_model_with_metadata
     from tasks.mlflow_registry import tracking_uri
 
     uri = tracking_uri()
