@@ -6,10 +6,11 @@
     leap serve          # the deployments of deployments/prefect.yaml, from one process
     leap services       # how to start Prefect and MLflow servers on 127.0.0.1 (was: leap server)
 
-Prefect, MLflow and W&B are imported inside the subcommands only, so ``import leapcore`` never
-imports them. Without ``PREFECT_API_URL`` Prefect starts a temporary local server; without
-``MLFLOW_TRACKING_URI`` MLflow uses ``mlflow.db`` in the working folder; without a W&B key, W&B runs
-offline.
+The pipeline side of the project (the engine, :mod:`leapcore`, imports nothing from here).
+Prefect, MLflow and W&B are imported inside the subcommands only, so ``leap --help`` stays fast.
+Without ``PREFECT_API_URL`` Prefect starts a temporary local server; without
+``MLFLOW_TRACKING_URI`` MLflow uses ``mlflow.db`` in the working folder; without a W&B key, W&B
+runs offline.
 """
 
 from __future__ import annotations
