@@ -292,3 +292,14 @@ def test_leap_demo_registers_efficientnet_and_prints_where_to_look(
         client.get_run(version.tags["leapcore.audit_run_id"]).data.metrics["target_prob/1_goldfish"]
         > 0
     )
+
+
+def test_a_rejected_input_leaves_no_stop_request_behind(tmp_path, capsys) -> None:
+    """``main()`` called in-process (tests, notebooks): a typo must not leave the engine's stop
+    flag set, or the next ``engine.run`` in the process stops at its first step."""
+    from leapcore import stopping
+
+    stopping.clear()
+    code = main(["audit", str(tmp_path / "missing.pt"), "--classes", "1", "--no-progress"])
+    assert code == 1 and "no such model file or folder" in capsys.readouterr().err
+    assert not stopping.requested()
