@@ -486,13 +486,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     _quiet(args.verbose)
     from flows.explain import check_inputs, explain_samples
+    from tasks.attribution import check_methods
 
-    return _run_flow(
-        args,
-        explain_samples,
-        args.model_uri,
-        args.images,
-        check=lambda: check_inputs(
+    def check() -> None:
+        check_methods(args.methods)  # an unknown method too is refused before anything starts
+        check_inputs(
             args.model_uri,
             args.images,
             _config(args),
@@ -500,8 +498,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
             args.store,
             _model_options(args),
             args.output_dir,
-        ),
-        methods=args.methods,
+        )
+
+    return _run_flow(
+        args, explain_samples, args.model_uri, args.images, check=check, methods=args.methods
     )
 
 

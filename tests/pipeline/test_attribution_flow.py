@@ -72,9 +72,13 @@ def test_leap_explain_methods_refuses_an_unknown_method_before_anything_runs(
     prefect_server, registered_model, tmp_path, capsys
 ) -> None:
     from leapcli.cli import main
+    from leapcore import stopping
 
     folder = str(_folder(tmp_path))
     code = main(["explain", registered_model.uri, folder, "--methods", "ig,lpr", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1
     assert "unknown attribution method 'lpr'. Did you mean 'lrp'" in err
+    # Refused by the CLI's check, before the flow: no stage was asked to stop, so a later
+    # engine.run in this process is not stopped at its first step.
+    assert not stopping.requested()
