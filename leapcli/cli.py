@@ -414,20 +414,14 @@ def _run_flow(
     MLflow run opens, so a typo costs seconds and leaves nothing behind.
     """
     from leapcli.signals import say_stopped, stop_on_signals
-    from leapcore import stopping
 
     stopped_by: list[str] = []
-    started = False
     kind = "explain" if "images" in args else "audit"
     if not args.json:
         _announce_classes(args.classes, kind)
     try:
         if check is not None:
             check()
-        # A stop asked of an earlier run in this process (``main()`` called again, as tests and
-        # notebooks do) must not stop this one.
-        stopping.clear()
-        started = True
         stopped_by = stop_on_signals()
         with ProgressDisplay(not args.no_progress and not args.json):
             result = flow(
@@ -444,11 +438,15 @@ def _run_flow(
                 **options,
             )
     except BaseException as err:
-        if started:  # stages still running in worker threads end at their next step
-            stopping.request_stop("the CLI is exiting")
+        from leapcore import stopping
+
         # SIGTERM, SIGINT (KeyboardInterrupt) or Prefect's TerminationSignal. What follows a signal
         # may fail too (Ctrl-C also stops Prefect's server): the signal is what the user must hear.
         signalled = stopped_by or type(err).__name__ in ("KeyboardInterrupt", "TerminationSignal")
+        if signalled:
+            # Stages still running in worker threads end at their next step, so the process can
+            # exit. Only for a signal: an ordinary error must not stop later runs of this process.
+            stopping.request_stop("the CLI is exiting")
         if not signalled:
             if isinstance(err, Exception):
                 return _fail(err, args.verbose, args.classes)
