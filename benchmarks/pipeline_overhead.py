@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.audit import audit_model
+    from leapcli.cli import register_demo_model
     from leapcore import engine
-    from leapcore.cli import register_demo_model
     from leapcore.sources import load_model
 
     cfg = config(args.quick)

@@ -213,7 +213,7 @@ def tiny_config(**overrides) -> dict:
 
 def log_tiny_model(name: str, alias: str | None = None, seed: int = 0):
     """Log the tiny classifier to the current MLflow server and register a new version of ``name``."""
-    from leapcore.sources.mlflow import log_model_with_metadata
+    from tasks.mlflow_models import log_model_with_metadata
 
     return log_model_with_metadata(
         tiny_classifier(seed),

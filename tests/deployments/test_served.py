@@ -190,7 +190,7 @@ def test_training_run_hook_triggers_the_audit(served, model_name):
     from deploy_support import TINY_CLASSES, TINY_SHAPE, tiny_classifier
     from prefect import flow
 
-    from leapcore.sources.mlflow import log_model_with_metadata
+    from tasks.mlflow_models import log_model_with_metadata
 
     @flow(name="train-tiny-classifier")
     def train() -> str:

@@ -152,7 +152,7 @@ def registered_model(pipeline_home: Path, digits_model: DigitsCNN) -> Any:
     """The digits model in the real local MLflow registry, alias ``champion`` (pt2 format)."""
     import mlflow
 
-    from leapcore.sources.mlflow import log_model_with_metadata
+    from tasks.mlflow_models import log_model_with_metadata
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlflow.set_experiment("pipeline-test-models")

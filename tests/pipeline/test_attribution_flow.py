@@ -71,7 +71,8 @@ def test_explain_with_methods_writes_a_cached_attributions_table(
 def test_leap_explain_methods_refuses_an_unknown_method_before_anything_runs(
     prefect_server, registered_model, tmp_path, capsys
 ) -> None:
-    from leapcore.cli import main
+    from leapcli.cli import main
+    from leapcore import stopping
 
     folder = str(_folder(tmp_path))
     code = main(["explain", registered_model.uri, folder, "--methods", "ig,lpr", "--no-progress"])
@@ -79,8 +80,6 @@ def test_leap_explain_methods_refuses_an_unknown_method_before_anything_runs(
     assert code == 1
     assert "unknown attribution method 'lpr'. Did you mean 'lrp'" in err
     # Refused before anything started: no stop request is left to stop this process's next run.
-    from leapcore import stopping
-
     assert not stopping.requested()
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from leapcore.cli import main
+from leapcli.cli import main
 from tests.pipeline.conftest import tiny_config
 
-LEAP = [sys.executable, "-m", "leapcore.cli"]
+LEAP = [sys.executable, "-m", "leapcli"]
 
 
 @pytest.mark.parametrize("command", [[], ["audit"], ["explain"], ["demo"], ["services"]])
@@ -73,7 +73,7 @@ def test_help_imports_no_heavy_module_and_takes_under_half_a_second() -> None:
     code = (
         "import sys, time, contextlib, io\n"
         "began = time.perf_counter()\n"
-        "from leapcore.cli import main\n"
+        "from leapcli.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
         "    main(['audit', '--help'])\n"
         "took = time.perf_counter() - began\n"
@@ -96,7 +96,7 @@ def test_help_imports_no_heavy_module_and_takes_under_half_a_second() -> None:
 
 
 def test_classes_take_spaces_or_commas_and_a_split_name_gets_a_hint(capsys) -> None:
-    from leapcore.cli import _announce_classes, _classes, _hint
+    from leapcli.cli import _announce_classes, _classes, _hint
     from leapcore.errors import InputError
 
     assert _classes(["0,1"]) == [0, 1]
@@ -115,7 +115,7 @@ def test_classes_take_spaces_or_commas_and_a_split_name_gets_a_hint(capsys) -> N
 def test_skip_help_names_the_stages_the_flows_accept() -> None:
     from flows.audit import ALIASES, STAGES
     from flows.explain import ALIASES as EXPLAIN_ALIASES
-    from leapcore.cli import EXPLAIN_SKIP, SKIP_STAGES
+    from leapcli.cli import EXPLAIN_SKIP, SKIP_STAGES
 
     for short, text in SKIP_STAGES.items():
         assert ALIASES[short] == text.split()[0] and ALIASES[short] in STAGES
@@ -130,7 +130,7 @@ def test_progress_bars_count_steps(tmp_path) -> None:
 
     from rich.console import Console
 
-    from leapcore.cli import ProgressDisplay
+    from leapcli.cli import ProgressDisplay
 
     out = io.StringIO()
     console = Console(file=out, width=120, force_terminal=False)
@@ -155,7 +155,7 @@ def test_explain_prints_each_image_top_classes(tmp_path, capsys) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from leapcore.cli import _report
+    from leapcli.cli import _report
     from leapcore.results import samples_to_arrow
     from tasks.runtime import AuditResult
 
@@ -178,7 +178,7 @@ def test_explain_prints_each_image_top_classes(tmp_path, capsys) -> None:
 
 def test_importing_leapcore_and_its_cli_imports_no_pipeline_service() -> None:
     code = (
-        "import sys, leapcore, leapcore.cli, leapcore.report\n"
+        "import sys, leapcore, leapcli.cli, leapcore.report\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'wandb'})\n"
         "assert not heavy, heavy\n"
     )
@@ -292,3 +292,14 @@ def test_leap_demo_registers_efficientnet_and_prints_where_to_look(
         client.get_run(version.tags["leapcore.audit_run_id"]).data.metrics["target_prob/1_goldfish"]
         > 0
     )
+
+
+def test_a_rejected_input_leaves_no_stop_request_behind(tmp_path, capsys) -> None:
+    """``main()`` called in-process (tests, notebooks): a typo must not leave the engine's stop
+    flag set, or the next ``engine.run`` in the process stops at its first step."""
+    from leapcore import stopping
+
+    stopping.clear()
+    code = main(["audit", str(tmp_path / "missing.pt"), "--classes", "1", "--no-progress"])
+    assert code == 1 and "no such model file or folder" in capsys.readouterr().err
+    assert not stopping.requested()

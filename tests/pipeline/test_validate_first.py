@@ -119,7 +119,7 @@ def test_leap_audit_rejects_bad_input_before_a_server_starts(
     before = len(_runs(client, "leapcore-audits"))
     began = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "leapcore.cli", "audit", uri, *args, "--no-progress"],
+        [sys.executable, "-m", "leapcli", "audit", uri, *args, "--no-progress"],
         capture_output=True,
         text=True,
         env=env,

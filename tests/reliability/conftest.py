@@ -21,7 +21,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     import mlflow
     import torch
 
-    from leapcore.sources.mlflow import log_model_with_metadata
+    from tasks.mlflow_models import log_model_with_metadata
 
     home = tmp_path_factory.mktemp("reliability")
     uri = f"sqlite:///{home / 'mlflow.db'}"

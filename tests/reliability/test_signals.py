@@ -35,7 +35,7 @@ def _runs(home: Path, experiment: str) -> list:
 
 def _start(home: Path, tmp_path: Path, experiment: str, config: Path) -> subprocess.Popen:
     args = [
-        sys.executable, "-m", "leapcore.cli", "audit", URI, "--classes", "3",
+        sys.executable, "-m", "leapcli", "audit", URI, "--classes", "3",
         "--config", str(config), "--skip", "wandb", "--experiment", experiment,
         "--store", str(tmp_path / "store"), "--output-dir", str(tmp_path / "out"),
         "--no-progress", "--json",

@@ -20,7 +20,7 @@ def _photo(path, h=30, w=50):
 
 def test_mlflow_metadata_carries_the_eval_transform(mlflow_store) -> None:
     from leapcore.sources import load_model
-    from leapcore.sources.mlflow import log_model_with_metadata
+    from tasks.mlflow_models import log_model_with_metadata
 
     ref = log_model_with_metadata(
         tiny_net(0), CLASSES, mean=MEAN, std=STD, input_shape=SHAPE, eval_transform=SPEC

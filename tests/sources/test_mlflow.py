@@ -30,7 +30,7 @@ MARKER_NAME = "pickle_ran.marker"
 @pytest.fixture(scope="session")
 def pt2_ref(mlflow_store):
     """tiny_net(0) logged in pt2 format, registered as 'tiny-pt2' version 1 with alias 'champion'."""
-    from leapcore.sources.mlflow import log_model_with_metadata
+    from tasks.mlflow_models import log_model_with_metadata
 
     return log_model_with_metadata(
         tiny_net(0),
@@ -59,7 +59,7 @@ class MarkedNet(TinyNet):
 @pytest.fixture(scope="session")
 def pickle_ref(mlflow_store, tmp_path_factory):
     """A model in MLflow's pickle format whose unpickling writes a marker file."""
-    from leapcore.sources.mlflow import log_model_with_metadata
+    from tasks.mlflow_models import log_model_with_metadata
 
     model = MarkedNet()
     model.load_state_dict(tiny_net(1).state_dict())
@@ -209,7 +209,7 @@ def test_class_list_that_disagrees_with_the_output_width(pt2_ref, tmp_path):
 
 
 def test_log_helper_rejects_what_it_cannot_log(mlflow_store):
-    from leapcore.sources.mlflow import log_model_with_metadata
+    from tasks.mlflow_models import log_model_with_metadata
 
     with pytest.raises(ModelSourceError, match="needs class_list"):
         log_model_with_metadata(tiny_net(0), [])
@@ -221,7 +221,7 @@ def test_log_helper_rejects_what_it_cannot_log(mlflow_store):
 
 def test_log_helper_takes_a_loaded_model(pt2_ref, mlflow_store):
     """A LoadedModel carries its own class list and preprocessing into the registry."""
-    from leapcore.sources.mlflow import log_model_with_metadata
+    from tasks.mlflow_models import log_model_with_metadata
 
     loaded = load_model("models:/tiny-pt2/1")
     loaded.model = tiny_net(0)  # re-log the eager module (an ExportedModel re-exports too)

@@ -16,7 +16,7 @@ SIZE = 64
 def test_lraspp_through_mlflow_and_every_stage(mlflow_store):
     from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
-    from leapcore.sources.mlflow import log_model_with_metadata
+    from tasks.mlflow_models import log_model_with_metadata
 
     torch.manual_seed(0)
     model = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3).eval()
@@ -57,7 +57,7 @@ def test_lraspp_through_mlflow_and_every_stage(mlflow_store):
 
 def test_multilabel_digits_through_mlflow(mlflow_store):
     """The multi-label digits model logged (pt2) and loaded back keeps its sigmoid semantics."""
-    from leapcore.sources.mlflow import log_model_with_metadata
+    from tasks.mlflow_models import log_model_with_metadata
     from tests.engine.kinds_support import MULTI_NAMES, train_multilabel_digits
 
     multi = train_multilabel_digits(epochs=1)

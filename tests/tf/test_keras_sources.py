@@ -107,7 +107,7 @@ def test_saved_model_that_writes_files_is_refused(tf, tmp_path):
 
 
 def test_keras_mlflow_flavor_and_engine(mlflow_store, digit_cnn, digits, tmp_path):
-    from leapcore.sources.mlflow import log_model_with_metadata
+    from tasks.mlflow_models import log_model_with_metadata
 
     ref = log_model_with_metadata(
         digit_cnn,

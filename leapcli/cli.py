@@ -6,10 +6,11 @@
     leap serve          # the deployments of deployments/prefect.yaml, from one process
     leap services       # how to start Prefect and MLflow servers on 127.0.0.1 (was: leap server)
 
-Prefect, MLflow and W&B are imported inside the subcommands only, so ``import leapcore`` never
-imports them. Without ``PREFECT_API_URL`` Prefect starts a temporary local server; without
-``MLFLOW_TRACKING_URI`` MLflow uses ``mlflow.db`` in the working folder; without a W&B key, W&B runs
-offline.
+The pipeline side of the project (the engine, :mod:`leapcore`, imports nothing from here).
+Prefect, MLflow and W&B are imported inside the subcommands only, so ``leap --help`` stays fast.
+Without ``PREFECT_API_URL`` Prefect starts a temporary local server; without
+``MLFLOW_TRACKING_URI`` MLflow uses ``mlflow.db`` in the working folder; without a W&B key, W&B
+runs offline.
 """
 
 from __future__ import annotations
@@ -412,7 +413,7 @@ def _run_flow(
     ``check()`` validates the input first, before Prefect starts a temporary server or an
     MLflow run opens, so a typo costs seconds and leaves nothing behind.
     """
-    from leapcore.cli_signals import say_stopped, stop_on_signals
+    from leapcli.signals import say_stopped, stop_on_signals
 
     stopped_by: list[str] = []
     kind = "explain" if "images" in args else "audit"
@@ -482,9 +483,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     _quiet(args.verbose)
-    from flows.explain import check_inputs, check_methods, explain_samples
+    from flows.explain import check_inputs, explain_samples
+    from tasks.attribution import check_methods
 
     def check() -> None:
+        check_methods(args.methods)  # an unknown method too is refused before anything starts
         check_inputs(
             args.model_uri,
             args.images,
@@ -494,7 +497,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
             _model_options(args),
             args.output_dir,
         )
-        check_methods(args.methods)  # a misspelt method is refused before Prefect starts
 
     return _run_flow(
         args, explain_samples, args.model_uri, args.images, check=check, methods=args.methods
@@ -508,7 +510,7 @@ def register_demo_model(name: str = DEMO_MODEL, alias: str = DEMO_ALIAS) -> str:
     from mlflow import MlflowClient
 
     from leapcore.sources import load_model
-    from leapcore.sources.mlflow import log_model_with_metadata
+    from tasks.mlflow_models import log_model_with_metadata
     from tasks.mlflow_registry import tracking_uri
 
     uri = tracking_uri()
