@@ -708,7 +708,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0 if args.command is None else 2
-    return int(args.handler(args) or 0)
+    # The commands quieten foreign loggers for the terminal; a caller of main() in its own process
+    # (a notebook, a test) gets its logging back afterwards.
+    levels = {name: logging.getLogger(name).level for name in FOREIGN_LOGGERS}
+    try:
+        return int(args.handler(args) or 0)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def test_sample_isolation_keeps_the_top_logit_with_half_the_image(photo_isolatio
         assert kept >= 0.9, (i, kept, coverage)
         # Part of the image, not all of it: measured 0.25-0.8 (4 px cells; the ranking shifts with
         # rounding between versions and the share is read off fixed levels 0.5, 0.6, ... 1.0).
-        assert coverage <= 0.8, (i, kept, coverage)
+        assert coverage <= 0.8 + 1e-4, (i, kept, coverage)
     # Faithful ranking: deleting the top pixels first drops the probability faster than random.
     table = arrays["tables"]["isolations"]
     from leapcore.adapter import LogitsModel

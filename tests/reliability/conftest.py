@@ -30,13 +30,26 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     images, _ = digits_images()
     with torch.no_grad():
         model(images[:2])
+    # This store only, also when another suite's session has set MLFLOW_REGISTRY_URI (which
+    # set_tracking_uri alone would not override for the registry).
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    os.environ.update(MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("reliability-models")
-    with mlflow.start_run(run_name="digits"):
-        log_model_with_metadata(
-            model, DIGITS, input_shape=SHAPE, registered_model_name=MODEL, alias="champion"
-        )
-    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(uri)
+    try:
+        mlflow.set_experiment("reliability-models")
+        with mlflow.start_run(run_name="digits"):
+            log_model_with_metadata(
+                model, DIGITS, input_shape=SHAPE, registered_model_name=MODEL, alias="champion"
+            )
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"] or None)
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"] or "")  # also sets the variable
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     (home / "prefect").mkdir()
     yield home
 
