@@ -101,18 +101,23 @@ def train_digits(epochs: int = 2, train_size: int = 600, seed: int = 0) -> Digit
     )
     torch.manual_seed(seed)
     model, pre = DigitsCNN(), Normalise()
+    fit(model, pre, train_x, train_y, epochs, gen)
+    return Digits(model, pre, DIGIT_NAMES, train_x, train_y, test_x, test_y)
+
+
+def fit(model, pre, x, y, epochs: int, gen: torch.Generator, loss=F.cross_entropy) -> None:
+    """Adam (lr 3e-3), batches of 32 in a shuffled order drawn from ``gen``; leaves eval mode."""
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(epochs):
-        perm = torch.randperm(train_size, generator=gen)
-        for i in range(0, train_size, 32):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 32):
             idx = perm[i : i + 32]
-            loss = F.cross_entropy(model(pre(train_x[idx])), train_y[idx])
+            value = loss(model(pre(x[idx])), y[idx])
             optimiser.zero_grad()
-            loss.backward()
+            value.backward()
             optimiser.step()
     model.eval()
-    return Digits(model, pre, DIGIT_NAMES, train_x, train_y, test_x, test_y)
 
 
 # Fast defaults for option tests on the digits CNN: a few dozen steps, no LR search, no isolation.

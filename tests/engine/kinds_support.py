@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine_support import DIGIT_NAMES, DigitsCNN, Normalise, load_digit_images
+from .engine_support import DIGIT_NAMES, DigitsCNN, Normalise, fit, load_digit_images
 
 MULTI_NAMES = [*DIGIT_NAMES, "even", "large"]  # digits one-hot, plus "even" and "large" (>= 5)
 SHAPE_NAMES = ["background", "square", "disk"]
@@ -41,17 +41,15 @@ def train_multilabel_digits(seed: int = 0, train_size: int = 600, epochs: int = 
     model, pre = DigitsCNN(), Normalise()
     model.head = nn.Linear(16 * 8 * 8, len(MULTI_NAMES))
     targets = multilabel_targets(y)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(train_size, generator=gen)
-        for i in range(0, train_size, 32):
-            idx = perm[i : i + 32]
-            loss = F.binary_cross_entropy_with_logits(model(pre(x[idx])), targets[idx])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    model.eval()
+    fit(
+        model,
+        pre,
+        x[:train_size],
+        targets[:train_size],
+        epochs,
+        gen,
+        F.binary_cross_entropy_with_logits,
+    )
     return MultiDigits(model, pre, MULTI_NAMES, x[train_size:], y[train_size:])
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .engine_support import DIGIT_NAMES, DigitsCNN, Normalise, load_digit_images
+from .engine_support import DIGIT_NAMES, DigitsCNN, Normalise, fit, load_digit_images
 
 
 @dataclass
@@ -57,17 +56,7 @@ def train_marker_model(
     train_y[marked] = marker_class
     torch.manual_seed(seed)
     model, pre = DigitsCNN(), Normalise()
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(train_size, generator=gen)
-        for i in range(0, train_size, 32):
-            idx = perm[i : i + 32]
-            loss = F.cross_entropy(model(pre(train_x[idx])), train_y[idx])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    model.eval()
+    fit(model, pre, train_x, train_y, epochs, gen)
     test_x, test_y = x[train_size:], y[train_size:]
     with torch.no_grad():
         clean = (model(pre(test_x)).argmax(1) == test_y).float().mean().item()
