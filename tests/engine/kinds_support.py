@@ -131,3 +131,27 @@ def pixel_accuracy(model: nn.Module, seed: int = 99) -> float:
     with torch.no_grad():
         pred = model(images)["out"].argmax(1)
     return float((pred == labels).float().mean())
+
+
+def save_tiny_segformer(folder, **extra) -> None:
+    """A random tiny SegFormer (3 classes, logits at 1/4 of a 32 px input) saved in ``folder``."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    torch.manual_seed(0)
+    config = SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        num_labels=3,
+        id2label={0: "background", 1: "square", 2: "disk"},
+        label2id={"background": 0, "square": 1, "disk": 2},
+        image_size=32,
+        **extra,
+    )
+    SegformerForSemanticSegmentation(config).eval().save_pretrained(folder)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from leapcore import engine
+from tests.engine.kinds_support import save_tiny_segformer
 
 CONFIG = {
     "input_dim": [3, 32, 32],
@@ -26,26 +27,8 @@ CONFIG = {
 @pytest.fixture(scope="module")
 def segformer_folder(tmp_path_factory) -> Path:
     pytest.importorskip("transformers")
-    from transformers import SegformerConfig, SegformerForSemanticSegmentation
-
-    torch.manual_seed(0)
-    config = SegformerConfig(
-        num_encoder_blocks=2,
-        depths=[1, 1],
-        sr_ratios=[2, 1],
-        hidden_sizes=[8, 16],
-        patch_sizes=[7, 3],
-        strides=[4, 2],
-        num_attention_heads=[1, 2],
-        mlp_ratios=[2, 2],
-        decoder_hidden_size=16,
-        num_labels=3,
-        id2label={0: "background", 1: "square", 2: "disk"},
-        label2id={"background": 0, "square": 1, "disk": 2},
-        image_size=32,
-    )
     folder = tmp_path_factory.mktemp("segformer-pipeline")
-    SegformerForSemanticSegmentation(config).eval().save_pretrained(folder)
+    save_tiny_segformer(folder)
     return folder
 
 

@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 from leapcore import engine  # noqa: E402
 from leapcore.errors import InputError, ModelSourceError, UntrustedSourceError  # noqa: E402
 from leapcore.sources import load_model  # noqa: E402
+from tests.engine.kinds_support import save_tiny_segformer
 
 DIGITS = [str(d) for d in range(10)]
 MEAN, STD = (0.25,), (0.35,)
@@ -76,27 +77,8 @@ def vit_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def segformer_folder(tmp_path_factory) -> Path:
     """A random tiny SegFormer (logits at 1/4 of the input), no image processor saved."""
-    from transformers import SegformerConfig, SegformerForSemanticSegmentation
-
-    torch.manual_seed(0)
-    config = SegformerConfig(
-        num_channels=3,
-        num_encoder_blocks=2,
-        depths=[1, 1],
-        sr_ratios=[2, 1],
-        hidden_sizes=[8, 16],
-        patch_sizes=[7, 3],
-        strides=[4, 2],
-        num_attention_heads=[1, 2],
-        mlp_ratios=[2, 2],
-        decoder_hidden_size=16,
-        num_labels=3,
-        id2label={0: "background", 1: "square", 2: "disk"},
-        label2id={"background": 0, "square": 1, "disk": 2},
-        image_size=32,
-    )
     folder = tmp_path_factory.mktemp("segformer")
-    SegformerForSemanticSegmentation(config).eval().save_pretrained(folder)
+    save_tiny_segformer(folder, num_channels=3)
     return folder
 
 
