@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tf_bridge.py
 
 docs: $(STAMP)
-	$(BIN)/python -m leapcore.config > docs/config.md
+	$(BIN)/python -m leapcore.config_docs > docs/config.md
 
 clean:
 	rm -rf $(VENV) leap_results mlruns.db

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.audit import audit_model
-    from leapcli.cli import register_demo_model
+    from leapcli.demo import register_demo_model
     from leapcore import engine
     from leapcore.sources import load_model
 

@@ -25,9 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from leapcli.demo import DEMO_CLASSES, DEMO_CONFIG, register_demo_model
+from leapcli.progress import ProgressDisplay, say
 from leapcore import __version__
 
 log = logging.getLogger(__name__)
+
 STARTED = time.perf_counter()  # the console script imports this module first: wall time from here
 
 # Stage names ``--skip`` takes (flows.audit.STAGES / ALIASES and flows.explain; a test keeps them
@@ -71,130 +74,7 @@ class _Formatter(argparse.HelpFormatter):
 # new SQLite store, Prefect's temporary-server banner) belong to --verbose only.
 FOREIGN_LOGGERS = ("mlflow", "alembic", "prefect", "httpx", "urllib3", "wandb", "distributed")
 
-DEMO_MODEL = "efficientnet-lite0"
-DEMO_ALIAS = "demo"
-DEMO_CLASSES = ["goldfish", "tabby", "golden retriever", "Granny Smith"]
-DEMO_CONFIG: dict[str, Any] = {
-    "max_steps": 80,
-    "find_lr_steps": 0,
-    "lr": 0.05,
-    "transform": "m",
-    "isolation_steps": 30,
-    "max_isolate_classes": 2,
-    "log_freq": 10,
-    "project_name": "leapcore-demo",
-}
 
-
-def _say(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-# ---------------------------------------------------------------------------------------------- #
-# Progress
-# ---------------------------------------------------------------------------------------------- #
-class ProgressDisplay(logging.Handler):
-    """Progress bars fed by the pipeline's stage records and the engine's step logs.
-
-    One bar per stage, each with a step count: prototype optimisation and feature isolation advance
-    with the engine's ``prototypes step i/n`` and ``isolation step i/n`` records (every ``log_freq``
-    steps); other stages count 0/1 -> 1/1. Without a terminal, plain lines are printed instead.
-    """
-
-    def __init__(self, enabled: bool = True, console: Any = None):
-        super().__init__(logging.INFO)
-        self.live = enabled and (console is not None or sys.stdout.isatty())
-        self.enabled = enabled
-        self.bars: dict[str, Any] = {}
-        self.progress: Any = None
-        if self.live:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("{task.description:<28}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[unit]:<6}"),
-                TextColumn("{task.fields[state]}"),
-                TimeElapsedColumn(),
-                console=console,
-            )
-
-    LOGGERS = ("leapcore.pipeline", "leapcore.prototypes", "leapcore.isolation")
-    STEPPED = {
-        "leapcore.prototypes": ("optimise_prototypes",),
-        "leapcore.isolation": ("isolate_features", "isolate_samples"),
-    }
-
-    def __enter__(self) -> ProgressDisplay:
-        for name in self.LOGGERS:
-            logger = logging.getLogger(name)
-            logger.addHandler(self)
-            logger.setLevel(logging.INFO)
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for name in self.LOGGERS:
-            logging.getLogger(name).removeHandler(self)
-        if self.progress is not None:
-            self.progress.stop()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not self.enabled:
-            return
-        try:
-            stage = getattr(record, "leap_stage", None)
-            if stage is not None:
-                self._stage(stage, record)
-            elif record.name in self.STEPPED and isinstance(record.args, tuple):
-                step, total = int(record.args[0]), int(record.args[1])
-                for stage in self.STEPPED[record.name]:
-                    self._advance(stage, step, total)
-        except Exception:  # progress must never break an audit
-            self.handleError(record)
-
-    def _stage(self, stage: str, record: logging.LogRecord) -> None:
-        event = getattr(record, "leap_event", "")
-        if not self.live:
-            if event == "end":
-                seconds = getattr(record, "leap_seconds", None)
-                took = f" ({seconds:.1f} s of compute)" if seconds else ""
-                _say(f"  {stage}: {getattr(record, 'leap_state', '')}{took}")
-            return
-        if event == "start" and stage not in self.bars:
-            self.bars[stage] = self.progress.add_task(
-                stage, total=1, completed=0, state="running", unit=""
-            )
-        elif event == "end":
-            state = getattr(record, "leap_state", "")
-            if stage not in self.bars:
-                self.bars[stage] = self.progress.add_task(stage, total=1, state=state, unit="")
-            total = self.progress.tasks[self._index(stage)].total or 1
-            self.progress.update(self.bars[stage], total=total, completed=total, state=state)
-
-    def _index(self, stage: str) -> int:
-        return [t.id for t in self.progress.tasks].index(self.bars[stage])
-
-    def _advance(self, stage: str, step: int, total: int) -> None:
-        if not self.live or stage not in self.bars:
-            return
-        self.progress.update(
-            self.bars[stage], total=total, completed=min(step, total), unit="steps"
-        )
-
-
-# ---------------------------------------------------------------------------------------------- #
-# Arguments shared by the subcommands
-# ---------------------------------------------------------------------------------------------- #
 def _add_run_options(
     parser: argparse.ArgumentParser,
     skip_names: tuple[str, ...] | None = None,
@@ -288,7 +168,7 @@ def _announce_classes(values: list[str] | None, command: str) -> None:
     if values:
         return
     if command == "audit":
-        _say(
+        say(
             "No --classes given: auditing class 0, the default of leap-ie's generate. Name the "
             "classes to audit with --classes (indices or names)."
         )
@@ -359,7 +239,7 @@ def _predictions(result: Any, top: int = 3) -> list[str]:
 
 def _report(result: Any, as_json: bool, kind: str = "audit") -> None:
     if as_json:
-        _say(
+        say(
             json.dumps(
                 {
                     "flow_run_id": result.flow_run_id,
@@ -381,18 +261,18 @@ def _report(result: Any, as_json: bool, kind: str = "audit") -> None:
             )
         )
         return
-    _say()
+    say()
     if kind == "explain":
         lines = _predictions(result)
         if lines:
-            _say("Top classes per image:")
+            say("Top classes per image:")
             for line in lines:
-                _say(f"  {line}")
+                say(f"  {line}")
     elif result.target_names:
-        _say(f"Audited: {', '.join(result.target_names)}.")
-    _say(f"Done in {_wall():.0f} s (wall time). Where to look:")
+        say(f"Audited: {', '.join(result.target_names)}.")
+    say(f"Done in {_wall():.0f} s (wall time). Where to look:")
     for line in result.where_to_look():
-        _say(f"  {line}")
+        say(f"  {line}")
 
 
 def _fail(err: BaseException, verbose: bool, classes: list[str] | None = None) -> int:
@@ -503,36 +383,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
     )
 
 
-def register_demo_model(name: str = DEMO_MODEL, alias: str = DEMO_ALIAS) -> str:
-    """Register the bundled pretrained EfficientNet-Lite0 in the MLflow registry (once per weights
-    digest) under ``alias``; returns ``models:/<name>@<alias>``."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from leapcore.sources import load_model
-    from tasks.mlflow_models import log_model_with_metadata
-    from tasks.mlflow_registry import tracking_uri
-
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    loaded = load_model("efficientnet_lite0")
-    try:
-        current = client.get_model_version_by_alias(name, alias)
-        if (current.tags or {}).get("leapcore.digest") == loaded.digest:
-            return f"models:/{name}@{alias}"
-    except Exception:
-        pass  # not registered yet
-    _say(f"Registering the bundled EfficientNet-Lite0 as models:/{name}@{alias} in {uri} ...")
-    mlflow.set_experiment("leapcore-models")
-    with mlflow.start_run(run_name="efficientnet-lite0 (bundled ImageNet weights)"):
-        ref = log_model_with_metadata(
-            loaded, registered_model_name=name, alias=alias, input_example=None
-        )
-    client.set_model_version_tag(name, ref.version, "leapcore.digest", loaded.digest)
-    return ref.uri
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     _quiet(args.verbose)
     began = time.perf_counter()
@@ -546,7 +396,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         uri = register_demo_model()
         classes = args.classes or DEMO_CLASSES
-        _say(f"Auditing {uri} for {', '.join(map(str, classes))} ({config['max_steps']} steps) ...")
+        say(f"Auditing {uri} for {', '.join(map(str, classes))} ({config['max_steps']} steps) ...")
         with ProgressDisplay(not args.no_progress):
             result = audit_model(
                 uri,
@@ -594,7 +444,7 @@ mlflow.db; `mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db` browses the 
 
 
 def cmd_services(args: argparse.Namespace) -> int:
-    _say(SERVER_HELP)
+    say(SERVER_HELP)
     return 0
 
 

@@ -3,7 +3,7 @@
 Every option of leap-ie's two reference pages is accepted with a default; where those pages disagree
 (``lr``, ``hf_weight``, ``max_steps``, ``isolation``, ``alpha_weight``) or where their default fails on
 real ImageNet weights (``baseline_init``), the choice made here is stated in the option's ``note``.
-``docs/config.md`` is generated from this module (``python -m leapcore.config``) and a test checks that
+``docs/config.md`` is generated from this module (``python -m leapcore.config_docs``) and a test checks that
 the committed file matches, so the docs cannot drift from the validation.
 """
 
@@ -562,48 +562,3 @@ def _describe(err: ValidationError) -> str:
         msg = item["msg"].removeprefix("Value error, ")
         lines.append(f"config option {loc!r} = {shown}: {msg}")
     return "invalid config: " + "; ".join(lines)
-
-
-def render_markdown() -> str:
-    """The config reference, generated from :class:`EngineConfig` (docs/config.md)."""
-    out = [
-        "# Config reference",
-        "",
-        "Generated from `leapcore/config.py` by `python -m leapcore.config > docs/config.md`; a test",
-        "checks that this file matches the code. Pass options to `engine.generate(config=...)` as a dict",
-        "or a JSON file path. Unknown options are rejected with the closest valid name.",
-        "",
-        "| option | default | allowed | stage | meaning |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for name, field in EngineConfig.model_fields.items():
-        extra = field.json_schema_extra or {}
-        default = field.default
-        if isinstance(default, SecretStr):
-            default = "****"
-        allowed = _allowed(field)
-        meaning = field.description or ""
-        if extra.get("note"):
-            meaning += f" *Note: {extra['note']}*"
-        out.append(
-            f"| `{name}` | `{json.dumps(default)}` | {allowed} | {extra.get('stage')} | {meaning} |"
-        )
-    return "\n".join(out) + "\n"
-
-
-def _allowed(field: Any) -> str:
-    bounds = []
-    for meta in field.metadata:
-        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-            if getattr(meta, attr, None) is not None:
-                bounds.append(f"{sym} {getattr(meta, attr)}")
-    ann = field.annotation
-    text = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-    text = text.replace("pydantic.types.", "").replace("|", "or")
-    return (text + (" " + ", ".join(bounds) if bounds else "")).replace("|", "or")
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.stdout.write(render_markdown())

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from leapcore.config import EngineConfig, load_config, render_markdown
+from leapcore.config import EngineConfig, load_config
+from leapcore.config_docs import render_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_docs_config_md_is_generated_from_the_code():
     committed = (ROOT / "docs" / "config.md").read_text()
     assert committed == render_markdown(), (
-        "docs/config.md is out of date: run `python -m leapcore.config > docs/config.md`"
+        "docs/config.md is out of date: run `python -m leapcore.config_docs > docs/config.md`"
     )
 
 

@@ -1,9 +1,13 @@
-"""``pick_rate``: the steepest fall of the smoothed loss against log rate, or why there is none."""
+"""The learning-rate range test: ``pick_rate``'s choice, and the early stop of the range test."""
 
 from __future__ import annotations
 
 import math
 
+import torch
+from torch import nn
+
+from leapcore import engine
 from leapcore.lr_finder import pick_rate
 
 RATES = [10.0**e for e in range(-4, 3)]  # 7 windows, one decade apart
@@ -51,3 +55,41 @@ def test_matches_a_direct_reference_on_uneven_rates():
         rates = sorted({10 ** gen.uniform(-4, 1) for _ in range(8)})
         losses = [gen.uniform(-2, 5) for _ in rates]
         assert pick_rate(rates, losses)[0] == _reference(rates, losses)
+
+
+class NearGrey(nn.Module):
+    """Class 0's logit peaks at a uniform 0.6 image: large rates overshoot into saturated pixels, so
+    the range test's loss rises far above its best (a loss that only a bounded image cannot hide)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = 1 - 100 * (x - 0.6).pow(2).mean((1, 2, 3))
+        return torch.stack([score, torch.zeros_like(score)], 1)
+
+
+def _range_test(stop_lr_early: bool):
+    return engine.run(
+        NearGrey(),
+        ["peak", "other"],
+        {
+            "input_dim": [1, 16, 16],
+            "find_lr_steps": 60,
+            "num_lr_windows": 30,
+            "min_lr": 1e-4,
+            "max_lr": 1e4,
+            "max_steps": 0,
+            "isolation": False,
+            "stop_lr_early": stop_lr_early,
+        },
+        [0],
+    ).lr
+
+
+def test_lr_finder_stops_early_when_the_loss_diverges():
+    early, full = _range_test(True), _range_test(False)
+    assert len(full.losses) == 30
+    # The stop fires once a window's loss passes best + 3 * |best|, long before the last window ...
+    assert len(early.losses) < 25, early.losses
+    best = min(early.losses)
+    assert early.losses[-1] > best + 3 * abs(best)
+    # ... and the windows it ran are the same windows the full test ran.
+    assert early.losses == full.losses[: len(early.losses)]
