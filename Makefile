@@ -29,6 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt torch-lucent
 	$(BIN)/python benchmarks/engine_overhead.py
 	$(BIN)/python benchmarks/pipeline_overhead.py
 	$(BIN)/python benchmarks/tf_bridge.py
