@@ -14,10 +14,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
 from flows.audit_run import AuditCall, audit_stages, model_label, run_audit
+from flows.lifecycle import RunSpec, end_status, finish, mlflow_run_scope
 from flows.stage_plan import (
     ALIASES,
     CORE_STAGES,
@@ -34,11 +34,8 @@ from leapcore.errors import InputError
 from tasks import (
     ArtifactStore,
     AuditResult,
-    close_audit_run,
     fetch_model,
     locate_model,
-    markdown_summary,
-    open_audit_run,
     resolve_targets,
     run_stage,
     run_tags,
@@ -47,7 +44,7 @@ from tasks import (
 )
 from tasks.export import check_output_dir
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
-from tasks.redaction import clean_text, scrubbed_errors, secret_values
+from tasks.redaction import scrubbed_errors, secret_values
 from tasks.sample_files import image_files
 
 __all__ = [
@@ -199,86 +196,52 @@ def audit_model(
     )
     secrets = secret_values(cfg, model_uri, artifact_store, model_options)
     with scrubbed_errors(secrets):
-        mlflow_uri = tracking_uri()
         registry = dict(locator.identity.registry) if locator.identity else {}
         label = model_label(registry, locator.identity.uri if locator.identity else model_uri)
         flow_run_id = str(current_flow_run.id)
-        run_name = f"audit {label} {flow_run_id[:8]}"
         runner = _task_runner(task_runner)
         # Everything the user typed is checked before the MLflow run opens, so a typo leaves no
         # FAILED run and does not touch the version's audit tags. The classes need the model's class
         # list: fetch it first (cached in the store, so a rerun reads it back).
         fetched = run_stage(fetch_model, locator=locator, store=store)
         resolve_targets(target_classes, fetched[0].class_list)
-        mlflow_run = None
-        exp_name = experiment or DEFAULT_EXPERIMENT
-        if plan.on("publish_mlflow"):
-            tags = run_tags(None, model_uri, registry, flow_run_id)
-            run_id = open_audit_run(mlflow_uri, exp_name, run_name, tags, registry)
-            mlflow_run = {"uri": mlflow_uri, "run_id": run_id}
-        call = AuditCall(
-            locator=locator,
-            target_classes=target_classes,
-            config=cfg,
-            plan=plan,
-            store=store,
-            device=device,
-            class_chunk_size=class_chunk_size,
-            output_dir=output_dir,
-            mlflow_run=mlflow_run,
-            wandb_project=wandb_project,
-            run_name=run_name,
-            flow_name="audit",
-            fetched=fetched,
-            samples=image_files(samples) if samples else [],
-            methods=_methods(methods),
-            method_options=dict(method_options or {}),
+        spec = RunSpec(
+            uri=tracking_uri(),
+            experiment=experiment or DEFAULT_EXPERIMENT,
+            name=f"audit {label} {flow_run_id[:8]}",
+            tags=run_tags(None, model_uri, registry, flow_run_id),
+            registry=registry,
+            secrets=secrets,
+            enabled=plan.on("publish_mlflow"),
         )
-        try:
+        with mlflow_run_scope(spec) as mlflow_run:
+            call = AuditCall(
+                locator=locator,
+                target_classes=target_classes,
+                config=cfg,
+                plan=plan,
+                store=store,
+                device=device,
+                class_chunk_size=class_chunk_size,
+                output_dir=output_dir,
+                mlflow_run=mlflow_run,
+                wandb_project=wandb_project,
+                run_name=spec.name,
+                fetched=fetched,
+                samples=image_files(samples) if samples else [],
+                methods=_methods(methods),
+                method_options=dict(method_options or {}),
+            )
             if runner is None:
                 result = run_audit(call)
-                result.stages_flow_run_id = flow_run_id
             else:
                 result = audit_stages.with_options(task_runner=runner)(call)
-        except BaseException as err:
-            if mlflow_run is not None:
-                close_audit_run(
-                    mlflow_uri,
-                    mlflow_run["run_id"],
-                    end_status(err),
-                    registry,
-                    error=clean_text(f"{type(err).__name__}: {err}", secrets),
-                )
-            raise
-        if mlflow_run is not None:
-            close_audit_run(mlflow_uri, mlflow_run["run_id"], "FINISHED", registry)
-            result.mlflow_run_id = mlflow_run["run_id"]
-            result.mlflow_tracking_uri = clean_text(mlflow_uri, secrets)
-            result.mlflow_experiment = exp_name
-        result.flow_run_id = flow_run_id
-        result.seconds = time.perf_counter() - began
-        markdown_summary("audit", _summary_lines(result))
-        for line in result.where_to_look():
-            get_run_logger().info(line)
-        return result
+        return finish(result, spec, mlflow_run, flow_run_id, began, _summary(result))
 
 
-def end_status(err: BaseException) -> str:
-    """``KILLED`` for a signal (SIGTERM, Ctrl-C), which also stops the stages still running; else
-    ``FAILED``."""
-    from prefect.exceptions import TerminationSignal
-
-    if isinstance(err, (KeyboardInterrupt, TerminationSignal)) or stopping.requested():
-        stopping.request_stop(f"stopped by {type(err).__name__}")
-        return "KILLED"
-    return "FAILED"
-
-
-def _summary_lines(result: AuditResult) -> list[str]:
-    lines = [f"# Audit of `{result.model_uri}`", ""]
-    lines += [f"- **{stage}**: {state}" for stage, state in result.stages.items()]
+def _summary(result: AuditResult) -> tuple[str, list[str], list[str]]:
+    """The audit's Markdown summary: heading, then the mean target probability after the stages."""
+    notes = []
     if result.metrics.get("target_prob/mean") is not None:
-        lines.append(f"\nMean target probability: **{result.metrics['target_prob/mean']:.3f}**")
-    lines.append("")
-    lines += [f"    {line}" for line in result.where_to_look()]
-    return lines
+        notes.append(f"\nMean target probability: **{result.metrics['target_prob/mean']:.3f}**")
+    return "audit", [f"# Audit of `{result.model_uri}`", ""], notes

@@ -14,6 +14,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
+from flows.lifecycle import published_params
 from flows.stage_plan import CORE_STAGES, StagePlan, stage_names
 from leapcore.config import EngineConfig
 from tasks import (
@@ -60,15 +61,6 @@ def _provenance(mlflow_run: dict[str, Any] | None, wandb_run: str = "") -> dict[
     if wandb_run:
         facts["wandb_run"] = wandb_run
     return facts
-
-
-def _published_params(
-    config: EngineConfig, model_uri: str, targets: list[list[int]], extra: dict[str, Any]
-) -> dict[str, Any]:
-    params = config.secret_free()
-    params.pop("samples", None)
-    params["audit"] = {"model_uri": model_uri, "targets": targets, **extra}
-    return params
 
 
 @dataclass
@@ -311,11 +303,12 @@ def _publish(
     findings: Findings,
 ) -> None:
     """Export the results and publish them to MLflow and W&B, side by side."""
-    params = _published_params(
+    params = published_params(
         ctx.config,
-        ctx.model.uri,
-        ctx.targets,
+        "audit",
         {
+            "model_uri": ctx.model.uri,
+            "targets": ctx.targets,
             "class_chunk_size": call.class_chunk_size,
             "skip": sorted(call.plan.off),
             "device": ctx.device,

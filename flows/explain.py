@@ -8,13 +8,13 @@ images are keyed by the hash of their bytes.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
-from flows.audit import end_status
+from flows.lifecycle import RunSpec, finish, mlflow_run_scope, published_params
 from leapcore import stopping
 from leapcore.attribution.report import attribution_metrics
 from leapcore.config import EngineConfig, load_config
@@ -23,14 +23,11 @@ from tasks import (
     ArtifactStore,
     AuditResult,
     SampleFile,
-    close_audit_run,
     export_results,
     fetch_model,
     isolate_samples,
     load_samples,
     locate_model,
-    markdown_summary,
-    open_audit_run,
     publish_mlflow,
     publish_wandb,
     render_report,
@@ -44,7 +41,7 @@ from tasks import (
 from tasks.attribution import attribute_samples, check_methods
 from tasks.export import check_output_dir
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
-from tasks.redaction import clean_text, scrubbed_errors, secret_values
+from tasks.redaction import scrubbed_errors, secret_values
 from tasks.report import stamp_report
 from tasks.runtime import SKIPPED, collect_publications, mlflow_link, stage_finished
 from tasks.sample_files import image_files
@@ -143,140 +140,116 @@ def explain_samples(
     secrets = secret_values(cfg, model_uri, artifact_store, model_options)
     with scrubbed_errors(secrets):
         attribution_methods = check_methods(methods)
-        mlflow_uri = tracking_uri()
         registry = dict(locator.identity.registry) if locator.identity else {}
         flow_run_id = str(current_flow_run.id)
         shown = locator.identity.uri if locator.identity else "model"
         label = registry.get("name") or Path(shown.rstrip("/")).stem or shown
-        run_name = f"explain {label} {flow_run_id[:8]}"
-        exp_name = experiment or DEFAULT_EXPERIMENT
         # Checked before the MLflow run opens (see audit_model): the classes need the model.
         fetched = run_stage(fetch_model, locator=locator, store=store)
         if target_classes is not None:
             resolve_targets(target_classes, fetched[0].class_list)
-        run_id = None
-        if "publish_mlflow" not in off:
-            tags = run_tags(None, model_uri, registry, flow_run_id, {"leapcore.kind": "explain"})
-            # No registry: the version's leapcore.audit_* tags name audits only, never an explain run.
-            run_id = open_audit_run(mlflow_uri, exp_name, run_name, tags, None)
-        try:
-            result = _explain(
-                fetched,
-                cfg,
-                locator,
-                files,
-                target_classes,
-                store,
-                device,
-                off,
-                output_dir,
-                mlflow_uri,
-                run_id,
-                wandb_project,
-                run_name,
-                attribution_methods,
-                method_options,
-            )
-        except BaseException as err:
-            if run_id is not None:
-                close_audit_run(
-                    mlflow_uri,
-                    run_id,
-                    end_status(err),
-                    None,
-                    error=clean_text(f"{type(err).__name__}: {err}", secrets),
-                )
-            raise
-        if run_id is not None:
-            close_audit_run(mlflow_uri, run_id, "FINISHED", None)
-            result.mlflow_run_id = run_id
-            result.mlflow_tracking_uri = clean_text(mlflow_uri, secrets)
-            result.mlflow_experiment = exp_name
-        result.flow_run_id = result.stages_flow_run_id = flow_run_id
-        result.seconds = time.perf_counter() - began
-        markdown_summary(
-            "explain",
-            [f"# Explained {len(files)} image(s) with `{result.model_uri}`", ""]
-            + [f"- **{s}**: {st}" for s, st in result.stages.items()]
-            + [""]
-            + [f"    {line}" for line in result.where_to_look()],
+        spec = RunSpec(
+            uri=tracking_uri(),
+            experiment=experiment or DEFAULT_EXPERIMENT,
+            name=f"explain {label} {flow_run_id[:8]}",
+            tags=run_tags(None, model_uri, registry, flow_run_id, {"leapcore.kind": "explain"}),
+            registry=None,  # the version's leapcore.audit_* tags name audits only, never explain
+            secrets=secrets,
+            enabled="publish_mlflow" not in off,
         )
-        for line in result.where_to_look():
-            get_run_logger().info(line)
-        return result
+        call = ExplainCall(
+            fetched=fetched,
+            config=cfg,
+            locator=locator,
+            files=files,
+            target_classes=target_classes,
+            store=store,
+            device=device,
+            off=off,
+            output_dir=output_dir,
+            wandb_project=wandb_project,
+            run_name=spec.name,
+            methods=attribution_methods,
+            method_options=method_options,
+        )
+        with mlflow_run_scope(spec) as mlflow_run:
+            call.mlflow_run = mlflow_run
+            result = _explain(call)
+        heading = [f"# Explained {len(files)} image(s) with `{result.model_uri}`", ""]
+        return finish(result, spec, mlflow_run, flow_run_id, began, ("explain", heading, []))
 
 
-def _explain(
-    fetched: tuple[Any, str],
-    cfg: EngineConfig,
-    locator: Any,
-    files: list[SampleFile],
-    target_classes: list[Any] | None,
-    store: ArtifactStore,
-    device: str | None,
-    off: set[str],
-    output_dir: str | None,
-    mlflow_uri: str,
-    run_id: str | None,
-    wandb_project: str | None,
-    run_name: str,
-    methods: list[str] | None = None,
-    method_options: dict[str, Any] | None = None,
-) -> AuditResult:
+@dataclass
+class ExplainCall:
+    """One explain run's checked inputs (see :func:`explain_samples`)."""
+
+    fetched: tuple[Any, str]
+    config: EngineConfig
+    locator: Any
+    files: list[SampleFile]
+    target_classes: list[Any] | None
+    store: ArtifactStore
+    device: str | None
+    off: set[str]
+    output_dir: str | None
+    wandb_project: str | None
+    run_name: str
+    methods: list[str] = field(default_factory=list)
+    method_options: dict[str, Any] | None = None
+    mlflow_run: dict[str, str] | None = None
+
+
+def _explain(call: ExplainCall) -> AuditResult:
+    """Load, isolate and (when asked) attribute the images, report, then export and publish."""
     states: dict[str, str] = {}
-    model, states["fetch_model"] = fetched
-    targets = None if target_classes is None else resolve_targets(target_classes, model.class_list)
-    samples, states["load_samples"] = run_stage(
-        load_samples, files=files, model=model, config=cfg, store=store
+    model, states["fetch_model"] = call.fetched
+    targets = (
+        None
+        if call.target_classes is None
+        else resolve_targets(call.target_classes, model.class_list)
     )
+    common = {"model": model, "config": call.config, "store": call.store}
+    samples, states["load_samples"] = run_stage(load_samples, files=call.files, **common)
+    on_device = {"locator": call.locator, "samples": samples, "targets": targets, **common}
     isolated, states["isolate_samples"] = run_stage(
-        isolate_samples,
-        model=model,
-        locator=locator,
-        config=cfg,
-        samples=samples,
-        targets=targets,
-        store=store,
-        device=device,
+        isolate_samples, device=call.device, **on_device
     )
     summarise("explain", "isolate_samples", [isolated], states["isolate_samples"])
     attributed = None
-    if methods:  # before the report, whose ``attributions`` section shows its table
+    if call.methods:  # before the report, whose ``attributions`` section shows its table
         attributed, states["attribute_samples"] = run_stage(
             attribute_samples,
-            model=model,
-            locator=locator,
-            config=cfg,
-            samples=samples,
-            methods=methods,
-            targets=targets,
-            store=store,
-            method_options=method_options,
-            device=device,
+            methods=call.methods,
+            method_options=call.method_options,
+            device=call.device,
+            **on_device,
         )
         summarise("explain", "attribute_samples", [attributed], states["attribute_samples"])
     report, states["render_report"] = run_stage(
         render_report,
-        model=model,
-        config=cfg,
-        store=store,
         isolations=[isolated],
         samples=isolated,
         title=f"Explanations by {model.uri}",
-        html="render_report" not in off,
+        html="render_report" not in call.off,
         attributions=attributed,
+        **common,
     )
-    provenance = {"prefect_flow_run": str(current_flow_run.id), "mlflow_run": run_id or ""}
-    report = stamp_report(report, store, model, provenance, samples)
+    run_id = call.mlflow_run["run_id"] if call.mlflow_run else ""
+    provenance = {"prefect_flow_run": str(current_flow_run.id), "mlflow_run": run_id}
+    report = stamp_report(report, call.store, model, provenance, samples)
     for stage in OPTIONAL:
-        if stage in off and stage not in states:
+        if stage in call.off and stage not in states:
             states[stage] = SKIPPED
             stage_finished(stage, SKIPPED)
     out_dir = (
-        output_dir
-        or cfg.output_dir
-        or str(Path("leap_results") / (cfg.project_name or f"{model.name}-explain"))
+        call.output_dir
+        or call.config.output_dir
+        or str(Path("leap_results") / (call.config.project_name or f"{model.name}-explain"))
     )
+    outputs = {"fetch_model": model, "load_samples": samples, "isolate_samples": isolated}
+    outputs["render_report"] = report
+    if attributed is not None:
+        outputs["attribute_samples"] = attributed
     result = AuditResult(
         flow_run_id=None,
         model_uri=model.uri,
@@ -285,51 +258,51 @@ def _explain(
         targets=targets or [],
         target_names=[],
         stages=states,
-        outputs={
-            "fetch_model": model,
-            "load_samples": samples,
-            "isolate_samples": isolated,
-            "render_report": report,
-            **({"attribute_samples": attributed} if attributed is not None else {}),
-        },
+        outputs=outputs,
         metrics=dict(report.metrics),
         output_dir=str(Path(out_dir).resolve()),
     )
-    params = cfg.secret_free()
-    params.pop("samples", None)
-    params["explain"] = {
-        "model_uri": model.uri,
-        "images": [Path(f.path).name for f in files],
-        "targets": targets,
-    }
+    _publish(call, result, report, targets)
+    return result
+
+
+def _publish(
+    call: ExplainCall, result: AuditResult, report: Any, targets: list[list[int]] | None
+) -> None:
+    """Export the results and publish them to MLflow and W&B, side by side."""
+    model, out, run = result.outputs["fetch_model"], result.outputs, call.mlflow_run
+    isolated, attributed = out["isolate_samples"], out.get("attribute_samples")
+    images = [Path(f.path).name for f in call.files]
+    facts = {"model_uri": model.uri, "images": images, "targets": targets}
+    params = published_params(call.config, "explain", facts)
     seconds = {"seconds/isolate_samples": isolated.seconds}
     if attributed is not None:
         seconds["seconds/attribute_samples"] = attributed.seconds
-        table = store.get_table(attributed.refs["attributions"])
+        table = call.store.get_table(attributed.refs["attributions"])
         seconds.update(attribution_metrics(table))  # logged as MLflow metrics with the timings
         result.metrics.update(attribution_metrics(table))
     pending = {}
-    if "export_results" not in off:
-        pending["export_results"] = export_results.submit(report, store, out_dir)
-    if run_id is not None:
+    if "export_results" not in call.off:
+        pending["export_results"] = export_results.submit(report, call.store, result.output_dir)
+    if run is not None:
         pending["publish_mlflow"] = publish_mlflow.submit(
-            mlflow_uri, run_id, model, params, seconds, report, store, {"leapcore.kind": "explain"}
-        )
-    if "publish_wandb" not in off:
+            run["uri"], run["run_id"], model, params, seconds, report, call.store,
+            {"leapcore.kind": "explain"},
+        )  # fmt: skip
+    if "publish_wandb" not in call.off:
         pending["publish_wandb"] = publish_wandb.submit(
             model,
-            cfg,
+            call.config,
             params,
             report,
-            store,
+            call.store,
             isolations=[isolated],
             samples=isolated,
-            project=wandb_project,
-            run_name=run_name,
+            project=call.wandb_project,
+            run_name=call.run_name,
             tags=["leapcore", "explain"],
-            mlflow=mlflow_link(mlflow_uri, run_id) if run_id is not None else None,
+            mlflow=mlflow_link(run["uri"], run["run_id"]) if run is not None else None,
         )
     collect_publications(
-        pending, states, result, (mlflow_uri, run_id) if run_id is not None else None
+        pending, result.stages, result, (run["uri"], run["run_id"]) if run else None
     )
-    return result
