@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -387,14 +388,21 @@ class EngineConfig(BaseModel):
         ge=0,
         le=1,
     )
-    use_hipe: bool = _opt(
-        False,
-        "Use Hierarchical Perturbation (occlusion on refining grids) instead of mask optimisation: "
-        "much faster, model-agnostic.",
+    isolation_method: str = _opt(
+        "mask",
+        "How features are isolated: 'mask' (optimise a smooth mask per pair) or 'hipe' "
+        "(Hierarchical Perturbation: occlusion on refining grids, much faster, model-agnostic). "
+        "More methods register with `leapcore.isolation_methods.isolation_method`.",
         ISOLATION,
-        note="Cells are occluded with a heavily blurred copy of the image, not noise: with one noise "
+        note="HiPE occludes cells with a heavily blurred copy of the image, not noise: with one noise "
         "sample the masks changed with the seed, on a real photo from better than random cells to "
         "worse; the blur gives one answer. The occluding substrate is `isolation_background`.",
+    )
+    use_hipe: bool = _opt(
+        False,
+        "leap-ie's switch, kept as an alias: true selects `isolation_method: 'hipe'`. Giving both "
+        "with different answers is an error.",
+        ISOLATION,
     )
     hipe_min_cell: int = _opt(
         8, "Smallest grid cell (pixels) that hierarchical perturbation refines to.", ISOLATION, ge=1
@@ -431,6 +439,46 @@ class EngineConfig(BaseModel):
                 f"unknown objective {value!r}{hint}; valid objectives: {', '.join(OBJECTIVES)}."
             )
         return value
+
+    @field_validator("isolation_method")
+    @classmethod
+    def _known_isolation_method(cls, value: str) -> str:
+        from leapcore.isolation import ISOLATION_METHODS
+        from leapcore.isolation_methods import unknown_method_message
+
+        if value not in ISOLATION_METHODS:
+            raise ValueError(unknown_method_message(value))
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _use_hipe_is_an_alias(cls, data: Any, info: ValidationInfo) -> Any:
+        """``use_hipe`` (leap-ie) and ``isolation_method`` say one thing: keep them in step.
+
+        Given together they must agree; ``use_hipe: true`` alone selects ``hipe``; assigning either
+        afterwards updates the other, so a dumped config loads back unchanged.
+        """
+        if not isinstance(data, dict):
+            return data
+        hipe, method = data.get("use_hipe"), data.get("isolation_method")
+        if info.field_name == "use_hipe" and isinstance(hipe, bool):
+            if hipe:
+                return {**data, "isolation_method": "hipe"}
+            return {**data, "isolation_method": "mask" if method == "hipe" else method}
+        if info.field_name == "isolation_method" and isinstance(method, str):
+            return {**data, "use_hipe": method == "hipe"}
+        if info.field_name is not None:
+            return data
+        if not isinstance(hipe, bool):
+            return {**data, "use_hipe": method == "hipe"} if isinstance(method, str) else data
+        if isinstance(method, str):
+            if hipe != (method == "hipe"):
+                raise ValueError(
+                    f"use_hipe={hipe} contradicts isolation_method={method!r}; give only "
+                    "isolation_method (use_hipe is leap-ie's alias of isolation_method: 'hipe')."
+                )
+            return data
+        return {**data, "isolation_method": "hipe"} if hipe else data
 
     @model_validator(mode="after")
     def _check_ranges(self) -> EngineConfig:
@@ -556,9 +604,11 @@ def load_config(config: ConfigLike) -> EngineConfig:
 def _describe(err: ValidationError) -> str:
     lines = []
     for item in err.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "config"
-        value = item.get("input")
-        shown = "<secret>" if is_secret_name(loc) else repr(value)
         msg = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:  # a check across options: its input is the whole config, secrets too
+            lines.append(msg)
+            continue
+        loc = ".".join(str(p) for p in item["loc"])
+        shown = "<secret>" if is_secret_name(loc) else repr(item.get("input"))
         lines.append(f"config option {loc!r} = {shown}: {msg}")
     return "invalid config: " + "; ".join(lines)

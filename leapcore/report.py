@@ -33,6 +33,7 @@ from leapcore.config import (
     sanitise,
 )
 from leapcore.images import to_uint8
+from leapcore.isolation import ISOLATION_TITLES
 from leapcore.report_view import (
     config_view,
     fmt_num,
@@ -462,11 +463,7 @@ def render_report(
             isolations=isolations,
             isolation_method=None
             if audit.isolation is None
-            else (
-                "hierarchical perturbation"
-                if audit.isolation.method == "hipe"
-                else "mask optimisation"
-            ),
+            else ISOLATION_TITLES.get(audit.isolation.method, audit.isolation.method),
             samples=samples,
             stages=stages,
             config=config_view(clean_config, stages_that_ran(audit)),
