@@ -24,7 +24,7 @@ from leapcore.results import (
 )
 from tasks.artifacts import ArtifactStore
 from tasks.model import ModelRef
-from tasks.stages import StageOutput
+from tasks.stage_outputs import StageOutput
 
 
 def merge_prototypes(parts: list[PrototypeResult]) -> PrototypeResult:

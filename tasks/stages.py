@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -44,7 +44,8 @@ from leapcore.results import (
     samples_to_arrow,
     trajectories_to_arrow,
 )
-from tasks.artifacts import ArtifactError, ArtifactRef, ArtifactStore
+from tasks.artifacts import ArtifactError, ArtifactStore
+from tasks.audit_io import merge_prototypes
 from tasks.caching import ENTANGLEMENT, FETCH, SAMPLE_ISOLATION, SAMPLES, stage_cache_policy
 from tasks.model import (
     ModelLocator,
@@ -55,57 +56,26 @@ from tasks.model import (
     sample_transform,
 )
 from tasks.redaction import redacting
+from tasks.stage_outputs import ClassChunk, StageOutput, class_chunks
+
+__all__ = [
+    "ClassChunk",
+    "SampleFile",
+    "StageOutput",
+    "class_chunks",
+    "fetch_model",
+    "find_learning_rate",
+    "generate_baseline",
+    "isolate_features",
+    "isolate_samples",
+    "load_samples",
+    "optimise_prototypes",
+    "score_entanglement",
+    "stage_task",
+]
 
 RETRIES_ENV = "LEAP_TASK_RETRIES"
 RETRY_DELAY_ENV = "LEAP_TASK_RETRY_DELAY"
-
-
-@dataclass(frozen=True)
-class StageOutput:
-    """What a stage hands on: artifact references and how it went (never tensors).
-
-    Attributes:
-        stage: the stage's name.
-        refs: its artifacts by role (``prototypes``, ``trajectories``, ...).
-        seconds: compute time when the stage ran (a cached result keeps the original time).
-        summary: a few rows for the stage's table in the Prefect UI.
-        first_row: for a chunk of classes, the batch row its first prototype has in the whole audit.
-    """
-
-    stage: str
-    refs: dict[str, ArtifactRef]
-    seconds: float
-    summary: list[dict[str, Any]] = field(default_factory=list)
-    first_row: int = 0
-
-    def key_parts(self) -> dict[str, Any]:
-        return {"refs": self.refs, "first_row": self.first_row}
-
-
-@dataclass(frozen=True)
-class ClassChunk:
-    """A consecutive slice of the audit's targets, optimised (and isolated) as one batch.
-
-    Attributes:
-        index: the chunk's position.
-        first_target: index of its first target among all targets.
-        targets: its targets (lists of class indices; several for a hybrid).
-        total_targets: how many targets the whole audit has.
-    """
-
-    index: int
-    first_target: int
-    targets: list[list[int]]
-    total_targets: int
-
-
-def class_chunks(targets: list[list[int]], size: int | None) -> list[ClassChunk]:
-    """``targets`` in consecutive chunks of ``size`` (all in one when None)."""
-    size = len(targets) if not size else max(1, int(size))
-    return [
-        ClassChunk(i, start, [list(t) for t in targets[start : start + size]], len(targets))
-        for i, start in enumerate(range(0, len(targets), size))
-    ]
 
 
 def _env_number(name: str, default: float) -> float:
@@ -298,8 +268,6 @@ def score_entanglement(
     prototypes: list[StageOutput],
     store: ArtifactStore,
 ) -> StageOutput:
-    from tasks.audit_io import merge_prototypes
-
     merged = merge_prototypes(
         [
             prototypes_from_arrow(
