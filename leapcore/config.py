@@ -19,6 +19,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -40,6 +42,20 @@ ISOLATION = "isolation"
 ALL = "all"
 
 
+#: Keys that leap-ie's ``generate`` takes for its W&B logging: ``{key: (publisher, meaning)}``. They
+#: are not engine options: :class:`EngineConfig` accepts them and keeps them, untouched, for the
+#: publisher that ``generate`` runs (:mod:`leapcore.publishers`; the pipeline reads them through
+#: ``tasks.settings.WandbSettings``). The engine itself never reads them.
+PUBLISHER_KEYS: dict[str, tuple[str, str]] = {
+    "wandb_api_key": (
+        "wandb",
+        "W&B API key (a secret). With it (or WANDB_API_KEY) results are logged online; without, "
+        "offline.",
+    ),
+    "wandb_entity": ("wandb", "W&B entity (team or user) for online logging."),
+}
+
+
 def _opt(default: Any, description: str, stage: str, note: str = "", **kwargs: Any) -> Any:
     extra = {"stage": stage}
     if note:
@@ -53,15 +69,10 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
     # --- accounts (accepted for compatibility, never sent anywhere) ---
+    # W&B's keys are not options of the engine: see PUBLISHER_KEYS (routed to the publishers).
     leap_api_key: SecretStr | None = _opt(
         None, "Accepted for leap-ie compatibility and ignored: leapcore needs no account.", ALL
     )
-    wandb_api_key: SecretStr | None = _opt(
-        None,
-        "W&B API key. With it (or WANDB_API_KEY) the pipeline logs online; without, offline.",
-        ALL,
-    )
-    wandb_entity: str | None = _opt(None, "W&B entity (team or user) for online logging.", ALL)
     project_name: str | None = _opt(
         None,
         "Project name; the `project_name` argument of `generate` wins when both are given.",
@@ -415,6 +426,28 @@ class EngineConfig(BaseModel):
         ALL,
     )
 
+    _publisher: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _route_publisher_keys(
+        cls, data: Any, handler: ModelWrapValidatorHandler[EngineConfig], info: ValidationInfo
+    ) -> EngineConfig:
+        """Take :data:`PUBLISHER_KEYS` out of the options before validation; keep them aside."""
+        routed: dict[str, Any] = {}
+        if isinstance(data, dict) and info.field_name is None:
+            routed = {k: data[k] for k in PUBLISHER_KEYS if k in data}
+            data = {k: v for k, v in data.items() if k not in PUBLISHER_KEYS}
+        config = handler(data)
+        if routed:
+            config._publisher = _publisher_values(routed)
+        return config
+
+    @property
+    def publisher_options(self) -> dict[str, Any]:
+        """The :data:`PUBLISHER_KEYS` given (secrets as ``SecretStr``); the engine never reads them."""
+        return dict(self._publisher)
+
     @field_validator("baseline_init")
     @classmethod
     def _baseline_in_range(cls, value: Any) -> Any:
@@ -513,6 +546,22 @@ class EngineConfig(BaseModel):
         return min(self.max_steps, 100) if self.isolation_steps is None else self.isolation_steps
 
 
+def _publisher_values(given: dict[str, Any]) -> dict[str, Any]:
+    """Check the publisher keys' types (never echoing a value) and wrap secrets in ``SecretStr``."""
+    values: dict[str, Any] = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value if is_secret_name(key) else value.get_secret_value()
+        elif not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, not {type(value).__name__}.")
+        elif is_secret_name(key):
+            value = SecretStr(value)
+        values[key] = value
+    return values
+
+
 _SECRET_HINTS = ("key", "token", "password", "secret", "credential")
 
 
@@ -584,9 +633,9 @@ def load_config(config: ConfigLike) -> EngineConfig:
     # leap-ie's page spells one option with a stray backslash ("blur\\max").
     if "blur\\max" in raw:
         raw["blur_max"] = raw.pop("blur\\max")
-    unknown = [k for k in raw if k not in EngineConfig.model_fields]
+    names = [*EngineConfig.model_fields, *PUBLISHER_KEYS]
+    unknown = [k for k in raw if k not in names]
     if unknown:
-        names = list(EngineConfig.model_fields)
         parts = []
         for key in unknown:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)

@@ -45,6 +45,7 @@ from tasks.audit_io import load_audit
 from tasks.model import ModelRef
 from tasks.redaction import redacting
 from tasks.report import ReportOutput
+from tasks.settings import DEFAULT_PROJECT, WandbSettings, wandb_settings  # noqa: F401
 from tasks.stages import StageOutput
 from tasks.wandb_attributions import attribution_table
 from tasks.wandb_records import wait_written
@@ -52,7 +53,6 @@ from tasks.wandb_tables import analysis_tables
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROJECT = "leapcore"
 STAGING = "staging"
 # The contract's quality columns (HELPERS.md), published when the tables carry them.
 QUALITY_COLUMNS = {
@@ -116,14 +116,13 @@ class Publication:
     links: dict[str, str] = field(default_factory=dict)
 
 
-def wandb_mode(config: EngineConfig, mode: str | None = None) -> str:
+def wandb_mode(config: EngineConfig | WandbSettings, mode: str | None = None) -> str:
     """``online`` when an account is configured, else ``offline``; ``mode``/``WANDB_MODE`` win."""
     explicit = mode or os.environ.get("WANDB_MODE")
     if explicit:
         return "offline" if explicit == "dryrun" else explicit
     configured = (
-        config.wandb_api_key is not None
-        or bool(config.wandb_entity)
+        wandb_settings(config).configured
         or bool(os.environ.get("WANDB_API_KEY"))
         or bool(os.environ.get("WANDB_ENTITY"))
     )
@@ -136,7 +135,7 @@ def plausible_key(key: str | None) -> bool:
     return bool(key) and bool(_KEY.match(key or ""))
 
 
-def _settings(wandb: Any, config: EngineConfig, chosen: str) -> Any:
+def _settings(wandb: Any, config: EngineConfig | WandbSettings, chosen: str) -> Any:
     settings: dict[str, Any] = {
         "console": "off",
         "silent": True,
@@ -148,8 +147,9 @@ def _settings(wandb: Any, config: EngineConfig, chosen: str) -> Any:
         "x_save_requirements": False,
         "disable_job_creation": True,
     }
-    if chosen == "online" and config.wandb_api_key is not None:
-        settings["api_key"] = config.wandb_api_key.get_secret_value()
+    key = wandb_settings(config).api_key
+    if chosen == "online" and key is not None:
+        settings["api_key"] = key.get_secret_value()
     return wandb.Settings(**settings)
 
 
@@ -331,7 +331,7 @@ def link_model(wandb: Any, run: Any, pub: Publication, mode: str) -> str:
 
 
 def open_run(
-    config: EngineConfig,
+    config: EngineConfig | WandbSettings,
     params: dict[str, Any],
     project: str,
     run_name: str | None,
@@ -346,7 +346,7 @@ def open_run(
     return wandb.init(
         id=run_id,
         project=project,
-        entity=config.wandb_entity or None,
+        entity=wandb_settings(config).entity or None,
         name=run_name,
         config=params,
         mode=mode,
@@ -360,7 +360,7 @@ def open_run(
 
 def publish(
     pub: Publication,
-    config: EngineConfig,
+    config: EngineConfig | WandbSettings,
     project: str | None = None,
     run_name: str | None = None,
     mode: str | None = None,
@@ -377,7 +377,7 @@ def publish(
     params = dict(pub.params)
     if pub.links:
         params["mlflow"] = {k: v for k, v in pub.links.items() if v}
-    project = project or config.project_name or DEFAULT_PROJECT
+    project = wandb_settings(config).project_or(project)
     run = open_run(config, params, project, run_name, chosen, directory, job_type, tags, run_id)
     run_dir = Path(run.dir).parent
     try:
@@ -416,9 +416,10 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def run_label(config: EngineConfig, project: str | None, run_id: str) -> str:
+def run_label(config: EngineConfig | WandbSettings, project: str | None, run_id: str) -> str:
     """``entity/project/run id`` (entity when configured), as the report's provenance shows it."""
-    parts = (config.wandb_entity or "", project or config.project_name or DEFAULT_PROJECT, run_id)
+    settings = wandb_settings(config)
+    parts = (settings.entity or "", settings.project_or(project), run_id)
     return "/".join(p for p in parts if p)
 
 
@@ -499,12 +500,14 @@ def publish_wandb(
 # ---------------------------------------------------------------------------------------------- #
 # ``engine.generate``'s publisher (entry point ``leapcore.publishers: wandb``)
 # ---------------------------------------------------------------------------------------------- #
-def generate_mode(config: EngineConfig) -> str:
+def generate_mode(config: EngineConfig | WandbSettings) -> str:
     """``generate``'s W&B mode: ``WANDB_MODE`` wins; else online only with a key that can work."""
     if os.environ.get("WANDB_MODE"):
         return wandb_mode(config)
-    key = config.wandb_api_key.get_secret_value() if config.wandb_api_key is not None else None
-    key = key or os.environ.get("WANDB_API_KEY")
+    secret = wandb_settings(config).api_key
+    key = (secret.get_secret_value() if secret is not None else None) or os.environ.get(
+        "WANDB_API_KEY"
+    )
     if not plausible_key(key):
         log.warning(
             "W&B: %s; logging offline.",
