@@ -41,6 +41,7 @@ from leapcore.isolation_methods import (
     pair_keys,
 )
 from leapcore.optim import BatchedAdam
+from leapcore.progress import report, with_progress
 from leapcore.rng import RowKey, RowStreams, Stream
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ def choose_classes(
     return chosen
 
 
+@with_progress
 def isolate_features(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -115,7 +117,8 @@ def isolate_features(
     """Isolate the features of ``classes[i]`` in ``images[i]`` with the ``isolation_method``.
 
     ``image_keys`` name the images for the random streams (a prototype's ``row_keys`` entry), so a
-    pair draws the same noise in any batch; default: the image's position.
+    pair draws the same noise in any batch; default: the image's position. A keyword
+    ``progress=callback`` gets this call's :class:`~leapcore.progress.ProgressEvent` s.
 
     Raises:
         InputError: no method of that name is registered.
@@ -191,6 +194,7 @@ def isolate_with_mask(
                     "feature isolation", first_bad, _upsample(last_finite, (h, w)).cpu()
                 )
             last_finite = param.detach().clone()
+            report("isolation", step, steps)
             log.info("isolation step %d/%d", step, steps)
     with torch.no_grad():
         masks = _upsample(param, (h, w))
