@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from leapcore.progress import ProgressEvent, listen
+from leapcore.stage_names import ISOLATION, PROTOTYPES
 
 
 def say(text: str = "") -> None:
@@ -55,8 +56,8 @@ class ProgressDisplay(logging.Handler):
     LOGGERS = ("leapcore.pipeline",)
     #: engine loop -> the pipeline stages that run it
     STEPPED = {
-        "prototypes": ("optimise_prototypes",),
-        "isolation": ("isolate_features", "isolate_samples"),
+        PROTOTYPES: (PROTOTYPES,),
+        ISOLATION: (ISOLATION, "isolate_samples"),
     }
 
     def __enter__(self) -> ProgressDisplay:

@@ -29,18 +29,19 @@ from pydantic import (
 )
 
 from leapcore.errors import ConfigError
+from leapcore.stage_names import (  # noqa: F401 (the stage names, named here as before)
+    ALL,
+    BASELINE,
+    ENTANGLEMENT,
+    ISOLATION,
+    LR,
+    PROTOTYPES,
+    STAGE_ALIASES,
+    stage_name,
+)
 
 TRANSFORM_PRESETS = ("s", "m", "l", "xl")
 PARAMETERISATIONS = ("pixel", "fourier")
-
-# Stage names used in the docs and by the pipeline's cache keys.
-LR = "lr_finding"
-BASELINE = "baseline"
-PROTOTYPES = "prototypes"
-ENTANGLEMENT = "entanglement"
-ISOLATION = "isolation"
-ALL = "all"
-
 
 #: Keys that leap-ie's ``generate`` takes for its W&B logging: ``{key: (publisher, meaning)}``. They
 #: are not engine options: :class:`EngineConfig` accepts them and keeps them, untouched, for the
@@ -594,6 +595,7 @@ def option_stage(name: str) -> str:
 
 def options_for_stage(stage: str) -> list[str]:
     """Names of the options a stage reads (the stage's own plus the ones every stage reads)."""
+    stage = stage_name(stage)
     return [n for n in EngineConfig.model_fields if option_stage(n) in (stage, ALL)]
 
 

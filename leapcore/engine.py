@@ -22,7 +22,17 @@ import torch
 
 from leapcore.adapter import LogitsModel, Preprocessing, eval_mode, model_device
 from leapcore.baseline import BaselineResult, make_baseline
-from leapcore.config import ConfigLike, EngineConfig, load_config
+from leapcore.config import (
+    BASELINE,
+    ENTANGLEMENT,
+    ISOLATION,
+    LR,
+    PROTOTYPES,
+    ConfigLike,
+    EngineConfig,
+    load_config,
+    stage_name,
+)
 from leapcore.device import (
     chunk_size_for,
     deterministic_algorithms,
@@ -52,6 +62,19 @@ def stage_mode(model: Any, config: EngineConfig, device: torch.device) -> Iterat
         yield
 
 
+class StageTimes(dict):
+    """Seconds per stage, keyed by stage name; the earlier names still read (``["prototypes"]``)."""
+
+    def __getitem__(self, key: str) -> float:
+        return super().__getitem__(stage_name(key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(stage_name(key), default)
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(stage_name(key) if isinstance(key, str) else key)
+
+
 @dataclass
 class Audit:
     """Everything one ``generate`` call computed, before it is written anywhere.
@@ -68,7 +91,7 @@ class Audit:
     isolation: IsolationResult | None = None
     samples: torch.Tensor | None = None
     sample_logits: torch.Tensor | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=lambda: StageTimes())
     peak_memory_mb: float = 0.0
     output: str = "logits"  # config option ``output``: how probabilities are computed
     model_kind: str = "classifier"  # or "segmentation" (logits pooled over ``region``)
@@ -338,16 +361,16 @@ def run_prototypes(
 
     began = time.perf_counter()
     audit.baseline = make_baseline(model, shape, config, rows, device)
-    audit.timings["baseline"] = time.perf_counter() - began
+    audit.timings[BASELINE] = time.perf_counter() - began
 
     began = time.perf_counter()
     audit.lr = find_learning_rate(model, targets, audit.baseline.image, config, chunk)
-    audit.timings["lr_finding"] = time.perf_counter() - began
+    audit.timings[LR] = time.perf_counter() - began
 
     audit.prototypes = optimise_prototypes(
         model, targets, audit.baseline.image, config, audit.lr.lr, chunk
     )
-    audit.timings["prototypes"] = audit.prototypes.seconds
+    audit.timings[PROTOTYPES] = audit.prototypes.seconds
     if references:
         from leapcore.quality import transfer_target_probs
 
@@ -368,7 +391,7 @@ def run_prototypes(
         output=config.output,
         targets=audit.prototypes.target_mask(),
     )
-    audit.timings["entanglement"] = time.perf_counter() - began
+    audit.timings[ENTANGLEMENT] = time.perf_counter() - began
 
     if config.isolation:
         began = time.perf_counter()
@@ -377,7 +400,7 @@ def run_prototypes(
         )
         keys = row_keys(audit.prototypes.targets, audit.prototypes.per_target)
         audit.isolation = isolate_features(model, shown, classes, config, chunk, keys)
-        audit.timings["isolation"] = time.perf_counter() - began
+        audit.timings[ISOLATION] = time.perf_counter() - began
     return audit
 
 
@@ -410,7 +433,7 @@ def run_samples(
         )
     began = time.perf_counter()
     audit.isolation = isolate_features(model, samples, classes, config, chunk)
-    audit.timings["isolation"] = time.perf_counter() - began
+    audit.timings[ISOLATION] = time.perf_counter() - began
     return audit
 
 

@@ -43,6 +43,7 @@ from leapcore.isolation_methods import (
 from leapcore.optim import BatchedAdam
 from leapcore.progress import report, with_progress
 from leapcore.rng import RowKey, RowStreams, Stream
+from leapcore.stage_names import ISOLATION
 
 if TYPE_CHECKING:
     from leapcore.config import EngineConfig
@@ -194,7 +195,7 @@ def isolate_with_mask(
                     "feature isolation", first_bad, _upsample(last_finite, (h, w)).cpu()
                 )
             last_finite = param.detach().clone()
-            report("isolation", step, steps)
+            report(ISOLATION, step, steps)
             log.info("isolation step %d/%d", step, steps)
     with torch.no_grad():
         masks = _upsample(param, (h, w))

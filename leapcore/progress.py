@@ -29,7 +29,7 @@ class ProgressEvent:
     """One step report of an engine loop.
 
     Attributes:
-        stage: ``"prototypes"`` or ``"isolation"``.
+        stage: the stage's name (``optimise_prototypes`` or ``isolate_features``).
         step: steps done.
         total: steps the loop runs at most.
     """

@@ -17,6 +17,7 @@ from leapcore.problem import PrototypeProblem, TargetSet, row_keys, target_weigh
 from leapcore.progress import report, with_progress
 from leapcore.quality import prototype_flags, robust_target_probs
 from leapcore.rng import RowStreams, Stream
+from leapcore.stage_names import PROTOTYPES
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def optimise_prototypes(
             best_logits = torch.where(improved[:, None], logits, best_logits)
             best_score = torch.where(improved, score, best_score)
             last_snapshot, last_step = problem.colour.snapshot(), step
-            report("prototypes", step, config.max_steps)
+            report(PROTOTYPES, step, config.max_steps)
             log.info(
                 "prototypes step %d/%d: mean target score %.3f",
                 step,

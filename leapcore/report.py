@@ -29,6 +29,7 @@ from leapcore.config import (
     BASELINE,
     ENTANGLEMENT,
     ISOLATION,
+    LR,
     PROTOTYPES,
     sanitise,
 )
@@ -266,7 +267,7 @@ def trajectory_metrics(audit: Any) -> dict[str, list[tuple[int, float]]]:
 _ENVIRONMENT: Any = None
 _TIMING_LABELS = {
     BASELINE: "baseline",
-    "lr_finding": "learning-rate range test",
+    LR: "learning-rate range test",
     PROTOTYPES: "prototype optimisation",
     ENTANGLEMENT: "entanglement",
     ISOLATION: "feature isolation",

@@ -434,4 +434,4 @@ def isolate_samples(
             "samples",
         ),
     }
-    return StageOutput("isolate_samples", refs, audit.timings.get("isolation", 0.0), summary)
+    return StageOutput("isolate_samples", refs, audit.timings.get(ISOLATION, 0.0), summary)

@@ -42,11 +42,11 @@ def test_listeners_get_every_loops_steps_and_a_failing_one_breaks_nothing():
     with listen(broken), listen(seen.append):
         engine.run(_net(), ["a", "b", "c"], SMALL, device="cpu")
     assert [(e.stage, e.step, e.total) for e in seen] == [
-        ("prototypes", 2, 6),
-        ("prototypes", 4, 6),
-        ("prototypes", 6, 6),
-        ("isolation", 2, 4),
-        ("isolation", 4, 4),
+        ("optimise_prototypes", 2, 6),
+        ("optimise_prototypes", 4, 6),
+        ("optimise_prototypes", 6, 6),
+        ("isolate_features", 2, 4),
+        ("isolate_features", 4, 4),
     ]
     assert broken not in _listeners and seen.append not in _listeners
 
@@ -57,9 +57,9 @@ def test_a_call_s_own_callback_gets_that_call_s_events_only():
     config = load_config({**SMALL, "isolation_steps": 6})
     isolate_features(_net(), images, [[0], [1]], config, 8, progress=mine.append)
     assert [(e.stage, e.step) for e in mine] == [
-        ("isolation", 2),
-        ("isolation", 4),
-        ("isolation", 6),
+        ("isolate_features", 2),
+        ("isolate_features", 4),
+        ("isolate_features", 6),
     ]
     isolate_features(_net(), images, [[0], [1]], config, 8)  # no callback: nothing more arrives
     assert len(mine) == 3

@@ -140,7 +140,7 @@ def test_progress_bars_count_steps(tmp_path) -> None:
     with ProgressDisplay(True, console=console) as display:
         for stage in ("fetch_model", "isolate_features"):
             pipeline.info("s", extra={"leap_stage": stage, "leap_event": "start"})
-        report("isolation", 4, 12)  # what the engine's mask loop sends every log_freq steps
+        report("isolate_features", 4, 12)  # what the engine's mask loop sends every log_freq steps
         logging.getLogger("leapcore.isolation").info("isolation step %d/%d", 9, 12)  # text: ignored
         tasks = {t.description: t for t in display.progress.tasks}
         assert (tasks["isolate_features"].completed, tasks["isolate_features"].total) == (4, 12)
