@@ -55,6 +55,7 @@ from tasks.model import (
     model_ref,
     sample_transform,
 )
+from tasks.progress import task_progress
 from tasks.redaction import redacting
 from tasks.stage_outputs import ClassChunk, StageOutput, class_chunks
 
@@ -236,7 +237,13 @@ def optimise_prototypes(
     with engine.stage_mode(loaded.model, config, dev):
         batch = engine.prototype_chunk_size(net, rows, config, dev)
         result = prototype_stage.optimise_prototypes(
-            net, chunk.targets, start.to(dev), config, rate, batch
+            net,
+            chunk.targets,
+            start.to(dev),
+            config,
+            rate,
+            batch,
+            progress=task_progress(PROTOTYPES, chunk.index),
         )
     names = list(model.class_list)
     probs = result.probs
@@ -324,7 +331,9 @@ def isolate_features(
         shown, classes = engine.isolation_inputs(result, isolate, config, net.num_classes, dev)
         batch = engine.prototype_chunk_size(net, len(result.images), config, dev)
         keys = row_keys(result.targets, result.per_target)
-        isolated = isolation_stage.isolate_features(net, shown, classes, config, batch, keys)
+        isolated = isolation_stage.isolate_features(
+            net, shown, classes, config, batch, keys, progress=task_progress(ISOLATION, chunk.index)
+        )
     # Image indices are rows of the whole audit, not of this chunk.
     isolated = replace(isolated, pairs=[(i + prototypes.first_row, c) for i, c in isolated.pairs])
     names = list(model.class_list)
