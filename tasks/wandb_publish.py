@@ -45,7 +45,15 @@ from tasks.audit_io import load_audit
 from tasks.model import ModelRef
 from tasks.redaction import redacting
 from tasks.report import ReportOutput
-from tasks.settings import DEFAULT_PROJECT, WandbSettings, wandb_settings  # noqa: F401
+from tasks.settings import (  # noqa: F401 (mode helpers, named here as before)
+    DEFAULT_PROJECT,
+    WandbSettings,
+    generate_mode,
+    init_settings,
+    plausible_key,
+    wandb_mode,
+    wandb_settings,
+)
 from tasks.stages import StageOutput
 from tasks.wandb_attributions import attribution_table
 from tasks.wandb_records import wait_written
@@ -60,7 +68,6 @@ QUALITY_COLUMNS = {
     "isolations": ("kept_logit", "kept_prob", "deletion_auc", "insertion_auc"),
 }
 _STAGING_LOCK = threading.Lock()
-_KEY = re.compile(r"^(?:[A-Za-z0-9_]+-)?[A-Za-z0-9_]{40,}$")
 
 
 @dataclass(frozen=True)
@@ -114,43 +121,6 @@ class Publication:
     report_html: str | None = None
     heatmap_png: bytes | None = None
     links: dict[str, str] = field(default_factory=dict)
-
-
-def wandb_mode(config: EngineConfig | WandbSettings, mode: str | None = None) -> str:
-    """``online`` when an account is configured, else ``offline``; ``mode``/``WANDB_MODE`` win."""
-    explicit = mode or os.environ.get("WANDB_MODE")
-    if explicit:
-        return "offline" if explicit == "dryrun" else explicit
-    configured = (
-        wandb_settings(config).configured
-        or bool(os.environ.get("WANDB_API_KEY"))
-        or bool(os.environ.get("WANDB_ENTITY"))
-    )
-    return "online" if configured else "offline"
-
-
-def plausible_key(key: str | None) -> bool:
-    """Whether ``key`` can be a W&B API key (40+ word characters, optionally prefixed), so that a
-    placeholder such as ``"YOUR_WANDB_API_KEY"`` never reaches the network."""
-    return bool(key) and bool(_KEY.match(key or ""))
-
-
-def _settings(wandb: Any, config: EngineConfig | WandbSettings, chosen: str) -> Any:
-    settings: dict[str, Any] = {
-        "console": "off",
-        "silent": True,
-        "x_disable_stats": True,
-        "x_disable_meta": True,
-        "x_disable_machine_info": True,
-        "disable_git": True,
-        "save_code": False,
-        "x_save_requirements": False,
-        "disable_job_creation": True,
-    }
-    key = wandb_settings(config).api_key
-    if chosen == "online" and key is not None:
-        settings["api_key"] = key.get_secret_value()
-    return wandb.Settings(**settings)
 
 
 @contextlib.contextmanager
@@ -368,7 +338,7 @@ def open_run(settings: WandbSettings, params: dict[str, Any], options: RunOption
         job_type=options.job_type,
         tags=options.tags,
         reinit="create_new",
-        settings=_settings(wandb, settings, options.mode),
+        settings=init_settings(wandb, settings, options.mode),
     )
 
 
@@ -532,23 +502,6 @@ def publish_wandb(
 # ---------------------------------------------------------------------------------------------- #
 # ``engine.generate``'s publisher (entry point ``leapcore.publishers: wandb``)
 # ---------------------------------------------------------------------------------------------- #
-def generate_mode(config: EngineConfig | WandbSettings) -> str:
-    """``generate``'s W&B mode: ``WANDB_MODE`` wins; else online only with a key that can work."""
-    if os.environ.get("WANDB_MODE"):
-        return wandb_mode(config)
-    secret = wandb_settings(config).api_key
-    key = (secret.get_secret_value() if secret is not None else None) or os.environ.get(
-        "WANDB_API_KEY"
-    )
-    if not plausible_key(key):
-        log.warning(
-            "W&B: %s; logging offline.",
-            "no wandb_api_key" if not key else "wandb_api_key is not a W&B API key",
-        )
-        return "offline"
-    return "online"
-
-
 def publish_generate(
     project_name: str, audit: Any, results: Mapping[str, Any], config: Any
 ) -> dict[str, Any]:
