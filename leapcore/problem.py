@@ -120,10 +120,11 @@ class PrototypeProblem:
         return image if alpha is None else image * alpha + background * (1 - alpha)
 
     # -- objective -------------------------------------------------------------------------------
-    def penalty(self) -> torch.Tensor:
+    def penalty(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """Per-row penalties that need no model: the objective's image terms (smoothness, alpha
-        size, diversity), evaluated once per step on the whole batch."""
-        return self.objective.penalty(ImageView(self.images, self.alphas(), self.group))
+        size, diversity), evaluated once per step on the batch's ``rows``."""
+        view = ImageView(lambda: self.images(rows), self.alphas(rows), self.group[rows])
+        return self.objective.penalty(view)
 
     def step(self, lr: float | torch.Tensor) -> StepOutput:
         """One Adam step on every row; returns device tensors only (no host sync)."""
