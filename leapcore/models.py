@@ -30,7 +30,7 @@ from leapcore.preprocess import (
     timm_spec,
     torchvision_spec,
 )
-from leapcore.sources.base import hub_offline, state_dict_digest
+from leapcore.sources.base import finish, hub_offline, state_dict_digest
 
 # Normalize and state_dict_digest live below the sources (which need them); named here as before.
 __all__ = [
@@ -218,7 +218,6 @@ def eval_preprocessing(
 def _huggingface_model(name: str) -> tuple[list[Callable], nn.Module, list[str]]:
     """A transformers model through the ``huggingface`` source: its image processor's eval
     geometry first (when it has one), then its normalisation, as leap-ie's list."""
-    from leapcore.sources.base import finish
     from leapcore.sources.huggingface import load_huggingface
 
     uri = name if name.startswith(("hf:", "huggingface:")) or Path(name).exists() else f"hf:{name}"
