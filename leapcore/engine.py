@@ -31,7 +31,6 @@ from leapcore.config import (
     ConfigLike,
     EngineConfig,
     load_config,
-    stage_name,
 )
 from leapcore.device import (
     chunk_size_for,
@@ -49,6 +48,7 @@ from leapcore.problem import row_keys
 from leapcore.prototypes import PrototypeResult, optimise_prototypes
 from leapcore.publishers import publish_all
 from leapcore.rng import Stream
+from leapcore.stage_names import StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +60,6 @@ def stage_mode(model: Any, config: EngineConfig, device: torch.device) -> Iterat
     them on CUDA. Both are restored afterwards, also when the stage raises."""
     with eval_mode(model), deterministic_algorithms(config.deterministic, device):
         yield
-
-
-class StageTimes(dict):
-    """Seconds per stage, keyed by stage name; the earlier names still read (``["prototypes"]``)."""
-
-    def __getitem__(self, key: str) -> float:
-        return super().__getitem__(stage_name(key))
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return super().get(stage_name(key), default)
-
-    def __contains__(self, key: object) -> bool:
-        return super().__contains__(stage_name(key) if isinstance(key, str) else key)
 
 
 @dataclass
@@ -91,7 +78,7 @@ class Audit:
     isolation: IsolationResult | None = None
     samples: torch.Tensor | None = None
     sample_logits: torch.Tensor | None = None
-    timings: dict[str, float] = field(default_factory=lambda: StageTimes())
+    timings: dict[str, float] = field(default_factory=StageTimes)
     peak_memory_mb: float = 0.0
     output: str = "logits"  # config option ``output``: how probabilities are computed
     model_kind: str = "classifier"  # or "segmentation" (logits pooled over ``region``)

@@ -7,6 +7,8 @@ names (``lr_finding``, ``prototypes``, ...) are aliases (:data:`STAGE_ALIASES`).
 
 from __future__ import annotations
 
+from typing import Any
+
 BASELINE = "generate_baseline"
 LR = "find_learning_rate"
 PROTOTYPES = "optimise_prototypes"
@@ -27,3 +29,16 @@ STAGE_ALIASES = {
 def stage_name(name: str) -> str:
     """The stage called ``name`` or by an alias of :data:`STAGE_ALIASES` (others pass unchanged)."""
     return STAGE_ALIASES.get(name, name)
+
+
+class StageTimes(dict):
+    """Seconds per stage, keyed by stage name; the earlier names still read (``["prototypes"]``)."""
+
+    def __getitem__(self, key: str) -> float:
+        return super().__getitem__(stage_name(key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(stage_name(key), default)
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(stage_name(key) if isinstance(key, str) else key)

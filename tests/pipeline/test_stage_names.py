@@ -20,6 +20,7 @@ from leapcore.config import (
     option_stage,
     options_for_stage,
 )
+from leapcore.results import audit_arrays
 from tasks import stages
 from tasks.caching import stage_options
 
@@ -46,3 +47,6 @@ def test_timings_use_the_stage_names_and_answer_to_the_old_ones():
     assert set(audit.timings) == ENGINE_STAGES
     assert audit.timings["prototypes"] == audit.timings[PROTOTYPES]
     assert audit.timings.get("lr_finding") == audit.timings[LR] and "isolation" in audit.timings
+    # generate's results dict keeps the old names readable too
+    timings = audit_arrays(audit)["timings"]
+    assert set(timings) == ENGINE_STAGES and timings["entanglement"] == timings[ENTANGLEMENT]
