@@ -6,6 +6,9 @@ import logging
 import sys
 from typing import Any
 
+from leapcore.progress import ProgressEvent, listen
+from leapcore.stage_names import ISOLATION, PROTOTYPES
+
 
 def say(text: str = "") -> None:
     """One line on stdout, flushed (the CLI's own output; never a log record)."""
@@ -17,11 +20,12 @@ def say(text: str = "") -> None:
 # Progress
 # ---------------------------------------------------------------------------------------------- #
 class ProgressDisplay(logging.Handler):
-    """Progress bars fed by the pipeline's stage records and the engine's step logs.
+    """Progress bars fed by the pipeline's stage records and the engine's progress events.
 
     One bar per stage, each with a step count: prototype optimisation and feature isolation advance
-    with the engine's ``prototypes step i/n`` and ``isolation step i/n`` records (every ``log_freq``
-    steps); other stages count 0/1 -> 1/1. Without a terminal, plain lines are printed instead.
+    with the engine's :class:`~leapcore.progress.ProgressEvent` s (every ``log_freq`` steps, through
+    :func:`leapcore.progress.listen`); other stages count 0/1 -> 1/1. Without a terminal, plain
+    lines are printed instead.
     """
 
     def __init__(self, enabled: bool = True, console: Any = None):
@@ -49,10 +53,11 @@ class ProgressDisplay(logging.Handler):
                 console=console,
             )
 
-    LOGGERS = ("leapcore.pipeline", "leapcore.prototypes", "leapcore.isolation")
+    LOGGERS = ("leapcore.pipeline",)
+    #: engine loop -> the pipeline stages that run it
     STEPPED = {
-        "leapcore.prototypes": ("optimise_prototypes",),
-        "leapcore.isolation": ("isolate_features", "isolate_samples"),
+        PROTOTYPES: (PROTOTYPES,),
+        ISOLATION: (ISOLATION, "isolate_samples"),
     }
 
     def __enter__(self) -> ProgressDisplay:
@@ -60,6 +65,8 @@ class ProgressDisplay(logging.Handler):
             logger = logging.getLogger(name)
             logger.addHandler(self)
             logger.setLevel(logging.INFO)
+        self._listening = listen(self.on_progress)
+        self._listening.__enter__()
         if self.progress is not None:
             self.progress.start()
         return self
@@ -67,8 +74,15 @@ class ProgressDisplay(logging.Handler):
     def __exit__(self, *exc: Any) -> None:
         for name in self.LOGGERS:
             logging.getLogger(name).removeHandler(self)
+        self._listening.__exit__(*exc)
         if self.progress is not None:
             self.progress.stop()
+
+    def on_progress(self, event: ProgressEvent) -> None:
+        """An engine loop's step count: advance the bars of the stages that run that loop."""
+        if self.enabled:
+            for stage in self.STEPPED.get(event.stage, ()):
+                self._advance(stage, event.step, event.total)
 
     def emit(self, record: logging.LogRecord) -> None:
         if not self.enabled:
@@ -77,10 +91,6 @@ class ProgressDisplay(logging.Handler):
             stage = getattr(record, "leap_stage", None)
             if stage is not None:
                 self._stage(stage, record)
-            elif record.name in self.STEPPED and isinstance(record.args, tuple):
-                step, total = int(record.args[0]), int(record.args[1])
-                for stage in self.STEPPED[record.name]:
-                    self._advance(stage, step, total)
         except Exception:  # progress must never break an audit
             self.handleError(record)
 

@@ -16,27 +16,28 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
-    field_validator,
-    model_validator,
 )
 
+from leapcore.config_checks import PUBLISHER_KEYS, ConfigChecks
 from leapcore.errors import ConfigError
+from leapcore.secrets import is_secret_name, sanitise
+from leapcore.stage_names import (  # noqa: F401 (the stage names, named here as before)
+    ALL,
+    BASELINE,
+    ENTANGLEMENT,
+    ISOLATION,
+    LR,
+    PROTOTYPES,
+    STAGE_ALIASES,
+    stage_name,
+)
 
 TRANSFORM_PRESETS = ("s", "m", "l", "xl")
 PARAMETERISATIONS = ("pixel", "fourier")
-
-# Stage names used in the docs and by the pipeline's cache keys.
-LR = "lr_finding"
-BASELINE = "baseline"
-PROTOTYPES = "prototypes"
-ENTANGLEMENT = "entanglement"
-ISOLATION = "isolation"
-ALL = "all"
 
 
 def _opt(default: Any, description: str, stage: str, note: str = "", **kwargs: Any) -> Any:
@@ -46,21 +47,16 @@ def _opt(default: Any, description: str, stage: str, note: str = "", **kwargs: A
     return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
 
-class EngineConfig(BaseModel):
+class EngineConfig(ConfigChecks):
     """All options of ``engine.generate``; unknown keys are rejected with the closest valid name."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
     # --- accounts (accepted for compatibility, never sent anywhere) ---
+    # W&B's keys are not options of the engine: see PUBLISHER_KEYS (routed to the publishers).
     leap_api_key: SecretStr | None = _opt(
         None, "Accepted for leap-ie compatibility and ignored: leapcore needs no account.", ALL
     )
-    wandb_api_key: SecretStr | None = _opt(
-        None,
-        "W&B API key. With it (or WANDB_API_KEY) the pipeline logs online; without, offline.",
-        ALL,
-    )
-    wandb_entity: str | None = _opt(None, "W&B entity (team or user) for online logging.", ALL)
     project_name: str | None = _opt(
         None,
         "Project name; the `project_name` argument of `generate` wins when both are given.",
@@ -387,14 +383,21 @@ class EngineConfig(BaseModel):
         ge=0,
         le=1,
     )
-    use_hipe: bool = _opt(
-        False,
-        "Use Hierarchical Perturbation (occlusion on refining grids) instead of mask optimisation: "
-        "much faster, model-agnostic.",
+    isolation_method: str = _opt(
+        "mask",
+        "How features are isolated: 'mask' (optimise a smooth mask per pair) or 'hipe' "
+        "(Hierarchical Perturbation: occlusion on refining grids, much faster, model-agnostic). "
+        "More methods register with `leapcore.isolation_methods.isolation_method`.",
         ISOLATION,
-        note="Cells are occluded with a heavily blurred copy of the image, not noise: with one noise "
+        note="HiPE occludes cells with a heavily blurred copy of the image, not noise: with one noise "
         "sample the masks changed with the seed, on a real photo from better than random cells to "
         "worse; the blur gives one answer. The occluding substrate is `isolation_background`.",
+    )
+    use_hipe: bool = _opt(
+        False,
+        "leap-ie's switch, kept as an alias: true selects `isolation_method: 'hipe'`. Giving both "
+        "with different answers is an error.",
+        ISOLATION,
     )
     hipe_min_cell: int = _opt(
         8, "Smallest grid cell (pixels) that hierarchical perturbation refines to.", ISOLATION, ge=1
@@ -407,55 +410,6 @@ class EngineConfig(BaseModel):
         ALL,
     )
 
-    @field_validator("baseline_init")
-    @classmethod
-    def _baseline_in_range(cls, value: Any) -> Any:
-        values = value if isinstance(value, list) else ([] if value == "r" else [value])
-        for v in values:
-            if not 0.0 <= float(v) <= 1.0:
-                raise ValueError(
-                    f"baseline_init values are pixel intensities in [0, 1]; got {v}. "
-                    "Pass the training mean in pixel space (e.g. [0.485, 0.456, 0.406]) or 'r'."
-                )
-        return value
-
-    @field_validator("objective")
-    @classmethod
-    def _known_objective(cls, value: str) -> str:
-        from leapcore.objectives import OBJECTIVES
-
-        if value not in OBJECTIVES:
-            close = difflib.get_close_matches(str(value), list(OBJECTIVES), n=1, cutoff=0.0)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(
-                f"unknown objective {value!r}{hint}; valid objectives: {', '.join(OBJECTIVES)}."
-            )
-        return value
-
-    @model_validator(mode="after")
-    def _check_ranges(self) -> EngineConfig:
-        if self.min_lr >= self.max_lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must be below max_lr ({self.max_lr}).")
-        if self.blur_min > self.blur_max:
-            raise ValueError(
-                f"blur_min ({self.blur_min}) must not exceed blur_max ({self.blur_max})."
-            )
-        if self.input_dim is not None and len(self.input_dim) not in (3, 4):
-            raise ValueError(
-                f"input_dim must be [C, H, W] or [1, C, H, W] (pt) / [H, W, C] (tf); got {self.input_dim}."
-            )
-        if self.output == "multilabel_logits":
-            # Independent sigmoid classes: no coupling through a softmax, and by default none
-            # through the margin either (the raw logit, per class).
-            if self.objective == "log_softmax":
-                raise ValueError(
-                    "objective 'log_softmax' couples classes through a softmax, which "
-                    "output 'multilabel_logits' has not: use 'logit' or 'margin'."
-                )
-            if "objective" not in self.model_fields_set:
-                self.objective = "logit"
-        return self
-
     def secret_free(self) -> dict[str, Any]:
         """The options as plain JSON-able values, with every secret left out."""
         return sanitise(self.model_dump(mode="json", exclude={"samples"}))
@@ -465,31 +419,6 @@ class EngineConfig(BaseModel):
         return min(self.max_steps, 100) if self.isolation_steps is None else self.isolation_steps
 
 
-_SECRET_HINTS = ("key", "token", "password", "secret", "credential")
-
-
-def is_secret_name(name: str) -> bool:
-    """Whether an option name looks like it holds a secret (``*_key``, ``*token*``, passwords)."""
-    lowered = name.lower()
-    return any(h in lowered for h in _SECRET_HINTS)
-
-
-def sanitise(values: dict[str, Any]) -> dict[str, Any]:
-    """Drop every secret-looking field (recursively) and credentials inside URIs."""
-    from leapcore.secrets import redact_uri
-
-    clean: dict[str, Any] = {}
-    for name, value in values.items():
-        if is_secret_name(name):
-            continue
-        if isinstance(value, dict):
-            value = sanitise(value)
-        elif isinstance(value, str):
-            value = redact_uri(value)
-        clean[name] = value
-    return clean
-
-
 def option_stage(name: str) -> str:
     extra = EngineConfig.model_fields[name].json_schema_extra or {}
     return extra["stage"]  # type: ignore[index]
@@ -497,6 +426,7 @@ def option_stage(name: str) -> str:
 
 def options_for_stage(stage: str) -> list[str]:
     """Names of the options a stage reads (the stage's own plus the ones every stage reads)."""
+    stage = stage_name(stage)
     return [n for n in EngineConfig.model_fields if option_stage(n) in (stage, ALL)]
 
 
@@ -536,9 +466,9 @@ def load_config(config: ConfigLike) -> EngineConfig:
     # leap-ie's page spells one option with a stray backslash ("blur\\max").
     if "blur\\max" in raw:
         raw["blur_max"] = raw.pop("blur\\max")
-    unknown = [k for k in raw if k not in EngineConfig.model_fields]
+    names = [*EngineConfig.model_fields, *PUBLISHER_KEYS]
+    unknown = [k for k in raw if k not in names]
     if unknown:
-        names = list(EngineConfig.model_fields)
         parts = []
         for key in unknown:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
@@ -556,9 +486,11 @@ def load_config(config: ConfigLike) -> EngineConfig:
 def _describe(err: ValidationError) -> str:
     lines = []
     for item in err.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "config"
-        value = item.get("input")
-        shown = "<secret>" if is_secret_name(loc) else repr(value)
         msg = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:  # a check across options: its input is the whole config, secrets too
+            lines.append(msg)
+            continue
+        loc = ".".join(str(p) for p in item["loc"])
+        shown = "<secret>" if is_secret_name(loc) else repr(item.get("input"))
         lines.append(f"config option {loc!r} = {shown}: {msg}")
     return "invalid config: " + "; ".join(lines)

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from leapcore.config import EngineConfig
+from leapcore.config import PUBLISHER_KEYS, EngineConfig
 
 
 def render_markdown() -> str:
@@ -38,6 +38,20 @@ def render_markdown() -> str:
         out.append(
             f"| `{name}` | `{json.dumps(default)}` | {allowed} | {extra.get('stage')} | {meaning} |"
         )
+    out += [
+        "",
+        "## Keys handed to the publishers",
+        "",
+        "leap-ie's `generate` takes these for its W&B logging. They are not engine options: the config",
+        "accepts them and keeps them aside (`config.publisher_options`) for the publisher that",
+        "`generate` runs (entry point group `leapcore.publishers`); the pipeline reads them as",
+        "`tasks.settings.WandbSettings`. Secrets are never shown, logged or stored.",
+        "",
+        "| key | publisher | meaning |",
+        "| --- | --- | --- |",
+    ]
+    for name, (publisher, meaning) in PUBLISHER_KEYS.items():
+        out.append(f"| `{name}` | {publisher} | {meaning} |")
     return "\n".join(out) + "\n"
 
 

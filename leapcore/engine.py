@@ -22,7 +22,16 @@ import torch
 
 from leapcore.adapter import LogitsModel, Preprocessing, eval_mode, model_device
 from leapcore.baseline import BaselineResult, make_baseline
-from leapcore.config import ConfigLike, EngineConfig, load_config
+from leapcore.config import (
+    BASELINE,
+    ENTANGLEMENT,
+    ISOLATION,
+    LR,
+    PROTOTYPES,
+    ConfigLike,
+    EngineConfig,
+    load_config,
+)
 from leapcore.device import (
     chunk_size_for,
     deterministic_algorithms,
@@ -39,6 +48,7 @@ from leapcore.problem import row_keys
 from leapcore.prototypes import PrototypeResult, optimise_prototypes
 from leapcore.publishers import publish_all
 from leapcore.rng import Stream
+from leapcore.stage_names import StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +78,7 @@ class Audit:
     isolation: IsolationResult | None = None
     samples: torch.Tensor | None = None
     sample_logits: torch.Tensor | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=StageTimes)
     peak_memory_mb: float = 0.0
     output: str = "logits"  # config option ``output``: how probabilities are computed
     model_kind: str = "classifier"  # or "segmentation" (logits pooled over ``region``)
@@ -338,16 +348,16 @@ def run_prototypes(
 
     began = time.perf_counter()
     audit.baseline = make_baseline(model, shape, config, rows, device)
-    audit.timings["baseline"] = time.perf_counter() - began
+    audit.timings[BASELINE] = time.perf_counter() - began
 
     began = time.perf_counter()
     audit.lr = find_learning_rate(model, targets, audit.baseline.image, config, chunk)
-    audit.timings["lr_finding"] = time.perf_counter() - began
+    audit.timings[LR] = time.perf_counter() - began
 
     audit.prototypes = optimise_prototypes(
         model, targets, audit.baseline.image, config, audit.lr.lr, chunk
     )
-    audit.timings["prototypes"] = audit.prototypes.seconds
+    audit.timings[PROTOTYPES] = audit.prototypes.seconds
     if references:
         from leapcore.quality import transfer_target_probs
 
@@ -368,7 +378,7 @@ def run_prototypes(
         output=config.output,
         targets=audit.prototypes.target_mask(),
     )
-    audit.timings["entanglement"] = time.perf_counter() - began
+    audit.timings[ENTANGLEMENT] = time.perf_counter() - began
 
     if config.isolation:
         began = time.perf_counter()
@@ -377,7 +387,7 @@ def run_prototypes(
         )
         keys = row_keys(audit.prototypes.targets, audit.prototypes.per_target)
         audit.isolation = isolate_features(model, shown, classes, config, chunk, keys)
-        audit.timings["isolation"] = time.perf_counter() - began
+        audit.timings[ISOLATION] = time.perf_counter() - began
     return audit
 
 
@@ -410,7 +420,7 @@ def run_samples(
         )
     began = time.perf_counter()
     audit.isolation = isolate_features(model, samples, classes, config, chunk)
-    audit.timings["isolation"] = time.perf_counter() - began
+    audit.timings[ISOLATION] = time.perf_counter() - began
     return audit
 
 

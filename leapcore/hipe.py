@@ -8,30 +8,34 @@ more than the level's mid-range ``(max + min) / 2`` are split into four and test
 ``hipe_min_cell`` pixels. Saliency adds up every level's drops over the cells' pixels and is scaled to
 [0, 1] per pair. All occlusions of a level, over every (image, class) pair, go through the model as
 one batch (in chunks). The saliency is then calibrated into the reported mask like the mask
-optimisation's (:func:`leapcore.isolation.calibrate`).
+optimisation's (:func:`leapcore.isolation_methods.calibrate`).
 """
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from leapcore import stopping
-from leapcore.config import EngineConfig
-from leapcore.isolation import IsolationResult, _class_logits, make_background, pair_keys
+from leapcore.isolation_methods import (
+    IsolationResult,
+    blurred_substrate,
+    class_logits,
+    isolation_method,
+    make_background,
+    pair_keys,
+)
 from leapcore.rng import RowKey, Stream
 
+if TYPE_CHECKING:
+    from leapcore.config import EngineConfig
 
-def blurred_substrate(images: torch.Tensor) -> torch.Tensor:
-    """What an occluded cell shows: the images averaged over windows a quarter of their size."""
-    h, w = images.shape[-2:]
-    k = max(2, min(h, w) // 4)
-    pooled = F.avg_pool2d(images, k, stride=max(1, k // 2), padding=k // 4, count_include_pad=False)
-    return F.interpolate(pooled, size=(h, w), mode="bilinear", align_corners=False)
+__all__ = ["blurred_substrate", "hierarchical_perturbation"]
 
 
+@isolation_method("hipe", title="hierarchical perturbation")
 def hierarchical_perturbation(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -40,6 +44,7 @@ def hierarchical_perturbation(
     chunk_size: int,
     image_keys: list[RowKey] | None = None,
 ) -> IsolationResult:
+    """Occlusion saliency of ``classes[i]`` in ``images[i]`` on refining grids, all pairs batched."""
     began = time.perf_counter()
     pairs = [(i, c) for i, cs in enumerate(classes) for c in cs]
     device = images.device
@@ -51,7 +56,7 @@ def hierarchical_perturbation(
         substrate = make_background(
             config.isolation_background, source, config.seed + Stream.HIPE_SUBSTRATE, keys
         )
-        full = _class_logits(model, source, cls, chunk_size)
+        full = class_logits(model, source, cls, chunk_size)
         saliency = torch.zeros((n, 1, h, w), device=device)
         cell_h, cell_w = max(1, h // 4), max(1, w // 4)
         # Active cells: (pair, top, left) at the current cell size.
@@ -67,7 +72,7 @@ def hierarchical_perturbation(
                     p, :, y : y + cell_h, x : x + cell_w
                 ]
             drop = (
-                full[pair_idx] - _class_logits(model, occluded, cls[pair_idx], chunk_size)
+                full[pair_idx] - class_logits(model, occluded, cls[pair_idx], chunk_size)
             ).clamp_min(0)
             for k, (p, y, x) in enumerate(cells):
                 saliency[p, :, y : y + cell_h, x : x + cell_w] += drop[k]

@@ -14,35 +14,40 @@ the weights must go, or how to ask for an untrained model (``pretrained=False``)
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from leapcore.errors import ModelSourceError
-from leapcore.preprocess import EvalTransform, default_spec, from_spec, timm_spec, torchvision_spec
+from leapcore.preprocess import (
+    EvalTransform,
+    Normalize,
+    default_spec,
+    from_spec,
+    timm_spec,
+    torchvision_spec,
+)
+from leapcore.sources.base import finish, hub_offline, state_dict_digest
+
+# Normalize and state_dict_digest live below the sources (which need them); named here as before.
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Normalize",
+    "efficientnet_lite0_weights_path",
+    "eval_preprocessing",
+    "get_model",
+    "hub_offline",
+    "imagenet_classes",
+    "load_efficientnet_lite0",
+    "state_dict_digest",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel; differentiable, works on any device."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
-
-    def __repr__(self) -> str:
-        return f"Normalize(mean={tuple(self.mean.flatten().tolist())}, std={tuple(self.std.flatten().tolist())})"
 
 
 def imagenet_classes() -> list[str]:
@@ -50,17 +55,6 @@ def imagenet_classes() -> list[str]:
     from torchvision.models import ResNet18_Weights
 
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
-
-
-def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
-    """A content digest of weights (names, shapes and values): the pipeline's cache key for a model."""
-    h = hashlib.sha256()
-    for name, tensor in state_dict.items():
-        h.update(name.encode())
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def efficientnet_lite0_weights_path() -> Path:
@@ -97,26 +91,6 @@ def load_efficientnet_lite0(pretrained: bool = True) -> nn.Module:
             renamed[name] = src
         model.load_state_dict(renamed)
     return model.eval()
-
-
-@contextlib.contextmanager
-def hub_offline() -> Iterator[None]:
-    """Hugging Face Hub offline mode for the call: the cache or an error at once, never the network.
-
-    ``HF_HUB_OFFLINE`` is read when ``huggingface_hub`` is imported, usually before leapcore can set
-    it, so the module's flag is set for the call and restored afterwards.
-    """
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        yield
-        return
-    previous = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
 
 
 def _hub_dir() -> Path:
@@ -244,10 +218,10 @@ def eval_preprocessing(
 def _huggingface_model(name: str) -> tuple[list[Callable], nn.Module, list[str]]:
     """A transformers model through the ``huggingface`` source: its image processor's eval
     geometry first (when it has one), then its normalisation, as leap-ie's list."""
-    from leapcore.sources import load_model
+    from leapcore.sources.huggingface import load_huggingface
 
     uri = name if name.startswith(("hf:", "huggingface:")) or Path(name).exists() else f"hf:{name}"
-    loaded = load_model(uri, source="huggingface")
+    loaded = finish(load_huggingface(uri))
     spec = loaded.metadata.get("eval_transform")
     steps = list(loaded.preprocessing)
     return ([from_spec(spec)] if spec else []) + steps, loaded.model.eval(), list(loaded.class_list)

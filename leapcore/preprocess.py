@@ -219,3 +219,18 @@ def image_processor_spec(processor: Any, name: str = "") -> dict[str, Any] | Non
     if getattr(processor, "do_center_crop", False) and _field(crop, "height"):
         out = [int(_field(crop, "height")), int(_field(crop, "width"))]
     return {"resize": resize, "crop": out, "interpolation": interpolation, "source": label}
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel; differentiable, works on any device."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={tuple(self.mean.flatten().tolist())}, std={tuple(self.std.flatten().tolist())})"

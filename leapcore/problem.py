@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from leapcore import penalties
 from leapcore.config import EngineConfig
 from leapcore.errors import InputError
-from leapcore.objectives import get_objective
+from leapcore.objectives import ImageView, build_objective
 from leapcore.optim import BatchedAdam
 from leapcore.parameterisation import Parameterisation, create_parameterisation
 from leapcore.rng import RowKey, RowStreams, Stream
@@ -80,7 +79,7 @@ class PrototypeProblem:
         self.batch = weights.shape[0]
         self.chunk_size = max(1, chunk_size)
         self.samples = config.transform_samples
-        self.objective = get_objective(config.objective)
+        self.objective = build_objective(config)
         self.augmenter: Augmenter = create_augmenter(
             config.transform, (config.blur_min, config.blur_max)
         )
@@ -121,25 +120,11 @@ class PrototypeProblem:
         return image if alpha is None else image * alpha + background * (1 - alpha)
 
     # -- objective -------------------------------------------------------------------------------
-    def penalty(self) -> torch.Tensor:
-        """Per-row penalties that need no model: smoothness, alpha size and diversity."""
-        cfg = self.config
-        total = torch.zeros(self.batch, device=self.weights.device)
-        if cfg.hf_weight > 0 or (cfg.diversity_weight > 0 and self.batch > 1):
-            image = self.images()
-            if cfg.hf_weight > 0:
-                total = total + cfg.hf_weight * penalties.high_frequency(image)
-            if cfg.diversity_weight > 0:
-                total = total + cfg.diversity_weight * penalties.diversity(image, self.group)
-        alpha = self.alphas()
-        if alpha is not None:
-            if cfg.alpha_weight > 0:
-                total = total + cfg.alpha_weight * penalties.coverage(alpha)
-            if cfg.alpha_mask:
-                total = total + max(cfg.alpha_weight, 1.0) * penalties.centre_weighted_coverage(
-                    alpha
-                )
-        return total
+    def penalty(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """Per-row penalties that need no model: the objective's image terms (smoothness, alpha
+        size, diversity), evaluated once per step on the batch's ``rows``."""
+        view = ImageView(lambda: self.images(rows), self.alphas(rows), self.group[rows])
+        return self.objective.penalty(view)
 
     def step(self, lr: float | torch.Tensor) -> StepOutput:
         """One Adam step on every row; returns device tensors only (no host sync)."""

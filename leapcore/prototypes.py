@@ -14,8 +14,10 @@ from leapcore.config import EngineConfig
 from leapcore.errors import InputError, NonFiniteError
 from leapcore.outputs import probabilities
 from leapcore.problem import PrototypeProblem, TargetSet, row_keys, target_weights
+from leapcore.progress import report, with_progress
 from leapcore.quality import prototype_flags, robust_target_probs
 from leapcore.rng import RowStreams, Stream
+from leapcore.stage_names import PROTOTYPES
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,7 @@ def check_gradient_moves(grad_max: torch.Tensor) -> None:
         )
 
 
+@with_progress
 def optimise_prototypes(
     model: torch.nn.Module,
     targets: list[TargetSet],
@@ -181,6 +184,7 @@ def optimise_prototypes(
             best_logits = torch.where(improved[:, None], logits, best_logits)
             best_score = torch.where(improved, score, best_score)
             last_snapshot, last_step = problem.colour.snapshot(), step
+            report(PROTOTYPES, step, config.max_steps)
             log.info(
                 "prototypes step %d/%d: mean target score %.3f",
                 step,

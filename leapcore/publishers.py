@@ -4,7 +4,8 @@
 A publisher is ``publish(project_name, audit, results, config) -> dict`` registered as an entry point;
 leapcore's own ``wandb`` publisher (``tasks.wandb_publish:publish_generate``) is installed with the
 package. A publisher runs when its config keys ask for it: ``wandb`` when ``wandb_api_key`` or
-``wandb_entity`` is set (as in leap-ie). A failing publisher never loses the results: the error is
+``wandb_entity`` is set (as in leap-ie). Those keys are not engine options: ``EngineConfig`` keeps
+them aside (:data:`~leapcore.config.PUBLISHER_KEYS`, ``config.publisher_options``) for the publisher. A failing publisher never loses the results: the error is
 logged and returned under ``results["publications"][name]["error"]``.
 """
 
@@ -15,7 +16,9 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-from leapcore.config import EngineConfig
+from pydantic import SecretStr
+
+from leapcore.config import PUBLISHER_KEYS, EngineConfig
 from leapcore.secrets import redact
 
 log = logging.getLogger(__name__)
@@ -25,10 +28,8 @@ GROUP = "leapcore.publishers"
 
 def requested(config: EngineConfig) -> list[str]:
     """The publishers the config asks for."""
-    names = []
-    if config.wandb_api_key is not None or config.wandb_entity:
-        names.append("wandb")
-    return names
+    given = config.publisher_options
+    return sorted({PUBLISHER_KEYS[key][0] for key, value in given.items() if value})
 
 
 def find_publisher(name: str) -> Callable[..., dict[str, Any]] | None:
@@ -46,8 +47,8 @@ def publish_all(
     done: dict[str, dict[str, Any]] = {}
     secrets = [
         value.get_secret_value()
-        for value in (config.wandb_api_key, config.leap_api_key)
-        if value is not None
+        for value in (*config.publisher_options.values(), config.leap_api_key)
+        if isinstance(value, SecretStr)
     ]
     for name in requested(config):
         try:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from leapcore.errors import InputError
+from leapcore.naming import target_key
 from leapcore.outputs import model_probabilities, probabilities
 from leapcore.rng import Stream
 
@@ -141,8 +142,6 @@ def quality_metrics(audit) -> dict[str, float]:
     ``target_prob_robust/<target>``, ``transfer_prob/<target>/<k>``, ``prototypes/off_target``
     (count), and the isolation means of ``kept_prob``, ``deletion_auc`` and ``insertion_auc``.
     """
-    from leapcore.report import target_key
-
     metrics: dict[str, float] = {}
     p = getattr(audit, "prototypes", None)
     if p is not None:

@@ -29,10 +29,14 @@ from leapcore.config import (
     BASELINE,
     ENTANGLEMENT,
     ISOLATION,
+    LR,
     PROTOTYPES,
     sanitise,
 )
 from leapcore.images import to_uint8
+from leapcore.isolation import ISOLATION_TITLES
+from leapcore.naming import slug, target_key
+from leapcore.quality import quality_metrics
 from leapcore.report_view import (
     config_view,
     fmt_num,
@@ -51,7 +55,6 @@ from leapcore.report_view import (
 
 HEATMAP_COLUMNS = 30  # as many classes as the W&B entanglement table shows
 PROVENANCE_MARK = "<!--leapcore:provenance-->"
-_SLUG = re.compile(r"[^a-z0-9]+")
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -159,11 +162,6 @@ def png_bytes(
     return out.getvalue()
 
 
-def slug(text: str) -> str:
-    """Lower-case letters and digits joined by ``_`` (``"golden retriever"`` -> ``golden_retriever``)."""
-    return _SLUG.sub("_", str(text).lower()).strip("_") or "class"
-
-
 def heatmap_columns(audit: Any, top: int = HEATMAP_COLUMNS) -> list[int]:
     """The classes a heatmap shows: every target, then the most entangled others (at most ``top``)."""
     scores = audit.entanglement
@@ -194,11 +192,6 @@ def entanglement_heatmap(audit: Any, top: int = HEATMAP_COLUMNS, fmt: str = "png
 def metric_name(*parts: str) -> str:
     """A metric key MLflow and W&B both accept: ``/``-separated slugs, no spaces."""
     return "/".join(p if re.fullmatch(r"[A-Za-z0-9_\-.]+", p) else slug(p) for p in map(str, parts))
-
-
-def target_key(classes: list[int], class_list: list[str]) -> str:
-    """``3_digit_3``, ``1-7_digit_1_digit_7``: a target's class indices and a slug of its names."""
-    return "-".join(map(str, classes)) + "_" + "_".join(slug(class_list[c]) for c in classes)
 
 
 def audit_metrics(audit: Any) -> dict[str, float]:
@@ -249,8 +242,6 @@ def audit_metrics(audit: Any) -> dict[str, float]:
             audit.probabilities(audit.sample_logits).max(1).values.mean()
         )
     # Issue 19 (h19): off-target flags, robust / transfer probabilities, isolation faithfulness.
-    from leapcore.quality import quality_metrics
-
     metrics.update(quality_metrics(audit))
     return metrics
 
@@ -276,7 +267,7 @@ def trajectory_metrics(audit: Any) -> dict[str, list[tuple[int, float]]]:
 _ENVIRONMENT: Any = None
 _TIMING_LABELS = {
     BASELINE: "baseline",
-    "lr_finding": "learning-rate range test",
+    LR: "learning-rate range test",
     PROTOTYPES: "prototype optimisation",
     ENTANGLEMENT: "entanglement",
     ISOLATION: "feature isolation",
@@ -462,11 +453,7 @@ def render_report(
             isolations=isolations,
             isolation_method=None
             if audit.isolation is None
-            else (
-                "hierarchical perturbation"
-                if audit.isolation.method == "hipe"
-                else "mask optimisation"
-            ),
+            else ISOLATION_TITLES.get(audit.isolation.method, audit.isolation.method),
             samples=samples,
             stages=stages,
             config=config_view(clean_config, stages_that_ran(audit)),

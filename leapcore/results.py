@@ -25,6 +25,7 @@ import torch
 
 from leapcore.images import save_png
 from leapcore.outputs import probabilities, probability_name
+from leapcore.stage_names import StageTimes
 
 SCHEMA_KEY = b"leapcore.schema"
 
@@ -161,7 +162,7 @@ def audit_arrays(audit) -> dict[str, Any]:
     """The numpy arrays of an audit (leap-ie's second return value)."""
     out: dict[str, Any] = {
         "class_list": list(audit.class_list),
-        "timings": dict(audit.timings),
+        "timings": StageTimes(audit.timings),
         "peak_memory_mb": audit.peak_memory_mb,
     }
     if audit.prototypes is not None:

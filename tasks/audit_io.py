@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import torch
 
-from leapcore.config import EngineConfig
+from leapcore.config import BASELINE, ENTANGLEMENT, ISOLATION, LR, PROTOTYPES, EngineConfig
 from leapcore.engine import Audit
 from leapcore.isolation import IsolationResult
 from leapcore.prototypes import PrototypeResult
@@ -24,7 +24,7 @@ from leapcore.results import (
 )
 from tasks.artifacts import ArtifactStore
 from tasks.model import ModelRef
-from tasks.stages import StageOutput
+from tasks.stage_outputs import StageOutput
 
 
 def merge_prototypes(parts: list[PrototypeResult]) -> PrototypeResult:
@@ -83,10 +83,10 @@ def load_audit(
     audit = Audit(class_list=list(model.class_list), config=config, output=config.output)
     if baseline is not None:
         audit.baseline = baseline_from_arrow(store.get_table(baseline.refs["baseline"]))
-        audit.timings["baseline"] = baseline.seconds
+        audit.timings[BASELINE] = baseline.seconds
     if learning_rate is not None:
         audit.lr = learning_rate_from_arrow(store.get_table(learning_rate.refs["learning_rate"]))
-        audit.timings["lr_finding"] = learning_rate.seconds
+        audit.timings[LR] = learning_rate.seconds
     if prototypes:
         ordered = sorted(prototypes, key=lambda p: p.first_row)
         audit.prototypes = merge_prototypes(
@@ -97,19 +97,19 @@ def load_audit(
                 for p in ordered
             ]
         )
-        audit.timings["prototypes"] = sum(p.seconds for p in ordered)
+        audit.timings[PROTOTYPES] = sum(p.seconds for p in ordered)
         audit.region = audit.prototypes.region
     if entanglement is not None:
         audit.entanglement = entanglement_from_arrow(
             store.get_table(entanglement.refs["entanglement"])
         )
-        audit.timings["entanglement"] = entanglement.seconds
+        audit.timings[ENTANGLEMENT] = entanglement.seconds
     if isolations:
         ordered = sorted(isolations, key=lambda p: p.first_row)
         audit.isolation = merge_isolations(
             [isolations_from_arrow(store.get_table(p.refs["isolations"])) for p in ordered]
         )
-        audit.timings["isolation"] = sum(p.seconds for p in ordered)
+        audit.timings[ISOLATION] = sum(p.seconds for p in ordered)
         table = store.get_table(ordered[0].refs["isolations"])
         if audit.region is None and "region" in table.column_names and table.num_rows:
             audit.region = table.column("region")[0].as_py()

@@ -27,12 +27,14 @@ from leapcore import __version__
 from leapcore.config import (
     ALL,
     BASELINE,
+    ENTANGLEMENT,
     ISOLATION,
     LR,
     PROTOTYPES,
     EngineConfig,
     is_secret_name,
     options_for_stage,
+    stage_name,
 )
 from tasks.artifacts import ArtifactRef, ArtifactStore
 from tasks.model import ModelLocator, ModelRef
@@ -49,7 +51,6 @@ NOT_RESULTS = frozenset(
 LOOP_ONLY = frozenset({"max_steps", "log_freq", "always_update", "equalise"})
 
 FETCH = "fetch_model"
-ENTANGLEMENT = "entanglement"
 SAMPLES = "samples"
 SAMPLE_ISOLATION = "sample_isolation"
 REPORT = "report"
@@ -58,6 +59,7 @@ ATTRIBUTION = "attribution"
 
 def stage_options(stage: str, config: EngineConfig) -> list[str]:
     """The names of the config options that ``stage`` reads (secrets and labels left out)."""
+    stage = stage_name(stage)
     shared = set(options_for_stage(ALL))
     objective = set(options_for_stage(PROTOTYPES)) - shared - LOOP_ONLY
     if stage == FETCH:

@@ -68,6 +68,8 @@ def _collect(obj: Any, found: list[str], depth: int, name: str = "") -> None:
     elif isinstance(obj, BaseModel):
         for field in type(obj).model_fields:
             _collect(getattr(obj, field, None), found, depth + 1, field)
+        # Values kept aside from the fields (EngineConfig's publisher keys: the W&B API key).
+        _collect(getattr(obj, "__pydantic_private__", None), found, depth + 1)
     elif isinstance(obj, dict):
         for key, value in obj.items():
             _collect(value, found, depth + 1, str(key))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -44,7 +44,8 @@ from leapcore.results import (
     samples_to_arrow,
     trajectories_to_arrow,
 )
-from tasks.artifacts import ArtifactError, ArtifactRef, ArtifactStore
+from tasks.artifacts import ArtifactError, ArtifactStore
+from tasks.audit_io import merge_prototypes
 from tasks.caching import ENTANGLEMENT, FETCH, SAMPLE_ISOLATION, SAMPLES, stage_cache_policy
 from tasks.model import (
     ModelLocator,
@@ -54,58 +55,28 @@ from tasks.model import (
     model_ref,
     sample_transform,
 )
+from tasks.progress import task_progress
 from tasks.redaction import redacting
+from tasks.stage_outputs import ClassChunk, StageOutput, class_chunks
+
+__all__ = [
+    "ClassChunk",
+    "SampleFile",
+    "StageOutput",
+    "class_chunks",
+    "fetch_model",
+    "find_learning_rate",
+    "generate_baseline",
+    "isolate_features",
+    "isolate_samples",
+    "load_samples",
+    "optimise_prototypes",
+    "score_entanglement",
+    "stage_task",
+]
 
 RETRIES_ENV = "LEAP_TASK_RETRIES"
 RETRY_DELAY_ENV = "LEAP_TASK_RETRY_DELAY"
-
-
-@dataclass(frozen=True)
-class StageOutput:
-    """What a stage hands on: artifact references and how it went (never tensors).
-
-    Attributes:
-        stage: the stage's name.
-        refs: its artifacts by role (``prototypes``, ``trajectories``, ...).
-        seconds: compute time when the stage ran (a cached result keeps the original time).
-        summary: a few rows for the stage's table in the Prefect UI.
-        first_row: for a chunk of classes, the batch row its first prototype has in the whole audit.
-    """
-
-    stage: str
-    refs: dict[str, ArtifactRef]
-    seconds: float
-    summary: list[dict[str, Any]] = field(default_factory=list)
-    first_row: int = 0
-
-    def key_parts(self) -> dict[str, Any]:
-        return {"refs": self.refs, "first_row": self.first_row}
-
-
-@dataclass(frozen=True)
-class ClassChunk:
-    """A consecutive slice of the audit's targets, optimised (and isolated) as one batch.
-
-    Attributes:
-        index: the chunk's position.
-        first_target: index of its first target among all targets.
-        targets: its targets (lists of class indices; several for a hybrid).
-        total_targets: how many targets the whole audit has.
-    """
-
-    index: int
-    first_target: int
-    targets: list[list[int]]
-    total_targets: int
-
-
-def class_chunks(targets: list[list[int]], size: int | None) -> list[ClassChunk]:
-    """``targets`` in consecutive chunks of ``size`` (all in one when None)."""
-    size = len(targets) if not size else max(1, int(size))
-    return [
-        ClassChunk(i, start, [list(t) for t in targets[start : start + size]], len(targets))
-        for i, start in enumerate(range(0, len(targets), size))
-    ]
 
 
 def _env_number(name: str, default: float) -> float:
@@ -266,7 +237,13 @@ def optimise_prototypes(
     with engine.stage_mode(loaded.model, config, dev):
         batch = engine.prototype_chunk_size(net, rows, config, dev)
         result = prototype_stage.optimise_prototypes(
-            net, chunk.targets, start.to(dev), config, rate, batch
+            net,
+            chunk.targets,
+            start.to(dev),
+            config,
+            rate,
+            batch,
+            progress=task_progress(PROTOTYPES, chunk.index),
         )
     names = list(model.class_list)
     probs = result.probs
@@ -298,8 +275,6 @@ def score_entanglement(
     prototypes: list[StageOutput],
     store: ArtifactStore,
 ) -> StageOutput:
-    from tasks.audit_io import merge_prototypes
-
     merged = merge_prototypes(
         [
             prototypes_from_arrow(
@@ -356,7 +331,9 @@ def isolate_features(
         shown, classes = engine.isolation_inputs(result, isolate, config, net.num_classes, dev)
         batch = engine.prototype_chunk_size(net, len(result.images), config, dev)
         keys = row_keys(result.targets, result.per_target)
-        isolated = isolation_stage.isolate_features(net, shown, classes, config, batch, keys)
+        isolated = isolation_stage.isolate_features(
+            net, shown, classes, config, batch, keys, progress=task_progress(ISOLATION, chunk.index)
+        )
     # Image indices are rows of the whole audit, not of this chunk.
     isolated = replace(isolated, pairs=[(i + prototypes.first_row, c) for i, c in isolated.pairs])
     names = list(model.class_list)
@@ -466,4 +443,4 @@ def isolate_samples(
             "samples",
         ),
     }
-    return StageOutput("isolate_samples", refs, audit.timings.get("isolation", 0.0), summary)
+    return StageOutput("isolate_samples", refs, audit.timings.get(ISOLATION, 0.0), summary)

@@ -30,7 +30,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,15 @@ from tasks.audit_io import load_audit
 from tasks.model import ModelRef
 from tasks.redaction import redacting
 from tasks.report import ReportOutput
+from tasks.settings import (  # noqa: F401 (mode helpers, named here as before)
+    DEFAULT_PROJECT,
+    WandbSettings,
+    generate_mode,
+    init_settings,
+    plausible_key,
+    wandb_mode,
+    wandb_settings,
+)
 from tasks.stages import StageOutput
 from tasks.wandb_attributions import attribution_table
 from tasks.wandb_records import wait_written
@@ -52,7 +61,6 @@ from tasks.wandb_tables import analysis_tables
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROJECT = "leapcore"
 STAGING = "staging"
 # The contract's quality columns (HELPERS.md), published when the tables carry them.
 QUALITY_COLUMNS = {
@@ -60,7 +68,6 @@ QUALITY_COLUMNS = {
     "isolations": ("kept_logit", "kept_prob", "deletion_auc", "insertion_auc"),
 }
 _STAGING_LOCK = threading.Lock()
-_KEY = re.compile(r"^(?:[A-Za-z0-9_]+-)?[A-Za-z0-9_]{40,}$")
 
 
 @dataclass(frozen=True)
@@ -114,43 +121,6 @@ class Publication:
     report_html: str | None = None
     heatmap_png: bytes | None = None
     links: dict[str, str] = field(default_factory=dict)
-
-
-def wandb_mode(config: EngineConfig, mode: str | None = None) -> str:
-    """``online`` when an account is configured, else ``offline``; ``mode``/``WANDB_MODE`` win."""
-    explicit = mode or os.environ.get("WANDB_MODE")
-    if explicit:
-        return "offline" if explicit == "dryrun" else explicit
-    configured = (
-        config.wandb_api_key is not None
-        or bool(config.wandb_entity)
-        or bool(os.environ.get("WANDB_API_KEY"))
-        or bool(os.environ.get("WANDB_ENTITY"))
-    )
-    return "online" if configured else "offline"
-
-
-def plausible_key(key: str | None) -> bool:
-    """Whether ``key`` can be a W&B API key (40+ word characters, optionally prefixed), so that a
-    placeholder such as ``"YOUR_WANDB_API_KEY"`` never reaches the network."""
-    return bool(key) and bool(_KEY.match(key or ""))
-
-
-def _settings(wandb: Any, config: EngineConfig, chosen: str) -> Any:
-    settings: dict[str, Any] = {
-        "console": "off",
-        "silent": True,
-        "x_disable_stats": True,
-        "x_disable_meta": True,
-        "x_disable_machine_info": True,
-        "disable_git": True,
-        "save_code": False,
-        "x_save_requirements": False,
-        "disable_job_creation": True,
-    }
-    if chosen == "online" and config.wandb_api_key is not None:
-        settings["api_key"] = config.wandb_api_key.get_secret_value()
-    return wandb.Settings(**settings)
 
 
 @contextlib.contextmanager
@@ -330,55 +300,74 @@ def link_model(wandb: Any, run: Any, pub: Publication, mode: str) -> str:
     return name
 
 
-def open_run(
-    config: EngineConfig,
-    params: dict[str, Any],
-    project: str,
-    run_name: str | None,
-    mode: str,
-    directory: str | None,
-    job_type: str,
-    tags: list[str] | None,
-    run_id: str | None = None,
-) -> Any:
+@dataclass(frozen=True)
+class RunOptions:
+    """How one W&B run is opened (everything but the account, which :class:`WandbSettings` holds).
+
+    Attributes:
+        project: the W&B project (default the settings' project, else ``leapcore``).
+        run_name: the run's display name.
+        mode: ``online`` / ``offline`` / ``disabled``; None: :func:`wandb_mode` decides.
+        tags: run tags.
+        directory: where W&B writes the run folder (default ``WANDB_DIR``, else the working folder).
+        job_type: ``audit``, ``explain`` or ``generate``.
+        run_id: a run id chosen beforehand (:func:`new_run_id`; the report's provenance names it).
+    """
+
+    project: str | None = None
+    run_name: str | None = None
+    mode: str | None = None
+    tags: list[str] | None = None
+    directory: str | None = None
+    job_type: str = "audit"
+    run_id: str | None = None
+
+
+def open_run(settings: WandbSettings, params: dict[str, Any], options: RunOptions) -> Any:
+    """``wandb.init`` for ``options`` (its ``project`` and ``mode`` already resolved)."""
     import wandb
 
     return wandb.init(
-        id=run_id,
-        project=project,
-        entity=config.wandb_entity or None,
-        name=run_name,
+        id=options.run_id,
+        project=options.project,
+        entity=settings.entity or None,
+        name=options.run_name,
         config=params,
-        mode=mode,
-        dir=directory or os.environ.get("WANDB_DIR") or None,
-        job_type=job_type,
-        tags=tags,
+        mode=options.mode,
+        dir=options.directory or os.environ.get("WANDB_DIR") or None,
+        job_type=options.job_type,
+        tags=options.tags,
         reinit="create_new",
-        settings=_settings(wandb, config, mode),
+        settings=init_settings(wandb, settings, options.mode),
     )
 
 
 def publish(
     pub: Publication,
-    config: EngineConfig,
-    project: str | None = None,
-    run_name: str | None = None,
-    mode: str | None = None,
-    tags: list[str] | None = None,
-    directory: str | None = None,
-    job_type: str = "audit",
-    run_id: str | None = None,
+    config: EngineConfig | WandbSettings,
+    options: RunOptions | None = None,
+    **overrides: Any,
 ) -> WandbRun:
-    """Log one audit as one W&B run (the code both the task and ``generate`` use); ``run_id``
-    lets a caller name the run before it exists (the report's provenance)."""
+    """Log one audit as one W&B run (the code both the task and ``generate`` use).
+
+    Args:
+        pub: what to log.
+        config: the account (a config's W&B keys, or :class:`WandbSettings`).
+        options: how to open the run; ``overrides`` replace single fields (``project="p"``).
+    """
     import wandb
 
-    chosen = wandb_mode(config, mode)
+    settings = wandb_settings(config)
+    options = replace(options or RunOptions(), **overrides)
+    options = replace(
+        options,
+        project=settings.project_or(options.project),
+        mode=wandb_mode(settings, options.mode),
+    )
     params = dict(pub.params)
     if pub.links:
         params["mlflow"] = {k: v for k, v in pub.links.items() if v}
-    project = project or config.project_name or DEFAULT_PROJECT
-    run = open_run(config, params, project, run_name, chosen, directory, job_type, tags, run_id)
+    run = open_run(settings, params, options)
     run_dir = Path(run.dir).parent
     try:
         with staged_in(run_dir) as staging:
@@ -387,24 +376,29 @@ def publish(
             log_files(wandb, run, pub)
             # Lineage needs the model's identity (the pipeline's URI and digest; generate has none).
             identified = pub.model.get("digest")
-            model_artifact = link_model(wandb, run, pub, chosen) if identified else ""
-        entity = getattr(run, "entity", "") or ""
-        info = WandbRun(
-            run_id=run.id,
-            mode=chosen,
-            run_dir=str(run_dir),
-            sync_command=f"wandb sync {run_dir}" if chosen == "offline" else "",
-            url=(run.url or "") if chosen == "online" else "",
-            run_path="/".join(x for x in (entity, project, run.id) if x),
-            model_artifact=model_artifact,
-        )
+            model_artifact = link_model(wandb, run, pub, options.mode) if identified else ""
+        info = _run_info(run, run_dir, options, model_artifact)
     except BaseException:
         run.finish(exit_code=1)
         raise
     run.finish()
-    if chosen == "offline" and not wait_written(run_dir):
+    if options.mode == "offline" and not wait_written(run_dir):
         log.warning("W&B: %s was not fully written after 60 s; wait before copying it.", run_dir)
     return info
+
+
+def _run_info(run: Any, run_dir: Path, options: RunOptions, model_artifact: str) -> WandbRun:
+    entity = getattr(run, "entity", "") or ""
+    offline, online = options.mode == "offline", options.mode == "online"
+    return WandbRun(
+        run_id=run.id,
+        mode=options.mode or "",
+        run_dir=str(run_dir),
+        sync_command=f"wandb sync {run_dir}" if offline else "",
+        url=(run.url or "") if online else "",
+        run_path="/".join(x for x in (entity, options.project, run.id) if x),
+        model_artifact=model_artifact,
+    )
 
 
 def new_run_id() -> str:
@@ -416,9 +410,10 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def run_label(config: EngineConfig, project: str | None, run_id: str) -> str:
+def run_label(config: EngineConfig | WandbSettings, project: str | None, run_id: str) -> str:
     """``entity/project/run id`` (entity when configured), as the report's provenance shows it."""
-    parts = (config.wandb_entity or "", project or config.project_name or DEFAULT_PROJECT, run_id)
+    settings = wandb_settings(config)
+    parts = (settings.entity or "", settings.project_or(project), run_id)
     return "/".join(p for p in parts if p)
 
 
@@ -490,30 +485,23 @@ def publish_wandb(
     audit's MLflow run (W&B config and summary); the result's ``run_path`` is the link back.
     """
     audit = load_audit(
-        store, model, config, baseline, None, prototypes, entanglement, isolations, samples
+        store,
+        model,
+        config,
+        baseline=baseline,
+        prototypes=prototypes,
+        entanglement=entanglement,
+        isolations=isolations,
+        samples=samples,
     )
     pub = pipeline_publication(model, params, report, store, audit, samples, dict(mlflow or {}))
-    return publish(pub, config, project, run_name, mode, tags, directory, run_id=run_id)
+    options = RunOptions(project, run_name, mode, tags, directory, run_id=run_id)
+    return publish(pub, config, options)
 
 
 # ---------------------------------------------------------------------------------------------- #
 # ``engine.generate``'s publisher (entry point ``leapcore.publishers: wandb``)
 # ---------------------------------------------------------------------------------------------- #
-def generate_mode(config: EngineConfig) -> str:
-    """``generate``'s W&B mode: ``WANDB_MODE`` wins; else online only with a key that can work."""
-    if os.environ.get("WANDB_MODE"):
-        return wandb_mode(config)
-    key = config.wandb_api_key.get_secret_value() if config.wandb_api_key is not None else None
-    key = key or os.environ.get("WANDB_API_KEY")
-    if not plausible_key(key):
-        log.warning(
-            "W&B: %s; logging offline.",
-            "no wandb_api_key" if not key else "wandb_api_key is not a W&B API key",
-        )
-        return "offline"
-    return "online"
-
-
 def publish_generate(
     project_name: str, audit: Any, results: Mapping[str, Any], config: Any
 ) -> dict[str, Any]:
@@ -543,13 +531,14 @@ def publish_generate(
         files=files,
     )
     mode = generate_mode(cfg)
+    options = RunOptions(project=project_name, mode=mode, job_type="generate")
     try:
-        info = publish(pub, cfg, project=project_name, mode=mode, job_type="generate")
+        info = publish(pub, cfg, options)
     except Exception as err:
         if mode != "online":
             raise
         log.warning("W&B: online logging failed (%s); logging offline.", type(err).__name__)
-        info = publish(pub, cfg, project=project_name, mode="offline", job_type="generate")
+        info = publish(pub, cfg, options, mode="offline")
     if info.mode == "offline":
         log.warning("W&B: logged offline to %s; upload with: %s", info.run_dir, info.sync_command)
     return asdict(info)

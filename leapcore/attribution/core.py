@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leapcore.adapter import LogitsModel, Preprocessing, unwrap_logits
-from leapcore.attribution.registry import MethodSpec, get_method
+from leapcore.attribution.registry import METHODS, MethodSpec, get_method, list_methods
 from leapcore.device import chunk_size_for
 from leapcore.errors import InputError
 
@@ -340,7 +340,5 @@ def attribute(
 
 
 def _all_specs() -> dict[str, MethodSpec]:
-    from leapcore.attribution.registry import METHODS, list_methods
-
     list_methods()
     return METHODS

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from leapcore.attribution.core import MethodContext, find_layer
+from leapcore.attribution.registry import register_method
 from leapcore.errors import InputError
 
 _LRP_PASSES = "1 (modified backward)"
@@ -172,8 +173,6 @@ def lrp_relevance(
 
 
 def _lrp_method(composite_name: str, aliases: tuple[str, ...], defaults: dict[str, Any]) -> None:
-    from leapcore.attribution.registry import register_method
-
     def compute(ctx: MethodContext, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return lrp_relevance(ctx, images, targets, composite_name)
 
@@ -246,8 +245,6 @@ def concept_relevance_propagation(
 
 
 def _register_crp() -> None:
-    from leapcore.attribution.registry import register_method
-
     register_method(
         "crp",
         library="zennit-crp",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,9 +63,19 @@ def register_method(
     return wrap
 
 
+#: Modules whose import registers built-in methods (they import captum / zennit lazily themselves).
+#: Found by name, as plug-ins are: they import this registry, so it must not import them.
+BUILTIN_MODULES = (
+    "leapcore.attribution.captum_methods",
+    "leapcore.attribution.influence",
+    "leapcore.attribution.lrp",
+    "leapcore.attribution.vit",
+)
+
+
 def _load_builtin() -> None:
-    # Importing the modules registers their methods; they import captum/zennit lazily themselves.
-    from leapcore.attribution import captum_methods, influence, lrp, vit  # noqa: F401
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
 
 
 def list_methods() -> list[str]:

@@ -25,9 +25,13 @@ import torch
 from torch import nn
 
 from leapcore.errors import ModelSourceError
-from leapcore.models import state_dict_digest
-from leapcore.sources import LoadedModel, normalize_steps, register_source
+from leapcore.sources.adapters import (
+    keras_loaded,
+    saved_model_loaded,
+    torch_loaded,
+)
 from leapcore.sources.architectures import build_with_weights, extract_state_dict
+from leapcore.sources.base import LoadedModel, register_source
 from leapcore.sources.torch_files import ExportedModel, load_pt2, load_torch_file
 
 log = logging.getLogger(__name__)
@@ -35,7 +39,6 @@ log = logging.getLogger(__name__)
 TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar", ".ts", ".torchscript", ".jit"}
 KERAS_SUFFIXES = {".keras", ".h5", ".hdf5"}
 MODEL_SUFFIXES = TORCH_SUFFIXES | KERAS_SUFFIXES | {".safetensors", ".pt2"}
-DEFAULT_SHAPE = (3, 224, 224)
 
 
 def _path(uri: str) -> Path:
@@ -93,21 +96,7 @@ def _load_folder(
 
         return load_model_folder(path, uri, trusted=trusted, source="file")
     if (path / "saved_model.pb").is_file():
-        from leapcore.frameworks.tensorflow import load_saved_model, tf_weights_digest
-
-        fn, shape = load_saved_model(path, trusted)
-        return LoadedModel(
-            model=fn,
-            framework="tf",
-            preprocessing=[],
-            class_list=[],
-            input_shape=shape or DEFAULT_SHAPE,
-            digest=tf_weights_digest(fn),
-            uri=uri,
-            source="file",
-            layout="NHWC",
-            metadata={"format": "savedmodel"},
-        )
+        return saved_model_loaded(path, uri, trusted, "file")
     from leapcore.sources.huggingface import is_transformers_folder, load_transformers_folder
 
     if is_transformers_folder(path):
@@ -125,38 +114,6 @@ def _load_folder(
 # ---------------------------------------------------------------------------------------------- #
 # PyTorch
 # ---------------------------------------------------------------------------------------------- #
-def torch_loaded(
-    model: nn.Module,
-    uri: str,
-    source: str,
-    metadata: dict[str, Any] | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    input_shape: Sequence[int] | None = None,
-    class_list: list[str] | None = None,
-) -> LoadedModel:
-    """The adapter of a torch module (weights digest from its state dict)."""
-    if not isinstance(model, nn.Module):
-        raise ModelSourceError(
-            f"{uri} holds a {type(model).__name__}, not a torch.nn.Module or weights."
-        )
-    shape = input_shape or (model.input_shape if isinstance(model, ExportedModel) else None)
-    return LoadedModel(
-        model=model.eval() if not isinstance(model, ExportedModel) else model,
-        framework="pt",
-        preprocessing=normalize_steps(mean, std),
-        class_list=list(class_list or []),
-        input_shape=tuple(int(s) for s in (shape or DEFAULT_SHAPE)),  # type: ignore[arg-type]
-        digest=state_dict_digest(model.state_dict()),
-        uri=uri,
-        source=source,
-        layout="NCHW",
-        metadata=dict(metadata or {}),
-        mean=tuple(mean) if mean is not None else None,
-        std=tuple(std) if std is not None else None,
-    )
-
-
 def _from_weights(
     state: dict[str, torch.Tensor],
     uri: str,
@@ -273,26 +230,3 @@ def save_safetensors(
     path = Path(path)
     save_file(state, str(path), metadata={"leapcore": json.dumps(meta)})
     return path
-
-
-# ---------------------------------------------------------------------------------------------- #
-# Keras
-# ---------------------------------------------------------------------------------------------- #
-def keras_loaded(
-    path: Path, uri: str, trusted: bool, source: str, metadata: dict[str, Any] | None = None
-) -> LoadedModel:
-    from leapcore.frameworks.tensorflow import keras_input_shape, load_keras_file, tf_weights_digest
-
-    model = load_keras_file(path, trusted)
-    return LoadedModel(
-        model=model,
-        framework="tf",
-        preprocessing=[],
-        class_list=[],
-        input_shape=keras_input_shape(model) or DEFAULT_SHAPE,
-        digest=tf_weights_digest(model),
-        uri=uri,
-        source=source,
-        layout="NHWC",
-        metadata={"format": "keras", **(metadata or {})},
-    )

@@ -25,7 +25,13 @@ from typing import Any
 
 from leapcore.errors import ModelSourceError, UntrustedSourceError
 from leapcore.preprocess import image_processor_spec
-from leapcore.sources import LoadedModel, normalize_steps, register_source
+from leapcore.sources.base import (
+    LoadedModel,
+    hub_offline,
+    normalize_steps,
+    register_source,
+    state_dict_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +96,6 @@ def cached_folder(uri: str) -> Path:
     repo = uri.split(":", 1)[1]
     repo, _, revision = repo.partition("@")
     from huggingface_hub import snapshot_download
-
-    from leapcore.models import hub_offline
 
     try:
         with hub_offline():
@@ -158,7 +162,6 @@ def load_transformers_folder(
     mean, std, shape, note, spec = _preprocessing(processor_dir or path, model.config, transformers)
     if note:
         log.warning("%s: %s", uri, note)
-    from leapcore.models import state_dict_digest
 
     id2label = getattr(model.config, "id2label", None) or {}
     classes = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label else []

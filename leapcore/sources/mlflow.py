@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from leapcore.errors import ModelSourceError, UntrustedSourceError
-from leapcore.sources import LoadedModel, register_source
+from leapcore.sources.adapters import keras_loaded, saved_model_loaded, torch_loaded
+from leapcore.sources.base import LoadedModel, normalize_steps, register_source
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,6 @@ def _load_pytorch_flavor(
 ) -> LoadedModel:
     import torch
 
-    from leapcore.sources.files import torch_loaded
     from leapcore.sources.torch_files import is_torchscript, load_pt2, load_torchscript, zip_names
 
     data = path / flavor.get("model_data", "data")
@@ -288,14 +288,12 @@ def _load_pytorch_flavor(
 def _load_tf_flavor(
     path: Path, flavors: dict[str, Any], uri: str, trusted: bool, source: str
 ) -> LoadedModel:
-    from leapcore.sources.files import DEFAULT_SHAPE, keras_loaded
-
     if "keras" in flavors:  # Keras 3 flavor: data/model.keras, or an exported SavedModel
         flavor = flavors["keras"]
         data = path / flavor.get("data", "data")
         model_path = data / "model" if data.is_dir() else data
         if flavor.get("save_exported_model"):
-            return _saved_model_loaded(model_path, uri, trusted, source, DEFAULT_SHAPE)
+            return saved_model_loaded(model_path, uri, trusted, source)
         return keras_loaded(Path(f"{model_path}.keras"), uri, trusted, source)
     flavor = flavors["tensorflow"]
     if flavor.get("model_type", "keras") == "keras":
@@ -305,32 +303,10 @@ def _load_tf_flavor(
                 return keras_loaded(data / candidate, uri, trusted, source)
         raise ModelSourceError(f"{uri}: no Keras model file under {data}.")
     saved = path / flavor.get("saved_model_dir", "tf2model")
-    return _saved_model_loaded(saved, uri, trusted, source, DEFAULT_SHAPE)
-
-
-def _saved_model_loaded(
-    saved: Path, uri: str, trusted: bool, source: str, default: tuple[int, int, int]
-) -> LoadedModel:
-    from leapcore.frameworks.tensorflow import load_saved_model, tf_weights_digest
-
-    fn, shape = load_saved_model(saved, trusted)
-    return LoadedModel(
-        model=fn,
-        framework="tf",
-        preprocessing=[],
-        class_list=[],
-        input_shape=shape or default,
-        digest=tf_weights_digest(fn),
-        uri=uri,
-        source=source,
-        layout="NHWC",
-        metadata={"format": "savedmodel"},
-    )
+    return saved_model_loaded(saved, uri, trusted, source)
 
 
 def _apply_metadata(loaded: LoadedModel, meta: dict[str, Any], mlmodel: Any, uri: str) -> None:
-    from leapcore.sources import normalize_steps
-
     if meta.get("class_list"):
         loaded.class_list = [str(c) for c in meta["class_list"]]
         loaded.metadata["class_list_from"] = f"the MLflow metadata of {uri}"

@@ -14,9 +14,9 @@ import re
 from typing import Any
 
 from leapcore.errors import ModelSourceError
-from leapcore.models import get_model, hub_offline, state_dict_digest
+from leapcore.models import get_model
 from leapcore.preprocess import EvalTransform, find_eval_transform
-from leapcore.sources import LoadedModel, register_source
+from leapcore.sources.base import LoadedModel, hub_offline, register_source, state_dict_digest
 
 _LIBRARIES = ("timm", "torchvision")
 _NAME = re.compile(r"^(?:(?:timm|torchvision):)?[A-Za-z][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)?$")

@@ -25,14 +25,18 @@ def documented_keys() -> set[str]:
 
 
 def test_every_documented_config_key_is_accepted() -> None:
-    from leapcore.config import load_config
+    from leapcore.config import PUBLISHER_KEYS, load_config
 
     keys = documented_keys()
     assert {"alpha_mask", "blur_min", "objective_weight", "wandb_entity", "max_steps"} <= keys
     generate_args = {"project_name", "samples", "mode"}
-    for key in sorted(keys - generate_args):
+    for key in sorted(keys - generate_args - set(PUBLISHER_KEYS)):
         value = getattr(load_config({}), key)
         assert getattr(load_config({key: value}), key) == value, key
+    # W&B's keys are accepted and kept for the publisher, not as engine options.
+    given = load_config({"wandb_entity": "team", "wandb_api_key": "k" * 40}).publisher_options
+    assert given["wandb_entity"] == "team" and given["wandb_api_key"].get_secret_value() == "k" * 40
+    assert {"wandb_api_key", "wandb_entity"} <= keys and set(PUBLISHER_KEYS) <= keys
     assert load_config({"blur\\max": 0.5}).blur_max == 0.5
 
 

@@ -228,6 +228,21 @@ def test_secret_values_never_appear_in_config_errors():
     assert "12345" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"min_lr": 2.0},  # a check across options: pydantic hands it the whole config as input
+        {"use_hipe": True, "isolation_method": "mask"},
+    ],
+)
+def test_secrets_stay_out_of_errors_about_several_options(config):
+    secrets = {"wandb_api_key": "wb-secret-4711", "leap_api_key": "leap-secret-0815"}
+    with pytest.raises(ConfigError) as err:
+        engine.run(nn.Identity(), ["a", "b"], {**secrets, **config})
+    assert "secret-4711" not in str(err.value) and "secret-0815" not in str(err.value)
+    assert "must be below" in str(err.value) or "contradicts" in str(err.value)
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist; pass a dict or a JSON file path"):
         engine.run(nn.Identity(), ["a", "b"], str(tmp_path / "nope.json"))

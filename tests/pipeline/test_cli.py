@@ -132,6 +132,7 @@ def test_progress_bars_count_steps(tmp_path) -> None:
     from rich.console import Console
 
     from leapcli.cli import ProgressDisplay
+    from leapcore.progress import _listeners, report
 
     out = io.StringIO()
     console = Console(file=out, width=120, force_terminal=False)
@@ -139,7 +140,8 @@ def test_progress_bars_count_steps(tmp_path) -> None:
     with ProgressDisplay(True, console=console) as display:
         for stage in ("fetch_model", "isolate_features"):
             pipeline.info("s", extra={"leap_stage": stage, "leap_event": "start"})
-        logging.getLogger("leapcore.isolation").info("isolation step %d/%d", 4, 12)
+        report("isolate_features", 4, 12)  # what the engine's mask loop sends every log_freq steps
+        logging.getLogger("leapcore.isolation").info("isolation step %d/%d", 9, 12)  # text: ignored
         tasks = {t.description: t for t in display.progress.tasks}
         assert (tasks["isolate_features"].completed, tasks["isolate_features"].total) == (4, 12)
         assert (tasks["fetch_model"].completed, tasks["fetch_model"].total) == (0, 1)
@@ -149,6 +151,7 @@ def test_progress_bars_count_steps(tmp_path) -> None:
         assert tasks["fetch_model"].completed == 1
         display.progress.refresh()
     assert "4/12" in out.getvalue() and "1/1" in out.getvalue()
+    assert display.on_progress not in _listeners  # unsubscribed when the display closes
 
 
 def test_explain_prints_each_image_top_classes(tmp_path, capsys) -> None:

@@ -1,0 +1,300 @@
+"""What every feature-isolation method shares, and the registry that names them.
+
+A method maps ``(model, images, classes, config, chunk_size, image_keys)`` to an
+:class:`IsolationResult` and registers itself with :func:`isolation_method` under the name the
+``isolation_method`` config option takes (``mask``: :mod:`leapcore.isolation`; ``hipe``:
+:mod:`leapcore.hipe`). The pieces both use live here, so neither method module imports the other:
+the result type, the backgrounds that masked-out pixels show, the calibration of a saliency map
+into the reported mask, and chunked class logits and probabilities.
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from leapcore.errors import InputError
+from leapcore.faithfulness import deletion_insertion_auc
+from leapcore.outputs import model_probabilities
+from leapcore.rng import RowKey, RowStreams
+
+if TYPE_CHECKING:
+    from leapcore.config import EngineConfig
+
+LEVELS = (
+    0.01,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.9,
+    1.0,
+)
+AUC_STEPS = 16
+
+
+@dataclass
+class IsolationResult:
+    """Masks and isolated images for ``pairs``: one row per (image index, class index).
+
+    Attributes:
+        pairs: ``[(image, class), ...]``.
+        masks: ``[P, 1, H, W]`` in [0, 1].
+        isolated: ``[P, C, H, W]`` = image * mask + background * (1 - mask).
+        logits_full: ``[P]`` the class's logit on the whole image.
+        logits_isolated: ``[P]`` the class's logit on the isolated image.
+        method: the registered name of the method (``"mask"``, ``"hipe"``, ...).
+        kept_prob: ``[P]`` the class probability on the isolated image ÷ on the whole image.
+        deletion_auc, insertion_auc: ``[P]`` RISE AUCs of the pair's saliency map (blurred
+            substrate, :data:`AUC_STEPS` budgets); None when not measured.
+    """
+
+    pairs: list[tuple[int, int]]
+    masks: torch.Tensor
+    isolated: torch.Tensor
+    logits_full: torch.Tensor
+    logits_isolated: torch.Tensor
+    method: str
+    seconds: float = 0.0
+    kept_prob: torch.Tensor | None = None
+    deletion_auc: torch.Tensor | None = None
+    insertion_auc: torch.Tensor | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_masks(
+        cls,
+        model: torch.nn.Module,
+        pairs: list[tuple[int, int]],
+        source: torch.Tensor,
+        classes: torch.Tensor,
+        masks: torch.Tensor,
+        background: torch.Tensor,
+        logits_full: torch.Tensor,
+        method: str,
+        began: float,
+        chunk_size: int,
+    ) -> IsolationResult:
+        """Composite ``source`` on ``background`` through ``masks``, score it, move it to the CPU."""
+        isolated = source * masks + background * (1 - masks)
+        kept = class_logits(model, isolated, classes, chunk_size)
+        return cls(
+            pairs,
+            masks.cpu(),
+            isolated.cpu(),
+            logits_full.cpu(),
+            kept.cpu(),
+            method,
+            time.perf_counter() - began,
+        )
+
+    @classmethod
+    @torch.no_grad()
+    def from_saliency(
+        cls,
+        model: torch.nn.Module,
+        pairs: list[tuple[int, int]],
+        source: torch.Tensor,
+        classes: torch.Tensor,
+        saliency: torch.Tensor,
+        background: torch.Tensor,
+        logits_full: torch.Tensor,
+        method: str,
+        began: float,
+        chunk_size: int,
+        keep: float,
+    ) -> IsolationResult:
+        """The reported result of a saliency map: calibrated mask, kept ratios and RISE AUCs."""
+        masks = calibrate(
+            model, source, classes, saliency, background, logits_full, keep, chunk_size
+        )
+        result = cls.from_masks(
+            model, pairs, source, classes, masks, background, logits_full, method, began, chunk_size
+        )
+        isolated = result.isolated.to(source.device)
+        p_full = class_probs(model, source, classes, chunk_size)
+        p_iso = class_probs(model, isolated, classes, chunk_size)
+        result.kept_prob = (p_iso / p_full.clamp_min(1e-12)).cpu()
+        deletion, insertion = deletion_insertion_auc(
+            model,
+            source,
+            saliency[:, 0],
+            classes.tolist(),
+            steps=AUC_STEPS,
+            substrate="blur",
+            batch_size=chunk_size,
+        )
+        result.deletion_auc, result.insertion_auc = deletion.float(), insertion.float()
+        result.seconds = time.perf_counter() - began
+        return result
+
+    @property
+    def coverage(self) -> torch.Tensor:
+        return self.masks.flatten(1).mean(1)
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """Share of the full logit that the isolated image keeps."""
+        return self.logits_isolated / self.logits_full.abs().clamp_min(1e-6)
+
+
+class IsolationMethod(Protocol):
+    """``(model, images, classes, config, chunk_size, image_keys) -> IsolationResult``."""
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        images: torch.Tensor,
+        classes: list[list[int]],
+        config: EngineConfig,
+        chunk_size: int,
+        image_keys: list[RowKey] | None = None,
+    ) -> IsolationResult: ...
+
+
+#: name -> method; filled by :func:`isolation_method` when a method's module is imported
+#: (``import leapcore.isolation`` registers every built-in one).
+ISOLATION_METHODS: dict[str, IsolationMethod] = {}
+#: name -> how the report names the method.
+ISOLATION_TITLES: dict[str, str] = {}
+
+
+def isolation_method(name: str, title: str = "") -> Callable[[IsolationMethod], IsolationMethod]:
+    """Decorator: register ``fn`` as the isolation method that ``isolation_method: name`` selects.
+
+    Args:
+        name: the config value.
+        title: how the report names it (default: the name).
+    """
+
+    def wrap(fn: IsolationMethod) -> IsolationMethod:
+        if name in ISOLATION_METHODS and ISOLATION_METHODS[name] is not fn:
+            raise ValueError(f"isolation method {name!r} is registered twice")
+        ISOLATION_METHODS[name] = fn
+        ISOLATION_TITLES[name] = title or name
+        return fn
+
+    return wrap
+
+
+def unknown_method_message(name: object) -> str:
+    """What to say about an isolation method nobody registered: the closest valid name."""
+    valid = sorted(ISOLATION_METHODS)
+    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.0)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown isolation method {name!r}{hint}; valid methods: {', '.join(valid)}."
+
+
+def get_isolation_method(name: str) -> IsolationMethod:
+    """The registered method called ``name``.
+
+    Raises:
+        InputError: no such method; the message names the closest valid one.
+    """
+    if name not in ISOLATION_METHODS:
+        raise InputError(unknown_method_message(name))
+    return ISOLATION_METHODS[name]
+
+
+def pair_keys(pairs: list[tuple[int, int]], image_keys: list[RowKey] | None) -> list[RowKey]:
+    """The random-stream key of each (image, class) pair: the image's key and the class."""
+    return [(i if image_keys is None else image_keys[i], c) for i, c in pairs]
+
+
+def blurred_substrate(images: torch.Tensor) -> torch.Tensor:
+    """What an occluded cell shows: the images averaged over windows a quarter of their size."""
+    h, w = images.shape[-2:]
+    k = max(2, min(h, w) // 4)
+    pooled = F.avg_pool2d(images, k, stride=max(1, k // 2), padding=k // 4, count_include_pad=False)
+    return F.interpolate(pooled, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def background_noise(
+    seed: int, keys: list[RowKey], shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """Uniform noise ``[len(keys), *shape]``, one row per key from its own stream."""
+    return RowStreams(seed, keys, device).rand(shape)
+
+
+def make_background(kind: str, source: torch.Tensor, seed: int, keys: list[RowKey]) -> torch.Tensor:
+    """What masked-out pixels show: a heavy blur of each image, its mean colour, or seeded noise."""
+    if kind == "blur":
+        return blurred_substrate(source)
+    if kind == "mean":
+        return source.mean((2, 3), keepdim=True).expand_as(source).contiguous()
+    return background_noise(seed, keys, tuple(source.shape[1:]), source.device)
+
+
+@torch.no_grad()
+def calibrate(
+    model: torch.nn.Module,
+    source: torch.Tensor,
+    classes: torch.Tensor,
+    saliency: torch.Tensor,
+    background: torch.Tensor,
+    full: torch.Tensor,
+    keep: float,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Binary masks ``[P, 1, H, W]``: per pair the top pixels of ``saliency`` at the smallest share of
+    :data:`LEVELS` whose isolated image keeps ``keep`` of the full logit (for a negative logit: does
+    not fall further than ``1 - keep`` of its size). ``keep == 0`` returns the saliency itself."""
+    if keep <= 0:
+        return saliency
+    n, _, h, w = saliency.shape
+    flat = saliency.flatten(1)
+    ranks = flat.argsort(1, descending=True).argsort(1).view(n, 1, h, w)
+    chosen = torch.full((n,), LEVELS[-1], device=source.device)
+    done = torch.zeros(n, dtype=torch.bool, device=source.device)
+    need = full - (1 - keep) * full.abs()
+    for level in LEVELS[:-1]:
+        todo = (~done).nonzero().flatten()
+        if len(todo) == 0:
+            break
+        top = (ranks[todo] < round(level * h * w)).to(source.dtype)
+        view = source[todo] * top + background[todo] * (1 - top)
+        ok = class_logits(model, view, classes[todo], chunk_size) >= need[todo]
+        chosen[todo[ok]] = level
+        done[todo[ok]] = True
+    return (ranks < (chosen * h * w).round().view(n, 1, 1, 1)).to(source.dtype)
+
+
+def class_probs(
+    model: torch.nn.Module, images: torch.Tensor, cls: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """``[P]`` the probability of ``cls[p]`` on ``images[p]``, ``chunk_size`` images at a time."""
+    out = [
+        model_probabilities(model, model(images[i : i + chunk_size])).gather(
+            1, cls[i : i + chunk_size, None]
+        )
+        for i in range(0, len(images), chunk_size)
+    ]
+    return torch.cat(out).squeeze(1)
+
+
+def class_logits(
+    model: torch.nn.Module, images: torch.Tensor, cls: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """``[P]`` the logit of ``cls[p]`` on ``images[p]``, ``chunk_size`` images at a time."""
+    out = [
+        model(images[i : i + chunk_size]).gather(1, cls[i : i + chunk_size, None]).squeeze(1)
+        for i in range(0, len(images), chunk_size)
+    ]
+    return torch.cat(out)
