@@ -162,6 +162,31 @@ class EngineConfig(BaseModel):
         note="leap-ie's pages say 1000 and 1500.",
         ge=0,
     )
+    stop_early: bool = _opt(
+        True,
+        "Stop a target's prototypes once they have converged: their target probability, on the "
+        "clean image and averaged over the step's transformed views, moved by at most "
+        "`stop_tolerance` (in log space) for `stop_patience` checks in a row, one check every "
+        "`stop_check_every` steps. Stopped targets leave the batch; `max_steps` is the cap. "
+        "False runs exactly `max_steps` steps (leap-ie's behaviour).",
+        PROTOTYPES,
+    )
+    stop_check_every: int = _opt(
+        16,
+        "Steps between convergence checks (each check evaluates the clean images once and is the "
+        "loop's only host sync besides `log_freq`).",
+        PROTOTYPES,
+        ge=1,
+    )
+    stop_tolerance: float = _opt(
+        0.01,
+        "Largest change of log target probability between two checks that counts as converged.",
+        PROTOTYPES,
+        gt=0,
+    )
+    stop_patience: int = _opt(
+        2, "Converged checks in a row before a target's prototypes stop.", PROTOTYPES, ge=1
+    )
     transform: Literal["s", "m", "l", "xl"] | None = _opt(
         "xl",
         "Robustness preset applied every step: random rotation (5/10/20/30 degrees), translation "
