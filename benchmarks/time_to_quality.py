@@ -88,6 +88,7 @@ def run_leapcore(net, normalise, names, classes, size, device, overrides: dict) 
         "wall": wall,
         "images": p.images,
         "steps": p.steps,
+        "stopped_at": p.extras.get("stopped_at", "-"),
         "lr": p.lr,
         "timings": {k: round(v, 1) for k, v in audit.timings.items()},
     }
@@ -108,7 +109,7 @@ def run_lucent(model, classes, size, steps, checkpoints, device) -> list[dict]:
         clock: list[float] = []
 
         class TimedAdam(torch.optim.Adam):
-            def step(self, closure=None):
+            def step(self, closure=None, clock=clock):
                 out = super().step(closure)
                 synchronize(device)
                 clock.append(time.perf_counter())
@@ -150,7 +151,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--lucent-steps", type=int, default=512)
     parser.add_argument("--lucent-checkpoints", default="32,64,96,128,192,256,384,512")
-    parser.add_argument("--leap-config", default="{}", help="JSON overrides of leapcore's defaults")
+    parser.add_argument(
+        "--leap-config",
+        action="append",
+        help="JSON overrides of leapcore's defaults; repeat for several leapcore rows (default: {})",
+    )
     parser.add_argument("--skip-lucent", action="store_true")
     parser.add_argument("--skip-leapcore", action="store_true")
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: as the engine)")
@@ -170,8 +175,8 @@ def main() -> None:
     n = len(classes)
     print(f"[setup] {device}, {args.threads} threads, {args.size} px, classes {classes}")
     rows = []
-    if not args.skip_leapcore:
-        overrides = json.loads(args.leap_config)
+    for text in [] if args.skip_leapcore else args.leap_config or ["{}"]:
+        overrides = json.loads(text)
         res = run_leapcore(net, normalise, names, classes, args.size, device, overrides)
         clean, robust = score(evaluator, res["images"], classes)
         reached = res["wall"] if good(clean, robust) else None
@@ -182,7 +187,8 @@ def main() -> None:
                 res["wall"],
                 clean,
                 robust,
-                f"{res['steps']} steps, lr {res['lr']:.3g}, stages {res['timings']}",
+                f"{res['steps']} steps (rows stopped at {res['stopped_at']}), lr {res['lr']:.3g}, "
+                f"stages {res['timings']}",
             )
         )
     if not args.skip_lucent:
@@ -198,7 +204,9 @@ def main() -> None:
                     first = (t, at)
                 last = (t, at, c, r)
             finals.append(last)
-            per_class.append(f"{run['class']}: {'step %d %.1fs' % first if first else 'never'}")
+            per_class.append(
+                f"{run['class']}: " + (f"step {first[0]} {first[1]:.1f}s" if first else "never")
+            )
             total_reached = (
                 None if first is None or total_reached is None else total_reached + first[1]
             )
@@ -225,8 +233,10 @@ def main() -> None:
             f"| {name} | {ttq} | {wall / n:.1f} | {clean.min():.3f} / {clean.mean():.3f} | "
             f"{robust.min():.3f} / {robust.mean():.3f} | {notes} |"
         )
-    if len(rows) == 2 and rows[0][1] is not None and rows[1][1] is not None:
-        print(f"\nlucent / leapcore time to quality: {rows[1][1] / rows[0][1]:.2f}x")
+    if not args.skip_lucent and rows[-1][1] is not None:
+        for name, reached, *_ in rows[:-1]:
+            if reached is not None:
+                print(f"lucent / {name} time to quality: {rows[-1][1] / reached:.2f}x")
 
 
 if __name__ == "__main__":

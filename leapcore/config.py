@@ -371,6 +371,13 @@ class EngineConfig(BaseModel):
     isolation_steps: int | None = _opt(
         None, "Steps of mask optimisation; None uses min(`max_steps`, 100).", ISOLATION, ge=0
     )
+    isolation_stop_early: bool = _opt(
+        True,
+        "Stop a pair's mask optimisation once its kept logit share and its coverage (means over 10 "
+        "steps) moved by at most 0.01 for two checks in a row; `isolation_steps` is the cap. "
+        "False runs every step.",
+        ISOLATION,
+    )
     isolation_hf_weight: float = _opt(
         1.0, "Penalty on high-frequency patterns in the isolation mask.", ISOLATION, ge=0
     )

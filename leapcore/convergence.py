@@ -24,6 +24,13 @@ import torch
 _FLOOR = 1e-12  # log of a probability that underflowed to 0
 
 
+def as_rows(rows: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Row positions as a slice when contiguous (no gather), else an index tensor."""
+    if rows and rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
 def success(score: torch.Tensor, antitype: bool) -> torch.Tensor:
     """Target probability (or one minus it for an antitype), clamped away from 0 for the log."""
     prob = score.abs() if antitype else score
@@ -99,3 +106,56 @@ class PlateauStop:
         for r in stopping:
             self.stopped_at[r] = step
         return stopping
+
+
+@dataclass
+class MetricPlateau:
+    """Per-row plateau of a few bounded metrics (isolation: kept logit share and coverage).
+
+    Window means of each metric between checks; a row has plateaued when every metric's window
+    mean moved by at most ``tolerance`` (absolute) since the previous check, and stops after
+    ``patience`` such checks in a row. Rows are positions in the batch.
+    """
+
+    rows: int
+    every: int
+    tolerance: float
+    patience: int
+    window: torch.Tensor | None = None  # [rows, metrics] sums since the last check (device)
+    counted: int = 0
+    before: torch.Tensor | None = None  # [rows, metrics] window means of the previous check
+    streak: dict[int, int] = field(default_factory=dict)
+    stopped_at: dict[int, int] = field(default_factory=dict)
+
+    def add(self, values: torch.Tensor, rows: list[int]) -> None:
+        """Add one step's ``[len(rows), metrics]`` values of the rows stepped (no host sync)."""
+        values = values.detach()
+        if self.window is None:
+            self.window = torch.zeros(self.rows, values.shape[1], device=values.device)
+        self.window.index_add_(
+            0, torch.tensor(rows, device=values.device), values.to(self.window.dtype)
+        )
+        self.counted += 1
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def check(self, step: int, rows: list[int]) -> list[int]:
+        """The rows of ``rows`` that stop now (one host sync)."""
+        if self.window is None or self.counted == 0:
+            return []
+        index = torch.tensor(rows, device=self.window.device)
+        means = self.window / self.counted
+        self.window.zero_()
+        self.counted = 0
+        before, self.before = self.before, means
+        if before is None:
+            return []
+        flat = ((means[index] - before[index]).abs() <= self.tolerance).all(1).tolist()
+        done = []
+        for r, ok in zip(rows, flat):
+            self.streak[r] = self.streak.get(r, 0) + 1 if ok else 0
+            if self.streak[r] >= self.patience:
+                done.append(r)
+                self.stopped_at[r] = step
+        return done

@@ -15,6 +15,7 @@ import torch
 
 from leapcore import penalties
 from leapcore.config import EngineConfig
+from leapcore.convergence import as_rows
 from leapcore.errors import InputError
 from leapcore.objectives import get_objective
 from leapcore.optim import BatchedAdam
@@ -58,13 +59,6 @@ class StepOutput:
     finite: torch.Tensor  # [] bool: loss and gradients finite (device)
     grad_max: torch.Tensor  # [] largest absolute gradient (device)
     row_score: torch.Tensor | None = None  # [rows stepped] mean target probability of the views
-
-
-def as_rows(rows: list[int], device: torch.device) -> slice | torch.Tensor:
-    """Row positions as a slice when contiguous (no gather), else an index tensor."""
-    if rows and rows == list(range(rows[0], rows[-1] + 1)):
-        return slice(rows[0], rows[-1] + 1)
-    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 class PrototypeProblem:

@@ -11,10 +11,10 @@ import torch
 
 from leapcore import stopping
 from leapcore.config import EngineConfig
-from leapcore.convergence import PlateauStop
+from leapcore.convergence import PlateauStop, as_rows
 from leapcore.errors import InputError, NonFiniteError
 from leapcore.outputs import probabilities
-from leapcore.problem import PrototypeProblem, TargetSet, as_rows, row_keys, target_weights
+from leapcore.problem import PrototypeProblem, TargetSet, row_keys, target_weights
 from leapcore.quality import prototype_flags, robust_target_probs
 from leapcore.rng import RowStreams, Stream
 

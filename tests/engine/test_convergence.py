@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from leapcore.convergence import PlateauStop
+from leapcore.convergence import MetricPlateau, PlateauStop
 from leapcore.optim import BatchedAdam
 from tests.engine.engine_support import EXACT, RowWise, run_digits
 
@@ -111,7 +111,14 @@ def test_a_tolerance_nothing_meets_runs_to_the_cap(digits):
 def test_a_stopping_class_does_not_change_the_others(digits):
     """Rows that leave the batch take nothing with them: a class's prototype is the same bits
     whether the classes beside it stop early or not at all (a row-wise model, see RowWise)."""
-    options = {**LONG, "model": RowWise(digits.model), "max_steps": 120, "stop_check_every": 8}
+    options = {
+        **LONG,
+        **ISOLATE,
+        "model": RowWise(digits.model),
+        "max_steps": 120,
+        "stop_check_every": 8,
+        "isolation_steps": 120,
+    }
     alone = run_digits(digits, [3], device=EXACT, **options)
     among = run_digits(digits, [0, 3, 5], device=EXACT, **options)
     stopped_at = among.prototypes.extras["stopped_at"]
@@ -119,3 +126,39 @@ def test_a_stopping_class_does_not_change_the_others(digits):
     assert torch.equal(among.prototypes.images[1], alone.prototypes.images[0])
     assert stopped_at[1] == alone.prototypes.extras["stopped_at"][0]
     assert math.isclose(float(among.prototypes.logits[1, 3]), float(alone.prototypes.logits[0, 3]))
+    # The same for isolation pairs that stop at different steps.
+    mine = [k for k, (i, _) in enumerate(among.isolation.pairs) if i == 1]
+    assert len(set(among.isolation.steps_run)) > 1, among.isolation.steps_run
+    assert torch.equal(among.isolation.masks[mine], alone.isolation.masks)
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Isolation early stop (isolation_stop_early)
+# ---------------------------------------------------------------------------------------------- #
+def test_metric_plateau_stops_a_flat_row_and_keeps_a_moving_one():
+    stop = MetricPlateau(2, every=4, tolerance=0.01, patience=2)
+    active, out = [0, 1], []
+    for k in range(5):
+        for _ in range(4):
+            # Row 0: kept 0.9, coverage 0.3 throughout; row 1: coverage still shrinking by 0.05.
+            values = torch.tensor([[0.9, 0.3], [0.9, 0.5 - 0.05 * k]])
+            stop.add(values[active], active)
+        done = stop.check(4 * (k + 1), active)
+        active = [r for r in active if r not in done]
+        out.append(done)
+    assert out == [[], [], [0], [], []] and stop.stopped_at == {0: 12}
+
+
+ISOLATE = {"isolation": True, "isolation_steps": 150, "max_isolate_classes": 2}
+
+
+def test_isolation_stops_when_kept_logit_and_coverage_settle_and_reports_the_same(digits):
+    on = run_digits(digits, [0, 3, 5], device=EXACT, **ISOLATE).isolation
+    off = run_digits(digits, [0, 3, 5], device=EXACT, isolation_stop_early=False, **ISOLATE)
+    off = off.isolation
+    assert off.steps_run == [150] * 6
+    assert max(on.steps_run) < 150, on.steps_run
+    # Same calibrated result: coverage level and kept logit share (measured: identical coverage,
+    # kept within 0.11 of the full logit; the mask keeps isolation_keep of the logit either way).
+    torch.testing.assert_close(on.coverage, off.coverage, atol=0.05, rtol=0)
+    torch.testing.assert_close(on.kept, off.kept, atol=0.15, rtol=0)
