@@ -147,7 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--classes", default="1,2,3,4,5", help="ImageNet class indices")
+    parser.add_argument("--classes", default="1,94,309,417,980", help="ImageNet class indices")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--lucent-steps", type=int, default=512)
     parser.add_argument("--lucent-checkpoints", default="32,64,96,128,192,256,384,512")

@@ -32,10 +32,13 @@ def run_windows(
 
 def test_a_flat_row_stops_after_patience_and_a_slow_climber_does_not():
     stop = PlateauStop([0, 1], every=4, tolerance=0.01, patience=2)
-    # Row 0 sits at 0.995 (converged); row 1 climbs from 1e-4 by 5e-4 per window: a tiny change
-    # in probability but a large one in log space, i.e. an optimisation that is still starting.
-    windows = [([0.995, 1e-4 + 5e-4 * k], [0.99, 1e-4 + 5e-4 * k]) for k in range(6)]
-    # The first check only records; two flat checks later row 0 stops.
+    # Row 0 sits at 0.995 (converged; its views dip and recover, no gain over the best); row 1
+    # climbs from 1e-4 by 5e-4 per window: a tiny change in probability but a large one in log
+    # space, i.e. an optimisation that is still starting.
+    windows = [
+        ([0.995, 1e-4 + 5e-4 * k], [0.99 - 0.05 * (k % 2), 1e-4 + 5e-4 * k]) for k in range(6)
+    ]
+    # The first check only records; two checks without gain later row 0 stops.
     assert run_windows(stop, windows) == [[], [], [0], [], [], []]
     assert stop.stopped_at == {0: 12}
 
@@ -51,6 +54,12 @@ def test_an_antitype_converges_when_its_target_probability_stops_falling():
     # Clean scores are signed like PrototypeProblem.target_score (-p); row 1 keeps halving.
     windows = [([-0.001, -0.5 / 2**k], [0.002, 0.5 / 2**k]) for k in range(4)]
     assert run_windows(stop, windows) == [[], [0], [], []]
+
+
+def test_a_plateau_below_even_odds_runs_on():
+    """A row stuck at target probability 0.05 has not converged to anything worth keeping."""
+    stop = PlateauStop([0], every=4, tolerance=0.01, patience=1)
+    assert run_windows(stop, [([0.05], [0.05])] * 5) == [[]] * 5
 
 
 def test_a_group_stops_only_when_all_its_rows_have_converged():
