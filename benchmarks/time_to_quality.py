@@ -130,12 +130,13 @@ def run_lucent(model, classes, size, steps, checkpoints, device) -> list[dict]:
             show_image=False,
             fixed_image_size=size,
         )
+        print(f"[lucent class {c}] {clock[-1] - began:.1f} s, {len(clock)} steps", flush=True)
         runs.append(
             {
                 "class": c,
                 "at": {t: clock[t - 1] - began for t in thresholds},
                 "images": {
-                    t: torch.from_numpy(img).permute(0, 3, 1, 2)
+                    t: torch.from_numpy(img.copy()).permute(0, 3, 1, 2)
                     for t, img in zip(thresholds, images)
                 },
             }
@@ -180,6 +181,7 @@ def main() -> None:
         res = run_leapcore(net, normalise, names, classes, args.size, device, overrides)
         clean, robust = score(evaluator, res["images"], classes)
         reached = res["wall"] if good(clean, robust) else None
+        print(f"[leapcore {text}] {res['wall']:.1f} s, {res['steps']} steps", flush=True)
         rows.append(
             (
                 "leapcore " + (json.dumps(overrides) if overrides else "defaults"),
