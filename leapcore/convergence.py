@@ -73,7 +73,7 @@ class PlateauStop:
         """Add one step's ``[len(rows)]`` view scores of the rows stepped (no host sync)."""
         if self.window is None:
             self.window = torch.zeros(len(self.groups), device=view_score.device)
-        index = torch.tensor(rows, device=view_score.device)
+        index = torch.tensor(rows, dtype=torch.long, device=view_score.device)
         self.window.index_add_(0, index, view_score.detach().to(self.window.dtype))
         self.counted += 1
 
@@ -85,7 +85,7 @@ class PlateauStop:
         return the rows that stop now (one host sync)."""
         if self.window is None or self.counted == 0:
             return []
-        index = torch.tensor(rows, device=clean.device)
+        index = torch.tensor(rows, dtype=torch.long, device=clean.device)
         view = success(self.window[index] / self.counted, self.antitype)
         clean = success(clean.to(view.dtype), self.antitype)
         self.window.zero_()
@@ -141,7 +141,9 @@ class MetricPlateau:
         if self.window is None:
             self.window = torch.zeros(self.rows, values.shape[1], device=values.device)
         self.window.index_add_(
-            0, torch.tensor(rows, device=values.device), values.to(self.window.dtype)
+            0,
+            torch.tensor(rows, dtype=torch.long, device=values.device),
+            values.to(self.window.dtype),
         )
         self.counted += 1
 
@@ -152,7 +154,7 @@ class MetricPlateau:
         """The rows of ``rows`` that stop now (one host sync)."""
         if self.window is None or self.counted == 0:
             return []
-        index = torch.tensor(rows, device=self.window.device)
+        index = torch.tensor(rows, dtype=torch.long, device=self.window.device)
         means = self.window / self.counted
         self.window.zero_()
         self.counted = 0

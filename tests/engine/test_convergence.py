@@ -162,12 +162,14 @@ ISOLATE = {"isolation": True, "isolation_steps": 150, "max_isolate_classes": 2}
 
 
 def test_isolation_stops_when_kept_logit_and_coverage_settle_and_reports_the_same(digits):
-    on = run_digits(digits, [0, 3, 5], device=EXACT, **ISOLATE).isolation
-    off = run_digits(digits, [0, 3, 5], device=EXACT, isolation_stop_early=False, **ISOLATE)
+    """Soft masks (``isolation_keep`` 0: the optimised mask itself) of pairs that stopped early are
+    the masks of the full run: measured max coverage difference 0.020 and mean absolute mask
+    difference 0.032; with a tolerance 10x too loose (pairs stop at 40-50 steps) 0.110 and 0.114."""
+    options = {**ISOLATE, "isolation_keep": 0.0}
+    on = run_digits(digits, [0, 3, 5], device=EXACT, **options).isolation
+    off = run_digits(digits, [0, 3, 5], device=EXACT, isolation_stop_early=False, **options)
     off = off.isolation
     assert off.steps_run == [150] * 6
     assert max(on.steps_run) < 150, on.steps_run
-    # Same calibrated result: coverage level and kept logit share (measured: identical coverage,
-    # kept within 0.11 of the full logit; the mask keeps isolation_keep of the logit either way).
-    torch.testing.assert_close(on.coverage, off.coverage, atol=0.05, rtol=0)
-    torch.testing.assert_close(on.kept, off.kept, atol=0.15, rtol=0)
+    assert (on.coverage - off.coverage).abs().max() <= 0.05
+    assert (on.masks - off.masks).abs().flatten(1).mean(1).max() <= 0.05
