@@ -182,17 +182,10 @@ class EngineConfig(BaseModel):
         "per class).",
     )
     stop_check_every: int = _opt(
-        16,
-        "Steps between convergence checks (each check evaluates the clean images of the running "
-        "rows once and is the loop's only host sync besides `log_freq`).",
-        PROTOTYPES,
-        ge=1,
+        16, "Steps between convergence checks (the loop's only other host sync).", PROTOTYPES, ge=1
     )
     stop_tolerance: float = _opt(
-        0.02,
-        "Smallest gain of log target probability over its best that counts as progress.",
-        PROTOTYPES,
-        gt=0,
+        0.02, "Smallest gain of log target probability over its best that counts.", PROTOTYPES, gt=0
     )
     stop_patience: int = _opt(
         2, "Checks in a row without progress before a target's prototypes stop.", PROTOTYPES, ge=1
@@ -383,9 +376,8 @@ class EngineConfig(BaseModel):
     )
     isolation_stop_early: bool = _opt(
         True,
-        "Stop a pair's mask optimisation once its kept logit share and its coverage (means over 10 "
-        "steps) moved by at most 0.01 for two checks in a row; `isolation_steps` is the cap. "
-        "False runs every step.",
+        "Stop a pair's mask steps once its kept logit share and coverage (10-step means) moved "
+        "<= 0.01 for two checks in a row; `isolation_steps` is the cap. False runs every step.",
         ISOLATION,
         note="At 224 px the soft mask still shrinks at the 100-step cap, so it seldom fires there; "
         "a looser tolerance (0.03) doubled the calibrated coverage of some pairs (issue 14).",
