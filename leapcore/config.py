@@ -178,8 +178,7 @@ class EngineConfig(BaseModel):
         note="Measured (issue 14, benchmarks/time_to_quality.py: EfficientNet-Lite0, 224 px, 5 "
         "classes, 2 CPU cores): every prototype at target probability >= 0.99 and >= 0.9 under "
         "random crops and flips in 5.9 s per class (rows stopped after 80-176 steps), against "
-        "11.2 s for 256 fixed steps; lucent 0.1.8 did not get all five there in 512 steps (93 s "
-        "per class).",
+        "11.2 s for 256 fixed steps; lucent 0.1.8 got 2 of 5 there in 512 steps (93 s/class).",
     )
     stop_check_every: int = _opt(
         16, "Steps between convergence checks (the loop's only other host sync).", PROTOTYPES, ge=1
