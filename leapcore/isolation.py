@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from leapcore import hipe as _hipe  # noqa: F401  (registers "hipe")
 from leapcore import penalties, rowwise, stopping
+from leapcore.convergence import MetricPlateau, as_rows
 from leapcore.errors import InputError, NonFiniteError
 from leapcore.isolation_methods import (
     AUC_STEPS,
@@ -70,6 +71,12 @@ log = logging.getLogger(__name__)
 # hundreds of steps to shrink it; from 0.5 the logit term grows the evidence and the penalty shrinks
 # the rest within ~100 steps on efficientnet_lite0 (coverage ~0.3 keeping >= 100 % of the logit).
 _MASK_INIT = 0.0
+
+# Isolation early stop (``isolation_stop_early``): every 10 steps, a pair whose window means of kept
+# logit share and coverage both moved by at most 0.01 since the previous check, twice in a row, stops.
+ISOLATION_CHECK_EVERY = 10
+ISOLATION_TOLERANCE = 0.01
+ISOLATION_PATIENCE = 2
 
 
 def mask_cell(config: EngineConfig, h: int, w: int) -> int:
@@ -166,29 +173,57 @@ def isolate_with_mask(
         fixed = make_background(
             config.isolation_background, source, config.seed + Stream.ISOLATION_BACKGROUND, keys
         )
+    plateau = (
+        MetricPlateau(n, ISOLATION_CHECK_EVERY, ISOLATION_TOLERANCE, ISOLATION_PATIENCE)
+        if config.isolation_stop_early
+        else None
+    )
+    active = list(range(n))
     for step in range(1, steps + 1):
         stopping.check()
-        noise = streams.rand(source.shape[1:]) if fixed is None else fixed
+        whole = len(active) == n
+        # Noise is drawn for the pairs still running only (local positions); a fixed background
+        # is indexed by pair.
+        noise = (
+            streams.rand(source.shape[1:], rows=None if whole else active)
+            if fixed is None
+            else fixed
+        )
         loss_total = torch.zeros((), device=device)
-        for start in range(0, n, chunk_size):
-            rows = slice(start, min(start + chunk_size, n))
+        measured = []
+        for start in range(0, len(active), chunk_size):
+            local = slice(start, min(start + chunk_size, len(active)))
+            rows = local if whole else as_rows(active[local], device)
             mask = _upsample(param[rows], (h, w))
-            view = source[rows] * mask + noise[rows] * (1 - mask)
+            view = source[rows] * mask + noise[local if fixed is None else rows] * (1 - mask)
             logit = model(view).gather(1, cls[rows, None]).squeeze(1)
             kept = torch.minimum(logit, full[rows]) / scale[rows]
+            coverage = penalties.coverage(mask)
             loss = (
                 -kept
-                + config.isolation_alpha_weight * penalties.coverage(mask)
+                + config.isolation_alpha_weight * coverage
                 + config.isolation_hf_weight
                 * penalties.high_frequency(rowwise.sigmoid(param[rows]))
             ).sum()
             loss.backward()
             loss_total = loss_total + loss.detach()
+            if plateau is not None:
+                measured.append(torch.stack([kept.detach(), coverage.detach()], 1))
         finite = torch.isfinite(loss_total) & torch.isfinite(param.grad.sum())
         bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
-        optimiser.step([param.grad], config.isolation_lr)
+        optimiser.step(
+            [param.grad],
+            config.isolation_lr,
+            None if whole else torch.tensor(active, device=device),
+        )
         param.grad = None
-        if step % config.log_freq == 0 or step == steps:
+        if plateau is not None:
+            # Pairs whose kept logit share and coverage stopped moving leave the batch.
+            plateau.add(torch.cat(measured), active)
+            if plateau.due(step):
+                done = set(plateau.check(step, active))
+                active = [r for r in active if r not in done]
+        if step % config.log_freq == 0 or step == steps or not active:
             first_bad = int(bad_step)
             if first_bad >= 0:
                 raise NonFiniteError(
@@ -196,13 +231,18 @@ def isolate_with_mask(
                 )
             last_finite = param.detach().clone()
             report(ISOLATION, step, steps)
-            log.info("isolation step %d/%d", step, steps)
+            log.info(
+                "isolation step %d/%d, %d of %d pairs still running", step, steps, len(active), n
+            )
+        if not active:
+            break
+    steps_run = [steps if plateau is None else plateau.stopped_at.get(r, step) for r in range(n)]
     with torch.no_grad():
         masks = _upsample(param, (h, w))
     background = make_background(
         config.isolation_background, source, config.seed + Stream.ISOLATION_BACKGROUND, keys
     )
-    return IsolationResult.from_saliency(
+    result = IsolationResult.from_saliency(
         model,
         pairs,
         source,
@@ -215,6 +255,8 @@ def isolate_with_mask(
         chunk_size,
         config.isolation_keep,
     )
+    result.steps_run = steps_run
+    return result
 
 
 def _upsample(param: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

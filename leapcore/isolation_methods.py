@@ -76,6 +76,7 @@ class IsolationResult:
     kept_prob: torch.Tensor | None = None
     deletion_auc: torch.Tensor | None = None
     insertion_auc: torch.Tensor | None = None
+    steps_run: list[int] | None = None  # mask steps each pair ran (isolation_stop_early)
 
     @classmethod
     @torch.no_grad()

@@ -28,8 +28,12 @@ class LearningRateResult:
 
 
 def window_rates(config: EngineConfig) -> list[float]:
-    """The rate of each window, log-spaced from ``min_lr`` to ``max_lr``."""
-    n = config.num_lr_windows
+    """The rate of each window, log-spaced from ``min_lr`` to ``max_lr``.
+
+    ``num_lr_windows`` windows, but never more than ``find_lr_steps`` (at least one step per window):
+    a short test sweeps the whole range in fewer windows instead of stopping at its low end.
+    """
+    n = max(2, min(config.num_lr_windows, config.find_lr_steps))
     lo, hi = math.log(config.min_lr), math.log(config.max_lr)
     return [math.exp(lo + (hi - lo) * i / (n - 1)) for i in range(n)]
 
@@ -83,7 +87,7 @@ def find_learning_rate(
     per_window = max(1, config.find_lr_steps // len(rates))
     losses: list[float] = []
     best = math.inf
-    for rate in rates[: max(1, config.find_lr_steps // per_window)]:
+    for rate in rates:
         total = torch.zeros((), device=start.device)
         for _ in range(per_window):
             stopping.check()

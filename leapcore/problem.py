@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from leapcore.config import EngineConfig
+from leapcore.convergence import as_rows
 from leapcore.errors import InputError
 from leapcore.objectives import ImageView, build_objective
 from leapcore.optim import BatchedAdam
@@ -56,6 +57,7 @@ class StepOutput:
     loss: torch.Tensor  # [] total loss of the step (device)
     finite: torch.Tensor  # [] bool: loss and gradients finite (device)
     grad_max: torch.Tensor  # [] largest absolute gradient (device)
+    row_score: torch.Tensor | None = None  # [rows stepped] mean target probability of the views
 
 
 class PrototypeProblem:
@@ -126,27 +128,37 @@ class PrototypeProblem:
         view = ImageView(lambda: self.images(rows), self.alphas(rows), self.group[rows])
         return self.objective.penalty(view)
 
-    def step(self, lr: float | torch.Tensor) -> StepOutput:
-        """One Adam step on every row; returns device tensors only (no host sync)."""
-        b, t = self.batch, self.samples
+    def step(self, lr: float | torch.Tensor, active: list[int] | None = None) -> StepOutput:
+        """One Adam step on every row (or on the rows ``active``, in order; the others stay as they
+        are, Adam moments included); returns device tensors only (no host sync).
+
+        A row's step does not depend on which other rows are active: its draws come from its own
+        stream, its penalties from its own group (stop whole groups, see ``leapcore.convergence``).
+        """
+        full = active is None or len(active) == self.batch
+        chosen = list(range(self.batch)) if full else list(active)
+        b, t = len(chosen), self.samples
         like = self.weights
         n = b * t
-        # Row r's copy k is draw k * b + r; column DRAW_COLUMNS picks the alpha background.
+        # Local row r's copy k is draw k * b + r; column DRAW_COLUMNS picks the alpha background.
         draw = background = None
         if not self.augmenter.is_identity or self.alpha is not None:
-            u = self.streams.rand((t, DRAW_COLUMNS + 1), like.dtype).transpose(0, 1).reshape(n, -1)
+            u = self.streams.rand((t, DRAW_COLUMNS + 1), like.dtype, None if full else chosen)
+            u = u.transpose(0, 1).reshape(n, -1)
             draw = self.augmenter.draw(u, self.bank)
             if self.alpha is not None:
                 background = self.bank.pick(u[:, DRAW_COLUMNS])
         loss_total = torch.zeros((), device=like.device)
-        pen = self.penalty().sum()
+        pen = self.penalty(slice(None) if full else as_rows(chosen, like.device)).sum()
         if pen.requires_grad:
             pen.backward()
         loss_total = loss_total + pen.detach()
+        scores = []
         for start in range(0, b, self.chunk_size):
-            rows = slice(start, min(start + self.chunk_size, b))
-            m = rows.stop - rows.start
-            index = self._draw_rows(rows)
+            local = slice(start, min(start + self.chunk_size, b))
+            rows = local if full else as_rows(chosen[local], like.device)
+            m = local.stop - local.start
+            index = self._draw_rows(local, b)
             image = self.images(rows)
             alpha = self.alphas(rows)
             view = image.repeat(t, 1, 1, 1) if t > 1 else image
@@ -156,6 +168,8 @@ class PrototypeProblem:
             if not self.augmenter.is_identity:
                 view = self.augmenter.apply(view, draw.rows(index))
             logits = self.model(view)
+            with torch.no_grad():
+                scores.append(self.view_score(logits, rows).view(t, m).mean(0))
             objective = self.objective(logits, self.weights[rows].repeat(t, 1)).view(t, m).mean(0)
             loss = -objective.sum()
             if not loss.requires_grad:
@@ -171,15 +185,21 @@ class PrototypeProblem:
         for g in grads:  # the max norm propagates NaN and inf, so it also tells finiteness
             grad_max = torch.maximum(grad_max, torch.linalg.vector_norm(g, ord=float("inf")))
         finite = torch.isfinite(loss_total) & torch.isfinite(grad_max)
-        self.optimiser.step(grads, lr)
+        self.optimiser.step(grads, lr, None if full else torch.tensor(chosen, device=like.device))
         for p in self.params:
             p.grad = None
-        return StepOutput(loss_total, finite, grad_max)
+        return StepOutput(loss_total, finite, grad_max, torch.cat(scores) if scores else None)
 
-    def _draw_rows(self, rows: slice) -> slice | torch.Tensor:
-        """Which rows of the step's draws belong to a chunk: copy ``k`` of batch row ``r`` is draw
-        ``k * batch + r``. A slice (no gather) when the rows are contiguous."""
-        b, t = self.batch, self.samples
+    def view_score(self, logits: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+        """Mean target probability of each view (``t`` copies of ``rows``, copy-major)."""
+        probs = self.probabilities(logits.detach())
+        mask = (self.weights[rows] != 0).to(probs.dtype).repeat(self.samples, 1)
+        return (probs * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+    def _draw_rows(self, rows: slice, b: int | None = None) -> slice | torch.Tensor:
+        """Which rows of the step's draws belong to a chunk: copy ``k`` of (local) row ``r`` of a
+        step over ``b`` rows is draw ``k * b + r``. A slice (no gather) when the rows are contiguous."""
+        b, t = self.batch if b is None else b, self.samples
         if t == 1:
             return rows
         if rows.start == 0 and rows.stop == b:
@@ -192,11 +212,15 @@ class PrototypeProblem:
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clean images (alpha composited on a fixed background) and their logits, chunked."""
+    def evaluate(self, active: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean images (alpha composited on a fixed background) and their logits, chunked; of
+        every row, or of the rows ``active`` in that order."""
         views, logits = [], []
-        for start in range(0, self.batch, self.chunk_size):
-            rows = slice(start, min(start + self.chunk_size, self.batch))
+        count = self.batch if active is None else len(active)
+        for start in range(0, count, self.chunk_size):
+            rows = slice(start, min(start + self.chunk_size, count))
+            if active is not None:
+                rows = as_rows(active[rows], self.weights.device)
             view = self.composite(rows, self.eval_background)
             views.append(view)
             logits.append(self.model(view))
@@ -207,9 +231,12 @@ class PrototypeProblem:
         own = getattr(self.model, "probabilities", None)
         return own(logits) if callable(own) else logits.softmax(dim=1)
 
-    def target_score(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per row: mean probability of its target classes, signed by the objective's direction."""
+    def target_score(
+        self, logits: torch.Tensor, rows: slice | torch.Tensor = slice(None)
+    ) -> torch.Tensor:
+        """Per row (of ``rows``): mean probability of its target classes, signed by the objective's
+        direction."""
         probs = self.probabilities(logits)
-        mask = (self.weights != 0).to(probs.dtype)
+        mask = (self.weights[rows] != 0).to(probs.dtype)
         mean = (probs * mask).sum(1) / mask.sum(1).clamp_min(1)
         return mean if self.config.objective_weight >= 0 else -mean

@@ -11,6 +11,7 @@ import torch
 
 from leapcore import stopping
 from leapcore.config import EngineConfig
+from leapcore.convergence import PlateauStop, as_rows
 from leapcore.errors import InputError, NonFiniteError
 from leapcore.outputs import probabilities
 from leapcore.problem import PrototypeProblem, TargetSet, row_keys, target_weights
@@ -150,17 +151,38 @@ def optimise_prototypes(
     trajectory.append(problem.probabilities(logits).cpu())
     last_snapshot, last_step = problem.colour.snapshot(), 0
     bad_step = torch.full((), -1, dtype=torch.long, device=start.device)
+    stop = (
+        PlateauStop(
+            group.tolist(),
+            config.stop_check_every,
+            config.stop_tolerance,
+            config.stop_patience,
+            antitype=config.objective_weight < 0,
+        )
+        if config.stop_early
+        else None
+    )
+    active = list(range(problem.batch))
+    steps_run = 0
     began = time.perf_counter()
     for step in range(1, config.max_steps + 1):
         stopping.check()
-        out = problem.step(lr)
+        out = problem.step(lr, None if len(active) == problem.batch else active)
+        steps_run = step
         bad_step = torch.where(
             (bad_step < 0) & ~out.finite, torch.full_like(bad_step, step), bad_step
         )
         if step == 1:
             # One sync, once: a saturated start would otherwise spin for max_steps doing nothing.
             check_gradient_moves(out.grad_max)
-        if step % config.log_freq == 0 or step == config.max_steps:
+        if stop is not None:
+            stop.add(out.row_score, active)
+            if stop.due(step):
+                _, clean = problem.evaluate(active)
+                rows = as_rows(active, start.device)
+                done = stop.check(step, problem.target_score(clean, rows), active)
+                active = [r for r in active if r not in set(done)]
+        if step % config.log_freq == 0 or step == config.max_steps or not active:
             first_bad = int(bad_step)
             if first_bad >= 0:
                 problem.colour.restore(last_snapshot)
@@ -186,11 +208,15 @@ def optimise_prototypes(
             last_snapshot, last_step = problem.colour.snapshot(), step
             report(PROTOTYPES, step, config.max_steps)
             log.info(
-                "prototypes step %d/%d: mean target score %.3f",
+                "prototypes step %d/%d: mean target score %.3f, %d of %d rows still running",
                 step,
                 config.max_steps,
                 float(score.mean()),
+                len(active),
+                problem.batch,
             )
+        if not active:
+            break
     seconds = time.perf_counter() - began
     images = equalise(best_images, config.equalise)
     if config.equalise > 0:
@@ -220,13 +246,17 @@ def optimise_prototypes(
         trajectory_steps=steps_logged,
         trajectory=torch.stack(trajectory),
         lr=float(lr),
-        steps=config.max_steps,
+        steps=steps_run,
         seconds=seconds,
         robust_probs=robust,
         objective_weight=config.objective_weight,
         output=getattr(model, "output", "logits"),
         region=getattr(model, "region_label", None),
     )
+    if stop is not None:
+        result.extras["stopped_at"] = [
+            stop.stopped_at.get(r, steps_run) for r in range(problem.batch)
+        ]
     top, off, prob = result.flags()
     for row in off.nonzero().flatten().tolist():
         log.warning(

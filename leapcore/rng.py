@@ -64,18 +64,32 @@ class RowStreams:
     def __len__(self) -> int:
         return len(self.generators)
 
-    def rand(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self._draw(torch.rand, shape, dtype)
+    def rand(
+        self,
+        shape: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        rows: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Uniform draws of every row's stream (or of the streams ``rows``; the others do not move)."""
+        return self._draw(torch.rand, shape, dtype, rows)
 
-    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self._draw(torch.randn, shape, dtype)
+    def randn(
+        self,
+        shape: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        rows: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        return self._draw(torch.randn, shape, dtype, rows)
 
-    def _draw(self, fn, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    def _draw(
+        self, fn, shape: Sequence[int], dtype: torch.dtype, rows: Sequence[int] | None = None
+    ) -> torch.Tensor:
         shape = tuple(shape)
-        if not self.generators:
+        generators = self.generators if rows is None else [self.generators[r] for r in rows]
+        if not generators:
             return torch.empty((0, *shape), device=self.device, dtype=dtype)
         return torch.stack(
-            [fn(shape, generator=g, device=self.device, dtype=dtype) for g in self.generators]
+            [fn(shape, generator=g, device=self.device, dtype=dtype) for g in generators]
         )
 
 

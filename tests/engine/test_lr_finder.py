@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -93,3 +94,31 @@ def test_lr_finder_stops_early_when_the_loss_diverges():
     assert early.losses[-1] > best + 3 * abs(best)
     # ... and the windows it ran are the same windows the full test ran.
     assert early.losses == full.losses[: len(early.losses)]
+
+
+def test_a_short_range_test_sweeps_the_whole_range():
+    """A few dozen steps (fewer than ``num_lr_windows``) still reach ``max_lr``: one step per window
+    over the whole range (before, the first ``find_lr_steps`` of 50 windows ended near 1e-3)."""
+    from leapcore.config import load_config
+    from leapcore.lr_finder import window_rates
+
+    config = load_config({"find_lr_steps": 12, "min_lr": 1e-4, "max_lr": 1.0})
+    rates = window_rates(config)
+    assert len(rates) == 12
+    assert rates[0] == pytest.approx(1e-4) and rates[-1] == pytest.approx(1.0)
+    assert len(window_rates(load_config({"find_lr_steps": 500}))) == 50
+    short = engine.run(
+        NearGrey(),
+        ["peak", "other"],
+        {
+            "input_dim": [1, 16, 16],
+            "find_lr_steps": 12,
+            "min_lr": 1e-4,
+            "max_lr": 1.0,
+            "max_steps": 0,
+            "isolation": False,
+            "stop_lr_early": False,
+        },
+        [0],
+    ).lr
+    assert len(short.losses) == 12 and short.rates[-1] == pytest.approx(1.0)
