@@ -241,3 +241,38 @@ def test_share_entanglement_rows():
     torch.testing.assert_close(scores[1], expected)
     pairs = pair_entanglement(torch.tensor([[1.0, 0.4], [0.1, 1.0]]))
     torch.testing.assert_close(pairs, torch.tensor([[1.0, 0.2], [0.2, 1.0]]))
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Both kept probabilities in the report, and isolations that lost the logit
+# ---------------------------------------------------------------------------------------------- #
+def test_isolation_cards_show_both_probabilities_and_flag_a_lost_logit(digits, digit_isolation):
+    """Each card names the class probability on the whole and on the isolated image (the model's
+    own softmax of each), not only their ratio; an isolation whose logit is gone is flagged."""
+    import copy
+    import html as html_lib
+
+    from leapcore.report import render_report
+
+    iso = digit_isolation.isolation
+    with torch.no_grad():
+        probs = digits.model(digits.preprocessing(iso.isolated)).softmax(1)
+    for k, (_, c) in enumerate(iso.pairs):
+        assert float(iso.prob_isolated[k]) == pytest.approx(float(probs[k, c]), abs=1e-4)
+        ratio = float(iso.prob_isolated[k]) / float(iso.prob_full[k])
+        assert float(iso.kept_prob[k]) == pytest.approx(ratio, rel=1e-4)
+    tables = results.audit_tables(digit_isolation)
+    page = html_lib.unescape(render_report(digit_isolation, title="t", tables=tables))
+    for k, (_, c) in enumerate(iso.pairs):
+        name = digits.class_list[c]
+        assert (
+            f"probability of {name}: {float(iso.prob_full[k]):.3f} on the whole image, "
+            f"{float(iso.prob_isolated[k]):.3f} on the isolated pixels"
+        ) in page
+    assert "lost the logit" not in page  # calibrated masks keep >= 90 % of it
+    lost = copy.copy(digit_isolation)
+    lost.isolation = copy.copy(iso)
+    lost.isolation.logits_isolated = iso.logits_isolated.clone()
+    lost.isolation.logits_isolated[0] = -abs(float(iso.logits_full[0]))
+    page = html_lib.unescape(render_report(lost, title="t", tables=None))
+    assert page.count("lost the logit") >= 2  # the card and "look at these first"
