@@ -377,6 +377,7 @@ def run_prototypes(
         audit.prototypes.logits,
         output=config.output,
         targets=audit.prototypes.target_mask(),
+        measure=config.entanglement_measure,
     )
     audit.timings[ENTANGLEMENT] = time.perf_counter() - began
 

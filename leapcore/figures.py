@@ -90,6 +90,7 @@ def entanglement_figure(
     columns: Sequence[str],
     annotate: bool | None = None,
     fmt: str = "svg",
+    label: str = "entanglement (1 = rose as much as the target)",
 ) -> bytes:
     """A diverging heatmap of ``scores`` ``[len(rows), len(columns)]`` as SVG (or PNG) bytes.
 
@@ -135,7 +136,7 @@ def entanglement_figure(
                     color="white" if dark else "#1b1f24",
                 )
     bar = figure.colorbar(mesh, ax=ax, fraction=0.035, pad=0.02)
-    bar.set_label("entanglement (1 = rose as much as the target)", fontsize=8)
+    bar.set_label(label, fontsize=8)
     bar.ax.tick_params(labelsize=7)
     return _encode(figure, fmt, dpi=110)
 

@@ -50,6 +50,10 @@ LEVELS = (
 AUC_STEPS = 16
 
 
+# Optional per-pair measures of an IsolationResult (None when not measured), in table order.
+PAIR_MEASURES = ("kept_prob", "prob_full", "prob_isolated", "deletion_auc", "insertion_auc")
+
+
 @dataclass
 class IsolationResult:
     """Masks and isolated images for ``pairs``: one row per (image index, class index).
@@ -62,6 +66,8 @@ class IsolationResult:
         logits_isolated: ``[P]`` the class's logit on the isolated image.
         method: the registered name of the method (``"mask"``, ``"hipe"``, ...).
         kept_prob: ``[P]`` the class probability on the isolated image ÷ on the whole image.
+        prob_full, prob_isolated: ``[P]`` the class probability on the whole / isolated image (the
+            two sides of ``kept_prob``: a tiny ``prob_full`` makes any ratio look large).
         deletion_auc, insertion_auc: ``[P]`` RISE AUCs of the pair's saliency map (blurred
             substrate, :data:`AUC_STEPS` budgets); None when not measured.
     """
@@ -74,6 +80,8 @@ class IsolationResult:
     method: str
     seconds: float = 0.0
     kept_prob: torch.Tensor | None = None
+    prob_full: torch.Tensor | None = None
+    prob_isolated: torch.Tensor | None = None
     deletion_auc: torch.Tensor | None = None
     insertion_auc: torch.Tensor | None = None
     steps_run: list[int] | None = None  # mask steps each pair ran (isolation_stop_early)
@@ -133,6 +141,7 @@ class IsolationResult:
         p_full = class_probs(model, source, classes, chunk_size)
         p_iso = class_probs(model, isolated, classes, chunk_size)
         result.kept_prob = (p_iso / p_full.clamp_min(1e-12)).cpu()
+        result.prob_full, result.prob_isolated = p_full.cpu(), p_iso.cpu()
         deletion, insertion = deletion_insertion_auc(
             model,
             source,

@@ -180,6 +180,15 @@ def quality_tags(metrics: dict[str, float]) -> dict[str, str]:
     return {OFF_TARGET_TAG: ",".join(off) if off else "none"}
 
 
+def _probs_cell(iso, k: int) -> str:
+    """``0.912 → 0.871 (0.96)``: both probabilities and their ratio (the ratio alone when only it
+    was stored)."""
+    ratio = f"{float(iso.kept_prob[k]):.2f}"
+    if iso.prob_full is None or iso.prob_isolated is None:
+        return ratio
+    return f"{float(iso.prob_full[k]):.3f} &rarr; {float(iso.prob_isolated[k]):.3f} ({ratio})"
+
+
 def quality_section(audit, context=None) -> str | None:
     """An HTML fragment for the report (h13's ``report_sections`` registry, name ``quality``):
     off-target prototypes first, then every prototype's target probability clean / robust /
@@ -222,13 +231,13 @@ def quality_section(audit, context=None) -> str | None:
     if iso is not None and iso.deletion_auc is not None:
         rows = [
             f"<tr><td>{i}</td><td>{html.escape(names[c])}</td><td>{float(iso.kept[k]):.2f}</td>"
-            f"<td>{float(iso.kept_prob[k]):.2f}</td><td>{float(iso.coverage[k]):.0%}</td>"
+            f"<td>{_probs_cell(iso, k)}</td><td>{float(iso.coverage[k]):.0%}</td>"
             f"<td>{float(iso.deletion_auc[k]):.3f}</td><td>{float(iso.insertion_auc[k]):.3f}</td></tr>"
             for k, (i, c) in enumerate(iso.pairs)
         ]
         parts.append(
             "<h3>Isolation faithfulness</h3><table><tr><th>image</th><th>class</th>"
-            "<th>kept logit</th><th>kept prob</th><th>coverage</th><th>deletion AUC (lower is "
+            "<th>kept logit</th><th>probability: whole &rarr; isolated (kept)</th><th>coverage</th><th>deletion AUC (lower is "
             "better)</th><th>insertion AUC (higher is better)</th></tr>"
             + "".join(rows)
             + "</table>"

@@ -106,7 +106,7 @@ class ReportSection:
 
 #: Modules whose import registers sections (``leapcore.x`` registering ``@report_section`` at import);
 #: :func:`render_sections` imports them, so a section needs no edit of the template or of callers.
-SECTION_MODULES: tuple[str, ...] = ("leapcore.sections",)
+SECTION_MODULES: tuple[str, ...] = ("leapcore.sections", "leapcore.transfer")
 
 #: name -> section; filled by :func:`report_section`. Sections render in ``order``, then by name,
 #: after the built-in ones.
@@ -183,7 +183,13 @@ def entanglement_heatmap(audit: Any, top: int = HEATMAP_COLUMNS, fmt: str = "png
     rows = [target_label(audit, r) for r in range(len(audit.prototypes.images))]
     scores = audit.entanglement[:, columns].numpy()
     names = [audit.class_list[c] for c in columns]
-    return entanglement_figure(scores, rows, names, fmt=fmt)
+    measure = getattr(audit.config, "entanglement_measure", "leap")
+    label = (
+        "entanglement (share of the non-target probability)"
+        if measure == "share"
+        else "entanglement (1 = rose as much as the target)"
+    )
+    return entanglement_figure(scores, rows, names, fmt=fmt, label=label)
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -446,6 +452,7 @@ def render_report(
             look_first=look_first(prototypes, isolations),
             heatmap=heatmap,
             heatmap_columns=heatmap_columns_shown,
+            entanglement_measure=getattr(audit.config, "entanglement_measure", "leap"),
             num_classes=len(audit.class_list),
             trajectory=trajectory,
             lr=None if p is None else p.lr,

@@ -23,6 +23,7 @@ from leapcore.config import (
 # Below these a result is flagged in the summary.
 LOW_PROB = 0.5
 LOW_KEPT = 0.5
+LOW_FULL_PROB = 0.05  # below this a probability ratio (kept_prob) is flagged as meaningless
 HIGH_ENTANGLEMENT = 0.5
 
 
@@ -162,6 +163,10 @@ def isolation_rows(audit: Any, tables: Mapping[str, Any], sources: list[str]) ->
     images = audit.prototypes.images if audit.prototypes is not None else audit.samples
     kept_col = _column(tables, "isolations", "kept_logit") or [None] * len(iso.pairs)
     kept_prob = _column(tables, "isolations", "kept_prob") or [None] * len(iso.pairs)
+    prob_full = _column(tables, "isolations", "prob_full") or _pair_values(iso, "prob_full")
+    prob_alone = _column(tables, "isolations", "prob_isolated") or _pair_values(
+        iso, "prob_isolated"
+    )
     deletion = _column(tables, "isolations", "deletion_auc") or [None] * len(iso.pairs)
     insertion = _column(tables, "isolations", "insertion_auc") or [None] * len(iso.pairs)
     rows = []
@@ -175,9 +180,12 @@ def isolation_rows(audit: Any, tables: Mapping[str, Any], sources: list[str]) ->
             f"keeps {fmt_pct(kept)} of its logit for {names[c]} ({fmt_score(full)} → "
             f"{fmt_score(alone)})."
         )
+        lost = full > 0 and alone <= 0
         if full <= 0:
             sentence += f" The class's logit on the whole image is not positive: {names[c]} is not "
             sentence += "what the model sees here, so the share says little."
+        elif lost:
+            sentence += " The isolated pixels lost the logit: they are not the evidence."
         elif kept < LOW_KEPT:
             sentence += " The mask misses much of the evidence."
         elif kept > 1.05:
@@ -190,13 +198,33 @@ def isolation_rows(audit: Any, tables: Mapping[str, Any], sources: list[str]) ->
                 "coverage": float(iso.coverage[k]),
                 "kept": kept,
                 "kept_prob": kept_prob[k],
+                "prob_full": prob_full[k],
+                "prob_isolated": prob_alone[k],
+                "prob_note": _prob_note(prob_full[k], names[c]),
+                "lost": lost,
                 "deletion_auc": deletion[k],
                 "insertion_auc": insertion[k],
                 "sentence": sentence,
-                "low": full > 0 and kept < LOW_KEPT,
+                "low": full > 0 and (kept < LOW_KEPT or lost),
             }
         )
     return rows
+
+
+def _pair_values(iso: Any, name: str) -> list[float | None]:
+    """An isolation's optional per-pair measure as floats (Nones when it was not measured)."""
+    values = getattr(iso, name, None)
+    return [None] * len(iso.pairs) if values is None else [float(v) for v in values]
+
+
+def _prob_note(prob_full: float | None, name: str) -> str:
+    """A warning when the class is unlikely on the whole image: any probability ratio is then large."""
+    if prob_full is None or prob_full >= LOW_FULL_PROB:
+        return ""
+    return (
+        f"{name} is unlikely on the whole image (p = {prob_full:.3g}), so the ratio of "
+        "probabilities says little; read the logits."
+    )
 
 
 def sample_rows(audit: Any, sample_names: list[str]) -> list[dict[str, Any]]:
@@ -221,8 +249,9 @@ def look_first(prototypes: list[dict], isolations: list[dict]) -> list[str]:
     """The summary's "look at these first": flagged prototypes, then weak isolations."""
     items = [f"{row['label']}: {flag}." for row in prototypes for flag in row["flags"]]
     items += [
-        f"Isolation of {row['class_name']} in {row['source']} keeps only {fmt_pct(row['kept'])} "
-        "of the logit."
+        f"Isolation of {row['class_name']} in {row['source']} "
+        + ("lost the logit" if row.get("lost") else "keeps only")
+        + f" ({fmt_pct(row['kept'])} of it kept)."
         for row in isolations
         if row["low"]
     ]

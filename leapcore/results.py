@@ -24,6 +24,7 @@ import pyarrow as pa
 import torch
 
 from leapcore.images import save_png
+from leapcore.isolation import PAIR_MEASURES
 from leapcore.outputs import probabilities, probability_name
 from leapcore.stage_names import StageTimes
 
@@ -153,7 +154,7 @@ def _described(df: pd.DataFrame, audit) -> pd.DataFrame:
 def _optional_pair_values(iso, k: int) -> dict[str, float]:
     return {
         name: float(getattr(iso, name)[k])
-        for name in ("kept_prob", "deletion_auc", "insertion_auc")
+        for name in PAIR_MEASURES
         if getattr(iso, name) is not None
     }
 
@@ -384,7 +385,7 @@ def isolations_to_arrow(
             "region": pa.array([region] * len(result.pairs), pa.string()),
         }
     )
-    for name in ("kept_prob", "deletion_auc", "insertion_auc"):
+    for name in PAIR_MEASURES:
         value = getattr(result, name)
         if value is not None:
             table = table.append_column(name, pa.array(value.numpy().astype(np.float32)))
@@ -410,7 +411,7 @@ def isolations_from_arrow(table: pa.Table):
         seconds=float(meta.get("leapcore.seconds", 0.0)),
         **{
             name: torch.from_numpy(table.column(name).to_numpy().copy())
-            for name in ("kept_prob", "deletion_auc", "insertion_auc")
+            for name in PAIR_MEASURES
             if name in table.column_names
         },
     )

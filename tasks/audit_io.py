@@ -12,7 +12,7 @@ import torch
 
 from leapcore.config import BASELINE, ENTANGLEMENT, ISOLATION, LR, PROTOTYPES, EngineConfig
 from leapcore.engine import Audit
-from leapcore.isolation import IsolationResult
+from leapcore.isolation import PAIR_MEASURES, IsolationResult
 from leapcore.prototypes import PrototypeResult
 from leapcore.results import (
     baseline_from_arrow,
@@ -62,9 +62,7 @@ def merge_isolations(parts: list[IsolationResult]) -> IsolationResult:
         logits_isolated=torch.cat([p.logits_isolated for p in parts]),
         method=parts[0].method,
         seconds=sum(p.seconds for p in parts),
-        kept_prob=_cat_optional([p.kept_prob for p in parts]),
-        deletion_auc=_cat_optional([p.deletion_auc for p in parts]),
-        insertion_auc=_cat_optional([p.insertion_auc for p in parts]),
+        **{name: _cat_optional([getattr(p, name) for p in parts]) for name in PAIR_MEASURES},
     )
 
 

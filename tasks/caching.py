@@ -55,6 +55,7 @@ SAMPLES = "samples"
 SAMPLE_ISOLATION = "sample_isolation"
 REPORT = "report"
 ATTRIBUTION = "attribution"
+TRANSFER = "transfer"
 
 
 def stage_options(stage: str, config: EngineConfig) -> list[str]:
@@ -76,7 +77,7 @@ def stage_options(stage: str, config: EngineConfig) -> list[str]:
         names = set(options_for_stage(ISOLATION)) | {"log_freq"}
         if config.isolation_steps is None:
             names.add("max_steps")
-    elif stage in (SAMPLES, ATTRIBUTION):
+    elif stage in (SAMPLES, ATTRIBUTION, TRANSFER):
         names = shared  # attribution's methods and their options are task arguments, in the key
     elif stage == REPORT:
         names = set(EngineConfig.model_fields)  # the report shows the whole (secret-free) config

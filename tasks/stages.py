@@ -286,7 +286,11 @@ def score_entanglement(
     base_logits = baseline_from_arrow(store.get_table(baseline.refs["baseline"])).logits.cpu()
     began = time.perf_counter()
     scores = entanglement_stage.entanglement(
-        base_logits, merged.logits, output=merged.output, targets=merged.target_mask()
+        base_logits,
+        merged.logits,
+        output=merged.output,
+        targets=merged.target_mask(),
+        measure=config.entanglement_measure,
     )
     seconds = time.perf_counter() - began
     names = list(model.class_list)

@@ -65,7 +65,14 @@ STAGING = "staging"
 # The contract's quality columns (HELPERS.md), published when the tables carry them.
 QUALITY_COLUMNS = {
     "prototypes": ("off_target", "target_prob_robust", "transfer_probs"),
-    "isolations": ("kept_logit", "kept_prob", "deletion_auc", "insertion_auc"),
+    "isolations": (
+        "kept_logit",
+        "kept_prob",
+        "prob_full",
+        "prob_isolated",
+        "deletion_auc",
+        "insertion_auc",
+    ),
 }
 _STAGING_LOCK = threading.Lock()
 

@@ -30,7 +30,7 @@ def test_matches_the_reference_on_random_logits():
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(1, 7, generator=gen, dtype=torch.float64)
     protos = torch.randn(4, 7, generator=gen, dtype=torch.float64) * 3
-    got = entanglement(base, protos)
+    got = entanglement(base, protos, measure="leap")
     torch.testing.assert_close(
         got, reference(base.tolist(), protos.tolist()), rtol=1e-12, atol=1e-12
     )
@@ -40,7 +40,7 @@ def test_matches_the_reference_with_one_baseline_per_row():
     gen = torch.Generator().manual_seed(1)
     base = torch.randn(3, 5, generator=gen, dtype=torch.float64)
     protos = torch.randn(3, 5, generator=gen, dtype=torch.float64)
-    got = entanglement(base, protos)
+    got = entanglement(base, protos, measure="leap")
     torch.testing.assert_close(
         got, reference(base.tolist(), protos.tolist()), rtol=1e-12, atol=1e-12
     )
@@ -49,7 +49,7 @@ def test_matches_the_reference_with_one_baseline_per_row():
 def test_top_class_scores_exactly_one_and_an_unmoved_class_zero():
     base = torch.tensor([[0.0, 1.0, 2.0]])
     proto = torch.tensor([[5.0, 1.0, 3.5]])
-    scores = entanglement(base, proto)[0]
+    scores = entanglement(base, proto, measure="leap")[0]
     assert scores[0] == 1.0  # the top class
     assert scores[1] == 0.0  # did not move
     assert scores[2] == (3.5 - 2.0) / (5.0 - 2.0)  # rose half as far as it could
@@ -59,7 +59,7 @@ def test_guarded_denominator():
     # Class 1's baseline logit equals the prototype's top logit: the denominator is zero.
     base = torch.tensor([[0.0, 4.0, 9.0]], dtype=torch.float64)
     proto = torch.tensor([[4.0, 3.0, 1.0]], dtype=torch.float64)
-    scores = entanglement(base, proto, eps=1e-6)
+    scores = entanglement(base, proto, eps=1e-6, measure="leap")
     assert torch.isfinite(scores).all()
     torch.testing.assert_close(scores, reference(base.tolist(), proto.tolist()), rtol=1e-12, atol=0)
     assert scores[0, 1] == (3.0 - 4.0) / 1e-6
@@ -69,5 +69,6 @@ def test_guarded_denominator():
     tiny = entanglement(
         torch.tensor([[0.0, 4.0 + 1e-9]], dtype=torch.float64),
         torch.tensor([[4.0, 0.0]], dtype=torch.float64),
+        measure="leap",
     )
     assert tiny[0, 1] == (0.0 - (4.0 + 1e-9)) / -1e-6
