@@ -1,9 +1,14 @@
-"""The ``attribute_samples`` stage: pixel attributions of the loaded samples, with faithfulness.
+"""Attribution stages: pixel attributions with faithfulness, as ``attributions`` tables.
 
-Reads the ``samples`` table, runs ``leapcore.attribution.attribute`` for the requested methods and
-targets (default: each image's top class), scores every map with ``leapcore.faithfulness`` and
-writes the ``attributions`` table (schema in ``leapcore.attribution.arrow``). Cached by content and
-retried like every stage.
+- ``attribute_samples`` (``leap explain --methods``): reads the ``samples`` table, runs
+  ``leapcore.attribution.attribute`` for the requested methods and targets (default: each image's top
+  class), scores every map with ``leapcore.faithfulness`` and writes the ``attributions`` table
+  (schema in ``leapcore.attribution.arrow``).
+- ``attribute_prototypes`` (``audit_model(methods=...)``, ``leap audit --methods``): the audit's
+  analysis stage; the prototypes, each for its own target, and the user's samples when given, each
+  for its top audited class (``leapcore.attribution.audit``), in one table with the pictures.
+
+Both are cached by content and retried like every stage.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from typing import Any
 
 from leapcore.attribution import attribute, get_method
 from leapcore.attribution.arrow import attributions_to_arrow, faithfulness_scores
+from leapcore.attribution.audit import explain_table, prototype_inputs, sample_inputs
+from leapcore.attribution.report import attribution_metrics
 from leapcore.config import EngineConfig
 from leapcore.device import pick_device
-from leapcore.results import samples_from_arrow
+from leapcore.results import prototypes_from_arrow, samples_from_arrow
 from tasks.artifacts import ArtifactStore
 from tasks.caching import ATTRIBUTION
 from tasks.model import ModelLocator, ModelRef, engine_model
@@ -74,3 +81,109 @@ def attribute_samples(
     ]
     ref = store.put_table(table, "attributions")
     return StageOutput("attribute_samples", {"attributions": ref}, seconds, summary)
+
+
+def _summary(table: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "image": row["image_name"],
+            "class": row["target_name"],
+            "method": row["method"],
+            "deletion AUC": round(row["deletion_auc"], 3),
+            "insertion AUC": round(row["insertion_auc"], 3),
+            "sparseness": round(row["sparseness"], 3),
+        }
+        for row in table.drop_columns(
+            [c for c in ("map", "picture") if c in table.column_names]
+        ).to_pylist()
+    ]
+
+
+@stage_task(
+    "attribute_prototypes",
+    ATTRIBUTION,
+    "Attribute each prototype's target (and the user's samples) pixel by pixel.",
+)
+def attribute_audit(
+    model: ModelRef,
+    locator: ModelLocator,
+    config: EngineConfig,
+    prototypes: list[StageOutput],
+    samples: StageOutput | None,
+    targets: list[list[int]],
+    methods: list[str],
+    store: ArtifactStore,
+    method_options: dict[str, Any] | None = None,
+    device: str | None = None,
+) -> StageOutput:
+    """The audit's ``attributions`` table (see ``leapcore.attribution.audit`` for what is explained)."""
+    import torch
+
+    from tasks.audit_io import merge_prototypes
+
+    dev = pick_device(device)
+    net, _ = engine_model(model, locator, config, dev)
+    names = list(model.class_list)
+    merged = merge_prototypes(
+        [
+            prototypes_from_arrow(
+                store.get_table(p.refs["prototypes"]), store.get_table(p.refs["trajectories"])
+            )
+            for p in sorted(prototypes, key=lambda p: p.first_row)
+        ]
+    )
+    explained = prototype_inputs(merged, names, config, dev)
+    if samples is not None:
+        images, _, sample_names = samples_from_arrow(store.get_table(samples.refs["samples"]))
+        images = images.to(dev)
+        with torch.no_grad():
+            logits = net(images)
+        explained = explained + sample_inputs(images, sample_names, logits, targets)
+    began = time.perf_counter()
+    table = explain_table(net, explained, methods, names, method_options)
+    seconds = time.perf_counter() - began
+    ref = store.put_table(table, "attributions")
+    return StageOutput("attribute_prototypes", {"attributions": ref}, seconds, _summary(table))
+
+
+def attribute_prototypes(ctx: Any) -> tuple[StageOutput | None, str]:
+    """Analysis stage: attributions of the prototypes and of ``ctx.samples`` for ``ctx.methods``.
+
+    Skipped when no methods were asked for. The samples are read with the model's eval transform
+    (``load_samples``, reused when the audit already loaded them).
+    """
+    if not ctx.methods:
+        return None, "Skipped"
+    from tasks.image_files import image_files
+    from tasks.runtime import run_stage
+    from tasks.stages import load_samples
+
+    samples = ctx.outputs.get("load_samples")
+    if samples is None and ctx.samples:
+        samples, _ = run_stage(
+            load_samples,
+            files=image_files(list(ctx.samples)),
+            model=ctx.model,
+            config=ctx.config,
+            store=ctx.store,
+        )
+    return run_stage(
+        attribute_audit,
+        model=ctx.model,
+        locator=ctx.locator,
+        config=ctx.config,
+        prototypes=ctx.outputs["optimise_prototypes"],
+        samples=samples,
+        targets=ctx.targets,
+        methods=check_methods(ctx.methods),
+        store=ctx.store,
+        method_options=ctx.method_options or None,
+        device=ctx.device,
+    )
+
+
+def attribution_findings(tables: dict[str, Any]) -> Any:
+    """MLflow metrics of the audit's attributions (``attribution.<method>.<score>``)."""
+    from tasks.analysis import Findings
+
+    return Findings(metrics=attribution_metrics(tables["attributions"]))

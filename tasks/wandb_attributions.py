@@ -1,4 +1,4 @@
-"""The W&B table of an ``attributions`` table (``explain_samples(..., methods=...)``).
+"""The W&B table of an ``attributions`` table (``explain_samples`` / ``audit_model(methods=...)``).
 
 One row per (image, class, method): the image, the method's signed map drawn as in the report
 (matplotlib ``bwr``, centred on zero, scaled by its largest absolute value), RISE deletion and
@@ -22,16 +22,19 @@ COLUMNS += ["sparseness"]
 
 
 def attribution_table(wandb: Any, table: pa.Table, images: Any = None) -> Any:
-    """``wandb.Table`` of the maps in ``table``; ``images`` (``[N, C, H, W]`` in [0, 1], the
-    explained samples) fills the ``picture`` column (None without them)."""
+    """``wandb.Table`` of the maps in ``table``; the table's ``picture`` column, else ``images``
+    (``[N, C, H, W]`` in [0, 1], the explained samples), fills the ``picture`` column."""
     result, scores = attributions_from_arrow(table)
+    pictures = table.column("picture").to_pylist() if "picture" in table.column_names else None
     names = table.column("image_name").to_pylist()
     classes = table.column("target_name").to_pylist()
     out = wandb.Table(columns=COLUMNS)
     for p in range(len(result.targets)):
         index = int(result.image_index[p])
         picture = None
-        if images is not None and index < len(images):
+        if pictures is not None:  # the table's own image (audits: prototypes and samples)
+            picture = wandb.Image(Image.open(io.BytesIO(pictures[p])), caption=names[p])
+        elif images is not None and index < len(images):
             picture = wandb.Image(to_uint8(images[index]), caption=names[p])
         for method in result.methods:
             drawn = Image.open(io.BytesIO(map_png(result.maps[method][p])))

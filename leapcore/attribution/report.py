@@ -2,8 +2,9 @@
 
 ``attribution_section(audit, context)`` follows the report's section contract (name -> function of
 the audit and a context dict -> an HTML fragment or None). It reads ``context["attributions"]`` (the
-``attributions`` Arrow table) and ``context["images"]`` (``[N, C, H, W]`` in [0, 1], optional) and
-returns None when there are no attributions. Maps are drawn with a diverging colour map centred on
+``attributions`` Arrow table) and ``context["images"]`` (``[N, C, H, W]`` in [0, 1], optional; the
+table's own ``picture`` column wins when it has one, as an audit's table of prototypes and samples
+does) and returns None when there are no attributions. Maps are drawn with a diverging colour map centred on
 zero (red positive, blue negative), each scaled by its own largest absolute value; under each map:
 deletion AUC (lower is better), insertion AUC (higher is better) and sparseness.
 """
@@ -51,6 +52,7 @@ def attribution_section(audit: Any, context: dict[str, Any]) -> str | None:
     if not isinstance(table, pa.Table) or table.num_rows == 0:
         return None
     images = context.get("images")
+    pictures = table.column("picture").to_pylist() if "picture" in table.column_names else None
     result, scores = attributions_from_arrow(table)
     names = table.column("image_name").to_pylist()
     target_names = table.column("target_name").to_pylist()
@@ -60,7 +62,9 @@ def attribution_section(audit: Any, context: dict[str, Any]) -> str | None:
     for p in range(len(result.targets)):
         image = int(result.image_index[p])
         cells = [f"<td>{html.escape(names[p])}<br>{html.escape(target_names[p])}</td>"]
-        if isinstance(images, torch.Tensor):
+        if pictures is not None:  # the table carries the image itself (audits)
+            cells.append(f'<td><img src="{_uri(pictures[p])}" width="112" alt="image"></td>')
+        elif isinstance(images, torch.Tensor):
             cells.append(
                 f'<td><img src="{_uri(_image_png(images[image]))}" width="112" alt="image"></td>'
             )
@@ -72,7 +76,8 @@ def attribution_section(audit: Any, context: dict[str, Any]) -> str | None:
                 f"ins {s['insertion_auc']:.3f} · sparse {s['sparseness']:.3f}</small></td>"
             )
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    image_head = "<th>image</th>" if isinstance(images, torch.Tensor) else ""
+    shown = pictures is not None or isinstance(images, torch.Tensor)
+    image_head = "<th>image</th>" if shown else ""
     seconds = ", ".join(f"{m} {result.seconds[m]:.2f} s" for m in methods)
     return (
         '<section id="attributions"><h2>Attributions</h2>'
