@@ -10,6 +10,7 @@ from torch import nn
 
 from leapcore.adapter import LogitsModel
 from leapcore.attribution import attribute, consensus, list_methods
+from leapcore.attribution.vit import VIT_METHODS
 from leapcore.errors import InputError
 from leapcore.models import Normalize
 
@@ -90,7 +91,7 @@ SMALL = {
 
 
 def test_every_cnn_method_gives_a_signed_map_per_image_and_target(images) -> None:
-    methods = [m for m in list_methods() if m != "attention_rollout"]
+    methods = [m for m in list_methods() if m not in VIT_METHODS]
     options = {k: v for k, v in SMALL.items() if k in methods}
     result = attribute(
         tiny_cnn(), images, [[0, 1], [2], [3]], methods,
