@@ -48,6 +48,7 @@ from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
 from tasks.report import stamp_report
 from tasks.runtime import SKIPPED, collect_publications, mlflow_link, stage_finished
+from tasks.sample_files import image_files
 
 OPTIONAL = ("render_report", "export_results", "publish_mlflow", "publish_wandb")
 ALIASES = {
