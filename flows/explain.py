@@ -43,7 +43,6 @@ from tasks import (
 )
 from tasks.attribution import attribute_samples, check_methods
 from tasks.export import check_output_dir
-from tasks.image_files import image_files
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
 from tasks.report import stamp_report

@@ -23,10 +23,13 @@ from leapcore.attribution.report import attribution_metrics
 from leapcore.config import EngineConfig
 from leapcore.device import pick_device
 from leapcore.results import prototypes_from_arrow, samples_from_arrow
+from tasks.analysis import AuditContext, Findings, analysis_stage
 from tasks.artifacts import ArtifactStore
 from tasks.caching import ATTRIBUTION
 from tasks.model import ModelLocator, ModelRef, engine_model
-from tasks.stages import StageOutput, stage_task
+from tasks.runtime import run_stage
+from tasks.sample_files import image_files
+from tasks.stages import SampleFile, StageOutput, load_samples, stage_task
 
 
 def check_methods(methods: list[str] | str | None) -> list[str]:
@@ -146,23 +149,35 @@ def attribute_audit(
     return StageOutput("attribute_prototypes", {"attributions": ref}, seconds, _summary(table))
 
 
-def attribute_prototypes(ctx: Any) -> tuple[StageOutput | None, str]:
-    """Analysis stage: attributions of the prototypes and of ``ctx.samples`` for ``ctx.methods``.
+def attribution_findings(tables: dict[str, Any]) -> Findings:
+    """MLflow metrics of the audit's attributions: ``attribution.<method>.<score>`` (mean over the
+    prototypes and samples) and ``.seconds``."""
+    return Findings(metrics=attribution_metrics(tables["attributions"]))
+
+
+@analysis_stage(
+    "attribute_prototypes",
+    aliases=("attribution", "attribute"),
+    tables=("attributions",),
+    findings=attribution_findings,
+    order=50,
+)
+def attribute_prototypes(ctx: AuditContext) -> tuple[StageOutput | None, str]:
+    """Attribution maps of the prototypes (and the user's samples) for the methods asked for.
 
     Skipped when no methods were asked for. The samples are read with the model's eval transform
-    (``load_samples``, reused when the audit already loaded them).
+    (``load_samples``, reused when an earlier stage already loaded them).
     """
     if not ctx.methods:
         return None, "Skipped"
-    from tasks.image_files import image_files
-    from tasks.runtime import run_stage
-    from tasks.stages import load_samples
-
     samples = ctx.outputs.get("load_samples")
     if samples is None and ctx.samples:
+        files = [f if isinstance(f, SampleFile) else None for f in ctx.samples]
+        if None in files:  # paths rather than the flow's checked, hashed files
+            files = image_files([str(f) for f in ctx.samples])
         samples, _ = run_stage(
             load_samples,
-            files=image_files(list(ctx.samples)),
+            files=files,
             model=ctx.model,
             config=ctx.config,
             store=ctx.store,
@@ -180,10 +195,3 @@ def attribute_prototypes(ctx: Any) -> tuple[StageOutput | None, str]:
         method_options=ctx.method_options or None,
         device=ctx.device,
     )
-
-
-def attribution_findings(tables: dict[str, Any]) -> Any:
-    """MLflow metrics of the audit's attributions (``attribution.<method>.<score>``)."""
-    from tasks.analysis import Findings
-
-    return Findings(metrics=attribution_metrics(tables["attributions"]))

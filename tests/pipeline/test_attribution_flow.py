@@ -168,3 +168,104 @@ def test_explain_with_methods_shows_and_publishes_the_attributions(
         np.testing.assert_array_equal(drawn, own)
         picture = np.asarray(Image.open(files[row["picture"]["path"]]))
         assert picture.shape[:2] == (32, 32) and picture.std() > 0
+
+
+def test_audit_with_methods_attributes_prototypes_and_samples_everywhere(
+    prefect_server, registered_model, fresh_store, tmp_path
+) -> None:
+    """``audit_model(methods=["ig"], samples=DIR)``: the ``attribute_prototypes`` analysis stage
+    explains each prototype for its own target and each sample for its top audited class; the
+    report section, the MLflow Parquet artifact and metrics and the W&B table (read back offline)
+    all show that table, and the stage is skipped without methods."""
+    import io
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from flows import audit_model
+    from leapcore.attribution.arrow import attributions_from_arrow
+    from tasks import ArtifactStore
+    from tasks.wandb_records import wandb_records
+    from tests.pipeline.support import wandb_contents
+
+    folder = _folder(tmp_path)
+    result = audit_model(
+        registered_model.uri,
+        target_classes=[3, 7],
+        config=tiny_config(),
+        artifact_store=fresh_store,
+        skip=["export"],
+        output_dir=str(tmp_path / "out"),
+        samples=[str(folder)],
+        methods=["ig"],
+        method_options={"integrated_gradients": {"n_steps": 8}},
+    )
+    assert result.stages["attribute_prototypes"] == "Completed"
+    store = ArtifactStore(fresh_store)
+    table = store.get_table(result.outputs["attribute_prototypes"].refs["attributions"])
+    rows = table.to_pylist()
+    # one prototype per target (tiny_config) for its own class, then the 2 digits for the audited
+    # class (3 or 7) with the larger logit
+    assert [(r["image_name"], r["target_name"]) for r in rows[:2]] == [
+        ("prototype digit-3", "digit-3"),
+        ("prototype digit-7", "digit-7"),
+    ]
+    assert [r["image_name"] for r in rows[2:]] == ["digit0_0.png", "digit1_1.png"]
+    assert {r["target_name"] for r in rows[2:]} <= {"digit-3", "digit-7"}
+    assert {r["method"] for r in rows} == {"integrated_gradients"}
+    _, scores = attributions_from_arrow(table)
+    ig = scores["integrated_gradients"]
+    assert torch.isfinite(ig["deletion_auc"]).all() and torch.isfinite(ig["sparseness"]).all()
+
+    # The report's section: one row per explained image, the picture beside the map.
+    page = store.get_bytes(result.outputs["render_report"].report).decode("utf-8")
+    section = page[page.index('<section id="attributions">') :]
+    section = section[: section.index("</section>")]
+    assert section.count('alt="integrated_gradients"') == 4 and section.count('alt="image"') == 4
+    assert "prototype digit-7<br>digit-7" in section and "digit1_1.png" in section
+    for value in ig["deletion_auc"].tolist():
+        assert f"del {value:.3f}" in section
+
+    # MLflow: the table as a Parquet artifact and the findings as metrics.
+    client = MlflowClient()
+    local = client.download_artifacts(result.mlflow_run_id, "tables/attributions.parquet")
+    assert pq.read_table(local).equals(table)
+    metrics = client.get_run(result.mlflow_run_id).data.metrics
+    assert metrics["attribution.integrated_gradients.deletion_auc"] == pytest.approx(
+        float(ig["deletion_auc"].mean()), abs=1e-6
+    )
+    assert result.metrics["attribution.integrated_gradients.sparseness"] == pytest.approx(
+        float(ig["sparseness"].mean()), abs=1e-6
+    )
+
+    # W&B: the attributions table read back from the offline run's files, pictures included.
+    wandb = wandb_contents(result.wandb_run_dir)
+    assert wandb["history"]["attributions.nrows"] == table.num_rows
+    files = {}
+    for record in wandb_records(result.wandb_run_dir):
+        if record.WhichOneof("record_type") == "artifact" and record.artifact.name.endswith(
+            "-attributions"
+        ):
+            files = {e.path: Path(e.local_path) for e in record.artifact.manifest.contents}
+    logged = json.loads(files["attributions.table.json"].read_text())
+    got = [dict(zip(logged["columns"], row)) for row in logged["data"]]
+    assert [(r["image"], r["class"]) for r in got] == [
+        (r["image_name"], r["target_name"]) for r in rows
+    ]
+    for row, want in zip(got, rows):
+        assert row["deletion_auc"] == pytest.approx(want["deletion_auc"], abs=1e-6)
+        picture = np.asarray(Image.open(files[row["picture"]["path"]]))
+        own = np.asarray(Image.open(io.BytesIO(want["picture"])))
+        np.testing.assert_array_equal(picture, own)  # the row's own image, prototype or sample
+
+    # Without methods the stage has nothing to do (and runs no task).
+    from leapcore.config import load_config
+    from tasks.analysis import AuditContext
+    from tasks.attribution import attribute_prototypes
+
+    idle = AuditContext(None, None, load_config({}), store, "cpu", [[3]], ["digit-3"], [])
+    assert attribute_prototypes(idle) == (None, "Skipped")
