@@ -4,7 +4,9 @@
   with the identity added; class-agnostic (the same map for every target of an image).
 - ``generic_attention`` (Chefer, Gur & Wolf, 2021, "Generic Attention-model Explainability", the
   ViT rule of InterpretDL's ``GAInterpreter``): relevance ``R = I``, then for each block in forward
-  order ``R += mean_heads((dy_t/dA * A)^+) @ R``; the class token's row over the patches.
+  order from ``start_layer`` on, ``R += mean_heads((dy_t/dA * A)^+) @ R``; the class token's row
+  over the patches. ``y_t`` is the target's logit here, as in Chefer et al.'s code (InterpretDL's
+  TAM takes the softmax probability; every leapcore method seeds the logit).
 - ``transition_attention`` (TAM: Yuan et al., 2021, "Explaining Information Flow Inside Vision
   Transformers Using Markov Chain", InterpretDL's ``TAMInterpreter``): the class token's row of the
   last block's head-averaged attention, carried back through the blocks ``start_layer`` .. L-2 as a
@@ -120,12 +122,13 @@ def _patch_grid(network: nn.Module, cls_row: torch.Tensor, method: str) -> torch
 
 
 def generic_attention_relevance(
-    attentions: list[torch.Tensor], gradients: list[torch.Tensor]
+    attentions: list[torch.Tensor], gradients: list[torch.Tensor], start_layer: int = 0
 ) -> torch.Tensor:
-    """Chefer et al.'s self-attention rule: ``[B, T, T]`` relevance (see the module docstring)."""
+    """Chefer et al.'s self-attention rule: ``[B, T, T]`` relevance (see the module docstring);
+    blocks before ``start_layer`` are left out (InterpretDL's option)."""
     first = attentions[0]
     relevance = torch.eye(first.shape[-1], device=first.device).expand(first.shape[0], -1, -1)
-    for attention, gradient in zip(attentions, gradients):
+    for attention, gradient in list(zip(attentions, gradients))[max(0, start_layer) :]:
         cam = (gradient * attention).clamp(min=0).mean(dim=1)
         relevance = relevance + cam @ relevance
     return relevance
@@ -160,6 +163,7 @@ def attention_rollout(
     "generic_attention",
     library="leapcore",
     passes="1",
+    defaults={"start_layer": 0},
     aliases=("ga", "chefer"),
 )
 def generic_attention(
@@ -167,7 +171,7 @@ def generic_attention(
 ) -> torch.Tensor:
     """Gradient-weighted attention relevance of the target (Chefer et al., 2021), ``[B, g, g]``."""
     attentions, gradients = attention_and_gradients(ctx, images, targets, "generic_attention")
-    relevance = generic_attention_relevance(attentions, gradients)
+    relevance = generic_attention_relevance(attentions, gradients, int(ctx.options["start_layer"]))
     return _patch_grid(ctx.network, relevance[:, 0], "generic_attention")
 
 
