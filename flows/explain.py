@@ -41,7 +41,7 @@ from tasks import (
     summarise,
     tracking_uri,
 )
-from tasks.attribution import attribute_samples, check_methods
+from tasks.attribution import attribute_samples, check_methods, relmax_references
 from tasks.export import check_output_dir
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
@@ -56,6 +56,22 @@ ALIASES = {
     "mlflow": "publish_mlflow",
     "wandb": "publish_wandb",
 }
+
+
+def check_relmax(
+    relmax: list[str] | str | None, methods: list[str], count: int
+) -> list[SampleFile]:
+    """The reference images of ``relmax`` (none without it); RelMax needs CRP's concepts."""
+    if not relmax:
+        return []
+    if "crp" not in methods:
+        raise InputError(
+            "relmax shows reference images of the concepts CRP finds: add crp to the methods "
+            "(e.g. --methods crp or methods=['ig', 'crp'])."
+        )
+    if int(count) < 1:
+        raise InputError(f"relmax_count must be at least 1; got {count}.")
+    return image_files(relmax)
 
 
 def _skipped(skip: list[str] | str | None) -> set[str]:
@@ -115,6 +131,8 @@ def explain_samples(
     output_dir: str | None = None,
     methods: list[str] | str | None = None,
     method_options: dict[str, Any] | None = None,
+    relmax: list[str] | str | None = None,
+    relmax_count: int = 4,
 ) -> AuditResult:
     """Isolate, in each image, the features of its top classes (or of ``target_classes``).
 
@@ -131,6 +149,10 @@ def explain_samples(
         methods: attribution methods (``["ig", "lrp", "crp"]`` or ``"ig,lrp,crp"``) to run on the
             images as well (stage ``attribute_samples``, table ``attributions``); none by default.
         method_options: options of ``leapcore.attribution.attribute`` (per method under its name).
+        relmax: image files and/or folders of reference images: for each concept CRP finds (needs
+            ``crp`` in ``methods``; its ``layer`` and ``composite``), the ``relmax_count`` images of
+            these most relevant for it (zennit-crp's RelMax; stage ``relmax_references``, table
+            ``relmax``, shown in the report's attributions section).
 
     Returns:
         An :class:`~tasks.runtime.AuditResult`.
@@ -143,6 +165,7 @@ def explain_samples(
     secrets = secret_values(cfg, model_uri, artifact_store, model_options)
     with scrubbed_errors(secrets):
         attribution_methods = check_methods(methods)
+        references = check_relmax(relmax, attribution_methods, relmax_count)
         mlflow_uri = tracking_uri()
         registry = dict(locator.identity.registry) if locator.identity else {}
         flow_run_id = str(current_flow_run.id)
@@ -176,6 +199,7 @@ def explain_samples(
                 run_name,
                 attribution_methods,
                 method_options,
+                (references, relmax_count),
             )
         except BaseException as err:
             if run_id is not None:
@@ -222,6 +246,7 @@ def _explain(
     run_name: str,
     methods: list[str] | None = None,
     method_options: dict[str, Any] | None = None,
+    relmax: tuple[list[SampleFile], int] = ([], 4),
 ) -> AuditResult:
     states: dict[str, str] = {}
     model, states["fetch_model"] = fetched
@@ -255,6 +280,25 @@ def _explain(
             device=device,
         )
         summarise("explain", "attribute_samples", [attributed], states["attribute_samples"])
+    extras, relmaxed = {}, None
+    if attributed is not None and relmax[0]:
+        references, _ = run_stage(
+            load_samples, files=relmax[0], model=model, config=cfg, store=store
+        )
+        relmaxed, states["relmax_references"] = run_stage(
+            relmax_references,
+            model=model,
+            locator=locator,
+            config=cfg,
+            attributions=attributed,
+            references=references,
+            store=store,
+            n=relmax[1],
+            method_options=method_options,
+            device=device,
+        )
+        summarise("explain", "relmax_references", [relmaxed], states["relmax_references"])
+        extras["relmax"] = relmaxed.refs["relmax"]
     report, states["render_report"] = run_stage(
         render_report,
         model=model,
@@ -265,6 +309,7 @@ def _explain(
         title=f"Explanations by {model.uri}",
         html="render_report" not in off,
         attributions=attributed,
+        extras=extras or None,
     )
     provenance = {"prefect_flow_run": str(current_flow_run.id), "mlflow_run": run_id or ""}
     report = stamp_report(report, store, model, provenance, samples)
@@ -291,6 +336,7 @@ def _explain(
             "isolate_samples": isolated,
             "render_report": report,
             **({"attribute_samples": attributed} if attributed is not None else {}),
+            **({"relmax_references": relmaxed} if relmaxed is not None else {}),
         },
         metrics=dict(report.metrics),
         output_dir=str(Path(out_dir).resolve()),

@@ -70,7 +70,9 @@ def attribute_samples(
     result = attribute(net, images, chosen, methods, **(method_options or {}))
     seconds = time.perf_counter() - began
     scores = faithfulness_scores(net, images, result)
-    table = attributions_to_arrow(result, list(model.class_list), names, scores)
+    table = attributions_to_arrow(
+        result, list(model.class_list), names, scores, crp_layer=_crp_layer(net, method_options)
+    )
     summary = [
         {
             "image": row["image_name"],
@@ -84,6 +86,60 @@ def attribute_samples(
     ]
     ref = store.put_table(table, "attributions")
     return StageOutput("attribute_samples", {"attributions": ref}, seconds, summary)
+
+
+def _crp_layer(net: Any, method_options: dict[str, Any] | None) -> str | None:
+    """The layer CRP attributed at (its ``layer`` option, else the last convolution)."""
+    layer = ((method_options or {}).get("crp") or {}).get("layer")
+    if layer:
+        return str(layer)
+    try:
+        from leapcore.attribution.lrp import default_crp_layer
+
+        return default_crp_layer(net.model)
+    except Exception:  # no convolution or no zennit: CRP did not run either
+        return None
+
+
+@stage_task(
+    "relmax_references", ATTRIBUTION, "RelMax: the user's images most relevant for each concept."
+)
+def relmax_references(
+    model: ModelRef,
+    locator: ModelLocator,
+    config: EngineConfig,
+    attributions: StageOutput,
+    references: StageOutput,
+    store: ArtifactStore,
+    n: int = 4,
+    method_options: dict[str, Any] | None = None,
+    device: str | None = None,
+) -> StageOutput:
+    """The ``relmax`` table: reference images (from ``references``) of the CRP concepts found in
+    ``attributions``, at CRP's layer and with its composite."""
+    from leapcore.attribution.relmax import relmax_table
+    from leapcore.errors import InputError
+
+    table = store.get_table(attributions.refs["attributions"])
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    if "concept_ids" not in table.column_names or "leapcore.crp_layer" not in meta:
+        raise InputError("RelMax shows reference images of CRP's concepts: add crp to the methods.")
+    concepts = sorted({c for ids in table.column("concept_ids").to_pylist() if ids for c in ids})
+    dev = pick_device(device)
+    net, _ = engine_model(model, locator, config, dev)
+    images, _, names = samples_from_arrow(store.get_table(references.refs["samples"]))
+    composite = ((method_options or {}).get("crp") or {}).get("composite", "epsilon_plus_flat")
+    began = time.perf_counter()
+    out = relmax_table(
+        net, images.to(dev), names, meta["leapcore.crp_layer"], concepts, n, composite=composite
+    )
+    seconds = time.perf_counter() - began
+    summary = [
+        {"concept": r["concept"], "rank": r["rank"], "image": r["image_name"], "score": r["score"]}
+        for r in out.drop_columns(["picture"]).to_pylist()
+    ]
+    ref = store.put_table(out, "relmax")
+    return StageOutput("relmax_references", {"relmax": ref}, seconds, summary)
 
 
 def _summary(table: Any) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
-"""The W&B table of an ``attributions`` table (``explain_samples`` / ``audit_model(methods=...)``).
+"""The W&B tables of an ``attributions`` table (``explain_samples`` / ``audit_model(methods=...)``).
 
 One row per (image, class, method): the image, the method's signed map drawn as in the report
 (matplotlib ``bwr``, centred on zero, scaled by its largest absolute value), RISE deletion and
-insertion AUC and Gini sparseness, as the ``attributions`` Arrow table holds them.
+insertion AUC and Gini sparseness, as the ``attributions`` Arrow table holds them. The ``relmax``
+table of ``leap explain --relmax`` is logged column by column (its reference pictures as images).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from PIL import Image
 from leapcore.attribution.arrow import attributions_from_arrow
 from leapcore.attribution.report import map_png
 from leapcore.images import to_uint8
+from tasks.wandb_tables import generic_table, wandb_table
 
 COLUMNS = ["image", "class", "method", "picture", "map", "deletion_auc", "insertion_auc"]
 COLUMNS += ["sparseness"]
@@ -47,3 +49,6 @@ def attribution_table(wandb: Any, table: pa.Table, images: Any = None) -> Any:
                 *[float(scores[method][k][p]) for k in COLUMNS[5:]],
             )
     return out
+
+
+wandb_table("relmax")(generic_table)

@@ -12,7 +12,9 @@ Schema ``attributions`` (named in the metadata under ``leapcore.schema``, beside
   map (RISE deletion / insertion AUC with the blur substrate, Gini sparseness); NaN when not scored;
 - ``picture`` binary, optional: the explained image as the model saw it, as an 8-bit PNG, so that a
   report or a W&B table shows it beside the maps without other artifacts (written when
-  ``attributions_to_arrow`` gets ``images``; an audit explains prototypes and samples in one table).
+  ``attributions_to_arrow`` gets ``images``; an audit explains prototypes and samples in one table);
+- ``concept_ids`` list<int32>, only when ``crp`` ran: its top-k channel concepts of the pair (null in
+  the other methods' rows); the metadata ``leapcore.crp_layer`` names their layer when known.
 
 Metadata ``leapcore.faithfulness_steps`` and ``leapcore.substrate`` record the protocol.
 """
@@ -67,6 +69,7 @@ def attributions_to_arrow(
     steps: int = 16,
     substrate: str = "blur",
     images: torch.Tensor | None = None,
+    crp_layer: str | None = None,
 ) -> pa.Table:
     """The ``attributions`` table of ``result`` (see the module docstring); ``images``
     (``[N, C, H, W]`` in [0, 1], the explained images) fills the ``picture`` column."""
@@ -108,7 +111,18 @@ def attributions_to_arrow(
         pngs = [picture_png(images[i]) for i in range(len(images))]
         rows = [pngs[i] for i in table.column("image_index").to_pylist()]
         table = table.append_column("picture", pa.array(rows, pa.binary()))
-    return _with_schema(table, SCHEMA, {"faithfulness_steps": str(steps), "substrate": substrate})
+    concepts = result.extras.get("crp", {}).get("concept_ids")
+    if concepts is not None:
+        ids = [
+            concepts[p].tolist() if method == "crp" else None
+            for method in result.maps
+            for p in range(pairs)
+        ]
+        table = table.append_column("concept_ids", pa.array(ids, pa.list_(pa.int32())))
+    meta = {"faithfulness_steps": str(steps), "substrate": substrate}
+    if crp_layer is not None and concepts is not None:
+        meta["crp_layer"] = crp_layer
+    return _with_schema(table, SCHEMA, meta)
 
 
 def picture_png(image: torch.Tensor) -> bytes:

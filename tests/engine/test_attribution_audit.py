@@ -99,3 +99,47 @@ def test_the_audit_table_carries_each_picture_and_the_section_shows_prototype_ro
     assert html.count("<tr>") == 1 + 8
     assert "prototype cat+fox #1<br>fox" in html and "s2.png" in html
     assert html.count('alt="image"') == 8  # the pictures, without any images in the context
+
+
+def test_relmax_table_and_the_crp_concepts_in_the_section() -> None:
+    """The attributions table keeps CRP's concept ids; the relmax table holds, per concept, the
+    reference images RelMax ranks first (as ``reference_images``) with their pictures; the section
+    shows both."""
+    pytest.importorskip("crp")
+    from leapcore.attribution import attribute
+    from leapcore.attribution.arrow import attributions_to_arrow
+    from leapcore.attribution.relmax import reference_images, relmax_table
+
+    torch.manual_seed(5)
+    model = LogitsModel(tiny_cnn(), 4, None, (3, SIZE, SIZE), False, False)
+    images = torch.rand(2, 3, SIZE, SIZE)
+    result = attribute(model, images, [0, 1], ["saliency", "crp"], crp={"layer": "3", "top_k": 2})
+    table = attributions_to_arrow(result, CLASSES, ["a.png", "b.png"], crp_layer="3")
+    ids = table.column("concept_ids").to_pylist()
+    assert ids[:2] == [None, None]  # saliency's rows
+    assert ids[2:] == result.extras["crp"]["concept_ids"].tolist()
+    assert table.schema.metadata[b"leapcore.crp_layer"] == b"3"
+
+    pool = torch.rand(5, 3, SIZE, SIZE)
+    names = [f"ref{i}.png" for i in range(5)]
+    concepts = sorted({c for row in ids[2:] for c in row})
+    relmax = relmax_table(model, pool, names, "3", concepts, n=3, batch_size=2)
+    refs = reference_images(model, pool, "3", concepts, n=3)
+    assert relmax.num_rows == 3 * len(concepts)
+    rows = relmax.to_pylist()
+    for k, concept in enumerate(concepts):
+        mine = [r for r in rows if r["concept"] == concept]
+        assert [r["rank"] for r in mine] == [0, 1, 2]
+        assert [r["image_name"] for r in mine] == [names[i] for i in refs.indices[k].tolist()]
+        torch.testing.assert_close(torch.tensor([r["score"] for r in mine]), refs.scores[k])
+        for r in mine:
+            shown = np.array(Image.open(io.BytesIO(r["picture"])))
+            index = names.index(r["image_name"])
+            expected = (pool[index].permute(1, 2, 0) * 255 + 0.5).to(torch.uint8).numpy()
+            assert np.array_equal(shown, expected)
+    html = attribution_section(None, {"attributions": table, "relmax": relmax})
+    for row in ids[2:]:
+        assert f"concepts {', '.join(map(str, row))}" in html
+    assert "RelMax, layer 3" in html
+    assert html.count('alt="reference"') == relmax.num_rows
+    assert html.count("<tr><td>concept ") == len(concepts)

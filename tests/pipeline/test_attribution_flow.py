@@ -22,31 +22,54 @@ def _folder(tmp_path):
 
 
 def test_explain_with_methods_writes_a_cached_attributions_table(
-    prefect_server, registered_model, fresh_store, tmp_path
+    prefect_server, digits_model, fresh_store, tmp_path
 ) -> None:
+    """ig, LRP and CRP, and RelMax over a folder, on the digits CNN as a torch module (a trusted
+    pickle: LRP needs layers it can see, which the registry's torch.export program hides)."""
     from flows import explain_samples
     from leapcore.attribution.arrow import attributions_from_arrow
     from leapcore.results import schema_name
     from tasks import ArtifactStore
+    from tests.pipeline.conftest import DIGITS, SHAPE
 
     folder = _folder(tmp_path)
+    model_file = tmp_path / "digits.pt"
+    torch.save(digits_model, model_file)
+    model_uri = str(model_file)
     options = {
+        "model_options": {"trusted": True, "class_list": list(DIGITS), "input_shape": SHAPE},
         "config": tiny_config(),
         "artifact_store": fresh_store,
         "skip": ["report", "export", "wandb"],
         "output_dir": str(tmp_path / "out"),
-        "methods": "ig,lrp",
+        "methods": "ig,lrp,crp",
+        "method_options": {"crp": {"top_k": 2}},
+        "relmax": [str(folder)],  # the same two digits as reference images
+        "relmax_count": 2,
     }
-    result = explain_samples(registered_model.uri, [str(folder)], **options)
+    result = explain_samples(model_uri, [str(folder)], **options)
     assert result.stages["attribute_samples"] == "Completed"
     ref = result.outputs["attribute_samples"].refs["attributions"]
     table = ArtifactStore(fresh_store).get_table(ref)
     assert schema_name(table) == "attributions"
-    assert table.num_rows == 2 * 2  # 2 images x their top class x 2 methods
+    assert table.num_rows == 2 * 3  # 2 images x their top class x 3 methods
     assert set(table.column("method").to_pylist()) == {
         "integrated_gradients",
         "lrp_epsilon_plus_flat",
+        "crp",
     }
+    # RelMax: for every concept CRP found, both reference images, most relevant first.
+    assert result.stages["relmax_references"] == "Completed"
+    relmax_ref = result.outputs["relmax_references"].refs["relmax"]
+    relmax = ArtifactStore(fresh_store).get_table(relmax_ref)
+    found = {c for ids in table.column("concept_ids").to_pylist() if ids for c in ids}
+    rows = relmax.to_pylist()
+    assert {r["concept"] for r in rows} == found and len(rows) == 2 * len(found)
+    assert {r["layer"] for r in rows} == {table.schema.metadata[b"leapcore.crp_layer"].decode()}
+    for concept in found:
+        mine = [r for r in rows if r["concept"] == concept]
+        assert {r["image_name"] for r in mine} == {"digit0_0.png", "digit1_1.png"}
+        assert mine[0]["score"] >= mine[1]["score"]
     back, scores = attributions_from_arrow(table)
     assert back.maps["integrated_gradients"].shape == (2, 32, 32)
     for values in scores.values():
@@ -63,9 +86,11 @@ def test_explain_with_methods_writes_a_cached_attributions_table(
         metrics["attribution.lrp_epsilon_plus_flat.deletion_auc"],
         float(scores["lrp_epsilon_plus_flat"]["deletion_auc"].mean()),
     )
-    again = explain_samples(registered_model.uri, [str(folder)], **options)
+    again = explain_samples(model_uri, [str(folder)], **options)
     assert again.stages["attribute_samples"] == "Cached"
     assert again.outputs["attribute_samples"].refs["attributions"].sha256 == ref.sha256
+    assert again.stages["relmax_references"] == "Cached"
+    assert again.outputs["relmax_references"].refs["relmax"].sha256 == relmax_ref.sha256
 
 
 def test_leap_explain_methods_refuses_an_unknown_method_before_anything_runs(
@@ -81,6 +106,11 @@ def test_leap_explain_methods_refuses_an_unknown_method_before_anything_runs(
     assert "unknown attribution method 'lpr'. Did you mean 'lrp'" in err
     # Refused before anything started: no stop request is left to stop this process's next run.
     assert not stopping.requested()
+    code = main(["explain", registered_model.uri, folder, "--methods", "ig", "--relmax", folder])
+    assert code == 1
+    assert "relmax shows reference images of the concepts CRP finds: add crp" in (
+        capsys.readouterr().err
+    )
 
 
 def test_explain_with_methods_shows_and_publishes_the_attributions(
@@ -109,13 +139,13 @@ def test_explain_with_methods_shows_and_publishes_the_attributions(
         "artifact_store": fresh_store,
         "skip": ["export"],
         "output_dir": str(tmp_path / "out"),
-        "methods": "ig,lrp",
+        "methods": "ig,saliency",
     }
     result = explain_samples(registered_model.uri, [str(_folder(tmp_path))], **options)
     store = ArtifactStore(fresh_store)
     table = store.get_table(result.outputs["attribute_samples"].refs["attributions"])
     _, scores = attributions_from_arrow(table)
-    methods = ("integrated_gradients", "lrp_epsilon_plus_flat")
+    methods = ("integrated_gradients", "saliency")
 
     # 1. The report renders the registered section: one map per (image, method) with its scores.
     page = store.get_bytes(result.outputs["render_report"].report).decode("utf-8")
