@@ -61,3 +61,25 @@ def test_normlime_default_targets_and_bad_input() -> None:
         normlime(Corners(), images, patch=32)
     with pytest.raises(InputError, match="one target per image"):
         normlime(Corners(), images, [[0, 1], [0], [1]], patch=8, n_samples=16)
+
+
+def test_glime_moves_from_plain_lime_to_the_global_prior_with_the_regularisation() -> None:
+    """reg_force -> 0: the local weights are an unregularised LIME fit (a linear model's exact
+    patch contributions); reg_force -> infinity: the NormLIME prior of the explained class."""
+    from leapcore.attribution.normlime import glime
+
+    torch.manual_seed(3)
+    pool = torch.rand(6, 3, SIZE, SIZE)
+    prior = normlime(Corners(), pool, [0, 1, 0, 1, 2, 2], patch=PATCH, n_samples=64)
+    images = torch.rand(2, 3, SIZE, SIZE)
+    strong = glime(Corners(), images, [0, 2], prior, reg_force=1e9, n_samples=48)
+    torch.testing.assert_close(strong, prior.weights[[0, 2]], rtol=1e-4, atol=1e-6)
+    free = glime(Corners(), images, [0, 2], prior, reg_force=1e-9, n_samples=48)
+    exact = torch.zeros(2, 4, 4)
+    exact[0, 0, 0] = 10 * images[0, :, :PATCH, :PATCH].mean()
+    exact[1, :, 2] = torch.stack(
+        [10 * images[1, :, 4 * i : 4 * i + 4, 8:12].mean() / 4 for i in range(4)]
+    )
+    torch.testing.assert_close(free, exact, rtol=1e-3, atol=1e-3)
+    with pytest.raises(InputError, match=r"no weights for class \[3\]"):
+        glime(Corners(), images, [0, 3], prior)
