@@ -15,6 +15,13 @@
   straight path from a constant pixel ``baseline`` (black: as ``integrated_gradients`` here; the
   reference code scales the normalised network input instead).
 
+- ``bidirectional`` (Chen et al., 2023, "Beyond Intuition: Rethinking Token Attributions inside
+  Transformers", InterpretDL's ``BTCVInterpreter`` in its head mode): attentional perception
+  ``R += A_fused @ R`` from ``start_layer`` on, each block's heads weighted by ``mean |A_h^T G_h|``
+  (normalised over the heads), times the reasoning feedback (TAM's integrated gradient of the last
+  block's attention); the class token's row (every patch token's row, averaged, for pooled ViTs).
+  The token mode (value-norm weighting) is not built.
+
 Attention modules are found by their ``attn_drop`` child (timm's ``Attention``); the fused kernel is
 switched off for the call so that the softmaxed attention passes through ``attn_drop``, where a hook
 reads it (and the gradient of the target logit reaches it through ``attn @ v``).
@@ -60,7 +67,7 @@ def rollout(
     return joint
 
 
-VIT_METHODS = ("attention_rollout", "generic_attention", "transition_attention")
+VIT_METHODS = ("attention_rollout", "bidirectional", "generic_attention", "transition_attention")
 
 
 def _blocks_or_refuse(network: nn.Module, method: str) -> list[nn.Module]:
@@ -191,12 +198,60 @@ def transition_attention(
         ctx.model(images)
     states = transition_states(captured, int(o["start_layer"]))
     if o["with_integral"]:
-        baseline = torch.full_like(images, float(o["baseline"]))
-        total = torch.zeros_like(captured[-1])
-        for alpha in torch.linspace(0, 1, int(o["steps"])).tolist():
-            point = baseline + alpha * (images - baseline)
-            _, gradients = attention_and_gradients(ctx, point, targets, "transition_attention")
-            total += gradients[-1]
-        weight = (total / int(o["steps"])).clamp(min=0).mean(dim=1)[:, 0]
-        states = states * weight
+        feedback = last_attention_feedback(ctx, images, targets, "transition_attention")
+        states = states * feedback[:, 0]
     return _patch_grid(ctx.network, states, "transition_attention")
+
+
+def last_attention_feedback(
+    ctx: MethodContext, images: torch.Tensor, targets: torch.Tensor, method: str
+) -> torch.Tensor:
+    """``[B, T, T]``: the integrated gradient of the target logit with respect to the last block's
+    attention (``steps`` points from the constant pixel ``baseline``), negatives clipped, heads
+    averaged (TAM's and the bidirectional method's "reasoning feedback")."""
+    o = ctx.options
+    baseline = torch.full_like(images, float(o["baseline"]))
+    total = None
+    for alpha in torch.linspace(0, 1, int(o["steps"])).tolist():
+        point = baseline + alpha * (images - baseline)
+        _, gradients = attention_and_gradients(ctx, point, targets, method)
+        total = gradients[-1] if total is None else total + gradients[-1]
+    assert total is not None
+    return (total / int(o["steps"])).clamp(min=0).mean(dim=1)
+
+
+def head_weighted_relevance(
+    attentions: list[torch.Tensor], gradients: list[torch.Tensor], start_layer: int
+) -> torch.Tensor:
+    """The bidirectional method's attentional perception (head mode): per block from
+    ``start_layer`` on, heads weighted by ``mean |A_h^T G_h|`` (normalised to sum 1), then
+    ``R += A_fused @ R`` from ``R = I``; ``[B, T, T]``."""
+    first = attentions[0]
+    relevance = torch.eye(first.shape[-1], device=first.device).expand(first.shape[0], -1, -1)
+    for attention, gradient in list(zip(attentions, gradients))[max(0, start_layer) :]:
+        importance = (attention.transpose(-1, -2) @ gradient).abs().mean(dim=(-1, -2))  # [B, h]
+        importance = importance / importance.sum(dim=1, keepdim=True)
+        fused = (importance[:, :, None, None] * attention).sum(dim=1)
+        relevance = relevance + fused @ relevance
+    return relevance
+
+
+@register_method(
+    "bidirectional",
+    library="leapcore",
+    passes="1 + steps (default 20)",
+    defaults={"start_layer": 3, "steps": 20, "baseline": 0.0},
+    aliases=("bt", "bidirectional_transformer"),
+)
+def bidirectional(ctx: MethodContext, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Bidirectional transformer explanation (Chen et al., 2023; InterpretDL's ``BTCVInterpreter``,
+    head mode): head-weighted attention relevance times the last block's integrated gradient."""
+    attentions, gradients = attention_and_gradients(ctx, images, targets, "bidirectional")
+    relevance = head_weighted_relevance(attentions, gradients, int(ctx.options["start_layer"]))
+    feedback = last_attention_feedback(ctx, images, targets, "bidirectional")
+    if getattr(ctx.network, "global_pool", "token") in ("token", None, ""):
+        row = (relevance * feedback)[:, 0]
+    else:  # pooled over the patch tokens (e.g. MAE-style ViTs): every patch token's row
+        prefix = int(getattr(ctx.network, "num_prefix_tokens", 1))
+        row = (relevance * feedback)[:, prefix:].mean(dim=1)
+    return _patch_grid(ctx.network, row, "bidirectional")

@@ -8,6 +8,7 @@ import torch
 from leapcore.attribution import attribute
 from leapcore.attribution.vit import (
     generic_attention_relevance,
+    head_weighted_relevance,
     rollout,
     transition_states,
 )
@@ -131,8 +132,36 @@ def test_transition_attention_matches_the_hand_computed_map(vit) -> None:
     assert all(b.attn.fused_attn == timm.layers.use_fused_attn() for b in vit.blocks)
 
 
+def test_bidirectional_head_weights_keep_the_chain_stochastic_and_match_the_hand_map(vit) -> None:
+    """Head importances sum to one, so each fused attention is row-stochastic and every row of R
+    sums to 2^(blocks used); the map matches the formula on the hand-written forward."""
+    attentions = random_attention(4)
+    torch.manual_seed(6)
+    gradients = [torch.randn_like(a) for a in attentions]
+    for start, blocks in ((0, 4), (3, 1)):
+        rows = head_weighted_relevance(attentions, gradients, start).sum(-1)
+        torch.testing.assert_close(rows, torch.full_like(rows, 2.0**blocks))
+    torch.manual_seed(7)
+    images = torch.rand(2, 3, SIZE, SIZE)
+    targets = [2, 1]
+    options = {"start_layer": 1, "steps": 4}
+    maps = attribute(vit, images, targets, ["bt"], bidirectional=options).maps["bidirectional"]
+    attentions, gradients = hand_attention(vit, images, targets)
+    relevance = torch.eye(17).expand(2, 17, 17)
+    for a, g in list(zip(attentions, gradients))[1:]:
+        heads = (a.transpose(-1, -2) @ g).abs().mean((-1, -2))
+        heads = heads / heads.sum(1, keepdim=True)
+        relevance = relevance + torch.einsum("bh,bhij->bij", heads, a) @ relevance
+    total = sum(hand_attention(vit, t * images, targets)[1][-1] for t in torch.linspace(0, 1, 4))
+    feedback = (total / 4).clamp(min=0).mean(1)
+    expected = (relevance * feedback)[:, 0, 1:].reshape(2, 1, 4, 4)
+    expected = torch.nn.functional.interpolate(expected, size=(SIZE, SIZE), mode="bilinear")[:, 0]
+    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-7)
+    assert maps.abs().max() > 0
+
+
 def test_vit_methods_refuse_models_without_attention_and_list_the_others() -> None:
-    for method in ("generic_attention", "tam"):
+    for method in ("generic_attention", "tam", "bidirectional"):
         with pytest.raises(InputError, match=r"has none\. Methods for models without attention "):
             attribute(tiny_cnn(), torch.rand(1, 3, SIZE, SIZE), 0, [method])
     with pytest.raises(InputError, match=r"integrated_gradients, .*saliency") as caught:
