@@ -41,6 +41,7 @@ SKIP_STAGES = {
     "prototypes": "optimise_prototypes (and entanglement, isolation)",
     "entanglement": "score_entanglement",
     "isolation": "isolate_features",
+    "attribution": "attribute_prototypes (the maps of --methods; runs only with them)",
     "report": "render_report (the HTML page; tables and images are still written)",
     "export": "export_results (the copy in --output-dir)",
     "mlflow": "publish_mlflow",
