@@ -38,7 +38,7 @@ from tasks import (
     summarise,
     tracking_uri,
 )
-from tasks.attribution import attribute_samples, check_methods
+from tasks.attribution import attribute_samples, check_methods, relmax_references
 from tasks.export import check_output_dir
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import scrubbed_errors, secret_values
@@ -53,6 +53,22 @@ ALIASES = {
     "mlflow": "publish_mlflow",
     "wandb": "publish_wandb",
 }
+
+
+def check_relmax(
+    relmax: list[str] | str | None, methods: list[str], count: int
+) -> list[SampleFile]:
+    """The reference images of ``relmax`` (none without it); RelMax needs CRP's concepts."""
+    if not relmax:
+        return []
+    if "crp" not in methods:
+        raise InputError(
+            "relmax shows reference images of the concepts CRP finds: add crp to the methods "
+            "(e.g. --methods crp or methods=['ig', 'crp'])."
+        )
+    if int(count) < 1:
+        raise InputError(f"relmax_count must be at least 1; got {count}.")
+    return image_files(relmax)
 
 
 def _skipped(skip: list[str] | str | None) -> set[str]:
@@ -112,6 +128,8 @@ def explain_samples(
     output_dir: str | None = None,
     methods: list[str] | str | None = None,
     method_options: dict[str, Any] | None = None,
+    relmax: list[str] | str | None = None,
+    relmax_count: int = 4,
 ) -> AuditResult:
     """Isolate, in each image, the features of its top classes (or of ``target_classes``).
 
@@ -128,6 +146,10 @@ def explain_samples(
         methods: attribution methods (``["ig", "lrp", "crp"]`` or ``"ig,lrp,crp"``) to run on the
             images as well (stage ``attribute_samples``, table ``attributions``); none by default.
         method_options: options of ``leapcore.attribution.attribute`` (per method under its name).
+        relmax: image files and/or folders of reference images: for each concept CRP finds (needs
+            ``crp`` in ``methods``; its ``layer`` and ``composite``), the ``relmax_count`` images of
+            these most relevant for it (zennit-crp's RelMax; stage ``relmax_references``, table
+            ``relmax``, shown in the report's attributions section).
 
     Returns:
         An :class:`~tasks.runtime.AuditResult`.
@@ -140,6 +162,7 @@ def explain_samples(
     secrets = secret_values(cfg, model_uri, artifact_store, model_options)
     with scrubbed_errors(secrets):
         attribution_methods = check_methods(methods)
+        references = check_relmax(relmax, attribution_methods, relmax_count)
         registry = dict(locator.identity.registry) if locator.identity else {}
         flow_run_id = str(current_flow_run.id)
         shown = locator.identity.uri if locator.identity else "model"
@@ -171,6 +194,7 @@ def explain_samples(
             run_name=spec.name,
             methods=attribution_methods,
             method_options=method_options,
+            relmax=(references, relmax_count),
         )
         with mlflow_run_scope(spec) as mlflow_run:
             call.mlflow_run = mlflow_run
@@ -197,6 +221,7 @@ class ExplainCall:
     methods: list[str] = field(default_factory=list)
     method_options: dict[str, Any] | None = None
     mlflow_run: dict[str, str] | None = None
+    relmax: tuple[list[SampleFile], int] = ([], 4)
 
 
 def _explain(call: ExplainCall) -> AuditResult:
@@ -225,8 +250,10 @@ def _explain(call: ExplainCall) -> AuditResult:
             **on_device,
         )
         summarise("explain", "attribute_samples", [attributed], states["attribute_samples"])
+    relmaxed = _relmax(call, attributed, states, common)
     report, states["render_report"] = run_stage(
         render_report,
+        extras={"relmax": relmaxed.refs["relmax"]} if relmaxed is not None else None,
         isolations=[isolated],
         samples=isolated,
         title=f"Explanations by {model.uri}",
@@ -250,6 +277,8 @@ def _explain(call: ExplainCall) -> AuditResult:
     outputs["render_report"] = report
     if attributed is not None:
         outputs["attribute_samples"] = attributed
+    if relmaxed is not None:
+        outputs["relmax_references"] = relmaxed
     result = AuditResult(
         flow_run_id=None,
         model_uri=model.uri,
@@ -264,6 +293,28 @@ def _explain(call: ExplainCall) -> AuditResult:
     )
     _publish(call, result, report, targets)
     return result
+
+
+def _relmax(
+    call: ExplainCall, attributed: Any, states: dict[str, str], common: dict[str, Any]
+) -> Any:
+    """RelMax reference images of CRP's concepts (``--relmax DIR``), or None when not asked."""
+    files, count = call.relmax
+    if attributed is None or not files:
+        return None
+    references, _ = run_stage(load_samples, files=files, **common)
+    relmaxed, states["relmax_references"] = run_stage(
+        relmax_references,
+        locator=call.locator,
+        attributions=attributed,
+        references=references,
+        n=count,
+        method_options=call.method_options,
+        device=call.device,
+        **common,
+    )
+    summarise("explain", "relmax_references", [relmaxed], states["relmax_references"])
+    return relmaxed
 
 
 def _publish(

@@ -41,6 +41,7 @@ SKIP_STAGES = {
     "prototypes": "optimise_prototypes (and entanglement, isolation)",
     "entanglement": "score_entanglement",
     "isolation": "isolate_features",
+    "attribution": "attribute_prototypes (the maps of --methods; runs only with them)",
     "report": "render_report (the HTML page; tables and images are still written)",
     "export": "export_results (the copy in --output-dir)",
     "mlflow": "publish_mlflow",
@@ -367,11 +368,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     _quiet(args.verbose)
-    from flows.explain import check_inputs, explain_samples
+    from flows.explain import check_inputs, check_relmax, explain_samples
     from tasks.attribution import check_methods
 
     def check() -> None:
-        check_methods(args.methods)  # an unknown method too is refused before anything starts
+        # an unknown method, or RelMax without CRP, is refused before anything starts too
+        check_relmax(args.relmax, check_methods(args.methods), args.relmax_count)
         check_inputs(
             args.model_uri,
             args.images,
@@ -382,9 +384,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             args.output_dir,
         )
 
-    return _run_flow(
-        args, explain_samples, args.model_uri, args.images, check=check, methods=args.methods
-    )
+    options = {"methods": args.methods, "relmax": args.relmax, "relmax_count": args.relmax_count}
+    return _run_flow(args, explain_samples, args.model_uri, args.images, check=check, **options)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -515,6 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M1,M2",
         help="attribution methods as well, comma-separated (e.g. ig,lrp,crp; see docs/attribution.md)",
     )
+    explain.add_argument(
+        "--relmax",
+        metavar="DIR",
+        action="append",
+        help="reference images (a folder or files; repeatable): for each concept CRP finds, the "
+        "images most relevant for it (RelMax; needs crp in --methods)",
+    )
+    explain.add_argument("--relmax-count", type=int, default=4, metavar="N", help="per concept")
     _add_run_options(explain, EXPLAIN_SKIP, "each image's top max_isolate_classes predictions")
     explain.set_defaults(handler=cmd_explain)
 

@@ -38,4 +38,7 @@ def attributions(audit: Any, context: ReportContext) -> str | None:
         return None
     from leapcore.attribution.report import attribution_section
 
-    return attribution_section(audit, {"attributions": table, "images": audit.samples})
+    return attribution_section(
+        audit,
+        {"attributions": table, "images": audit.samples, "relmax": context.tables.get("relmax")},
+    )

@@ -7,16 +7,20 @@ libraries are imported only when a method runs, so ``import leapcore.attribution
 
 from leapcore.attribution.consensus import ConsensusResult, consensus
 from leapcore.attribution.core import AttributionResult, attribute, find_layer
+from leapcore.attribution.normlime import NormLimeResult, glime, normlime
 from leapcore.attribution.registry import MethodSpec, get_method, list_methods, register_method
 
 __all__ = [
     "AttributionResult",
     "ConsensusResult",
     "MethodSpec",
+    "NormLimeResult",
     "attribute",
     "consensus",
     "find_layer",
     "get_method",
+    "glime",
     "list_methods",
+    "normlime",
     "register_method",
 ]

@@ -9,20 +9,28 @@ Schema ``attributions`` (named in the metadata under ``leapcore.schema``, beside
 - ``map`` fixed-shape tensor float32 ``[H, W]``: the signed map at the input's resolution;
 - ``seconds`` float32: the method's wall-clock time for all pairs divided by the number of pairs;
 - ``deletion_auc``, ``insertion_auc``, ``sparseness`` float32: ``leapcore.faithfulness`` scores of the
-  map (RISE deletion / insertion AUC with the blur substrate, Gini sparseness); NaN when not scored.
+  map (RISE deletion / insertion AUC with the blur substrate, Gini sparseness); NaN when not scored;
+- ``picture`` binary, optional: the explained image as the model saw it, as an 8-bit PNG, so that a
+  report or a W&B table shows it beside the maps without other artifacts (written when
+  ``attributions_to_arrow`` gets ``images``; an audit explains prototypes and samples in one table);
+- ``concept_ids`` list<int32>, only when ``crp`` ran: its top-k channel concepts of the pair (null in
+  the other methods' rows); the metadata ``leapcore.crp_layer`` names their layer when known.
 
 Metadata ``leapcore.faithfulness_steps`` and ``leapcore.substrate`` record the protocol.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 
 import pyarrow as pa
 import torch
+from PIL import Image
 
 from leapcore.attribution.core import AttributionResult
 from leapcore.faithfulness import deletion_insertion_auc, sparseness
+from leapcore.images import to_uint8
 from leapcore.results import _with_schema, column_tensor, tensor_column
 
 SCHEMA = "attributions"
@@ -60,8 +68,11 @@ def attributions_to_arrow(
     scores: dict[str, dict[str, torch.Tensor]] | None = None,
     steps: int = 16,
     substrate: str = "blur",
+    images: torch.Tensor | None = None,
+    crp_layer: str | None = None,
 ) -> pa.Table:
-    """The ``attributions`` table of ``result`` (see the module docstring)."""
+    """The ``attributions`` table of ``result`` (see the module docstring); ``images``
+    (``[N, C, H, W]`` in [0, 1], the explained images) fills the ``picture`` column."""
     pairs = len(result.targets)
     names = list(image_names) if image_names is not None else None
     columns: dict[str, list] = {
@@ -96,7 +107,29 @@ def attributions_to_arrow(
             **{key: pa.array(values, pa.float32()) for key, values in numbers.items()},
         }
     )
-    return _with_schema(table, SCHEMA, {"faithfulness_steps": str(steps), "substrate": substrate})
+    if images is not None:
+        pngs = [picture_png(images[i]) for i in range(len(images))]
+        rows = [pngs[i] for i in table.column("image_index").to_pylist()]
+        table = table.append_column("picture", pa.array(rows, pa.binary()))
+    concepts = result.extras.get("crp", {}).get("concept_ids")
+    if concepts is not None:
+        ids = [
+            concepts[p].tolist() if method == "crp" else None
+            for method in result.maps
+            for p in range(pairs)
+        ]
+        table = table.append_column("concept_ids", pa.array(ids, pa.list_(pa.int32())))
+    meta = {"faithfulness_steps": str(steps), "substrate": substrate}
+    if crp_layer is not None and concepts is not None:
+        meta["crp_layer"] = crp_layer
+    return _with_schema(table, SCHEMA, meta)
+
+
+def picture_png(image: torch.Tensor) -> bytes:
+    """``[C, H, W]`` in [0, 1] as an 8-bit PNG (grey for one channel)."""
+    out = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(out, format="PNG")
+    return out.getvalue()
 
 
 def attributions_from_arrow(

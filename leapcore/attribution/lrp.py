@@ -50,7 +50,18 @@ def unsupported_layers(network: nn.Module) -> list[tuple[str, str]]:
 
 
 def check_lrp_layers(network: nn.Module) -> None:
-    """Raise if LRP would silently pass relevance through layers without a rule."""
+    """Raise if LRP would silently pass relevance through layers without a rule, or find no layer
+    at all (a ``torch.export`` program or a functional model hides its layers: zennit would place
+    no rule and the "relevance" would be gradient x input)."""
+    from zennit.types import Convolution, Linear
+
+    if not any(isinstance(m, (Convolution, Linear)) for m in network.modules()):
+        raise InputError(
+            f"LRP finds no convolution or linear layer in this model ({type(network).__name__}): "
+            "its layers are not torch modules zennit can see (a torch.export program, a "
+            "functional or compiled model), so no rule would apply. Use a gradient method "
+            "(integrated_gradients, saliency) or load the model as a torch module."
+        )
     found = unsupported_layers(network)
     if found:
         kinds = sorted({kind for _, kind in found})
@@ -195,7 +206,8 @@ _lrp_method(
 _lrp_method("epsilon_alpha2_beta1", ("lrp_alpha_beta",), {"epsilon": 1e-6, "zero_params": None})
 
 
-def _default_crp_layer(network: nn.Module) -> str:
+def default_crp_layer(network: nn.Module) -> str:
+    """CRP's layer when none is given: the network's last convolution."""
     from zennit.types import Convolution
 
     convs = [n for n, m in network.named_modules() if isinstance(m, Convolution)]
@@ -218,7 +230,7 @@ def concept_relevance_propagation(
 
     network = ctx.network
     check_lrp_layers(network)
-    layer = ctx.options.get("layer") or _default_crp_layer(network)
+    layer = ctx.options.get("layer") or default_crp_layer(network)
     find_layer(network, layer)
     low, high = _bounds(ctx, images)
     composite = make_composite(ctx.options["composite"], network, low, high)

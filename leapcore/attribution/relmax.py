@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import torch
 
 from leapcore.attribution.core import MethodContext, as_logits_model, check_images, find_layer
@@ -93,3 +94,48 @@ def reference_images(
     picked = scores[:, concepts].T  # [concepts, N]
     top = picked.topk(min(n, picked.shape[1]), dim=1)
     return ReferenceImages(list(concepts), top.indices, top.values)
+
+
+RELMAX_SCHEMA = "relmax"
+
+
+def relmax_table(
+    model: Any,
+    images: torch.Tensor,
+    names: list[str],
+    layer: str,
+    concepts: list[int],
+    n: int = 4,
+    **options: Any,
+) -> pa.Table:
+    """Schema ``relmax``: the ``n`` reference images of each concept of ``layer`` among ``images``.
+
+    One row per (concept, rank): ``layer`` string, ``concept`` int32 (channel), ``rank`` int32 (0 =
+    most relevant), ``image_name`` string, ``score`` float32 (the concept's share of the image's
+    relevance at the layer, as :func:`concept_scores`), ``picture`` binary (the image as a PNG).
+    Metadata ``leapcore.mode`` records ``relevance`` (RelMax) or ``activation`` (ActMax).
+    """
+    from leapcore.attribution.arrow import picture_png
+    from leapcore.results import _with_schema
+
+    if len(names) != len(images):
+        raise InputError(f"{len(images)} reference images but {len(names)} names.")
+    refs = reference_images(model, images, layer, sorted(set(concepts)), n, **options)
+    rows: dict[str, list] = {k: [] for k in ("concept", "rank", "image_name", "score", "picture")}
+    pngs: dict[int, bytes] = {}
+    for concept, picked, scores in zip(refs.concepts, refs.indices, refs.scores):
+        for rank, (index, score) in enumerate(zip(picked.tolist(), scores.tolist())):
+            pngs.setdefault(index, picture_png(images[index].cpu()))
+            for key, value in zip(rows, (concept, rank, names[index], score, pngs[index])):
+                rows[key].append(value)
+    table = pa.table(
+        {
+            "layer": pa.array([layer] * len(rows["concept"]), pa.string()),
+            "concept": pa.array(rows["concept"], pa.int32()),
+            "rank": pa.array(rows["rank"], pa.int32()),
+            "image_name": pa.array(rows["image_name"], pa.string()),
+            "score": pa.array(rows["score"], pa.float32()),
+            "picture": pa.array(rows["picture"], pa.binary()),
+        }
+    )
+    return _with_schema(table, RELMAX_SCHEMA, {"mode": options.get("mode", "relevance")})

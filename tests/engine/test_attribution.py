@@ -10,6 +10,7 @@ from torch import nn
 
 from leapcore.adapter import LogitsModel
 from leapcore.attribution import attribute, consensus, list_methods
+from leapcore.attribution.vit import VIT_METHODS
 from leapcore.errors import InputError
 from leapcore.models import Normalize
 
@@ -90,7 +91,7 @@ SMALL = {
 
 
 def test_every_cnn_method_gives_a_signed_map_per_image_and_target(images) -> None:
-    methods = [m for m in list_methods() if m != "attention_rollout"]
+    methods = [m for m in list_methods() if m not in VIT_METHODS]
     options = {k: v for k, v in SMALL.items() if k in methods}
     result = attribute(
         tiny_cnn(), images, [[0, 1], [2], [3]], methods,
@@ -416,3 +417,21 @@ def test_modes_are_restored_and_batch_norm_runs_in_eval_mode(images) -> None:
         model.eval(), images, 0, ["saliency"], preprocessing=[Normalize(MEAN, STD)]
     )
     torch.testing.assert_close(result.maps["saliency"], reference.maps["saliency"])
+
+
+def test_lrp_refuses_a_model_whose_layers_it_cannot_see(images) -> None:
+    """A torch.export program (leapcore's ExportedModel) hides its layers from ``modules()``:
+    zennit would place no rule and return gradient x input under LRP's name."""
+
+    class Hidden(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            object.__setattr__(self, "inner", tiny_cnn())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    for method in ("lrp", "crp", "lrp_gamma"):
+        with pytest.raises(InputError, match=r"LRP finds no convolution or linear layer .*Hidden"):
+            attribute(Hidden(), images, 0, [method])
+    assert attribute(Hidden(), images, 0, ["saliency"]).maps["saliency"].abs().sum() > 0
