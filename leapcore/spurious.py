@@ -14,7 +14,9 @@ scan measures each per class:
   onto images of other classes (the other classes' prototypes and samples the model assigns to
   another class); the flip rate is the share of those pastes the model then assigns to the class.
   A digit's or an object's shape is spread out and needs its context, so a few per cent of its
-  pixels rarely win; a marker that the training data tied to the class does.
+  pixels rarely win; a marker that the training data tied to the class does. As a control the
+  same blob shape is cut half an image away (wrapping round) from the same images and pasted there:
+  ``control_flip_rate`` says how often any region of that size flips those targets.
 
 Verdict (thresholds in :class:`ScanSettings`, chosen on the marker test bed,
 ``benchmarks/spurious_testbed.py``):
@@ -100,6 +102,7 @@ class ClassScan:
     stability: float
     centroid_spread: float
     flip_rate: float
+    control_flip_rate: float
     flips: int
     pastes: int
     region_share: float
@@ -352,6 +355,13 @@ def _scan_one(
         pasted, flipped = paste_flips(model, sources, src_regions, pool[others], c, chunk_size)
         flips, pastes = int(flipped.sum()), len(flipped)
     flip_rate = flips / pastes if pastes else float("nan")
+    control = float("nan")
+    if len(others):
+        # Control: a blob of the same shape half an image away, from the same source images.
+        h, w = src_regions.shape[-2:]
+        moved = torch.roll(src_regions, (h // 2, w // 2), dims=(-2, -1))
+        _, moved_flips = paste_flips(model, sources, moved, pool[others], c, chunk_size)
+        control = float(moved_flips.float().mean())
     verdict, reason = judge(concentration, iou, flip_rate, settings)
     n_protos = sum(kind == "prototype" for _, kind in images)
     n_samples = len(images) - n_protos
@@ -368,6 +378,7 @@ def _scan_one(
         stability=iou,
         centroid_spread=spread,
         flip_rate=flip_rate,
+        control_flip_rate=control,
         flips=flips,
         pastes=pastes,
         region_share=float(regions.flatten(1).float().mean(1).mean()),

@@ -28,6 +28,7 @@ SCHEMA = pa.schema(
         ("stability", pa.float32()),
         ("centroid_spread", pa.float32()),
         ("flip_rate", pa.float32()),
+        ("control_flip_rate", pa.float32()),
         ("flips", pa.int32()),
         ("pastes", pa.int32()),
         ("region_share", pa.float32()),

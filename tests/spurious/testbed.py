@@ -159,31 +159,52 @@ def train_pair(spec: MarkerSpec, train_share: float = 0.6) -> tuple[TrainedModel
 AUDIT = {"max_steps": 150, "find_lr_steps": 0, "isolation": False, "log_freq": 50, "seed": 0}
 
 
-def scan_model(
-    trained: TrainedModel, settings=None, samples: torch.Tensor | None = None, **options
-):
-    """A prototype audit of every class (``AUDIT`` options, ``options`` win) and the scan of it."""
+@dataclass
+class Audited:
+    """A test-bed model's short prototype audit, ready to scan (again, with other settings)."""
+
+    trained: TrainedModel
+    net: nn.Module
+    audit: object
+    config: object
+
+
+def audit_prototypes(trained: TrainedModel, **options) -> Audited:
+    """A prototype audit of every class with :data:`AUDIT` options (``options`` win)."""
     from leapcore import engine
     from leapcore.config import load_config
-    from leapcore.spurious import scan_audit
 
     config = {**AUDIT, "input_dim": list(trained.shape), **options}
     classes = list(range(len(trained.class_list)))
     audit = engine.run(
         trained.model, trained.class_list, config, classes, trained.preprocessing, device="cpu"
     )
-    cfg = load_config(config)
     net = engine.build_model(
         trained.model, trained.class_list, trained.preprocessing, trained.shape, "pt"
     )
+    return Audited(trained, net, audit, load_config(config))
+
+
+def scan(audited: Audited, settings=None, samples: torch.Tensor | None = None):
+    """The scan of an audited test-bed model (CPU, batches of 64)."""
+    from leapcore.spurious import scan_audit
+
+    a = audited.audit
     return scan_audit(
-        net,
-        audit.prototypes,
-        audit.baseline.image,
-        audit.lr.lr,
+        audited.net,
+        a.prototypes,
+        a.baseline.image,
+        a.lr.lr,
         samples,
-        cfg,
+        audited.config,
         64,
         settings,
-        names=trained.class_list,
+        names=audited.trained.class_list,
     )
+
+
+def scan_model(
+    trained: TrainedModel, settings=None, samples: torch.Tensor | None = None, **options
+):
+    """:func:`audit_prototypes` then :func:`scan`."""
+    return scan(audit_prototypes(trained, **options), settings, samples)
