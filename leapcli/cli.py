@@ -41,6 +41,7 @@ SKIP_STAGES = {
     "prototypes": "optimise_prototypes (and entanglement, isolation)",
     "entanglement": "score_entanglement",
     "isolation": "isolate_features",
+    "scan": "scan_spurious (the spurious-feature scan of every class)",
     "report": "render_report (the HTML page; tables and images are still written)",
     "export": "export_results (the copy in --output-dir)",
     "mlflow": "publish_mlflow",

@@ -108,9 +108,8 @@ class ClassScan:
     region_share: float
     prototypes: int
     samples: int
-    evidence_png: bytes = b""
-    paste_png: bytes = b""
-    extras: dict = field(default_factory=dict)
+    evidence_png: bytes = field(default=b"", repr=False)
+    paste_png: bytes = field(default=b"", repr=False)
 
 
 # ---------------------------------------------------------------------------------------------- #
