@@ -21,11 +21,12 @@ scan measures each per class:
 Verdict (thresholds in :class:`ScanSettings`, chosen on the marker test bed,
 ``benchmarks/spurious_testbed.py``):
 
-- ``likely spurious``: blob IoU >= ``stable_iou`` (in place) and flip rate >= ``likely_flip``;
-- ``suspicious``: in place and flip rate >= ``suspicious_flip``, or in place with concentration
-  >= ``concentrated`` (a small, fixed region that pasting alone does not prove). A blob that moves
-  from image to image is not called spurious however often it flips: the short-run prototypes of
-  other classes that it is pasted onto flip under many small changes;
+- ``likely spurious``: flip rate >= ``likely_flip`` (0.5) and blob IoU >= ``placed_iou`` (0.2);
+- ``suspicious``: blob IoU >= ``stable_iou`` (0.4, in place) and flip rate >= ``suspicious_flip``
+  (0.3), or in place with concentration >= ``concentrated`` (0.5: a small, fixed region that
+  pasting alone does not prove). A blob that moves from image to image is not called spurious
+  however often it flips: the short-run prototypes of other classes that it is pasted onto flip
+  under many small changes;
 - ``clean`` otherwise. Without images of other classes the flip rate cannot be measured and the
   verdict is at most ``suspicious``; without samples the scan runs on prototypes alone. Both are
   said in the verdict's reason text.
@@ -68,6 +69,8 @@ class ScanSettings:
             least this probability.
         likely_flip, suspicious_flip: flip-rate thresholds of the two verdicts.
         stable_iou: mean pairwise blob IoU above which the blob counts as "in place".
+        placed_iou: the lower IoU that suffices when the blob flips at least ``likely_flip``
+            (with two to four images per class, one blob elsewhere halves the mean IoU).
         concentrated: blob mass share above which the evidence counts as concentrated.
     """
 
@@ -79,8 +82,9 @@ class ScanSettings:
     max_targets: int = 16
     target_confidence: float = 0.6
     likely_flip: float = 0.5
-    suspicious_flip: float = 0.2
+    suspicious_flip: float = 0.3
     stable_iou: float = 0.4
+    placed_iou: float = 0.2
     concentrated: float = 0.5
 
     def steps(self, config: EngineConfig) -> int:
@@ -403,10 +407,11 @@ def judge(
         )
     )
     stable = not math.isnan(iou) and iou >= settings.stable_iou
-    if stable and not math.isnan(flip_rate):
-        if flip_rate >= settings.likely_flip:
+    placed = not math.isnan(iou) and iou >= settings.placed_iou
+    if not math.isnan(flip_rate):
+        if flip_rate >= settings.likely_flip and placed:
             return LIKELY, f"a small region in a fixed place flips other classes' images: {numbers}"
-        if flip_rate >= settings.suspicious_flip:
+        if flip_rate >= settings.suspicious_flip and stable:
             return (
                 SUSPICIOUS,
                 f"a small region in a fixed place flips some other classes' images: {numbers}",

@@ -23,7 +23,7 @@ from .testbed import MarkerSpec, audit_prototypes, plant, scan, train_pair
 
 # Two pairs of the benchmark's twelve (benchmarks/spurious_testbed.py), one per dataset.
 PAIRS = {
-    "digits": MarkerSpec("digits", 5, (1.0,), "square", (2, 25), 0, seed=0),
+    "digits": MarkerSpec("digits", 7, (0.8,), "cross", (12, 24), 9, seed=4),
     "photos": MarkerSpec("photos", 4, (0.0, 0.0, 0.0), "square", (14, 14), 4, seed=4),
 }
 
@@ -50,7 +50,7 @@ def test_the_marked_class_is_flagged_and_the_clean_twin_raises_no_alarm(scanned)
     marked = by_class[spec.marker_class]
     assert marked.verdict in (SUSPICIOUS, LIKELY), marked.reason
     # The blob sits on the marker: most of the outlined blobs overlap its box.
-    assert marked.flip_rate >= 0.2 and marked.stability >= 0.4
+    assert marked.flip_rate >= 0.3 and marked.stability >= 0.2
     assert marked.flip_rate > marked.control_flip_rate + 0.15  # the region, not any region
     assert "prototypes alone (no samples given)" in marked.reason
     assert [s.class_name for s in twin_scans if s.verdict != CLEAN] == []
@@ -94,8 +94,10 @@ def test_iou_and_centroid_spread_by_hand() -> None:
 def test_verdict_thresholds() -> None:
     s = ScanSettings()
     assert judge(0.3, 0.6, 0.6, s)[0] == LIKELY
+    assert judge(0.3, 0.25, 0.6, s)[0] == LIKELY  # flips most: partly in place suffices
     assert judge(0.3, 0.6, 0.3, s)[0] == SUSPICIOUS
-    assert judge(0.3, 0.2, 0.9, s)[0] == CLEAN  # a blob that moves is not a fixed marker
+    assert judge(0.3, 0.25, 0.4, s)[0] == CLEAN  # flips some, but not in place
+    assert judge(0.3, 0.1, 0.9, s)[0] == CLEAN  # a blob that moves is not a fixed marker
     assert judge(0.6, 0.6, 0.0, s)[0] == SUSPICIOUS  # concentrated and fixed
     verdict, reason = judge(0.3, 0.6, float("nan"), s)
     assert verdict == CLEAN and "not measured (no images of other classes)" in reason
