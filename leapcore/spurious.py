@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from leapcore.config import EngineConfig
@@ -166,21 +167,34 @@ def evidence_maps(
     return result.masks[:, 0].clamp_min(0).float()
 
 
+def connected_components(mask: torch.Tensor) -> torch.Tensor:
+    """Labels ``[H, W]`` (0 = background, else 1 + the smallest flat index in the component) of
+    the 8-connected components of a bool ``mask``: max-label propagation by 3x3 max pooling."""
+    h, w = mask.shape
+    ids = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, 1, h, w)
+    keep = mask.view(1, 1, h, w).float()
+    labels = (h * w + 1 - ids) * keep  # propagate the max, i.e. the smallest index
+    while True:
+        grown = F.max_pool2d(labels, 3, stride=1, padding=1) * keep
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    return torch.where(keep > 0, h * w + 1 - labels, torch.zeros_like(labels)).long().view(h, w)
+
+
 def top_region(saliency: torch.Tensor, share: float) -> torch.Tensor:
     """The connected blob (8-neighbourhood) of ``saliency``'s top ``share`` pixels holding the most
     mass, as a bool ``[H, W]``."""
-    from scipy import ndimage
-
     h, w = saliency.shape
     k = max(1, round(share * h * w))
-    flat = saliency.flatten()
     top = torch.zeros(h * w, dtype=torch.bool)
-    top[flat.topk(k).indices] = True
-    labels, count = ndimage.label(top.view(h, w).numpy(), structure=np.ones((3, 3)))
-    if count <= 1:
+    top[saliency.flatten().topk(k).indices] = True
+    labels = connected_components(top.view(h, w)).flatten()
+    found = labels[labels > 0].unique()
+    if len(found) <= 1:
         return top.view(h, w)
-    masses = ndimage.sum(saliency.numpy(), labels, index=range(1, count + 1))
-    return torch.from_numpy(labels == int(np.argmax(masses)) + 1)
+    masses = torch.stack([saliency.flatten()[labels == i].sum() for i in found])
+    return (labels == found[masses.argmax()]).view(h, w)
 
 
 def pairwise_iou(regions: torch.Tensor) -> float:
@@ -434,18 +448,10 @@ def _tile(image: torch.Tensor, size: int) -> np.ndarray:
 
 
 def _outline(tile: np.ndarray, region: torch.Tensor) -> np.ndarray:
-    from scipy import ndimage
-
     size = tile.shape[0]
-    big = (
-        np.array(
-            Image.fromarray(region.numpy().astype(np.uint8) * 255).resize(
-                (size, size), Image.NEAREST
-            )
-        )
-        > 0
-    )
-    edge = big & ~ndimage.binary_erosion(big, iterations=2)
+    big = F.interpolate(region.float()[None, None], size=(size, size), mode="nearest")
+    eroded = -F.max_pool2d(-big, 5, stride=1, padding=2)  # two pixels in from every side
+    edge = ((big > 0) & ~(eroded > 0))[0, 0].numpy()
     out = tile.copy()
     out[edge] = (255, 0, 0)
     return out

@@ -13,6 +13,7 @@ from leapcore.spurious import (
     SUSPICIOUS,
     ScanSettings,
     centroid_spread,
+    connected_components,
     judge,
     pairwise_iou,
     top_region,
@@ -78,6 +79,16 @@ def test_top_region_keeps_the_blob_with_most_mass() -> None:
     saliency[7, 7] = 1.5  # 1 pixel, mass 1.5, the single highest value
     region = top_region(saliency, 0.05)  # top 5 pixels: both blobs
     assert region.sum() == 4 and region[1:3, 1:3].all() and not region[7, 7]
+
+
+def test_connected_components_by_hand() -> None:
+    mask = torch.zeros(6, 6, dtype=torch.bool)
+    mask[0, 0] = mask[1, 1] = True  # diagonal neighbours: one component
+    mask[4, 4] = mask[4, 5] = True
+    mask[0, 5] = True
+    labels = connected_components(mask)
+    assert labels[0, 0] == labels[1, 1] != labels[4, 4] == labels[4, 5] != labels[0, 5]
+    assert len(labels.unique()) == 4 and (labels[~mask] == 0).all()
 
 
 def test_iou_and_centroid_spread_by_hand() -> None:
