@@ -256,8 +256,8 @@ def paste_flips(
 @torch.no_grad()
 def predicted_classes(
     model: torch.nn.Module, images: torch.Tensor, chunk_size: int
-) -> torch.Tensor:
-    """The model's top class of each image, ``[N]`` on the CPU."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's top class of each image and its probability, ``[N]`` each, on the CPU."""
     if len(images) == 0:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0)
     probs = torch.cat(

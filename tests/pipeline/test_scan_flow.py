@@ -4,6 +4,7 @@ registry, through ``audit_model`` (Prefect test server, MLflow SQLite, W&B offli
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -81,7 +82,7 @@ def test_the_scan_flags_the_marked_class_in_table_mlflow_report_and_wandb(
     assert version.tags["leapcore.spurious"] == run.data.tags["leapcore.spurious"]
     assert "digit-3 is likely spurious" in version.description
 
-    report = open(result.report_path, encoding="utf-8").read()
+    report = Path(result.report_path).read_text(encoding="utf-8")
     scan_at = report.index("Spurious-feature scan")
     assert scan_at < report.index("Quality of prototypes"), "the scan is the report's first section"
     assert "<b>digit-3</b> (likely spurious)" in report
