@@ -42,6 +42,7 @@ SKIP_STAGES = {
     "entanglement": "score_entanglement",
     "isolation": "isolate_features",
     "attribution": "attribute_prototypes (the maps of --methods; runs only with them)",
+    "scan": "scan_spurious (the spurious-feature scan of every class)",
     "report": "render_report (the HTML page; tables and images are still written)",
     "export": "export_results (the copy in --output-dir)",
     "mlflow": "publish_mlflow",

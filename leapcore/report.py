@@ -106,7 +106,11 @@ class ReportSection:
 
 #: Modules whose import registers sections (``leapcore.x`` registering ``@report_section`` at import);
 #: :func:`render_sections` imports them, so a section needs no edit of the template or of callers.
-SECTION_MODULES: tuple[str, ...] = ("leapcore.sections", "leapcore.transfer")
+SECTION_MODULES: tuple[str, ...] = (
+    "leapcore.sections",
+    "leapcore.spurious_report",
+    "leapcore.transfer",
+)
 
 #: name -> section; filled by :func:`report_section`. Sections render in ``order``, then by name,
 #: after the built-in ones.

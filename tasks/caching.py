@@ -56,6 +56,7 @@ SAMPLE_ISOLATION = "sample_isolation"
 REPORT = "report"
 ATTRIBUTION = "attribution"
 TRANSFER = "transfer"
+SPURIOUS = "spurious_scan"
 
 
 def stage_options(stage: str, config: EngineConfig) -> list[str]:
@@ -79,6 +80,8 @@ def stage_options(stage: str, config: EngineConfig) -> list[str]:
             names.add("max_steps")
     elif stage in (SAMPLES, ATTRIBUTION, TRANSFER):
         names = shared  # attribution's methods and their options are task arguments, in the key
+    elif stage == SPURIOUS:  # extra prototypes (the prototype options) and occlusion evidence
+        names = set(options_for_stage(PROTOTYPES)) | set(options_for_stage(ISOLATION)) | shared
     elif stage == REPORT:
         names = set(EngineConfig.model_fields)  # the report shows the whole (secret-free) config
         return sorted(n for n in names if not is_secret_name(n) and n != "samples")
