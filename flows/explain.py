@@ -7,7 +7,6 @@ images are keyed by the hash of their bytes.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -48,8 +47,8 @@ from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import clean_text, scrubbed_errors, secret_values
 from tasks.report import stamp_report
 from tasks.runtime import SKIPPED, collect_publications, mlflow_link, stage_finished
+from tasks.sample_files import image_files
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 OPTIONAL = ("render_report", "export_results", "publish_mlflow", "publish_wandb")
 ALIASES = {
     "report": "render_report",
@@ -57,37 +56,6 @@ ALIASES = {
     "mlflow": "publish_mlflow",
     "wandb": "publish_wandb",
 }
-
-
-def image_files(images: list[str] | str) -> list[SampleFile]:
-    """The image files named by ``images`` (files, or folders whose images are taken in name order),
-    each with the SHA-256 of its bytes.
-
-    Raises:
-        InputError: a path that does not exist, a file that is not an image, or no images at all.
-    """
-    items = [images] if isinstance(images, (str, Path)) else list(images or [])
-    paths: list[Path] = []
-    for item in items:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise InputError(
-                    f"folder {str(path)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})."
-                )
-            paths.extend(found)
-        elif path.is_file():
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise InputError(
-                    f"{str(path)!r} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})."
-                )
-            paths.append(path)
-        else:
-            raise InputError(f"no such image file or folder: {str(path)!r}.")
-    if not paths:
-        raise InputError("give at least one image file or a folder of images.")
-    return [SampleFile(str(p.resolve()), hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths]
 
 
 def _skipped(skip: list[str] | str | None) -> set[str]:

@@ -355,9 +355,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
             _model_options(args),
             args.task_runner,
             args.output_dir,
+            args.samples,
+            args.methods,
         ),
         class_chunk_size=args.chunk_size,
         task_runner=args.task_runner,
+        samples=args.samples,
+        methods=args.methods,
     )
 
 
@@ -484,6 +488,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="threads",
         metavar="RUNNER",
         help="threads (default), dask, or a Dask scheduler address",
+    )
+    audit.add_argument(
+        "--samples",
+        nargs="+",
+        metavar="IMAGE",
+        help="your own images (files or folders, any class) for the analysis stages",
+    )
+    audit.add_argument(
+        "--methods",
+        metavar="M1,M2",
+        help="attribution maps of the prototypes and samples, comma-separated (e.g. ig,lrp)",
     )
     audit.set_defaults(handler=cmd_audit)
 

@@ -259,10 +259,15 @@ def logged_model_id(client: Any, registry: dict[str, str]) -> str | None:
 
 
 def _describe_version(
-    client: Any, registry: dict[str, str], run_id: str, experiment_id: str, metrics: dict
+    client: Any,
+    registry: dict[str, str],
+    run_id: str,
+    experiment_id: str,
+    metrics: dict,
+    note: str = "",
 ) -> None:
     """Add (or replace) the leapcore paragraph of the model version's description: links to the
-    audit's run and its report, and the headline numbers."""
+    audit's run and its report, the headline numbers and the analysis stages' ``note``."""
     if not registry.get("name") or not registry.get("version"):
         return
     name, version = registry["name"], str(registry["version"])
@@ -278,6 +283,8 @@ def _describe_version(
         lines.append(f"mean target probability {metrics['target_prob/mean']:.3f}")
     if "entanglement_max_other/max" in metrics:
         lines.append(f"strongest entanglement {metrics['entanglement_max_other/max']:.2f}")
+    if note:
+        lines.append(note)
     text = (kept + "\n\n" if kept else "") + "\n\n".join(lines)
     client.update_model_version(name, version, description=text)
 
@@ -293,6 +300,8 @@ def publish_mlflow(
     report: ReportOutput,
     store: ArtifactStore,
     tags: dict[str, str] | None = None,
+    version_tags: dict[str, str] | None = None,
+    version_note: str = "",
 ) -> dict[str, Any]:
     """Log params, metrics, tags and the download bundle to the audit's run.
 
@@ -302,7 +311,9 @@ def publish_mlflow(
       version backed by an MLflow 3 LoggedModel, every metric carries its ``model_id`` and the model
       is logged as the run's input, so the numbers show on the model's page too;
     - the experiment is tagged as classic ML (not GenAI) for MLflow's UI;
-    - the model version's description links the run and its report (audits only, not explain).
+    - the model version's description links the run and its report (audits only, not explain),
+      with ``version_note`` (the analysis stages' findings) below; ``version_tags`` go on the
+      version.
     """
     from mlflow.entities import LoggedModelInput, Metric, Param, RunTag
 
@@ -351,7 +362,14 @@ def publish_mlflow(
             path.write_bytes(store.get_bytes(ref))
         client.log_artifacts(run_id, str(root))
     if kind == "audit":
-        _describe_version(client, model.registry, run_id, experiment_id, report.metrics)
+        _describe_version(
+            client, model.registry, run_id, experiment_id, report.metrics, version_note
+        )
+        if model.registry.get("name") and model.registry.get("version"):
+            for key, value in sorted((version_tags or {}).items()):
+                client.set_model_version_tag(
+                    model.registry["name"], str(model.registry["version"]), key, str(value)[:4900]
+                )
     return {
         "run_id": run_id,
         "params": len(flat),

@@ -97,7 +97,10 @@ def render_report(
     title: str | None = None,
     html: bool = True,
     attributions: StageOutput | None = None,
+    extras: dict[str, ArtifactRef] | None = None,
 ) -> ReportOutput:
+    """The report of an audit or explain run; ``extras`` are the analysis stages' Arrow tables by
+    role (``tasks.analysis``), written as ``tables/<role>.parquet`` and read by report sections."""
     began = time.perf_counter()
     audit = load_audit(
         store, model, config, baseline, learning_rate, prototypes, entanglement, isolations, samples
@@ -118,6 +121,8 @@ def render_report(
         tables["model"] = store.get_table(model.card)
     if attributions is not None:  # attribute_samples: the report's section, a Parquet table
         tables["attributions"] = store.get_table(attributions.refs["attributions"])
+    for role, ref in sorted((extras or {}).items()):
+        tables[role] = store.get_table(ref)
     with tempfile.TemporaryDirectory(prefix="leapcore-report-") as tmp:
         root = Path(tmp)
         paths = write_images(audit, root / "images")

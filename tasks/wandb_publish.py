@@ -48,6 +48,7 @@ from tasks.report import ReportOutput
 from tasks.stages import StageOutput
 from tasks.wandb_attributions import attribution_table
 from tasks.wandb_records import wait_written
+from tasks.wandb_tables import analysis_tables
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +288,8 @@ def log_results(wandb: Any, run: Any, pub: Publication, staging: Path) -> None:
         logged["isolations"] = isolation_table(wandb, pub)
     if "attributions" in pub.tables:  # explain_samples(..., methods=...)
         logged["attributions"] = attribution_table(wandb, pub.tables["attributions"], audit.samples)
+    for role, table in analysis_tables(wandb, pub.tables, audit).items():
+        logged.setdefault(role, table)
     if pub.report_html is not None:
         logged["report"] = wandb.Html(pub.report_html, inject=False)
     if logged:
