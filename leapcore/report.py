@@ -103,7 +103,7 @@ class ReportSection:
 
 #: Modules whose import registers sections (``leapcore.x`` registering ``@report_section`` at import);
 #: :func:`render_sections` imports them, so a section needs no edit of the template or of callers.
-SECTION_MODULES: tuple[str, ...] = ("leapcore.sections",)
+SECTION_MODULES: tuple[str, ...] = ("leapcore.sections", "leapcore.diff_report")
 
 #: name -> section; filled by :func:`report_section`. Sections render in ``order``, then by name,
 #: after the built-in ones.

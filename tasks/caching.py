@@ -54,6 +54,7 @@ SAMPLES = "samples"
 SAMPLE_ISOLATION = "sample_isolation"
 REPORT = "report"
 ATTRIBUTION = "attribution"
+DIFF = "diff"
 
 
 def stage_options(stage: str, config: EngineConfig) -> list[str]:
@@ -76,6 +77,8 @@ def stage_options(stage: str, config: EngineConfig) -> list[str]:
             names.add("max_steps")
     elif stage in (SAMPLES, ATTRIBUTION):
         names = shared  # attribution's methods and their options are task arguments, in the key
+    elif stage == DIFF:
+        names = set()  # the diff reads tables and the two models, no engine option
     elif stage == REPORT:
         names = set(EngineConfig.model_fields)  # the report shows the whole (secret-free) config
         return sorted(n for n in names if not is_secret_name(n) and n != "samples")
