@@ -619,7 +619,7 @@ def diff_audits(
             f"({previous.label}: {sorted(rows_a)}; {current.label}: {sorted(rows_b)}); audit a "
             "shared class in both to compare them."
         )
-    notes: list[str] = []
+    notes = [f"{s.label}: {s.facts['note']}" for s in (previous, current) if s.facts.get("note")]
     for key, names in left_out.items():
         if names:
             notes.append(f"left out ({key.replace('_', ' ')}): {', '.join(names)}")

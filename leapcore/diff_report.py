@@ -116,3 +116,20 @@ def diff_section(audit: Any, context: ReportContext) -> str | None:
             f"<h3>Spurious-feature scan</h3>{_table(['class', 'before', 'after', ''], rows)}"
         )
     return "\n".join(parts)
+
+
+def diff_page(table: Any, title: str | None = None) -> str:
+    """A standalone HTML page of a ``diff`` table (what ``leap diff`` writes)."""
+    from leapcore.report import ReportContext
+
+    diff = diff_from_arrow(table)
+    title = title or f"leapcore diff: {diff.current} vs {diff.previous}"
+    body = diff_section(None, ReportContext(title=title, tables={"diff": table})) or ""
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:2em}}"
+        "table.diff{border-collapse:collapse;margin:0.5em 0 1.5em}"
+        "table.diff td,table.diff th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+        f"</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<h2>Changes since the previous version</h2>{body}</body></html>"
+    )

@@ -65,7 +65,10 @@ def client_for(uri: str) -> Any:
 
 
 def _from_run(client: Any, run_id: str) -> AuditRun:
-    run = client.get_run(run_id)
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:
+        raise InputError(f"MLflow has no run {run_id} ({type(err).__name__}).") from None
     tags = dict(run.data.tags)
     if tags.get("leapcore.kind", "audit") != "audit" or "leapcore.model_uri" not in tags:
         raise InputError(
@@ -176,3 +179,35 @@ def class_list_of(tables: dict[str, pa.Table]) -> list[str] | None:
     order = card.column("class_index").to_pylist()
     names = card.column("class_name").to_pylist()
     return [n for _, n in sorted(zip(order, names))]
+
+
+def audit_side(client: Any, audit: AuditRun, tracking: str, with_model: bool = True) -> Any:
+    """An :class:`leapcore.diff.AuditSide` of ``audit``: its tables from its run and, with
+    ``with_model``, its model loaded again (left out, with a note, when the registry no longer
+    holds the audited weights)."""
+    from leapcore.diff import AuditSide
+    from tasks.model import load_and_keep, locate_model
+
+    tables = run_tables(client, audit.run_id)
+    classes = class_list_of(tables)
+    if classes is None:
+        raise InputError(
+            f"the audit in run {audit.run_id} has no tables/model.parquet (the model's classes)."
+        )
+    facts = {"name": audit.name, "version": audit.version, "run_id": audit.run_id}
+    model = preprocessing = None
+    note = ""
+    if with_model:
+        try:
+            loaded = load_and_keep(locate_model(audit.registry_uri, None, tracking))
+        except Exception as err:  # the model is only needed for the prototype similarity
+            note = f"could not load {audit.registry_uri} ({type(err).__name__})"
+        else:
+            digest = audit.tags.get("leapcore.model_digest")
+            if digest and loaded.digest != digest:
+                note = f"{audit.registry_uri} now holds other weights than the audited ones"
+            else:
+                model, preprocessing = loaded.model, loaded.preprocessing
+    if note:
+        facts["note"] = note
+    return AuditSide(audit.label, classes, tables, model, preprocessing, facts)

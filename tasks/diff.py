@@ -198,6 +198,8 @@ def run_diff(ctx: AuditContext) -> tuple[StageOutput | None, str]:
         "spurious": scan.refs.get("spurious") if scan is not None else None,
     }
     facts = {"name": name, "version": previous.version, "run_id": previous.run_id}
+    if problem:
+        facts["note"] = problem
     log.info("diff_audits: comparing %s v%s with %s", name, version, previous.label)
     return run_stage(
         diff_with_previous,

@@ -126,3 +126,48 @@ def test_the_drift_event_reaches_prefect(two_audits):
     assert payload["version"] == "2" and payload["previous_version"] == "1"
     assert payload["entangled"][0].startswith(("digit-3 <-> digit-8", "digit-8 <-> digit-3"))
     assert event["resource"]["leapcore.model_version"] == "2"
+
+
+def test_leap_diff_compares_two_versions_and_logs_to_mlflow(two_audits, tmp_path, capsys):
+    from leapcli.cli import main
+
+    out = tmp_path / "diff"
+    code = main(
+        ["diff", f"models:/{NAME}/1", f"models:/{NAME}/2", "--output-dir", str(out), "--mlflow"]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    lines = printed.splitlines()
+    first = lines[lines.index(next(x for x in lines if x.startswith("pairs"))) + 1]
+    assert first.split()[:3] in (["digit-3", "<->", "digit-8"], ["digit-8", "<->", "digit-3"])
+    assert "entangled" in first
+    table = pq.read_table(out / "diff.parquet")
+    stage = pq.read_table(Path(two_audits[1].output_dir) / "tables" / "diff.parquet")
+    # The same comparison as the audit's own stage (same tables, same models).
+    assert table.column("change").to_pylist() == stage.column("change").to_pylist()
+    assert "Changes since the previous version" in (out / "diff.html").read_text()
+    run_id = printed.rsplit("MLflow run: ", 1)[1].split()[0]
+    run = _client().get_run(run_id)
+    assert run.data.tags["leapcore.kind"] == "diff"
+    assert run.data.tags["leapcore.diff.current_run_id"] == two_audits[1].mlflow_run_id
+    assert run.data.metrics["diff/entangled_pairs"] >= 1
+
+    # Run ids work too, and give the same table.
+    by_runs = tmp_path / "by-runs"
+    runs = [r.mlflow_run_id for r in two_audits]
+    assert main(["diff", *runs, "--output-dir", str(by_runs), "--no-models"]) == 0
+    again = pq.read_table(by_runs / "diff.parquet")
+    pairs = [r for r in again.to_pylist() if r["kind"] == "entanglement"]
+    assert pairs == [r for r in table.to_pylist() if r["kind"] == "entanglement"]
+    assert not [r for r in again.to_pylist() if r["kind"] == "prototype"]
+
+
+def test_leap_diff_refuses_what_has_no_audit(two_audits, tmp_path, capsys):
+    from leapcli.cli import main
+
+    out = tmp_path / "nothing"
+    assert main(["diff", f"models:/{NAME}/1", f"models:/{NAME}/9", "--output-dir", str(out)]) == 1
+    assert "has no version 9 of 'digits-diff'" in capsys.readouterr().err
+    assert main(["diff", "0" * 32, f"models:/{NAME}/2", "--output-dir", str(out)]) == 1
+    assert f"MLflow has no run {'0' * 32}" in capsys.readouterr().err
+    assert not out.exists()
