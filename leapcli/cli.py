@@ -46,6 +46,7 @@ SKIP_STAGES = {
     "export": "export_results (the copy in --output-dir)",
     "mlflow": "publish_mlflow",
     "wandb": "publish_wandb",
+    "diff": "diff_audits (the comparison with the last audited version of the model)",
 }
 EXPLAIN_SKIP = ("report", "export", "mlflow", "wandb")
 
