@@ -31,7 +31,19 @@ from tasks.model import ModelLocator, ModelRef, loaded_model, locate_model
 from tasks.stages import StageOutput, stage_task
 from tasks.wandb_tables import wandb_table
 
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
+
+
+def _logger() -> Any:
+    """The flow run's logger (its lines reach the Prefect UI), else this module's."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return _log
+
 
 DRIFT_EVENT = "leapcore.audit.drift"
 TAG_PREVIOUS = "leapcore.diff.previous_version"
@@ -173,6 +185,8 @@ def run_diff(ctx: AuditContext) -> tuple[StageOutput | None, str]:
     from tasks.mlflow_registry import tracking_uri
     from tasks.runtime import run_stage
 
+    began = time.perf_counter()
+    log = _logger()
     name, version = ctx.model.registry.get("name"), ctx.model.registry.get("version")
     if not name or not version:
         log.info("diff_audits skipped: %s is not a version of a registered model", ctx.model.uri)
@@ -201,7 +215,7 @@ def run_diff(ctx: AuditContext) -> tuple[StageOutput | None, str]:
     if problem:
         facts["note"] = problem
     log.info("diff_audits: comparing %s v%s with %s", name, version, previous.label)
-    return run_stage(
+    output, state = run_stage(
         diff_with_previous,
         model=ctx.model,
         locator=ctx.locator,
@@ -213,6 +227,14 @@ def run_diff(ctx: AuditContext) -> tuple[StageOutput | None, str]:
         previous_model=prev_model,
         previous_locator=prev_locator,
     )
+    log.info(
+        "diff_audits: %s in %.2f s (comparison %.2f s; the rest reads the earlier audit's tables "
+        "and model)",
+        state,
+        time.perf_counter() - began,
+        output.seconds,
+    )
+    return output, state
 
 
 # ---------------------------------------------------------------------------------------------- #

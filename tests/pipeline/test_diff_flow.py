@@ -18,7 +18,7 @@ from torch import nn
 from tests.engine.diff_support import train_version
 from tests.engine.engine_support import Normalise
 from tests.pipeline.conftest import DIGITS, SHAPE, tiny_config
-from tests.pipeline.support import wandb_contents
+from tests.pipeline.support import flow_run_logs, wandb_contents
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -68,6 +68,8 @@ def two_audits(prefect_server, pipeline_home, tmp_path_factory):
 def test_the_first_version_has_nothing_to_compare_with(two_audits):
     first = two_audits[0]
     assert first.stages["diff_audits"] == "Skipped"
+    logs = flow_run_logs(first.flow_run_id)
+    assert "diff_audits skipped: no version of digits-diff before v1 has a finished audit" in logs
     assert not (Path(first.output_dir) / "tables" / "diff.parquet").exists()
     assert "leapcore.diff.previous_version" not in _client().get_model_version(NAME, "1").tags
 
@@ -75,6 +77,13 @@ def test_the_first_version_has_nothing_to_compare_with(two_audits):
 def test_the_second_audit_names_the_merged_pair_first(two_audits):
     second = two_audits[1]
     assert second.stages["diff_audits"] == "Completed"
+    timing = [
+        x
+        for x in flow_run_logs(second.flow_run_id).splitlines()
+        if "diff_audits: Completed in" in x
+    ]
+    assert timing, "the stage's time is logged"
+    print(f"\n{timing[0]} (whole audit {second.seconds:.1f} s)")
     table = pq.read_table(Path(second.output_dir) / "tables" / "diff.parquet")
     pairs = [r for r in table.to_pylist() if r["kind"] == "entanglement"]
     assert {pairs[0]["target"], pairs[0]["other"]} == {"digit-3", "digit-8"}, pairs[:3]
