@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ import pyarrow as pa
 import torch
 
 from leapcore.errors import InputError
+from leapcore.features import penultimate_features
 
 SCHEMA = "diff"
 #: Spurious-scan verdicts, from best to worst.
@@ -178,125 +179,6 @@ class AuditDiff:
 
 
 # ---------------------------------------------------------------------------------------------- #
-# Penultimate-layer features
-# ---------------------------------------------------------------------------------------------- #
-_LINEAR_OPS = {"aten.linear.default": 0, "aten.addmm.default": 1, "aten.mm.default": 0}
-
-
-def _compose(preprocessing: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    if preprocessing is None:
-        return lambda x: x
-    steps = list(preprocessing) if isinstance(preprocessing, (list, tuple)) else [preprocessing]
-
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        for step in steps:
-            x = step(x)
-        return x
-
-    return apply
-
-
-def _graph_module(model: Any) -> Any:
-    graph = model if isinstance(model, torch.fx.GraphModule) else None
-    return graph if graph is not None else getattr(model, "graph_module", None)
-
-
-def penultimate_features(
-    model: Any, images: torch.Tensor, preprocessing: Any = None, layer: str | None = None
-) -> torch.Tensor:
-    """Each image's features at the input of the model's classifier layer, ``[N, D]``.
-
-    The layer is ``layer`` (a module name from ``model.named_modules()``) when given, else the last
-    ``torch.nn.Linear`` the model holds; for ``torch.export`` programs (MLflow's ``pt2`` format),
-    which keep no modules, the input of the last linear/addmm/mm operation of the graph. A forward
-    hook reads it and is removed afterwards, also when the forward raises.
-
-    Args:
-        model: a torch module (or a module holding a ``torch.export`` graph as ``graph_module``).
-        images: ``[N, C, H, W]`` pixels in [0, 1] at the model's input size.
-        preprocessing: applied to the pixels first (a callable or a list of callables).
-        layer: the module whose input is the feature (e.g. ``"head"`` or ``"fc"``).
-
-    Raises:
-        InputError: ``layer`` names no module, or no classifier layer can be found.
-    """
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(
-            f"the prototype similarity needs a PyTorch model, not {type(model).__name__}."
-        )
-    modules = dict(model.named_modules())
-    if layer is not None and layer not in modules:
-        close = [n for n in modules if n and layer.split(".")[-1] in n][:5]
-        raise InputError(f"the model has no module {layer!r} (modules like it: {close}).")
-    target = modules[layer] if layer is not None else None
-    if target is None:
-        linears = [m for m in modules.values() if isinstance(m, torch.nn.Linear)]
-        target = linears[-1] if linears else None
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    x = _compose(preprocessing)(images.to(device))
-    with torch.no_grad():
-        if target is not None:
-            return _hooked_input(model, target, x)
-        graph = _graph_module(model)
-        if graph is not None:
-            return _graph_input(graph, x, getattr(model, "fixed_batch", None))
-    raise InputError(
-        f"found no classifier layer (torch.nn.Linear) in {type(model).__name__}; name the layer "
-        "whose input is the feature vector (diff option `layer`)."
-    )
-
-
-def _hooked_input(model: torch.nn.Module, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    seen: list[torch.Tensor] = []
-
-    def keep(_module: Any, inputs: tuple, _output: Any) -> None:
-        seen.append(inputs[0].detach())
-
-    handle = module.register_forward_hook(keep)
-    try:
-        model(x)
-    finally:
-        handle.remove()
-    if not seen:
-        raise InputError(
-            f"the layer {type(module).__name__} was not called by the model's forward."
-        )
-    return seen[-1].flatten(1).float().cpu()
-
-
-def _graph_input(graph: Any, x: torch.Tensor, fixed_batch: int | None) -> torch.Tensor:
-    nodes = [
-        n for n in graph.graph.nodes if n.op == "call_function" and str(n.target) in _LINEAR_OPS
-    ]
-    if not nodes:
-        raise InputError("found no linear operation in the exported program; name the `layer`.")
-    last = nodes[-1]
-    wanted = last.args[_LINEAR_OPS[str(last.target)]]
-
-    class Reader(torch.fx.Interpreter):
-        value: torch.Tensor | None = None
-
-        def run_node(self, n: Any) -> Any:
-            out = super().run_node(n)
-            if n is wanted:
-                self.value = out
-            return out
-
-    size = fixed_batch or len(x)
-    parts = []
-    for start in range(0, len(x), size):
-        batch = x[start : start + size]
-        pad = size - len(batch)
-        if pad:  # a program exported for a fixed batch size takes only that size
-            batch = torch.cat([batch, batch[-1:].expand(pad, *batch.shape[1:])])
-        reader = Reader(graph)
-        reader.run(batch)
-        parts.append(reader.value.flatten(1)[: size - pad])
-    return torch.cat(parts).float().cpu()
-
-
-# ---------------------------------------------------------------------------------------------- #
 # The diff
 # ---------------------------------------------------------------------------------------------- #
 def _check_classes(previous: AuditSide, current: AuditSide) -> tuple[list[str], dict[str, list]]:
@@ -380,6 +262,7 @@ def _pair_rows(
     """A row per unordered pair; its numbers are those of the direction (``t -> c``: on ``t``'s
     prototype) whose value changed most, the other direction is in ``detail``."""
     ea, eb = pair_probabilities(previous), pair_probabilities(current)
+    off = {side.label: _off_target(side) for side in (previous, current)}
     pairs: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for t in targets:
         for c in classes:
@@ -400,11 +283,28 @@ def _pair_rows(
         detail = "; ".join(
             f"{x} -> {y}: {ea[(x, y)]:.3f} -> {eb[(x, y)]:.3f}" for x, y in directions
         )
+        doubtful = [f"{main[0]} in {label}" for label, names in off.items() if main[0] in names]
+        if doubtful:  # the prototype is not one of its class: its pair numbers are doubtful
+            detail += f" (off-target prototype of {', '.join(doubtful)})"
         rows.append(
             _row("entanglement", t, c, "pair_prob", before, after, flag=flag, detail=detail)
         )
     rows.sort(key=lambda r: (-abs(r["change"]), r["target"], r["other"]))
     return rows
+
+
+def _off_target(side: AuditSide) -> set[str]:
+    """Targets with an off-target prototype (its top class is not the target) in ``side``."""
+    table = side.tables.get("prototypes")
+    if table is None or "off_target" not in table.column_names:
+        return set()
+    return {
+        name
+        for name, off in zip(
+            table.column("target_name").to_pylist(), table.column("off_target").to_pylist()
+        )
+        if off
+    }
 
 
 def _row(

@@ -17,9 +17,9 @@ from leapcore.diff import (
     DiffThresholds,
     diff_audits,
     diff_from_arrow,
-    penultimate_features,
 )
 from leapcore.errors import InputError
+from leapcore.features import penultimate_features
 from leapcore.results import audit_tables, column_tensor
 
 from .diff_support import train_version
@@ -58,6 +58,9 @@ def test_the_merged_pair_comes_first(versions):
         runner_up = diff.rows("entanglement")[1]
         assert top["change"] >= 2 * abs(runner_up["change"]), runner_up
         assert diff.metrics()["diff/max_entanglement_change"] == pytest.approx(top["change"])
+    # v2's 8 prototype is classified as a 3 (the merge): the pair says its numbers are doubtful.
+    top = diff_audits(versions["v1"], versions["v2"]).top_pair
+    assert "off-target prototype of 8 in v2" in top["detail"]
 
 
 def test_pairs_are_sorted_by_change_and_read_back(versions):
