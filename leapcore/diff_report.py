@@ -54,7 +54,8 @@ def diff_section(audit: Any, context: ReportContext) -> str | None:
         "the model cannot tell them apart); a change of at least "
         f"{e(str(thresholds.get('entanglement', '')))} is flagged. Prototypes optimised with the "
         "margin objective push other classes down and show less of it than leap-ie's logit "
-        "objective.</p>"
+        "objective. A flagged pair is a prompt to look, not proof: prototypes of a model retrained "
+        "with another seed can move a pair as much.</p>"
     ]
     for note in diff.notes:
         parts.append(f"<p class='diff-note'><b>Note:</b> {e(note)}</p>")
