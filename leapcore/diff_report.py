@@ -35,7 +35,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _signed(value: Any) -> str:
-    return "n/a" if value is None else f"{float(value):+.3f}"
+    if value is None:
+        return "n/a"
+    value = float(value)
+    return f"{0.0 if abs(value) < 5e-4 else value:+.3f}"  # no "-0.000"
 
 
 @report_section("diff", title="Changes since the previous version", order=8)
@@ -82,7 +85,7 @@ def diff_section(audit: Any, context: ReportContext) -> str | None:
                 fmt_prob(r["cosine_previous_model"]),
                 fmt_prob(r["cosine_current_model"]),
                 _flag(r["flag"]),
-                e(r["detail"]),
+                e(r["detail"].removeprefix("nearest current prototype: ")),
             ]
             for r in protos
         ]
@@ -90,7 +93,7 @@ def diff_section(audit: Any, context: ReportContext) -> str | None:
         parts.append(
             "<h3>Prototype similarity</h3><p>Cosine between the previous and the current "
             "prototype of each class at the input of each model's classifier layer (each "
-            f"prototype fed to both models).</p>{_table([*header, 'nearest'], rows)}"
+            f"prototype fed to both models).</p>{_table([*header, 'nearest current prototype'], rows)}"
         )
     quality = [r for r in diff.rows("quality") if r["flag"] or r["measure"] == "target_prob"]
     if quality:
