@@ -172,6 +172,23 @@ def _fetch_previous(
     return ref, locator, ""
 
 
+def not_comparable(tables: dict[str, pa.Table], ctx: AuditContext, label: str) -> str:
+    """Why the earlier audit cannot be compared with this one ("" when it can): class lists that
+    share no class (different models), or no audited class in common."""
+    classes = class_list_of(tables) or []
+    current = f"{ctx.model.name} v{ctx.model.registry.get('version')}"
+    if not set(classes) & set(ctx.model.class_list):
+        return (
+            f"{label} and {current} are different models: their class lists share no class "
+            f"({label}: {classes[:4]}...; {current}: {list(ctx.model.class_list)[:4]}...)"
+        )
+    protos = tables.get("prototypes")
+    before = set(protos.column("target_name").to_pylist()) if protos is not None else set()
+    if before and not before & set(ctx.names):
+        return f"{label} audited {sorted(before)}, {current} audited {ctx.names}: none in common"
+    return ""
+
+
 @analysis_stage(
     "diff_audits",
     aliases=("diff",),
@@ -200,6 +217,11 @@ def run_diff(ctx: AuditContext) -> tuple[StageOutput | None, str]:
         )
         return None, "Skipped"
     tables = run_tables(client, previous.run_id)
+    reason = not_comparable(tables, ctx, previous.label)
+    if reason:
+        # A refused comparison must not fail the audit it is part of: the stage says why and stops.
+        log.warning("diff_audits skipped: %s", reason)
+        return None, "Skipped"
     refs = {n: ctx.store.put_table(t, "diff-inputs") for n, t in tables.items() if n in READ}
     prev_model, prev_locator, problem = _fetch_previous(ctx, previous, uri)
     if problem:

@@ -180,3 +180,30 @@ def test_leap_diff_refuses_what_has_no_audit(two_audits, tmp_path, capsys):
     assert main(["diff", "0" * 32, f"models:/{NAME}/2", "--output-dir", str(out)]) == 1
     assert f"MLflow has no run {'0' * 32}" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_version_with_other_classes_is_not_compared_and_still_audited(
+    two_audits, tmp_path_factory
+):
+    """v3 of the same registered name, but a model of other classes: the audit completes, its diff
+    stage is skipped and says why (the refusal names both)."""
+    import mlflow
+
+    from flows import audit_model
+    from tasks.mlflow_models import log_model_with_metadata
+
+    letters = [f"letter-{c}" for c in "abcdefghij"]
+    with mlflow.start_run():
+        ref = log_model_with_metadata(
+            _version(False), letters, input_shape=SHAPE, registered_model_name=NAME
+        )
+    assert ref.uri == f"models:/{NAME}/3"
+    config = tiny_config(max_steps=4, find_lr_steps=0, lr=0.05, isolation=False)
+    out = tmp_path_factory.mktemp("diff-other")
+    result = audit_model(ref.uri, [0], config, skip=["wandb"], output_dir=str(out))
+    assert result.stages["diff_audits"] == "Skipped"
+    assert result.stages["publish_mlflow"] == "Completed"
+    logs = flow_run_logs(result.flow_run_id)
+    assert "digits-diff v2 and digits-diff v3 are different models" in logs
+    assert "letter-a" in logs and "digit-0" in logs
+    assert "leapcore.diff.previous_version" not in _client().get_model_version(NAME, "3").tags
