@@ -3,13 +3,18 @@ part of the data (a share of class ``b``'s images labelled ``a``), everything el
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .engine_support import DigitsCNN, Normalise, fit, load_digit_images
 
 
+@functools.cache  # the engine and pipeline diff tests share the trained versions in one session
 def train_version(merge: tuple[int, int] | None, share: float = 0.6, n: int = 900) -> DigitsCNN:
-    """Seed 0, 3 epochs on ``n`` shuffled digits; ``merge=(a, b)`` labels ``share`` of the b's a."""
+    """Seed 0, 3 epochs on ``n`` shuffled digits; ``merge=(a, b)`` labels ``share`` of the b's a.
+
+    Cached: callers must not train or edit the model they get (the engine leaves it as it was)."""
     x, y = load_digit_images()
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(len(x), generator=gen)
