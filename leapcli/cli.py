@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from leapcli.demo import DEMO_CLASSES, DEMO_CONFIG, register_demo_model
+from leapcli.diff import add_diff_parser
 from leapcli.progress import ProgressDisplay, say
 from leapcore import __version__
 
@@ -47,6 +48,7 @@ SKIP_STAGES = {
     "export": "export_results (the copy in --output-dir)",
     "mlflow": "publish_mlflow",
     "wandb": "publish_wandb",
+    "diff": "diff_audits (the comparison with the last audited version of the model)",
 }
 EXPLAIN_SKIP = ("report", "export", "mlflow", "wandb")
 
@@ -565,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the commands that start Prefect and MLflow servers on 127.0.0.1.",
     )
     services.set_defaults(handler=cmd_services)
+    add_diff_parser(sub, _Formatter)
     # The old name, left out of the help (no help=): it prints the new one.
     sub.add_parser("server").set_defaults(handler=cmd_server)
     return parser

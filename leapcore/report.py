@@ -110,6 +110,7 @@ SECTION_MODULES: tuple[str, ...] = (
     "leapcore.sections",
     "leapcore.spurious_report",
     "leapcore.transfer",
+    "leapcore.diff_report",
 )
 
 #: name -> section; filled by :func:`report_section`. Sections render in ``order``, then by name,

@@ -57,6 +57,7 @@ REPORT = "report"
 ATTRIBUTION = "attribution"
 TRANSFER = "transfer"
 SPURIOUS = "spurious_scan"
+DIFF = "diff"
 
 
 def stage_options(stage: str, config: EngineConfig) -> list[str]:
@@ -82,6 +83,8 @@ def stage_options(stage: str, config: EngineConfig) -> list[str]:
         names = shared  # attribution's methods and their options are task arguments, in the key
     elif stage == SPURIOUS:  # extra prototypes (the prototype options) and occlusion evidence
         names = set(options_for_stage(PROTOTYPES)) | set(options_for_stage(ISOLATION)) | shared
+    elif stage == DIFF:
+        names = set()  # the diff reads tables and the two models, no engine option
     elif stage == REPORT:
         names = set(EngineConfig.model_fields)  # the report shows the whole (secret-free) config
         return sorted(n for n in names if not is_secret_name(n) and n != "samples")

@@ -17,10 +17,10 @@ from deployments.serve import (
 )
 from flows.hooks import AUDIT_REQUESTED_EVENT
 
-NAMES = ["audit", "audit-champion-nightly", "registry-watch"]
+NAMES = ["audit", "audit-champion-nightly", "registry-watch", "drift-alert"]
 
 
-def test_prefect_yaml_describes_the_three_deployments():
+def test_prefect_yaml_describes_the_deployments():
     specs = {s["name"]: s for s in load_specs()}
     assert list(specs) == NAMES
     assert specs["audit"]["entrypoint"] == "flows/audit.py:audit_model"
@@ -29,7 +29,7 @@ def test_prefect_yaml_describes_the_three_deployments():
 
 
 def test_built_deployments_carry_the_trigger_and_the_schedules():
-    audit, nightly, watch = build_deployments(load_specs(), watch_interval=15)
+    audit, nightly, watch, _ = build_deployments(load_specs(), watch_interval=15)
 
     assert audit.name == "audit" and audit.flow_name == "audit-model"
     (trigger,) = audit.triggers

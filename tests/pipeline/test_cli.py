@@ -16,7 +16,7 @@ from tests.pipeline.conftest import tiny_config
 LEAP = [sys.executable, "-m", "leapcli"]
 
 
-@pytest.mark.parametrize("command", [[], ["audit"], ["explain"], ["demo"], ["services"]])
+@pytest.mark.parametrize("command", [[], ["audit"], ["explain"], ["demo"], ["services"], ["diff"]])
 def test_every_subcommand_has_help(command: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as done:
         main([*command, "--help"])
