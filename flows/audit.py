@@ -46,6 +46,7 @@ from tasks.export import check_output_dir
 from tasks.mlflow_registry import DEFAULT_EXPERIMENT
 from tasks.redaction import scrubbed_errors, secret_values
 from tasks.sample_files import image_files
+from tasks.transfer import check_reference_models
 
 __all__ = [
     "ALIASES",
@@ -205,6 +206,8 @@ def audit_model(
         # list: fetch it first (cached in the store, so a rerun reads it back).
         fetched = run_stage(fetch_model, locator=locator, store=store)
         resolve_targets(target_classes, fetched[0].class_list)
+        if cfg.reference_models:  # a reference of another width is refused before the run opens
+            check_reference_models(cfg, fetched[0], store, model_options)
         spec = RunSpec(
             uri=tracking_uri(),
             experiment=experiment or DEFAULT_EXPERIMENT,

@@ -28,37 +28,12 @@ from typing import Any
 from leapcli.demo import DEMO_CLASSES, DEMO_CONFIG, register_demo_model
 from leapcli.diff import add_diff_parser
 from leapcli.progress import ProgressDisplay, say
+from leapcli.skip import EXPLAIN_SKIP, skip_help
 from leapcore import __version__
 
 log = logging.getLogger(__name__)
 
 STARTED = time.perf_counter()  # the console script imports this module first: wall time from here
-
-# Stage names ``--skip`` takes (flows.audit.STAGES / ALIASES and flows.explain; a test keeps them
-# equal). Written out so that ``leap --help`` imports no flow (Prefect takes seconds to import).
-SKIP_STAGES = {
-    "baseline": "generate_baseline (and what needs it: lr, prototypes, entanglement, isolation)",
-    "lr": "find_learning_rate (prototypes then use the config's lr)",
-    "prototypes": "optimise_prototypes (and entanglement, isolation)",
-    "entanglement": "score_entanglement",
-    "isolation": "isolate_features",
-    "attribution": "attribute_prototypes (the maps of --methods; runs only with them)",
-    "scan": "scan_spurious (the spurious-feature scan of every class)",
-    "report": "render_report (the HTML page; tables and images are still written)",
-    "export": "export_results (the copy in --output-dir)",
-    "mlflow": "publish_mlflow",
-    "wandb": "publish_wandb",
-    "diff": "diff_audits (the comparison with the last audited version of the model)",
-}
-EXPLAIN_SKIP = ("report", "export", "mlflow", "wandb")
-
-
-def skip_help(names: tuple[str, ...] | None = None) -> str:
-    """``--skip``'s help: the stage names, one a line."""
-    shown = {k: v for k, v in SKIP_STAGES.items() if names is None or k in names}
-    return "stages to switch off, by short or full name:\n" + "\n".join(
-        f"  {short:<13}{full}" for short, full in shown.items()
-    )
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -345,6 +320,8 @@ def _run_flow(
 
 def cmd_audit(args: argparse.Namespace) -> int:
     _quiet(args.verbose)
+    if args.no_scan:
+        args.skip = [*args.skip, "scan_spurious"]
     from flows.audit import audit_model, check_inputs
 
     return _run_flow(
@@ -499,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IMAGE",
         help="your own images (files or folders, any class) for the analysis stages",
     )
+    audit.add_argument("--no-scan", action="store_true", help="no spurious-feature scan")
     audit.add_argument(
         "--methods",
         metavar="M1,M2",
