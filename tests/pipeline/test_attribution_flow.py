@@ -21,8 +21,24 @@ def _folder(tmp_path):
     return folder
 
 
+def _picklable(model: torch.nn.Module, folder, monkeypatch) -> torch.nn.Module:
+    """``model`` as an instance of a class in an importable module of its own, as a user's model
+    class lives in their package (the fixture's class belongs to whichever ``conftest`` module
+    pytest imported under that name, which unpickling cannot find in a full run)."""
+    import importlib
+    import inspect
+
+    source = inspect.getsource(type(model))
+    (folder / "user_digits_net.py").write_text("import torch\nfrom torch import nn\n\n\n" + source)
+    monkeypatch.syspath_prepend(str(folder))
+    module = importlib.import_module("user_digits_net")
+    copy = getattr(module, type(model).__name__)()
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
+
+
 def test_explain_with_methods_writes_a_cached_attributions_table(
-    prefect_server, digits_model, fresh_store, tmp_path
+    prefect_server, digits_model, fresh_store, tmp_path, monkeypatch
 ) -> None:
     """ig, LRP and CRP, and RelMax over a folder, on the digits CNN as a torch module (a trusted
     pickle: LRP needs layers it can see, which the registry's torch.export program hides)."""
@@ -34,7 +50,7 @@ def test_explain_with_methods_writes_a_cached_attributions_table(
 
     folder = _folder(tmp_path)
     model_file = tmp_path / "digits.pt"
-    torch.save(digits_model, model_file)
+    torch.save(_picklable(digits_model, tmp_path, monkeypatch), model_file)
     model_uri = str(model_file)
     options = {
         "model_options": {"trusted": True, "class_list": list(DIGITS), "input_shape": SHAPE},
