@@ -206,8 +206,8 @@ def _analysis_stages(
         if not call.plan.on(stage.name):
             continue
         output, states[stage.name] = stage.run(ctx)
-        stage_finished(stage.name, states[stage.name])
-        if output is None:
+        if output is None:  # a stage that ran its task was announced by run_stage
+            stage_finished(stage.name, states[stage.name])
             continue
         ctx.outputs[stage.name] = output
         summarise(ctx.flow_name, stage.name, [output], states[stage.name])
