@@ -21,19 +21,39 @@ def _folder(tmp_path):
     return folder
 
 
-def _picklable(model: torch.nn.Module, folder, monkeypatch) -> torch.nn.Module:
-    """``model`` as an instance of a class in an importable module of its own, as a user's model
-    class lives in their package (the fixture's class belongs to whichever ``conftest`` module
-    pytest imported under that name, which unpickling cannot find in a full run)."""
-    import importlib
-    import inspect
+# The digits CNN of tests/pipeline/conftest.py, as a user's package would define it.
+USER_NET = """
+import torch
+from torch import nn
 
-    source = inspect.getsource(type(model))
-    (folder / "user_digits_net.py").write_text("import torch\nfrom torch import nn\n\n\n" + source)
+
+class DigitsCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.head = nn.Linear(16 * 16, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+"""
+
+
+def _picklable(model: torch.nn.Module, folder, monkeypatch) -> torch.nn.Module:
+    """``model``'s weights in an instance of a class from an importable module of its own, as a
+    user's model class lives in their package (the fixture's class belongs to whichever ``conftest``
+    module pytest imported under that name, which unpickling cannot find in a full run)."""
+    import importlib
+
+    (folder / "user_digits_net.py").write_text(USER_NET)
     monkeypatch.syspath_prepend(str(folder))
-    module = importlib.import_module("user_digits_net")
-    copy = getattr(module, type(model).__name__)()
-    copy.load_state_dict(model.state_dict())
+    copy = importlib.import_module("user_digits_net").DigitsCNN()
+    copy.load_state_dict(model.state_dict())  # fails loudly if the two ever differ
     return copy.eval()
 
 
