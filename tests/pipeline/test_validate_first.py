@@ -98,8 +98,10 @@ def test_explain_runs_leave_the_audit_tags_alone(
         (["--skip", "wandb", "protoypes"], "unknown stage 'protoypes' in skip"),
         (["--set", "max_stepz=3"], "max_stepz"),
         (["--classes", "3"], "no-such-model"),
+        (["--classes", "3", "--samples", "no-such-folder"], "no such image file or folder"),
+        (["--classes", "3", "--methods", "ig,lrpp"], "lrpp"),
     ],
-    ids=["skip", "config", "model-uri"],
+    ids=["skip", "config", "model-uri", "samples", "methods"],
 )
 def test_leap_audit_rejects_bad_input_before_a_server_starts(
     pipeline_home, registered_model, tmp_path, args, message
