@@ -18,18 +18,11 @@ scan measures each per class:
   same blob shape is cut half an image away (wrapping round) from the same images and pasted there:
   ``control_flip_rate`` says how often any region of that size flips those targets.
 
-Verdict (thresholds in :class:`ScanSettings`, chosen on the marker test bed,
-``benchmarks/spurious_testbed.py``):
-
-- ``likely spurious``: flip rate >= ``likely_flip`` (0.5) and blob IoU >= ``placed_iou`` (0.2);
-- ``suspicious``: blob IoU >= ``stable_iou`` (0.4, in place) and flip rate >= ``suspicious_flip``
-  (0.3), or in place with concentration >= ``concentrated`` (0.5: a small, fixed region that
-  pasting alone does not prove). A blob that moves from image to image is not called spurious
-  however often it flips: the short-run prototypes of other classes that it is pasted onto flip
-  under many small changes;
-- ``clean`` otherwise. Without images of other classes the flip rate cannot be measured and the
-  verdict is at most ``suspicious``; without samples the scan runs on prototypes alone. Both are
-  said in the verdict's reason text.
+The numbers behind the verdict (reappearance of the blob, consistency of its content, excess flip
+rate over the control) and the verdict rule are in :mod:`leapcore.spurious_verdict`. A paste
+"flips" an image when the model's own decision rule then gives the class: the top class for
+``logits`` models, a sigmoid probability >= 0.5 for ``multilabel_logits`` models (other classes may
+stay present). Paste targets are the user's samples first, then other classes' prototypes.
 
 This module runs the algorithm on tensors; prototypes are made by :mod:`leapcore.prototypes`
 (:func:`extra_prototypes`) and the pipeline stage is ``tasks/scan.py``.
@@ -49,9 +42,19 @@ from PIL import Image
 from leapcore.config import EngineConfig
 from leapcore.images import to_uint8
 from leapcore.outputs import model_probabilities
-
-CLEAN, SUSPICIOUS, LIKELY = "clean", "suspicious", "likely spurious"
-VERDICTS = (CLEAN, SUSPICIOUS, LIKELY)  # in order of severity
+from leapcore.spurious_verdict import (  # noqa: F401  (re-exported: the scan's public names)
+    CLEAN,
+    LIKELY,
+    SUSPICIOUS,
+    VERDICTS,
+    Evidence,
+    centroid_spread,
+    consistency,
+    iou_matrix,
+    judge,
+    pairwise_iou,
+    reappearance,
+)
 
 
 @dataclass(frozen=True)
@@ -68,11 +71,15 @@ class ScanSettings:
         max_targets: images of other classes pasted onto (per class).
         target_confidence: paste targets are images the model assigns to their class with at
             least this probability.
-        likely_flip, suspicious_flip: flip-rate thresholds of the two verdicts.
-        stable_iou: mean pairwise blob IoU above which the blob counts as "in place".
-        placed_iou: the lower IoU that suffices when the blob flips at least ``likely_flip``
-            (with two to four images per class, one blob elsewhere halves the mean IoU).
+        likely_flip, suspicious_flip: thresholds of the two verdicts on the *excess* flip rate
+            (flip rate less the control flip rate).
+        reappear_iou: a blob reappears when its IoU with the class's modal blob is at least this.
+        placed_share: the share of images whose blob reappears that suffices for ``likely
+            spurious`` (with two to four images per class one stray blob costs a third to a half).
+        stable_share: the share that counts as "in place" for ``suspicious``.
         concentrated: blob mass share above which the evidence counts as concentrated.
+        consistent: content consistency (1 - mean absolute pixel difference inside the modal blob)
+            above which a concentrated, in-place blob alone is ``suspicious``.
     """
 
     extra_prototypes: int = 2
@@ -84,9 +91,11 @@ class ScanSettings:
     target_confidence: float = 0.6
     likely_flip: float = 0.5
     suspicious_flip: float = 0.3
-    stable_iou: float = 0.4
-    placed_iou: float = 0.2
+    reappear_iou: float = 0.2
+    placed_share: float = 0.5
+    stable_share: float = 0.6
     concentrated: float = 0.5
+    consistent: float = 0.8
 
     def steps(self, config: EngineConfig) -> int:
         """Optimisation steps of the scan's extra prototypes for an audit with ``config``."""
@@ -104,7 +113,9 @@ class ClassScan:
     verdict: str
     reason: str
     concentration: float
-    stability: float
+    stability: float  # mean pairwise blob IoU (reported; the verdict uses reappearance)
+    reappearance: float
+    consistency: float
     centroid_spread: float
     flip_rate: float
     control_flip_rate: float
@@ -115,6 +126,7 @@ class ClassScan:
     samples: int
     evidence_png: bytes = field(default=b"", repr=False)
     paste_png: bytes = field(default=b"", repr=False)
+    details: dict = field(default_factory=dict, repr=False)  # per-image numbers (not in the table)
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -197,30 +209,31 @@ def top_region(saliency: torch.Tensor, share: float) -> torch.Tensor:
     return (labels == found[masses.argmax()]).view(h, w)
 
 
-def pairwise_iou(regions: torch.Tensor) -> float:
-    """Mean IoU over distinct pairs of ``[N, H, W]`` bool regions (NaN for fewer than two)."""
-    n = len(regions)
-    if n < 2:
-        return float("nan")
-    flat = regions.flatten(1).float()
-    inter = flat @ flat.T
-    area = flat.sum(1)
-    union = area[:, None] + area[None, :] - inter
-    iou = inter / union.clamp_min(1)
-    return float((iou.sum() - iou.diagonal().sum()) / (n * (n - 1)))
+def decides(probs: torch.Tensor, cls: int, output: str) -> torch.Tensor:
+    """``[N]`` bool: the model's decision rule gives class ``cls`` for ``[N, K]`` probabilities.
+
+    ``logits`` models decide for their top class; ``multilabel_logits`` models for every class
+    whose sigmoid probability is at least 0.5 (several classes can be present at once).
+    """
+    if output == "multilabel_logits":
+        return probs[:, cls] >= 0.5
+    return probs.argmax(1) == cls
 
 
-def centroid_spread(regions: torch.Tensor) -> float:
-    """Root-mean-square distance of the regions' centroids from their mean, as a share of the
-    image diagonal (0: every blob in the same place)."""
-    n, h, w = regions.shape
-    ys = torch.arange(h, dtype=torch.float32)[None, :, None]
-    xs = torch.arange(w, dtype=torch.float32)[None, None, :]
-    area = regions.flatten(1).sum(1).clamp_min(1).float()
-    cy = (regions * ys).flatten(1).sum(1) / area
-    cx = (regions * xs).flatten(1).sum(1) / area
-    d2 = (cy - cy.mean()) ** 2 + (cx - cx.mean()) ** 2
-    return float(d2.mean().sqrt() / math.hypot(h, w))
+def output_kind(model: torch.nn.Module) -> str:
+    """The model's output kind (``LogitsModel.output``; plain modules count as ``logits``)."""
+    return str(getattr(model, "output", "logits"))
+
+
+@torch.no_grad()
+def model_probs(model: torch.nn.Module, images: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``[N, K]`` probabilities by the model's own probability function, on the CPU."""
+    return torch.cat(
+        [
+            model_probabilities(model, model(images[i : i + chunk_size])).cpu()
+            for i in range(0, len(images), chunk_size)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -236,7 +249,7 @@ def paste_flips(
 
     Returns:
         ``(pasted, flipped)``: ``[S * T, C, H, W]`` images (source-major) and ``[S * T]`` bool:
-        the model assigns the pasted image to ``cls``.
+        the model's decision rule (:func:`decides`) gives ``cls`` for the pasted image.
     """
     s, t = len(sources), len(targets)
     device = targets.device
@@ -244,29 +257,20 @@ def paste_flips(
     pasted = (targets[None] * (1 - keep[:, None]) + (sources * keep)[:, None]).reshape(
         s * t, *targets.shape[1:]
     )
-    top = torch.cat(
-        [model(pasted[i : i + chunk_size]).argmax(1) for i in range(0, len(pasted), chunk_size)]
-    )
-    return pasted, (top == cls).cpu()
+    probs = model_probs(model, pasted, chunk_size)
+    return pasted, decides(probs, cls, output_kind(model))
 
 
 # ---------------------------------------------------------------------------------------------- #
 # The scan
 # ---------------------------------------------------------------------------------------------- #
-@torch.no_grad()
 def predicted_classes(
     model: torch.nn.Module, images: torch.Tensor, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's top class of each image and its probability, ``[N]`` each, on the CPU."""
     if len(images) == 0:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0)
-    probs = torch.cat(
-        [
-            model_probabilities(model, model(images[i : i + chunk_size]))
-            for i in range(0, len(images), chunk_size)
-        ]
-    ).cpu()
-    top = probs.max(1)
+    top = model_probs(model, images, chunk_size).max(1)
     return top.indices, top.values
 
 
@@ -298,16 +302,23 @@ def scan_classes(
     settings = settings or ScanSettings()
     device = prototypes.device
     samples = samples.to(device) if samples is not None else prototypes[:0]
-    sample_top, sample_conf = predicted_classes(model, samples, chunk_size)
-    proto_top, proto_conf = predicted_classes(model, prototypes, chunk_size)
-    # Evidence images: each class's prototypes that the model assigns to it (an off-target
-    # prototype shows another class's evidence) and the samples it assigns to it.
+    kind = output_kind(model)
+    # Paste targets: the user's samples first (real images), then other classes' prototypes.
+    pool = torch.cat([samples, prototypes])
+    probs = model_probs(model, pool, chunk_size) if len(pool) else torch.zeros(0, 0)
+    sample_probs, proto_probs = probs[: len(samples)], probs[len(samples) :]
+    # Evidence images: each class's prototypes that the model decides for it (an off-target
+    # prototype shows another class's evidence) and the samples it decides for it.
     own: dict[int, list[tuple[torch.Tensor, str]]] = {}
     for c in classes:
         rows = [r for r, pc in enumerate(prototype_class) if pc == c]
-        on_target = [r for r in rows if int(proto_top[r]) == c] or rows  # all off target: use all
+        said = decides(proto_probs, c, kind) if len(proto_probs) else torch.zeros(0, dtype=bool)
+        on_target = [r for r in rows if bool(said[r])] or rows  # all off target: use all
         chosen = [(prototypes[r], "prototype") for r in on_target]
-        chosen += [(samples[i], "sample") for i in range(len(samples)) if int(sample_top[i]) == c]
+        if len(samples):
+            chosen += [
+                (samples[i], "sample") for i in decides(sample_probs, c, kind).nonzero()[:, 0]
+            ]
         own[c] = chosen
     flat = [(c, x) for c in classes for x, _ in own[c]]
     maps = (
@@ -317,17 +328,18 @@ def scan_classes(
         if flat
         else torch.zeros(0)
     ).cpu()
-    pool = torch.cat([prototypes, samples])
-    pool_top = torch.cat([proto_top, sample_top])
     # Paste targets must be confidently another class: a weak prototype flips under any change.
-    pool_top = torch.where(
-        torch.cat([proto_conf, sample_conf]) >= settings.target_confidence, pool_top, -1
+    confident = (
+        probs.max(1).values >= settings.target_confidence
+        if len(pool)
+        else torch.zeros(0, dtype=torch.bool)
     )
     results, start = [], 0
     for c in classes:
         n = len(own[c])
         class_maps = maps[start : start + n]
         start += n
+        targets = (confident & ~decides(probs, c, kind)).nonzero().flatten() if len(pool) else None
         results.append(
             _scan_one(
                 model,
@@ -335,9 +347,8 @@ def scan_classes(
                 names,
                 own[c],
                 class_maps,
-                pool,
-                pool_top,
-                samples is not None and len(samples) > 0,
+                pool[targets[: settings.max_targets]] if targets is not None else pool[:0],
+                len(samples) > 0,
                 chunk_size,
                 settings,
             )
@@ -351,8 +362,7 @@ def _scan_one(
     names: list[str],
     images: list[tuple[torch.Tensor, str]],
     maps: torch.Tensor,
-    pool: torch.Tensor,
-    pool_top: torch.Tensor,
+    targets: torch.Tensor,
     had_samples: bool,
     chunk_size: int,
     settings: ScanSettings,
@@ -362,30 +372,33 @@ def _scan_one(
     concentration = float(mass.mean())
     iou = pairwise_iou(regions)
     spread = centroid_spread(regions) if len(regions) > 1 else float("nan")
+    share, modal, reappears = reappearance(regions, settings.reappear_iou)
+    stack = torch.stack([x for x, _ in images]).cpu()
+    content = consistency(stack[reappears], regions[modal])
     # The most concentrated maps' blobs are pasted.
     order = mass.argsort(descending=True)[: settings.max_sources]
-    sources = torch.stack([images[int(i)][0] for i in order])
+    sources = stack[order].to(targets.device)
     src_regions = regions[order]
-    others = ((pool_top != c) & (pool_top >= 0)).nonzero().flatten()[: settings.max_targets]
     flips, pastes, pasted, flipped = 0, 0, None, None
-    if len(others):
-        pasted, flipped = paste_flips(model, sources, src_regions, pool[others], c, chunk_size)
+    flip_rate = control = float("nan")
+    if len(targets):
+        pasted, flipped = paste_flips(model, sources, src_regions, targets, c, chunk_size)
         flips, pastes = int(flipped.sum()), len(flipped)
-    flip_rate = flips / pastes if pastes else float("nan")
-    control = float("nan")
-    if len(others):
+        flip_rate = flips / pastes
         # Control: a blob of the same shape half an image away, from the same source images.
         h, w = src_regions.shape[-2:]
         moved = torch.roll(src_regions, (h // 2, w // 2), dims=(-2, -1))
-        _, moved_flips = paste_flips(model, sources, moved, pool[others], c, chunk_size)
+        _, moved_flips = paste_flips(model, sources, moved, targets, c, chunk_size)
         control = float(moved_flips.float().mean())
-    verdict, reason = judge(concentration, iou, flip_rate, settings)
+    evidence = Evidence(concentration, share, content, flip_rate, control)
+    verdict, reason = judge(evidence, settings)
     n_protos = sum(kind == "prototype" for _, kind in images)
     n_samples = len(images) - n_protos
     basis = f"{n_protos} prototypes" + (
         f" and {n_samples} samples" if had_samples else " alone (no samples given)"
     )
     reason = f"{reason}; evidence from {basis}"
+    modal_iou = iou_matrix(regions)[modal] if len(regions) else torch.zeros(0)
     return ClassScan(
         class_index=c,
         class_name=names[c],
@@ -393,6 +406,8 @@ def _scan_one(
         reason=reason,
         concentration=concentration,
         stability=iou,
+        reappearance=share,
+        consistency=content,
         centroid_spread=spread,
         flip_rate=flip_rate,
         control_flip_rate=control,
@@ -402,37 +417,13 @@ def _scan_one(
         prototypes=n_protos,
         samples=n_samples,
         evidence_png=evidence_png([x for x, _ in images][:6], regions[:6]),
-        paste_png=paste_png(pasted, flipped, len(others)) if pasted is not None else b"",
+        paste_png=paste_png(pasted, flipped, len(targets)) if pasted is not None else b"",
+        details={
+            "modal_iou": [round(float(v), 4) for v in modal_iou],
+            "mass": [round(float(v), 4) for v in mass],
+            "consistency_all": consistency(stack, regions[modal]),
+        },
     )
-
-
-def judge(
-    concentration: float, iou: float, flip_rate: float, settings: ScanSettings
-) -> tuple[str, str]:
-    """The verdict and a sentence saying why (see the module docstring for the rule)."""
-    numbers = (
-        f"{concentration:.0%} of the evidence in one blob, blob IoU across images "
-        + ("n/a (one image)" if math.isnan(iou) else f"{iou:.2f}")
-        + ", flip rate "
-        + (
-            "not measured (no images of other classes)"
-            if math.isnan(flip_rate)
-            else f"{flip_rate:.0%}"
-        )
-    )
-    stable = not math.isnan(iou) and iou >= settings.stable_iou
-    placed = not math.isnan(iou) and iou >= settings.placed_iou
-    if not math.isnan(flip_rate):
-        if flip_rate >= settings.likely_flip and placed:
-            return LIKELY, f"a small region in a fixed place flips other classes' images: {numbers}"
-        if flip_rate >= settings.suspicious_flip and stable:
-            return (
-                SUSPICIOUS,
-                f"a small region in a fixed place flips some other classes' images: {numbers}",
-            )
-    if concentration >= settings.concentrated and stable:
-        return SUSPICIOUS, f"the evidence sits in one small region in a fixed place: {numbers}"
-    return CLEAN, numbers
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -505,7 +496,8 @@ def scan_audit(
     :func:`extra_prototypes` of every single-class target, and the user's ``samples``.
 
     ``start`` is the audit's baseline image, ``lr`` its prototype step size. Hybrid targets (several
-    classes) are not scanned; ``classes`` defaults to every single-class target.
+    classes) are not scanned (:func:`hybrid_targets` names them for the table and report);
+    ``classes`` defaults to every single-class target.
     """
     settings = settings or ScanSettings()
     single = [t[0] for t in prototypes.targets if len(t) == 1]
@@ -528,3 +520,8 @@ def scan_audit(
     return scan_classes(
         model, classes, names, torch.cat(images), owners, samples, config, chunk_size, settings
     )
+
+
+def hybrid_targets(targets: list[list[int]], names: list[str]) -> list[str]:
+    """The names (classes joined by ``+``) of the hybrid targets, which the scan leaves out."""
+    return ["+".join(names[c] for c in t) for t in targets if len(t) > 1]

@@ -26,6 +26,8 @@ SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("concentration", pa.float32()),
         ("stability", pa.float32()),
+        ("reappearance", pa.float32()),
+        ("consistency", pa.float32()),
         ("centroid_spread", pa.float32()),
         ("flip_rate", pa.float32()),
         ("control_flip_rate", pa.float32()),
@@ -41,16 +43,29 @@ SCHEMA = pa.schema(
 TAG = "leapcore.spurious"
 
 
-def spurious_to_arrow(scans: list[ClassScan], settings: ScanSettings) -> pa.Table:
-    """The scan as the ``spurious`` table (NaN where a number could not be measured)."""
+def spurious_to_arrow(
+    scans: list[ClassScan], settings: ScanSettings, not_scanned: list[str] | None = None
+) -> pa.Table:
+    """The scan as the ``spurious`` table (NaN where a number could not be measured).
+
+    ``not_scanned`` names the audited targets the scan left out (hybrids of several classes); they
+    are kept in the schema metadata ``leapcore.not_scanned`` (JSON list) and named in the report.
+    """
     columns = {name: [getattr(s, name) for s in scans] for name in SCHEMA.names}
     table = pa.table(columns, schema=SCHEMA)
     return table.replace_schema_metadata(
         {
             b"leapcore.schema": b"spurious",
             b"leapcore.settings": json.dumps(asdict(settings)).encode(),
+            b"leapcore.not_scanned": json.dumps(list(not_scanned or [])).encode(),
         }
     )
+
+
+def not_scanned(table: pa.Table) -> list[str]:
+    """The audited targets the scan left out (hybrid targets), from the table's metadata."""
+    raw = (table.schema.metadata or {}).get(b"leapcore.not_scanned")
+    return json.loads(raw) if raw else []
 
 
 def _number(value: Any) -> float:
@@ -58,14 +73,24 @@ def _number(value: Any) -> float:
 
 
 def spurious_metrics(table: pa.Table) -> dict[str, float]:
-    """MLflow metrics: ``spurious/<class>/{concentration,stability,flip_rate,severity}`` (severity
-    0 clean, 1 suspicious, 2 likely spurious; NaN numbers are left out) and the flagged count."""
+    """MLflow metrics: ``spurious/<class>/{concentration,stability,reappearance,consistency,
+    flip_rate,control_flip_rate,severity}`` (severity 0 clean, 1 suspicious, 2 likely spurious;
+    NaN numbers are left out) and the flagged count."""
     out: dict[str, float] = {}
     rows = table.to_pylist()
     for row in rows:
         key = _metric_name(row["class_name"])
         out[f"spurious/{key}/severity"] = float(VERDICTS.index(row["verdict"]))
-        for name in ("concentration", "stability", "flip_rate"):
+        for name in (
+            "concentration",
+            "stability",
+            "reappearance",
+            "consistency",
+            "flip_rate",
+            "control_flip_rate",
+        ):
+            if name not in row:  # a table written before the column existed
+                continue
             value = _number(row[name])
             if not math.isnan(value):
                 out[f"spurious/{key}/{name}"] = value
@@ -106,10 +131,20 @@ def spurious_fragment(table: pa.Table) -> str:
         if flagged
         else f"No spurious feature found in {len(rows)} scanned classes."
     )
-    parts = [f"<p class='spurious-summary'>{summary}</p>", "<table class='spurious'>"]
+    parts = [f"<p class='spurious-summary'>{summary}</p>"]
+    left_out = not_scanned(table)
+    if left_out:
+        parts.append(
+            "<p class='spurious-not-scanned'>Not scanned (hybrid targets of several classes; the "
+            "scan covers single-class targets): "
+            + ", ".join(html.escape(n) for n in left_out)
+            + ".</p>"
+        )
+    parts.append("<table class='spurious'>")
     parts.append(
-        "<tr><th>class</th><th>verdict</th><th>concentration</th><th>blob IoU</th>"
-        "<th>flip rate</th><th>why</th><th>evidence (blob outlined)</th><th>pastes</th></tr>"
+        "<tr><th>class</th><th>verdict</th><th>concentration</th><th>blob reappears</th>"
+        "<th>content consistency</th><th>flip rate (control)</th><th>why</th>"
+        "<th>evidence (blob outlined)</th><th>pastes</th></tr>"
     )
     order = sorted(rows, key=lambda r: -VERDICTS.index(r["verdict"]))
     for r in order:
@@ -117,20 +152,30 @@ def spurious_fragment(table: pa.Table) -> str:
             f"<img alt='{alt}' src='{data_uri(r[col], 'image/png')}'>" if r[col] else ""
             for col, alt in (("evidence_png", "evidence"), ("paste_png", "pastes"))
         ]
-        flips = f"{_cell(r['flip_rate'], '.0%')} ({r['flips']}/{r['pastes']})"
+        flips = (
+            f"{_cell(r['flip_rate'], '.0%')} ({r['flips']}/{r['pastes']}; "
+            f"control {_cell(r.get('control_flip_rate'), '.0%')})"
+            if r["pastes"]
+            else "not measured (no images of other classes)"
+        )
         parts.append(
             f"<tr class='verdict-{r['verdict'].replace(' ', '-')}'>"
             f"<td>{html.escape(r['class_name'])}</td><td><b>{r['verdict']}</b></td>"
-            f"<td>{_cell(r['concentration'], '.2f')}</td><td>{_cell(r['stability'], '.2f')}</td>"
+            f"<td>{_cell(r['concentration'], '.2f')}</td>"
+            f"<td>{_cell(r.get('reappearance'), '.0%')}</td>"
+            f"<td>{_cell(r.get('consistency'), '.2f')}</td>"
             f"<td>{flips}</td><td>{html.escape(r['reason'])}</td>"
             f"<td>{images[0]}</td><td>{images[1]}</td></tr>"
         )
     parts.append("</table>")
     parts.append(
         "<p class='note'>Concentration: share of the class's occlusion evidence in its strongest "
-        "small blob; blob IoU: how well the blobs of different images overlap (1 = same place); "
-        "flip rate: pastes of the blob onto confidently classified images of other classes that "
-        "the model then assigns to this class. Pastes framed in red flipped.</p>"
+        "small blob; blob reappears: share of the class's images whose blob overlaps the most "
+        "common blob (a fixed marker reappears in every image); content consistency: how alike "
+        "the images' pixels are inside that blob (1 = identical, as a pasted marker); flip rate: "
+        "pastes of the blob onto confidently classified images of other classes that the model "
+        "then decides for this class, and in brackets the control: the same shape pasted half an "
+        "image away. Pastes framed in red flipped.</p>"
     )
     return "\n".join(parts)
 

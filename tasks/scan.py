@@ -20,7 +20,7 @@ from leapcore.config import EngineConfig
 from leapcore.device import pick_device
 from leapcore.images import load_image
 from leapcore.results import baseline_from_arrow, learning_rate_from_arrow, prototypes_from_arrow
-from leapcore.spurious import CLEAN, ScanSettings, scan_audit
+from leapcore.spurious import CLEAN, ScanSettings, hybrid_targets, scan_audit
 from leapcore.spurious_report import TAG, spurious_metrics, spurious_tag, spurious_to_arrow
 from tasks.analysis import AuditContext, Findings, analysis_stage
 from tasks.artifacts import ArtifactStore
@@ -98,12 +98,17 @@ def scan_spurious_task(
             "class": s.class_name,
             "verdict": s.verdict,
             "concentration": round(s.concentration, 3),
-            "blob IoU": round(s.stability, 3),
+            "blob reappears": round(s.reappearance, 3),
+            "consistency": round(s.consistency, 3),
             "flip rate": round(s.flip_rate, 3),
+            "control flip rate": round(s.control_flip_rate, 3),
         }
         for s in scans
     ]
-    ref = store.put_table(spurious_to_arrow(scans, settings), "spurious")
+    left_out = hybrid_targets(merged.targets, list(model.class_list))
+    if left_out:
+        summary.append({"not scanned (hybrid targets)": ", ".join(left_out)})
+    ref = store.put_table(spurious_to_arrow(scans, settings, left_out), "spurious")
     return StageOutput("scan_spurious", {"spurious": ref}, seconds, summary)
 
 
@@ -171,8 +176,10 @@ def spurious_wandb_table(wandb: Any, table: pa.Table, audit: Any = None) -> Any:
         "class",
         "verdict",
         "concentration",
-        "blob IoU",
+        "blob reappears",
+        "consistency",
         "flip rate",
+        "control flip rate",
         "reason",
         "evidence",
         "pastes",
@@ -187,8 +194,10 @@ def spurious_wandb_table(wandb: Any, table: pa.Table, audit: Any = None) -> Any:
             r["class_name"],
             r["verdict"],
             r["concentration"],
-            r["stability"],
+            r["reappearance"],
+            r["consistency"],
             r["flip_rate"],
+            r["control_flip_rate"],
             r["reason"],
             *images,
         )

@@ -11,14 +11,26 @@ from leapcore.spurious import (
     CLEAN,
     LIKELY,
     SUSPICIOUS,
+    Evidence,
     ScanSettings,
     centroid_spread,
     connected_components,
+    consistency,
+    decides,
+    hybrid_targets,
     judge,
     pairwise_iou,
+    reappearance,
+    scan_classes,
     top_region,
 )
-from leapcore.spurious_report import spurious_metrics, spurious_tag, spurious_to_arrow
+from leapcore.spurious_report import (
+    not_scanned,
+    spurious_fragment,
+    spurious_metrics,
+    spurious_tag,
+    spurious_to_arrow,
+)
 
 from .testbed import MarkerSpec, audit_prototypes, plant, scan, train_pair
 
@@ -102,16 +114,88 @@ def test_iou_and_centroid_spread_by_hand() -> None:
     assert pairwise_iou(same) == 1.0 and centroid_spread(same) == 0.0
 
 
+def test_reappearance_counts_images_not_pairs() -> None:
+    blobs = torch.zeros(4, 8, 8, dtype=torch.bool)
+    blobs[:3, 0:2, 0:2] = True  # three blobs in one place
+    blobs[2, 0:2, 2] = True  # one of them a little wider (IoU 4/6 with the others)
+    blobs[3, 6:8, 6:8] = True  # one stray blob
+    share, modal, reappears = reappearance(blobs, 0.5)
+    assert share == 0.75 and modal in (0, 1) and reappears.tolist() == [True, True, True, False]
+    # The mean pairwise IoU of the same blobs is dragged down by the stray one.
+    assert pairwise_iou(blobs) < 0.5
+    assert math.isnan(reappearance(blobs[:1], 0.5)[0])
+
+
+def test_consistency_by_hand() -> None:
+    images = torch.zeros(3, 1, 4, 4)
+    region = torch.zeros(4, 4, dtype=torch.bool)
+    region[0, :2] = True
+    images[:, 0, 0, :2] = 1.0  # the same pixels in the region...
+    images[1, 0, 3, 3] = 0.7  # ...and differences outside it, which do not count
+    assert consistency(images, region) == pytest.approx(1.0)
+    images[2, 0, 0, 0] = 0.0  # image 2 differs on one of the two pixels: |diff| 0.5 vs 0 and 1
+    assert consistency(images, region) == pytest.approx(1 - (0 + 0.5 + 0.5) / 3)
+    assert math.isnan(consistency(images[:1], region))
+
+
+def test_the_decision_rule_of_each_output_kind() -> None:
+    probs = torch.tensor([[0.7, 0.6, 0.1], [0.2, 0.45, 0.9]])
+    assert decides(probs, 1, "logits").tolist() == [False, False]  # argmax
+    assert decides(probs, 2, "logits").tolist() == [False, True]
+    # Multi-label: class 1 is present in the first image although class 0 scores higher.
+    assert decides(probs, 1, "multilabel_logits").tolist() == [True, False]
+
+
 def test_verdict_thresholds() -> None:
     s = ScanSettings()
-    assert judge(0.3, 0.6, 0.6, s)[0] == LIKELY
-    assert judge(0.3, 0.25, 0.6, s)[0] == LIKELY  # flips most: partly in place suffices
-    assert judge(0.3, 0.6, 0.3, s)[0] == SUSPICIOUS
-    assert judge(0.3, 0.25, 0.4, s)[0] == CLEAN  # flips some, but not in place
-    assert judge(0.3, 0.1, 0.9, s)[0] == CLEAN  # a blob that moves is not a fixed marker
-    assert judge(0.6, 0.6, 0.0, s)[0] == SUSPICIOUS  # concentrated and fixed
-    verdict, reason = judge(0.3, 0.6, float("nan"), s)
-    assert verdict == CLEAN and "not measured (no images of other classes)" in reason
+
+    def verdict(conc=0.3, reappear=1.0, consist=0.5, flip=0.0, control=0.0):
+        return judge(Evidence(conc, reappear, consist, flip, control), s)[0]
+
+    assert verdict(flip=s.likely_flip + 0.05) == LIKELY
+    assert verdict(flip=s.likely_flip + 0.05, reappear=s.placed_share) == LIKELY
+    assert verdict(flip=s.likely_flip + 0.05, reappear=s.placed_share - 0.1) == CLEAN  # moves
+    # The control counts: a region that flips as often when pasted elsewhere proves nothing.
+    assert verdict(flip=0.9, control=0.9 - s.suspicious_flip + 0.05) == CLEAN
+    assert verdict(flip=s.suspicious_flip + 0.05) == SUSPICIOUS
+    assert verdict(flip=s.suspicious_flip + 0.05, reappear=s.stable_share - 0.1) == CLEAN
+    # Concentrated, in place and of fixed content: suspicious without flips...
+    fixed = {"conc": s.concentrated + 0.05, "consist": s.consistent + 0.05}
+    assert verdict(**fixed) == SUSPICIOUS
+    # ...but not when the content varies (a stroke of the class's own shape).
+    assert verdict(conc=fixed["conc"], consist=s.consistent - 0.05) == CLEAN
+    verdict_, reason = judge(Evidence(0.3, 1.0, 0.5, float("nan"), float("nan")), s)
+    assert verdict_ == CLEAN and "flip rate not measured (no images of other classes)" in reason
+    verdict_, reason = judge(Evidence(0.3, float("nan"), float("nan"), 0.9, 0.0), s)
+    assert verdict_ == CLEAN and "n/a (one image)" in reason
+
+
+def test_a_single_class_audit_without_samples_says_the_flip_rate_was_not_measured(
+    scanned,
+) -> None:
+    spec, audited, _, _ = scanned
+    protos = audited.audit.prototypes
+    rows = [
+        r
+        for r in range(len(protos.images))
+        if protos.targets[protos.row_target(r)] == [spec.marker_class]
+    ]
+    names = audited.trained.class_list
+    (only,) = scan_classes(
+        audited.net,
+        [spec.marker_class],
+        names,
+        protos.images[rows],
+        [spec.marker_class] * len(rows),
+        None,
+        audited.config,
+        64,
+    )
+    assert math.isnan(only.flip_rate) and only.pastes == 0
+    assert "not measured (no images of other classes" in only.reason
+    assert "prototypes alone (no samples given)" in only.reason
+    fragment = spurious_fragment(spurious_to_arrow([only], ScanSettings()))
+    assert "not measured (no images of other classes)" in fragment
 
 
 def test_table_metrics_and_tag(scanned) -> None:
@@ -124,3 +208,15 @@ def test_table_metrics_and_tag(scanned) -> None:
     assert metrics[f"spurious/{name}/severity"] >= 1.0
     assert metrics["spurious/flagged_classes"] == sum(s.verdict != CLEAN for s in scans)
     assert name in spurious_tag(table)
+
+
+def test_hybrid_targets_are_named_as_not_scanned(scanned) -> None:
+    _, _, scans, _ = scanned
+    names = [s.class_name for s in scans]
+    left_out = hybrid_targets([[0], [1, 2], [3]], names)
+    assert left_out == [f"{names[1]}+{names[2]}"]
+    table = spurious_to_arrow(scans, ScanSettings(), left_out)
+    assert not_scanned(table) == left_out
+    assert "Not scanned (hybrid targets" in spurious_fragment(table)
+    assert left_out[0] in spurious_fragment(table)
+    assert "Not scanned" not in spurious_fragment(spurious_to_arrow(scans, ScanSettings()))

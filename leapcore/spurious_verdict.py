@@ -1,0 +1,169 @@
+"""The spurious-feature scan's verdict: where the blobs sit, what they hold, and the rule.
+
+:mod:`leapcore.spurious` finds each image's blob (the connected region of its evidence map's top
+pixels holding the most mass) and pastes blobs onto other classes' images; this module turns those
+into numbers and a verdict.
+
+- **reappearance**: the *modal blob* is the blob that overlaps the others most (the largest sum of
+  IoU with them); an image's blob *reappears* when its IoU with the modal blob is at least
+  ``ScanSettings.reappear_iou``. Reappearance is the share of the class's images whose blob
+  reappears (the modal one counts). A fixed marker reappears in nearly every image; one stray blob
+  costs one image's share, where it would halve a mean pairwise IoU of three images.
+- **consistency**: a marker is the same pixels in the same place in every image, where a genuine
+  stroke of the class's shape varies. Inside the modal blob, the images whose blob reappears are
+  compared pixel by pixel: consistency is one minus the mean absolute difference over pairs of
+  them (pixels in [0, 1], all channels), i.e. 1 = identical content.
+- **excess flip**: the flip rate of pasting the blob in place, less the control flip rate (the same
+  blob shape cut and pasted half an image away): how much more often *this* region wins than any
+  region of its size. A prototype that flips under any small paste shows a high control rate.
+
+Verdict (:func:`judge`, thresholds in :class:`~leapcore.spurious.ScanSettings`):
+
+- ``likely spurious``: excess flip >= ``likely_flip`` and reappearance >= ``placed_share``;
+- ``suspicious``: reappearance >= ``stable_share`` and either excess flip >= ``suspicious_flip``,
+  or concentration >= ``concentrated`` with consistency >= ``consistent`` (a small, fixed region
+  of fixed content that pasting alone does not prove);
+- ``clean`` otherwise.
+
+With one image no blob can reappear (reappearance NaN: "n/a (one image)") and the verdict is
+``clean``; without images of other classes the flip rates are NaN ("not measured") and only the
+second ``suspicious`` branch can fire. The reason text says which numbers could not be measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+CLEAN, SUSPICIOUS, LIKELY = "clean", "suspicious", "likely spurious"
+VERDICTS = (CLEAN, SUSPICIOUS, LIKELY)  # in order of severity
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The numbers a class's verdict rests on (NaN: could not be measured)."""
+
+    concentration: float
+    reappearance: float
+    consistency: float
+    flip_rate: float
+    control_flip_rate: float
+
+    @property
+    def excess_flip(self) -> float:
+        """Flip rate less the control flip rate (NaN when either is)."""
+        return self.flip_rate - self.control_flip_rate
+
+
+def iou_matrix(regions: torch.Tensor) -> torch.Tensor:
+    """``[N, N]`` IoU of every pair of ``[N, H, W]`` bool regions (1 on the diagonal)."""
+    flat = regions.flatten(1).float()
+    inter = flat @ flat.T
+    area = flat.sum(1)
+    union = area[:, None] + area[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
+
+
+def pairwise_iou(regions: torch.Tensor) -> float:
+    """Mean IoU over distinct pairs of ``[N, H, W]`` bool regions (NaN for fewer than two)."""
+    n = len(regions)
+    if n < 2:
+        return float("nan")
+    iou = iou_matrix(regions)
+    return float((iou.sum() - iou.diagonal().sum()) / (n * (n - 1)))
+
+
+def centroid_spread(regions: torch.Tensor) -> float:
+    """Root-mean-square distance of the regions' centroids from their mean, as a share of the
+    image diagonal (0: every blob in the same place)."""
+    n, h, w = regions.shape
+    ys = torch.arange(h, dtype=torch.float32)[None, :, None]
+    xs = torch.arange(w, dtype=torch.float32)[None, None, :]
+    area = regions.flatten(1).sum(1).clamp_min(1).float()
+    cy = (regions * ys).flatten(1).sum(1) / area
+    cx = (regions * xs).flatten(1).sum(1) / area
+    d2 = (cy - cy.mean()) ** 2 + (cx - cx.mean()) ** 2
+    return float(d2.mean().sqrt() / math.hypot(h, w))
+
+
+def reappearance(regions: torch.Tensor, min_iou: float) -> tuple[float, int, torch.Tensor]:
+    """``(share, modal, reappears)``: the share of blobs whose IoU with the modal blob (index
+    ``modal``, the one with the largest IoU sum with the others) is at least ``min_iou``, and that
+    ``[N]`` bool. NaN share (and modal 0) for fewer than two blobs."""
+    n = len(regions)
+    if n < 2:
+        return float("nan"), 0, torch.ones(n, dtype=torch.bool)
+    iou = iou_matrix(regions)
+    modal = int((iou.sum(1) - iou.diagonal()).argmax())
+    reappears = iou[modal] >= min_iou
+    return float(reappears.float().mean()), modal, reappears
+
+
+def consistency(images: torch.Tensor, region: torch.Tensor) -> float:
+    """One minus the mean absolute pixel difference, over pairs of ``images`` ``[N, C, H, W]``
+    (in [0, 1]), inside the bool ``region`` ``[H, W]`` (NaN for fewer than two images or an empty
+    region): 1 when every image holds the same pixels there."""
+    n = len(images)
+    if n < 2 or not bool(region.any()):
+        return float("nan")
+    values = images[:, :, region].flatten(1).float()  # [N, C * |region|]
+    diffs = (values[:, None] - values[None]).abs().mean(-1)
+    return float(1 - (diffs.sum() / (n * (n - 1))))
+
+
+def _fmt(value: float, fmt: str, missing: str) -> str:
+    return missing if math.isnan(value) else format(value, fmt)
+
+
+def describe(evidence: Evidence) -> str:
+    """The numbers behind a verdict, in words."""
+    e = evidence
+    flips = (
+        "flip rate not measured (no images of other classes)"
+        if math.isnan(e.flip_rate)
+        else f"flip rate {e.flip_rate:.0%} vs {_fmt(e.control_flip_rate, '.0%', 'n/a')} "
+        "for the same shape elsewhere"
+    )
+    return (
+        f"{e.concentration:.0%} of the evidence in one blob, "
+        f"blob reappears in {_fmt(e.reappearance, '.0%', 'n/a (one image)')} of the images, "
+        f"content consistency {_fmt(e.consistency, '.2f', 'n/a')}, {flips}"
+    )
+
+
+def judge(evidence: Evidence, settings: Any) -> tuple[str, str]:
+    """The verdict and a sentence saying why (the rule is in the module docstring).
+
+    Args:
+        evidence: the class's numbers.
+        settings: a :class:`~leapcore.spurious.ScanSettings` (its verdict thresholds).
+    """
+    e, s = evidence, settings
+    numbers = describe(e)
+    excess = e.excess_flip
+    placed = not math.isnan(e.reappearance) and e.reappearance >= s.placed_share
+    stable = not math.isnan(e.reappearance) and e.reappearance >= s.stable_share
+    if not math.isnan(excess):
+        if excess >= s.likely_flip and placed:
+            return LIKELY, f"a small region in a fixed place flips other classes' images: {numbers}"
+        if excess >= s.suspicious_flip and stable:
+            return (
+                SUSPICIOUS,
+                f"a small region in a fixed place flips some other classes' images: {numbers}",
+            )
+    fixed = not math.isnan(e.consistency) and e.consistency >= s.consistent
+    if stable and fixed and e.concentration >= s.concentrated:
+        return (
+            SUSPICIOUS,
+            f"the evidence sits in one small region of fixed content in a fixed place: {numbers}",
+        )
+    if math.isnan(e.flip_rate):
+        return CLEAN, (
+            "no fixed region of fixed content, and whether a region alone carries the class was "
+            "not measured (no images of other classes to paste onto: pass samples of other "
+            f"classes): {numbers}"
+        )
+    return CLEAN, numbers
