@@ -198,15 +198,17 @@ def main() -> None:
     torch.set_num_threads(1)
     options = {} if args.max_steps is None else {"max_steps": args.max_steps}
     names = list(SETS) if args.set == "all" else [args.set]
-    out: dict[str, list[dict]] = {}
-    for name in names:
-        records = []
-        for spec in SETS[name][: args.pairs]:
-            records.append(run_pair(spec, options))
-            print(f"[{name}] {spec.label()}: {records[-1]['seconds']:.0f} s", flush=True)
-            if args.json:
-                args.json.write_text(json.dumps({**out, name: records}, indent=1))
-        out[name] = records
+    out: dict[str, list[dict]] = {name: [] for name in names}
+    # Pairs of the sets in turn, so that a run cut short still covers each set.
+    queue = [(i, name) for i in range(max(len(SETS[n]) for n in names)) for name in names]
+    for i, name in queue:
+        specs = SETS[name][: args.pairs]
+        if i >= len(specs):
+            continue
+        out[name].append(run_pair(specs[i], options))
+        print(f"[{name}] {specs[i].label()}: {out[name][-1]['seconds']:.0f} s", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
     for name, records in out.items():
         print(f"\n## {name} ({len(records)} pairs)\n\n{summarise(records)}")
 
