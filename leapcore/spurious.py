@@ -64,8 +64,14 @@ class ScanSettings:
     Attributes:
         extra_prototypes: prototypes per class made for the scan (other random streams than the
             audit's); the audit's own prototypes of the class are used as well.
-        step_share: their optimisation steps as a share of the audit's ``max_steps``...
-        min_steps: ...but at least this many (capped by ``max_steps``).
+        step_share: their optimisation steps: at most this share of the audit's ``max_steps``...
+        run_share: ...and at most this share of the steps the audit's own prototypes ran (they
+            stop early, at 80-180 steps on EfficientNet-Lite0, where 0.1 x 1000 would make two
+            extra prototypes cost more than the audit's)...
+        min_steps: ...but at least this many (capped by ``max_steps``): on Lite0 every short
+            run is its class's top class from 24 steps on.
+        evidence_cell_share: the evidence maps' occlusion refines down to cells of this share
+            of the image's shorter side (no finer than ``hipe_min_cell``): 28 px at 224 px.
         region_share: the blob is cut from the map's top ``region_share`` of pixels.
         max_sources: images of the class whose blob is pasted (per class).
         max_targets: images of other classes pasted onto (per class).
@@ -84,7 +90,9 @@ class ScanSettings:
 
     extra_prototypes: int = 2
     step_share: float = 0.1
-    min_steps: int = 50
+    run_share: float = 0.25
+    min_steps: int = 32
+    evidence_cell_share: float = 0.125
     region_share: float = 0.05
     max_sources: int = 4
     max_targets: int = 16
@@ -97,11 +105,12 @@ class ScanSettings:
     concentrated: float = 0.5
     consistent: float = 0.8
 
-    def steps(self, config: EngineConfig) -> int:
-        """Optimisation steps of the scan's extra prototypes for an audit with ``config``."""
-        return min(
-            config.max_steps, max(self.min_steps, math.ceil(self.step_share * config.max_steps))
-        )
+    def steps(self, config: EngineConfig, audit_steps: int | None = None) -> int:
+        """Optimisation steps of the scan's extra prototypes for an audit with ``config`` whose
+        prototypes ran ``audit_steps`` steps (None: ``max_steps``)."""
+        ran = config.max_steps if audit_steps is None else audit_steps
+        share = min(math.ceil(self.step_share * config.max_steps), math.ceil(self.run_share * ran))
+        return min(config.max_steps, max(self.min_steps, share))
 
 
 @dataclass
@@ -140,18 +149,21 @@ def extra_prototypes(
     lr: float,
     chunk_size: int,
     settings: ScanSettings,
+    audit_steps: int | None = None,
 ):
-    """``settings.extra_prototypes`` short-run prototypes per target, on other random streams.
+    """``settings.extra_prototypes`` short-run prototypes per target, on other random streams,
+    all targets in one batch.
 
     The seed is shifted so that no row repeats one of the audit's prototypes; the budget is
-    :meth:`ScanSettings.steps`. Returns a :class:`~leapcore.prototypes.PrototypeResult`.
+    :meth:`ScanSettings.steps` for an audit whose prototypes ran ``audit_steps`` steps. Returns a
+    :class:`~leapcore.prototypes.PrototypeResult`.
     """
     from leapcore.prototypes import optimise_prototypes
 
     scan_config = config.model_copy(
         update={
             "prototypes_per_class": settings.extra_prototypes,
-            "max_steps": settings.steps(config),
+            "max_steps": settings.steps(config, audit_steps),
             "seed": config.seed + 7919,
         }
     )
@@ -164,19 +176,19 @@ def evidence_maps(
     classes: list[int],
     config: EngineConfig,
     chunk_size: int,
+    settings: ScanSettings | None = None,
 ) -> torch.Tensor:
     """Occlusion saliency ``[N, H, W]`` (>= 0, max 1 per map) of ``classes[i]`` in ``images[i]``.
 
-    Hierarchical perturbation (:func:`leapcore.hipe.hierarchical_perturbation`) with calibration
-    off, so each map is the raw saliency rather than a thresholded mask.
+    Hierarchical perturbation's occlusion, saliency only, refined down to
+    ``settings.evidence_cell_share`` of the image side
+    (:func:`leapcore.spurious_evidence.occlusion_saliency`).
     """
-    from leapcore.hipe import hierarchical_perturbation
+    from leapcore.spurious_evidence import finest_cell, occlusion_saliency
 
-    hipe_config = config.model_copy(update={"isolation_keep": 0.0})
-    result = hierarchical_perturbation(
-        model, images, [[c] for c in classes], hipe_config, chunk_size
-    )
-    return result.masks[:, 0].clamp_min(0).float()
+    settings = settings or ScanSettings()
+    finest = finest_cell(tuple(images.shape[-2:]), config, settings.evidence_cell_share)
+    return occlusion_saliency(model, images, classes, config, chunk_size, finest)
 
 
 def connected_components(mask: torch.Tensor) -> torch.Tensor:
@@ -323,7 +335,12 @@ def scan_classes(
     flat = [(c, x) for c in classes for x, _ in own[c]]
     maps = (
         evidence_maps(
-            model, torch.stack([x for _, x in flat]), [c for c, _ in flat], config, chunk_size
+            model,
+            torch.stack([x for _, x in flat]),
+            [c for c, _ in flat],
+            config,
+            chunk_size,
+            settings,
         )
         if flat
         else torch.zeros(0)
@@ -512,7 +529,7 @@ def scan_audit(
     owners = [prototypes.targets[prototypes.row_target(r)][0] for r in own_rows]
     if settings.extra_prototypes > 0 and classes:
         extra = extra_prototypes(
-            model, [[c] for c in classes], start, config, lr, chunk_size, settings
+            model, [[c] for c in classes], start, config, lr, chunk_size, settings, prototypes.steps
         )
         images.append(extra.images.to(device))
         owners += [extra.targets[extra.row_target(r)][0] for r in range(len(extra.images))]
