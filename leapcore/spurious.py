@@ -256,12 +256,13 @@ def paste_flips(
     targets: torch.Tensor,
     cls: int,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Paste each source's region, in place, onto every target image.
 
     Returns:
-        ``(pasted, flipped)``: ``[S * T, C, H, W]`` images (source-major) and ``[S * T]`` bool:
-        the model's decision rule (:func:`decides`) gives ``cls`` for the pasted image.
+        ``(pasted, flipped, prob)``: ``[S * T, C, H, W]`` images (source-major), ``[S * T]`` bool:
+        the model's decision rule (:func:`decides`) gives ``cls`` for the pasted image, and
+        ``[S * T]`` the probability of ``cls``.
     """
     s, t = len(sources), len(targets)
     device = targets.device
@@ -270,7 +271,7 @@ def paste_flips(
         s * t, *targets.shape[1:]
     )
     probs = model_probs(model, pasted, chunk_size)
-    return pasted, decides(probs, cls, output_kind(model))
+    return pasted, decides(probs, cls, output_kind(model)), probs[:, cls]
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -398,15 +399,17 @@ def _scan_one(
     src_regions = regions[order]
     flips, pastes, pasted, flipped = 0, 0, None, None
     flip_rate = control = float("nan")
+    lift = (flip_rate, flip_rate)
     if len(targets):
-        pasted, flipped = paste_flips(model, sources, src_regions, targets, c, chunk_size)
+        pasted, flipped, prob = paste_flips(model, sources, src_regions, targets, c, chunk_size)
         flips, pastes = int(flipped.sum()), len(flipped)
         flip_rate = flips / pastes
         # Control: a blob of the same shape half an image away, from the same source images.
         h, w = src_regions.shape[-2:]
         moved = torch.roll(src_regions, (h // 2, w // 2), dims=(-2, -1))
-        _, moved_flips = paste_flips(model, sources, moved, targets, c, chunk_size)
+        _, moved_flips, moved_prob = paste_flips(model, sources, moved, targets, c, chunk_size)
         control = float(moved_flips.float().mean())
+        lift = (float(prob.mean()), float(moved_prob.mean()))
     evidence = Evidence(concentration, share, content, flip_rate, control)
     verdict, reason = judge(evidence, settings)
     n_protos = sum(kind == "prototype" for _, kind in images)
@@ -439,6 +442,8 @@ def _scan_one(
             "modal_iou": [round(float(v), 4) for v in modal_iou],
             "mass": [round(float(v), 4) for v in mass],
             "consistency_all": consistency(stack, regions[modal]),
+            "p_paste": lift[0],  # mean probability of the class after the pastes
+            "p_control": lift[1],  # ... after the control pastes
         },
     )
 
