@@ -33,7 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from leapcore.spurious import CLEAN, Evidence, ScanSettings, judge  # noqa: E402
-from tests.spurious.testbed import MarkerSpec, scan_model, train_pair  # noqa: E402
+from tests.spurious.testbed import (  # noqa: E402
+    MarkerSpec,
+    audit_prototypes,
+    scan,
+    train_pair,
+)
 
 TUNING = [
     MarkerSpec("digits", 5, (1.0,), "square", (2, 25), 0, seed=0),
@@ -148,11 +153,22 @@ def rejudge(settings: ScanSettings):
     return verdict
 
 
-def run_pair(spec: MarkerSpec, options: dict) -> dict:
+def user_samples(trained, count: int, seed: int) -> torch.Tensor:
+    """``count`` held-out images of any class, unmarked (as a user's folder of images would be)."""
+    gen = torch.Generator().manual_seed(seed)
+    return trained.test_x[torch.randperm(len(trained.test_x), generator=gen)[:count]]
+
+
+def run_pair(spec: MarkerSpec, options: dict, samples: int = 0) -> dict:
     began = time.perf_counter()
     marked, twin = train_pair(spec)
-    scans = scan_model(marked, **options)
-    twin_scans = scan_model(twin, **options)
+    audits = (audit_prototypes(marked, **options), audit_prototypes(twin, **options))
+    scans, twin_scans = (scan(a) for a in audits)
+    extra = {}
+    if samples:
+        images = user_samples(marked, samples, spec.seed)  # the same images for both models
+        with_samples = [[_numbers(s) for s in scan(a, samples=images)] for a in audits]
+        extra = {"marked_samples": with_samples[0], "twin_samples": with_samples[1]}
     return {
         "label": spec.label(),
         "spec": asdict(spec),
@@ -162,6 +178,7 @@ def run_pair(spec: MarkerSpec, options: dict) -> dict:
         "accuracy": [marked.accuracy, twin.accuracy],
         "marked": [_numbers(s) for s in scans],
         "twin": [_numbers(s) for s in twin_scans],
+        **extra,
         "seconds": time.perf_counter() - began,
     }
 
@@ -174,6 +191,12 @@ def main() -> None:
         "--max-steps", type=int, default=None, help="the audits' max_steps (test bed default 150)"
     )
     parser.add_argument("--json", type=Path, default=None, help="write every class's numbers")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        help="also scan with this many held-out unmarked images of any class as user samples",
+    )
     parser.add_argument(
         "--rejudge",
         type=Path,
@@ -205,7 +228,7 @@ def main() -> None:
         specs = SETS[name][: args.pairs]
         if i >= len(specs):
             continue
-        out[name].append(run_pair(specs[i], options))
+        out[name].append(run_pair(specs[i], options, args.samples))
         print(f"[{name}] {specs[i].label()}: {out[name][-1]['seconds']:.0f} s", flush=True)
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))

@@ -366,6 +366,9 @@ def scan_classes(
                 own[c],
                 class_maps,
                 pool[targets[: settings.max_targets]] if targets is not None else pool[:0],
+                probs[targets[: settings.max_targets]].max(1).values
+                if targets is not None
+                else torch.zeros(0),
                 len(samples) > 0,
                 chunk_size,
                 settings,
@@ -381,6 +384,7 @@ def _scan_one(
     images: list[tuple[torch.Tensor, str]],
     maps: torch.Tensor,
     targets: torch.Tensor,
+    target_conf: torch.Tensor,
     had_samples: bool,
     chunk_size: int,
     settings: ScanSettings,
@@ -400,6 +404,7 @@ def _scan_one(
     flips, pastes, pasted, flipped = 0, 0, None, None
     flip_rate = control = float("nan")
     lift = (flip_rate, flip_rate)
+    by_target: tuple[list, list] = ([], [])
     if len(targets):
         pasted, flipped, prob = paste_flips(model, sources, src_regions, targets, c, chunk_size)
         flips, pastes = int(flipped.sum()), len(flipped)
@@ -410,6 +415,11 @@ def _scan_one(
         _, moved_flips, moved_prob = paste_flips(model, sources, moved, targets, c, chunk_size)
         control = float(moved_flips.float().mean())
         lift = (float(prob.mean()), float(moved_prob.mean()))
+        t = len(targets)
+        by_target = (
+            flipped.view(-1, t).float().mean(0).tolist(),
+            moved_flips.view(-1, t).float().mean(0).tolist(),
+        )
     evidence = Evidence(concentration, share, content, flip_rate, control)
     verdict, reason = judge(evidence, settings)
     n_protos = sum(kind == "prototype" for _, kind in images)
@@ -444,6 +454,9 @@ def _scan_one(
             "consistency_all": consistency(stack, regions[modal]),
             "p_paste": lift[0],  # mean probability of the class after the pastes
             "p_control": lift[1],  # ... after the control pastes
+            "target_conf": [round(float(v), 4) for v in target_conf],
+            "flip_by_target": by_target[0],  # share of sources that flip each target
+            "control_by_target": by_target[1],
         },
     )
 
