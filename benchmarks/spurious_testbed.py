@@ -159,15 +159,17 @@ def user_samples(trained, count: int, seed: int) -> torch.Tensor:
     return trained.test_x[torch.randperm(len(trained.test_x), generator=gen)[:count]]
 
 
-def run_pair(spec: MarkerSpec, options: dict, samples: int = 0) -> dict:
+def run_pair(
+    spec: MarkerSpec, options: dict, samples: int = 0, settings: ScanSettings | None = None
+) -> dict:
     began = time.perf_counter()
     marked, twin = train_pair(spec)
     audits = (audit_prototypes(marked, **options), audit_prototypes(twin, **options))
-    scans, twin_scans = (scan(a) for a in audits)
+    scans, twin_scans = (scan(a, settings) for a in audits)
     extra = {}
     if samples:
         images = user_samples(marked, samples, spec.seed)  # the same images for both models
-        with_samples = [[_numbers(s) for s in scan(a, samples=images)] for a in audits]
+        with_samples = [[_numbers(s) for s in scan(a, settings, images)] for a in audits]
         extra = {"marked_samples": with_samples[0], "twin_samples": with_samples[1]}
     return {
         "label": spec.label(),
@@ -208,12 +210,17 @@ def main() -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a ScanSettings threshold for --rejudge (repeatable)",
+        help="a ScanSettings field (a number) for the scans or for --rejudge (repeatable)",
     )
     args = parser.parse_args()
+    fields = ScanSettings.__dataclass_fields__
+    values = {
+        k: type(fields[k].default)(float(v))
+        for k, v in (item.split("=", 1) for item in args.setting)
+    }
+    settings = ScanSettings(**values)
     if args.rejudge:
-        values = {k: float(v) for k, v in (item.split("=", 1) for item in args.setting)}
-        verdict = rejudge(ScanSettings(**values))
+        verdict = rejudge(settings)
         for name, records in json.loads(args.rejudge.read_text()).items():
             if args.set in (name, "all"):
                 print(f"\n## {name} ({len(records)} pairs)\n\n{summarise(records, verdict)}")
@@ -228,7 +235,7 @@ def main() -> None:
         specs = SETS[name][: args.pairs]
         if i >= len(specs):
             continue
-        out[name].append(run_pair(specs[i], options, args.samples))
+        out[name].append(run_pair(specs[i], options, args.samples, settings))
         print(f"[{name}] {specs[i].label()}: {out[name][-1]['seconds']:.0f} s", flush=True)
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))

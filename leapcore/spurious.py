@@ -82,10 +82,7 @@ class ScanSettings:
         reappear_iou: a blob reappears when its IoU with the class's modal blob is at least this.
         placed_share: the share of images whose blob reappears that suffices for ``likely
             spurious`` (with two to four images per class one stray blob costs a third to a half).
-        stable_share: the share that counts as "in place" for ``suspicious``.
-        concentrated: blob mass share above which the evidence counts as concentrated.
-        consistent: content consistency (1 - mean absolute pixel difference inside the modal blob)
-            above which a concentrated, in-place blob alone is ``suspicious``.
+        stable_share: the share that counts as "in place" for ``suspicious`` (1.0: every blob).
     """
 
     extra_prototypes: int = 2
@@ -101,9 +98,7 @@ class ScanSettings:
     suspicious_flip: float = 0.3
     reappear_iou: float = 0.2
     placed_share: float = 0.5
-    stable_share: float = 0.6
-    concentrated: float = 0.5
-    consistent: float = 0.8
+    stable_share: float = 1.0
 
     def steps(self, config: EngineConfig, audit_steps: int | None = None) -> int:
         """Optimisation steps of the scan's extra prototypes for an audit with ``config`` whose

@@ -20,14 +20,19 @@ into numbers and a verdict.
 Verdict (:func:`judge`, thresholds in :class:`~leapcore.spurious.ScanSettings`):
 
 - ``likely spurious``: excess flip >= ``likely_flip`` and reappearance >= ``placed_share``;
-- ``suspicious``: reappearance >= ``stable_share`` and either excess flip >= ``suspicious_flip``,
-  or concentration >= ``concentrated`` with consistency >= ``consistent`` (a small, fixed region
-  of fixed content that pasting alone does not prove);
+- ``suspicious``: excess flip >= ``suspicious_flip`` and reappearance >= ``stable_share`` (every
+  image's blob in the same place, at the default 1.0); or, with a single image of the class (no
+  position to compare), excess flip >= ``likely_flip``;
 - ``clean`` otherwise.
 
-With one image no blob can reappear (reappearance NaN: "n/a (one image)") and the verdict is
-``clean``; without images of other classes the flip rates are NaN ("not measured") and only the
-second ``suspicious`` branch can fire. The reason text says which numbers could not be measured.
+Consistency is reported but is not part of the rule: on the marker test bed
+(``benchmarks/spurious_testbed.py``) it did not separate markers from genuine strokes (0.7-0.9 for
+both), and a concentration-and-consistency branch only added false alarms. The thresholds were
+chosen on the test bed's tuning pairs; its held-out pairs give the honest rates (``docs/spurious.md``).
+
+Without images of other classes the flip rates are NaN: the verdict is ``clean`` and its reason
+says that logit dependence was "not measured (no images of other classes ...)". With one image no
+blob can reappear (reappearance NaN: "n/a (one image)"), so the verdict is at most ``suspicious``.
 """
 
 from __future__ import annotations
@@ -154,16 +159,15 @@ def judge(evidence: Evidence, settings: Any) -> tuple[str, str]:
                 SUSPICIOUS,
                 f"a small region in a fixed place flips some other classes' images: {numbers}",
             )
-    fixed = not math.isnan(e.consistency) and e.consistency >= s.consistent
-    if stable and fixed and e.concentration >= s.concentrated:
-        return (
-            SUSPICIOUS,
-            f"the evidence sits in one small region of fixed content in a fixed place: {numbers}",
-        )
+        if excess >= s.likely_flip and math.isnan(e.reappearance):
+            return (
+                SUSPICIOUS,
+                "a small region flips other classes' images; whether it stays in place was not "
+                f"measured (one image of the class): {numbers}",
+            )
     if math.isnan(e.flip_rate):
         return CLEAN, (
-            "no fixed region of fixed content, and whether a region alone carries the class was "
-            "not measured (no images of other classes to paste onto: pass samples of other "
-            f"classes): {numbers}"
+            "whether a small region alone carries the class was not measured (no images of other "
+            f"classes to paste onto: pass samples of other classes): {numbers}"
         )
     return CLEAN, numbers

@@ -20,6 +20,7 @@ from leapcore.spurious import (
     hybrid_targets,
     judge,
     pairwise_iou,
+    paste_flips,
     reappearance,
     scan_classes,
     top_region,
@@ -146,6 +147,32 @@ def test_the_decision_rule_of_each_output_kind() -> None:
     assert decides(probs, 1, "multilabel_logits").tolist() == [True, False]
 
 
+class _TwoLabels(torch.nn.Module):
+    """A multi-label model: label 0 always present (logit 5, above label 1's), label 1 present
+    when the top-left 2x2 pixels are bright."""
+
+    output = "multilabel_logits"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z1 = 20 * x[:, 0, :2, :2].mean((1, 2)) - 5
+        return torch.stack([torch.full_like(z1, 30.0), z1], 1)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits)
+
+
+def test_pastes_flip_a_multi_label_model_by_its_own_decision_rule() -> None:
+    targets = torch.zeros(3, 1, 4, 4)
+    sources = torch.ones(1, 1, 4, 4)
+    region = torch.zeros(1, 4, 4, dtype=torch.bool)
+    region[0, :2, :2] = True
+    _, flipped, prob = paste_flips(_TwoLabels(), sources, region, targets, 1, 8)
+    # Label 1 becomes present in every pasted image, though label 0 still scores higher.
+    assert flipped.tolist() == [True, True, True] and (prob > 0.99).all()
+    _, flipped, _ = paste_flips(_TwoLabels(), sources, ~region, targets, 1, 8)
+    assert flipped.tolist() == [False, False, False]
+
+
 def test_verdict_thresholds() -> None:
     s = ScanSettings()
 
@@ -158,16 +185,17 @@ def test_verdict_thresholds() -> None:
     # The control counts: a region that flips as often when pasted elsewhere proves nothing.
     assert verdict(flip=0.9, control=0.9 - s.suspicious_flip + 0.05) == CLEAN
     assert verdict(flip=s.suspicious_flip + 0.05) == SUSPICIOUS
-    assert verdict(flip=s.suspicious_flip + 0.05, reappear=s.stable_share - 0.1) == CLEAN
-    # Concentrated, in place and of fixed content: suspicious without flips...
-    fixed = {"conc": s.concentrated + 0.05, "consist": s.consistent + 0.05}
-    assert verdict(**fixed) == SUSPICIOUS
-    # ...but not when the content varies (a stroke of the class's own shape).
-    assert verdict(conc=fixed["conc"], consist=s.consistent - 0.05) == CLEAN
+    # Suspicious needs every blob in place (stable_share 1.0): one stray of three is not enough.
+    assert verdict(flip=s.suspicious_flip + 0.05, reappear=2 / 3) == CLEAN
+    # Concentration and consistency alone flag nothing (they did not separate markers from
+    # strokes on the test bed); without flips nothing is flagged.
+    assert verdict(conc=0.9, consist=1.0) == CLEAN
     verdict_, reason = judge(Evidence(0.3, 1.0, 0.5, float("nan"), float("nan")), s)
     assert verdict_ == CLEAN and "flip rate not measured (no images of other classes)" in reason
+    # One image: position not measured, so at most suspicious, and only on a strong flip.
     verdict_, reason = judge(Evidence(0.3, float("nan"), float("nan"), 0.9, 0.0), s)
-    assert verdict_ == CLEAN and "n/a (one image)" in reason
+    assert verdict_ == SUSPICIOUS and "n/a (one image)" in reason
+    assert verdict(reappear=float("nan"), flip=s.likely_flip - 0.05) == CLEAN
 
 
 def test_a_single_class_audit_without_samples_says_the_flip_rate_was_not_measured(
