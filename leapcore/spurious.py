@@ -389,9 +389,15 @@ def _scan_one(
     concentration = float(mass.mean())
     iou = pairwise_iou(regions)
     spread = centroid_spread(regions) if len(regions) > 1 else float("nan")
-    share, modal, reappears = reappearance(regions, settings.reappear_iou)
+    # Position is judged on the prototypes (the model's own view of the class) when there are two
+    # or more: a user's samples of the class mostly show its genuine shape, and a marker sits in
+    # only some of them, so their blobs would dilute a fixed marker's reappearance.
+    is_proto = torch.tensor([kind == "prototype" for _, kind in images])
+    judged = is_proto if int(is_proto.sum()) >= 2 else torch.ones_like(is_proto)
+    share, modal_at, reappears = reappearance(regions[judged], settings.reappear_iou)
+    modal = int(judged.nonzero()[modal_at]) if len(regions) else 0
     stack = torch.stack([x for x, _ in images]).cpu()
-    content = consistency(stack[reappears], regions[modal])
+    content = consistency(stack[judged][reappears], regions[modal])
     # The most concentrated maps' blobs are pasted.
     order = mass.argsort(descending=True)[: settings.max_sources]
     sources = stack[order].to(targets.device)
@@ -423,7 +429,7 @@ def _scan_one(
         f" and {n_samples} samples" if had_samples else " alone (no samples given)"
     )
     reason = f"{reason}; evidence from {basis}"
-    modal_iou = iou_matrix(regions)[modal] if len(regions) else torch.zeros(0)
+    modal_iou = iou_matrix(regions[judged])[modal_at] if len(regions) else torch.zeros(0)
     return ClassScan(
         class_index=c,
         class_name=names[c],
@@ -447,6 +453,7 @@ def _scan_one(
             "modal_iou": [round(float(v), 4) for v in modal_iou],
             "mass": [round(float(v), 4) for v in mass],
             "consistency_all": consistency(stack, regions[modal]),
+            "reappearance_all": reappearance(regions, settings.reappear_iou)[0],
             "p_paste": lift[0],  # mean probability of the class after the pastes
             "p_control": lift[1],  # ... after the control pastes
             "target_conf": [round(float(v), 4) for v in target_conf],
