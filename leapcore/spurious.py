@@ -272,16 +272,6 @@ def paste_flips(
 # ---------------------------------------------------------------------------------------------- #
 # The scan
 # ---------------------------------------------------------------------------------------------- #
-def predicted_classes(
-    model: torch.nn.Module, images: torch.Tensor, chunk_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's top class of each image and its probability, ``[N]`` each, on the CPU."""
-    if len(images) == 0:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
-    top = model_probs(model, images, chunk_size).max(1)
-    return top.indices, top.values
-
-
 def scan_classes(
     model: torch.nn.Module,
     classes: list[int],
