@@ -61,12 +61,15 @@ class ScanSettings:
     Attributes:
         extra_prototypes: prototypes per class made for the scan (other random streams than the
             audit's); the audit's own prototypes of the class are used as well.
-        step_share: their optimisation steps: at most this share of the audit's ``max_steps``...
-        run_share: ...and at most this share of the steps the audit's own prototypes ran (they
-            stop early, at 80-180 steps on EfficientNet-Lite0, where 0.1 x 1000 would make two
-            extra prototypes cost more than the audit's)...
-        min_steps: ...but at least this many (capped by ``max_steps``): on Lite0 every short
-            run is its class's top class from 24 steps on.
+        extra_steps: their optimisation steps: at most this many...
+        run_share: ...and at most this share of the steps the audit's own prototypes ran (an
+            audit of short runs gets shorter extras)...
+        min_steps: ...but at least this many (capped by ``max_steps``). On EfficientNet-Lite0
+            every short run is its class's top class from 24 steps on; on the test bed's digits
+            CNN half of them are at 32 steps, 11 of 20 at 48. The cost sets the cap: the digits
+            CNN's prototypes stop after 260 steps on average, so two 32-step extras per class
+            already cost a quarter of the audit's prototype steps (see
+            ``benchmarks/scan_overhead.py``).
         evidence_cell_share: the evidence maps' occlusion refines down to cells of this share
             of the image's shorter side (no finer than ``hipe_min_cell``): 28 px at 224 px.
         region_share: the blob is cut from the map's top ``region_share`` of pixels.
@@ -82,9 +85,9 @@ class ScanSettings:
     """
 
     extra_prototypes: int = 2
-    step_share: float = 0.1
+    extra_steps: int = 32
     run_share: float = 0.25
-    min_steps: int = 32
+    min_steps: int = 24
     evidence_cell_share: float = 0.125
     region_share: float = 0.05
     max_sources: int = 4
@@ -100,7 +103,7 @@ class ScanSettings:
         """Optimisation steps of the scan's extra prototypes for an audit with ``config`` whose
         prototypes ran ``audit_steps`` steps (None: ``max_steps``)."""
         ran = config.max_steps if audit_steps is None else audit_steps
-        share = min(math.ceil(self.step_share * config.max_steps), math.ceil(self.run_share * ran))
+        share = min(self.extra_steps, math.ceil(self.run_share * ran))
         return min(config.max_steps, max(self.min_steps, share))
 
 
@@ -155,7 +158,7 @@ def extra_prototypes(
             "seed": config.seed + 7919,
         }
     )
-    return optimise_prototypes(model, targets, start[:1], scan_config, lr, chunk_size)
+    return optimise_prototypes(model, targets, start[:1], scan_config, lr, chunk_size, robust=False)
 
 
 def evidence_maps(
@@ -480,7 +483,7 @@ def _png(tiles: list[np.ndarray]) -> bytes:
     gap = np.full((tiles[0].shape[0], 4, 3), 255, dtype=np.uint8)
     row = np.concatenate([part for t in tiles for part in (t, gap)][:-1], axis=1)
     out = io.BytesIO()
-    Image.fromarray(row).save(out, format="PNG", optimize=True)
+    Image.fromarray(row).save(out, format="PNG")  # optimize=True: 10x the time for 1 % less
     return out.getvalue()
 
 

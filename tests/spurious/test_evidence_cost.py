@@ -89,10 +89,11 @@ def test_the_scan_refines_large_images_less_than_hipe() -> None:
 @pytest.mark.parametrize(
     ("max_steps", "audit_steps", "expected"),
     [
-        (1000, 144, 36),  # Lite0: the audit's prototypes stopped early, the extras follow
-        (1000, 1000, 100),  # some row never converged: 0.1 x max_steps caps it
-        (1000, None, 100),
-        (150, 150, 32),  # the test bed: the floor
+        (1000, 144, 32),  # Lite0's prototypes stopped early: the cap
+        (1000, 1000, 32),  # some row never converged: still the cap
+        (1000, None, 32),
+        (150, 150, 32),  # the test bed
+        (80, 64, 24),  # an audit of short runs: a quarter of its steps, at least min_steps
         (20, 20, 20),  # never more than max_steps
     ],
 )
