@@ -60,16 +60,24 @@ class ScanSettings:
 
     Attributes:
         extra_prototypes: prototypes per class made for the scan (other random streams than the
-            audit's); the audit's own prototypes of the class are used as well.
+            audit's) for the classes the screen passes; the audit's own prototypes of the class
+            are used as well.
         extra_steps: their optimisation steps: at most this many...
         run_share: ...and at most this share of the steps the audit's own prototypes ran (an
             audit of short runs gets shorter extras)...
-        min_steps: ...but at least this many (capped by ``max_steps``). On EfficientNet-Lite0
-            every short run is its class's top class from 24 steps on; on the test bed's digits
-            CNN half of them are at 32 steps, 11 of 20 at 48. The cost sets the cap: the digits
-            CNN's prototypes stop after 260 steps on average, so two 32-step extras per class
-            already cost a quarter of the audit's prototype steps (see
-            ``benchmarks/scan_overhead.py``).
+        min_steps: ...but at least this many (capped by ``max_steps``). Short runs are weak:
+            on the test bed's digits CNN half of them are their class's top class at 32 steps,
+            12 of 20 at 64, and at 32 steps the test bed's hits fell from 6 to 2 of its first 7
+            pairs. So they are long enough, and only the screened classes get them.
+        screen_flip, screen_concentration: the screen. A first pass scans every class on the
+            audit's own prototypes and the samples; a class whose blob there flips at least
+            ``screen_flip`` of its pastes, or holds at least ``screen_concentration`` of its
+            evidence, or that cannot be measured (no paste targets), gets extra prototypes and
+            is scanned again with them. The rest keep the first pass's result (its reason says
+            so). Looser than the verdict's thresholds, so it passes every class a verdict could
+            flag on one image.
+        screen_share: at most this share of the scanned classes (rounded up, at least one) get
+            extra prototypes, the highest first-pass flip rates first: the cost cap.
         evidence_cell_share: the evidence maps' occlusion refines down to cells of this share
             of the image's shorter side (no finer than ``hipe_min_cell``): 28 px at 224 px.
         region_share: the blob is cut from the map's top ``region_share`` of pixels.
@@ -85,9 +93,12 @@ class ScanSettings:
     """
 
     extra_prototypes: int = 2
-    extra_steps: int = 32
-    run_share: float = 0.25
-    min_steps: int = 24
+    extra_steps: int = 64
+    run_share: float = 0.5
+    min_steps: int = 32
+    screen_flip: float = 0.15
+    screen_concentration: float = 0.35
+    screen_share: float = 0.3
     evidence_cell_share: float = 0.125
     region_share: float = 0.05
     max_sources: int = 4
@@ -521,8 +532,9 @@ def scan_audit(
     classes: list[int] | None = None,
     names: list[str] | None = None,
 ) -> list[ClassScan]:
-    """Scan an audit: its prototypes (a :class:`~leapcore.prototypes.PrototypeResult`) plus
-    :func:`extra_prototypes` of every single-class target, and the user's ``samples``.
+    """Scan an audit: its prototypes (a :class:`~leapcore.prototypes.PrototypeResult`) and the
+    user's ``samples``; then, for the classes that pass the screen
+    (:func:`leapcore.spurious_evidence.screen`), again with :func:`extra_prototypes` added.
 
     ``start`` is the audit's baseline image, ``lr`` its prototype step size. Hybrid targets (several
     classes) are not scanned; ``classes`` defaults to every single-class target.
@@ -536,15 +548,34 @@ def scan_audit(
         for r in range(len(prototypes.images))
         if len(prototypes.targets[prototypes.row_target(r)]) == 1
     ]
-    images = [prototypes.images[own_rows].to(device)]
+    images = prototypes.images[own_rows].to(device)
     owners = [prototypes.targets[prototypes.row_target(r)][0] for r in own_rows]
-    if settings.extra_prototypes > 0 and classes:
-        extra = extra_prototypes(
-            model, [[c] for c in classes], start, config, lr, chunk_size, settings, prototypes.steps
-        )
-        images.append(extra.images.to(device))
-        owners += [extra.targets[extra.row_target(r)][0] for r in range(len(extra.images))]
     names = names or [str(i) for i in range(int(prototypes.logits.shape[1]))]
-    return scan_classes(
-        model, classes, names, torch.cat(images), owners, samples, config, chunk_size, settings
+    first = scan_classes(
+        model, classes, names, images, owners, samples, config, chunk_size, settings
     )
+    if settings.extra_prototypes <= 0 or not classes:
+        return first
+    from leapcore.spurious_evidence import screen, screened_out_reason
+
+    chosen = screen(first, settings)
+    if chosen:
+        extra = extra_prototypes(
+            model, [[c] for c in chosen], start, config, lr, chunk_size, settings, prototypes.steps
+        )
+        owners += [extra.targets[extra.row_target(r)][0] for r in range(len(extra.images))]
+        images = torch.cat([images, extra.images.to(device)])
+        second = scan_classes(
+            model, chosen, names, images, owners, samples, config, chunk_size, settings
+        )
+        again = {s.class_index: s for s in second}
+    else:
+        again = {}
+    out = []
+    for s in first:
+        if s.class_index in again:
+            out.append(again[s.class_index])
+        else:
+            s.reason = f"{s.reason}; {screened_out_reason(s, settings)}"
+            out.append(s)
+    return out
