@@ -559,18 +559,27 @@ def scan_audit(
     from leapcore.spurious_evidence import screen, screened_out_reason
 
     chosen = screen(first, settings)
+    again: dict[int, ClassScan] = {}
     if chosen:
         extra = extra_prototypes(
             model, [[c] for c in chosen], start, config, lr, chunk_size, settings, prototypes.steps
         )
-        owners += [extra.targets[extra.row_target(r)][0] for r in range(len(extra.images))]
-        images = torch.cat([images, extra.images.to(device)])
-        second = scan_classes(
-            model, chosen, names, images, owners, samples, config, chunk_size, settings
-        )
-        again = {s.class_index: s for s in second}
-    else:
-        again = {}
+        extra_owner = [extra.targets[extra.row_target(r)][0] for r in range(len(extra.images))]
+        for c in chosen:
+            # Each class's extras join its own evidence only: paste targets stay the audit's
+            # prototypes and the samples, whichever classes the screen passed.
+            rows = [r for r, o in enumerate(extra_owner) if o == c]
+            again[c] = scan_classes(
+                model,
+                [c],
+                names,
+                torch.cat([images, extra.images[rows].to(device)]),
+                owners + [c] * len(rows),
+                samples,
+                config,
+                chunk_size,
+                settings,
+            )[0]
     out = []
     for s in first:
         if s.class_index in again:
