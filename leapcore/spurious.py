@@ -93,12 +93,12 @@ class ScanSettings:
     """
 
     extra_prototypes: int = 2
-    extra_steps: int = 64
+    extra_steps: int = 50
     run_share: float = 0.5
     min_steps: int = 32
     screen_flip: float = 0.15
     screen_concentration: float = 0.35
-    screen_share: float = 0.3
+    screen_share: float = 0.25
     evidence_cell_share: float = 0.125
     region_share: float = 0.05
     max_sources: int = 4
