@@ -37,18 +37,15 @@ This module runs the algorithm on tensors; prototypes are made by :mod:`leapcore
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from leapcore.config import EngineConfig
-from leapcore.images import to_uint8
 from leapcore.outputs import model_probabilities
+from leapcore.spurious_images import evidence_png, paste_png
 
 CLEAN, SUSPICIOUS, LIKELY = "clean", "suspicious", "likely spurious"
 VERDICTS = (CLEAN, SUSPICIOUS, LIKELY)  # in order of severity
@@ -78,6 +75,10 @@ class ScanSettings:
             flag on one image.
         screen_share: at most this share of the scanned classes (rounded up, at least one) get
             extra prototypes, the highest first-pass flip rates first: the cost cap.
+        extra_targets: the screened classes' extra prototypes are also paste targets of the
+            other screened classes (off by default: a class's flip rate would then depend on
+            which other classes passed the screen). With ``screen_flip`` and
+            ``screen_concentration`` 0 and ``screen_share`` 1 this is the scan before the screen.
         evidence_cell_share: the evidence maps' occlusion refines down to cells of this share
             of the image's shorter side (no finer than ``hipe_min_cell``): 28 px at 224 px.
         region_share: the blob is cut from the map's top ``region_share`` of pixels.
@@ -99,6 +100,7 @@ class ScanSettings:
     screen_flip: float = 0.15
     screen_concentration: float = 0.35
     screen_share: float = 0.25
+    extra_targets: bool = False
     evidence_cell_share: float = 0.125
     region_share: float = 0.05
     max_sources: int = 4
@@ -466,60 +468,6 @@ def judge(
     return CLEAN, numbers
 
 
-# ---------------------------------------------------------------------------------------------- #
-# Evidence images
-# ---------------------------------------------------------------------------------------------- #
-def _tile(image: torch.Tensor, size: int) -> np.ndarray:
-    rgb = to_uint8(image.cpu())
-    if rgb.ndim == 2:
-        rgb = np.repeat(rgb[:, :, None], 3, axis=2)
-    elif rgb.shape[2] == 1:
-        rgb = np.repeat(rgb, 3, axis=2)
-    return np.array(Image.fromarray(rgb[:, :, :3]).resize((size, size), Image.NEAREST))
-
-
-def _outline(tile: np.ndarray, region: torch.Tensor) -> np.ndarray:
-    size = tile.shape[0]
-    big = F.interpolate(region.float()[None, None], size=(size, size), mode="nearest")
-    eroded = -F.max_pool2d(-big, 5, stride=1, padding=2)  # two pixels in from every side
-    edge = ((big > 0) & ~(eroded > 0))[0, 0].numpy()
-    out = tile.copy()
-    out[edge] = (255, 0, 0)
-    return out
-
-
-def _png(tiles: list[np.ndarray]) -> bytes:
-    if not tiles:
-        return b""
-    gap = np.full((tiles[0].shape[0], 4, 3), 255, dtype=np.uint8)
-    row = np.concatenate([part for t in tiles for part in (t, gap)][:-1], axis=1)
-    out = io.BytesIO()
-    Image.fromarray(row).save(out, format="PNG")  # optimize=True: 10x the time for 1 % less
-    return out.getvalue()
-
-
-def evidence_png(images: list[torch.Tensor], regions: torch.Tensor, size: int = 96) -> bytes:
-    """The class's images side by side, each with its blob outlined in red (PNG bytes)."""
-    return _png([_outline(_tile(x, size), r) for x, r in zip(images, regions)])
-
-
-def paste_png(
-    pasted: torch.Tensor, flipped: torch.Tensor, per_source: int, size: int = 96, count: int = 6
-) -> bytes:
-    """Paste examples of the first source (flipped ones first; a red frame marks a flip)."""
-    first = pasted[:per_source].cpu()
-    flips = flipped[:per_source]
-    order = torch.cat([flips.nonzero().flatten(), (~flips).nonzero().flatten()])[:count]
-    tiles = []
-    for i in order.tolist():
-        tile = _tile(first[i], size)
-        if flips[i]:
-            tile[:3], tile[-3:], tile[:, :3], tile[:, -3:] = 255, 255, 255, 255
-            tile[:3, :, 1:], tile[-3:, :, 1:], tile[:, :3, 1:], tile[:, -3:, 1:] = 0, 0, 0, 0
-        tiles.append(tile)
-    return _png(tiles)
-
-
 def scan_audit(
     model: torch.nn.Module,
     prototypes,
@@ -565,7 +513,21 @@ def scan_audit(
             model, [[c] for c in chosen], start, config, lr, chunk_size, settings, prototypes.steps
         )
         extra_owner = [extra.targets[extra.row_target(r)][0] for r in range(len(extra.images))]
-        for c in chosen:
+        if settings.extra_targets:
+            both = torch.cat([images, extra.images.to(device)])
+            second = scan_classes(
+                model,
+                chosen,
+                names,
+                both,
+                owners + extra_owner,
+                samples,
+                config,
+                chunk_size,
+                settings,
+            )
+            again = {s.class_index: s for s in second}
+        for c in [] if settings.extra_targets else chosen:
             # Each class's extras join its own evidence only: paste targets stay the audit's
             # prototypes and the samples, whichever classes the screen passed.
             rows = [r for r, o in enumerate(extra_owner) if o == c]
