@@ -114,7 +114,8 @@ def row(c: int, flip: float, concentration: float) -> ClassScan:
 
 
 def test_the_screen_passes_the_classes_a_verdict_could_flag_up_to_its_share() -> None:
-    s = ScanSettings()  # flip >= 0.15 or concentration >= 0.35; at most 25 % of the classes (3 of 10)
+    # flip >= 0.15 or concentration >= 0.35; at most 25 % of the classes (3 of 10)
+    s = ScanSettings()
     first = [
         row(0, 0.05, 0.10),  # neither: screened out
         row(1, 0.20, 0.10),  # flips
