@@ -4,6 +4,7 @@
     python benchmarks/scan_overhead.py --models lite0 --classes 5
     python benchmarks/scan_overhead.py --models digits --quick   # max_steps 200, to try the script
     python benchmarks/scan_overhead.py --models digits --pipeline  # + audit_model with/without scan
+    python benchmarks/scan_overhead.py --settings '{"screen_flip": 0, "screen_concentration": 0}'
 
 Models: ``digits`` (the test bed's 1x32x32 digits CNN, 10 classes), ``photos`` (its 3x32x32
 photo-patch CNN, 8 classes) and ``lite0`` (the pretrained EfficientNet-Lite0 of ``leap demo``, 224
@@ -14,7 +15,8 @@ In one process, side by side, per model: the audit (``engine.run``: baseline, le
 prototypes, entanglement, isolation; every engine default: 1000 max steps with early stopping,
 isolation on) runs ``--repeats`` times, and between the first two the scan
 (:func:`leapcore.spurious.scan_audit` with the default :class:`~leapcore.spurious.ScanSettings`, as
-the pipeline's ``scan_spurious`` stage runs it) runs on the first audit's prototypes. The scan's
+the pipeline's ``scan_spurious`` stage runs it: a first pass over every class, extra prototypes
+and a second pass for the screened classes) runs on the first audit's prototypes. The scan's
 time is broken down by part (extra prototypes, evidence maps, pastes, PNGs, the rest). The
 pipeline's own costs (Arrow tables, report, MLflow, W&B) are left out of the audit's time, so the
 engine ratio is an upper bound of what the scan adds to ``audit_model``; ``--pipeline`` also times
@@ -25,6 +27,7 @@ a temporary folder; small models only). Issue 15's limit: 25 %.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -263,9 +266,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="max_steps 200")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pipeline", action="store_true", help="also time audit_model")
+    parser.add_argument(
+        "--settings",
+        default="{}",
+        help='ScanSettings fields as JSON, e.g. \'{"screen_flip": 0, "screen_concentration": 0}\' '
+        "(every class passes the screen: the cost cap's worst case)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    settings = ScanSettings()
+    settings = ScanSettings(**json.loads(args.settings))
     worst = 0.0
     for name in args.models.split(","):
         case = lite0_case(args.classes) if name == "lite0" else testbed_case(name)

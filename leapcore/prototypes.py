@@ -112,6 +112,7 @@ def optimise_prototypes(
     config: EngineConfig,
     lr: float,
     chunk_size: int,
+    robust: bool = True,
 ) -> PrototypeResult:
     """Optimise ``config.prototypes_per_class`` prototypes for every target set, all in one batch.
 
@@ -122,6 +123,8 @@ def optimise_prototypes(
         config: validated options.
         lr: the Adam step size (from the learning-rate finder or ``config.lr``).
         chunk_size: rows per model call; results do not depend on it.
+        robust: measure ``robust_probs`` (16 crops and flips per row); False leaves it None
+            (the spurious scan's extra prototypes, which only need the images).
 
     Raises:
         NonFiniteError: the loss or gradients became NaN/Inf; carries the last finite images.
@@ -234,8 +237,12 @@ def optimise_prototypes(
         if best_alpha is None
         else images * best_alpha + problem.eval_background * (1 - best_alpha)
     )
-    robust = robust_target_probs(
-        model, shown.detach(), targets, config.prototypes_per_class, config.seed, chunk_size
+    robust = (
+        robust_target_probs(
+            model, shown.detach(), targets, config.prototypes_per_class, config.seed, chunk_size
+        )
+        if robust
+        else None
     )
     result = PrototypeResult(
         targets=targets,

@@ -30,18 +30,15 @@ This module runs the algorithm on tensors; prototypes are made by :mod:`leapcore
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from leapcore.config import EngineConfig
-from leapcore.images import to_uint8
 from leapcore.outputs import model_probabilities
+from leapcore.spurious_images import evidence_png, paste_png
 from leapcore.spurious_verdict import (  # noqa: F401  (re-exported: the scan's public names)
     CLEAN,
     LIKELY,
@@ -63,13 +60,28 @@ class ScanSettings:
 
     Attributes:
         extra_prototypes: prototypes per class made for the scan (other random streams than the
-            audit's); the audit's own prototypes of the class are used as well.
-        step_share: their optimisation steps: at most this share of the audit's ``max_steps``...
-        run_share: ...and at most this share of the steps the audit's own prototypes ran (they
-            stop early, at 80-180 steps on EfficientNet-Lite0, where 0.1 x 1000 would make two
-            extra prototypes cost more than the audit's)...
-        min_steps: ...but at least this many (capped by ``max_steps``): on Lite0 every short
-            run is its class's top class from 24 steps on.
+            audit's) for the classes the screen passes; the audit's own prototypes of the class
+            are used as well.
+        extra_steps: their optimisation steps: at most this many...
+        run_share: ...and at most this share of the steps the audit's own prototypes ran (an
+            audit of short runs gets shorter extras)...
+        min_steps: ...but at least this many (capped by ``max_steps``). Short runs are weak:
+            on the test bed's digits CNN half of them are their class's top class at 32 steps,
+            12 of 20 at 64, and at 32 steps the test bed's hits fell from 6 to 2 of its first 7
+            pairs. So they are long enough, and only the screened classes get them.
+        screen_flip, screen_concentration: the screen. A first pass scans every class on the
+            audit's own prototypes and the samples; a class whose blob there flips at least
+            ``screen_flip`` of its pastes, or holds at least ``screen_concentration`` of its
+            evidence, or that cannot be measured (no paste targets), gets extra prototypes and
+            is scanned again with them. The rest keep the first pass's result (its reason says
+            so). Looser than the verdict's thresholds, so it passes every class a verdict could
+            flag on one image.
+        screen_share: at most this share of the scanned classes (rounded up, at least one) get
+            extra prototypes, the highest first-pass flip rates first: the cost cap.
+        extra_targets: the screened classes' extra prototypes are also paste targets of the
+            other screened classes (off by default: a class's flip rate would then depend on
+            which other classes passed the screen). With ``screen_flip`` and
+            ``screen_concentration`` 0 and ``screen_share`` 1 this is the scan before the screen.
         evidence_cell_share: the evidence maps' occlusion refines down to cells of this share
             of the image's shorter side (no finer than ``hipe_min_cell``): 28 px at 224 px.
         region_share: the blob is cut from the map's top ``region_share`` of pixels.
@@ -86,9 +98,13 @@ class ScanSettings:
     """
 
     extra_prototypes: int = 2
-    step_share: float = 0.1
-    run_share: float = 0.25
+    extra_steps: int = 50
+    run_share: float = 0.5
     min_steps: int = 32
+    screen_flip: float = 0.15
+    screen_concentration: float = 0.35
+    screen_share: float = 0.25
+    extra_targets: bool = False
     evidence_cell_share: float = 0.125
     region_share: float = 0.05
     max_sources: int = 4
@@ -104,7 +120,7 @@ class ScanSettings:
         """Optimisation steps of the scan's extra prototypes for an audit with ``config`` whose
         prototypes ran ``audit_steps`` steps (None: ``max_steps``)."""
         ran = config.max_steps if audit_steps is None else audit_steps
-        share = min(math.ceil(self.step_share * config.max_steps), math.ceil(self.run_share * ran))
+        share = min(self.extra_steps, math.ceil(self.run_share * ran))
         return min(config.max_steps, max(self.min_steps, share))
 
 
@@ -162,7 +178,7 @@ def extra_prototypes(
             "seed": config.seed + 7919,
         }
     )
-    return optimise_prototypes(model, targets, start[:1], scan_config, lr, chunk_size)
+    return optimise_prototypes(model, targets, start[:1], scan_config, lr, chunk_size, robust=False)
 
 
 def evidence_maps(
@@ -453,60 +469,6 @@ def _scan_one(
     )
 
 
-# ---------------------------------------------------------------------------------------------- #
-# Evidence images
-# ---------------------------------------------------------------------------------------------- #
-def _tile(image: torch.Tensor, size: int) -> np.ndarray:
-    rgb = to_uint8(image.cpu())
-    if rgb.ndim == 2:
-        rgb = np.repeat(rgb[:, :, None], 3, axis=2)
-    elif rgb.shape[2] == 1:
-        rgb = np.repeat(rgb, 3, axis=2)
-    return np.array(Image.fromarray(rgb[:, :, :3]).resize((size, size), Image.NEAREST))
-
-
-def _outline(tile: np.ndarray, region: torch.Tensor) -> np.ndarray:
-    size = tile.shape[0]
-    big = F.interpolate(region.float()[None, None], size=(size, size), mode="nearest")
-    eroded = -F.max_pool2d(-big, 5, stride=1, padding=2)  # two pixels in from every side
-    edge = ((big > 0) & ~(eroded > 0))[0, 0].numpy()
-    out = tile.copy()
-    out[edge] = (255, 0, 0)
-    return out
-
-
-def _png(tiles: list[np.ndarray]) -> bytes:
-    if not tiles:
-        return b""
-    gap = np.full((tiles[0].shape[0], 4, 3), 255, dtype=np.uint8)
-    row = np.concatenate([part for t in tiles for part in (t, gap)][:-1], axis=1)
-    out = io.BytesIO()
-    Image.fromarray(row).save(out, format="PNG", optimize=True)
-    return out.getvalue()
-
-
-def evidence_png(images: list[torch.Tensor], regions: torch.Tensor, size: int = 96) -> bytes:
-    """The class's images side by side, each with its blob outlined in red (PNG bytes)."""
-    return _png([_outline(_tile(x, size), r) for x, r in zip(images, regions)])
-
-
-def paste_png(
-    pasted: torch.Tensor, flipped: torch.Tensor, per_source: int, size: int = 96, count: int = 6
-) -> bytes:
-    """Paste examples of the first source (flipped ones first; a red frame marks a flip)."""
-    first = pasted[:per_source].cpu()
-    flips = flipped[:per_source]
-    order = torch.cat([flips.nonzero().flatten(), (~flips).nonzero().flatten()])[:count]
-    tiles = []
-    for i in order.tolist():
-        tile = _tile(first[i], size)
-        if flips[i]:
-            tile[:3], tile[-3:], tile[:, :3], tile[:, -3:] = 255, 255, 255, 255
-            tile[:3, :, 1:], tile[-3:, :, 1:], tile[:, :3, 1:], tile[:, -3:, 1:] = 0, 0, 0, 0
-        tiles.append(tile)
-    return _png(tiles)
-
-
 def scan_audit(
     model: torch.nn.Module,
     prototypes,
@@ -519,8 +481,9 @@ def scan_audit(
     classes: list[int] | None = None,
     names: list[str] | None = None,
 ) -> list[ClassScan]:
-    """Scan an audit: its prototypes (a :class:`~leapcore.prototypes.PrototypeResult`) plus
-    :func:`extra_prototypes` of every single-class target, and the user's ``samples``.
+    """Scan an audit: its prototypes (a :class:`~leapcore.prototypes.PrototypeResult`) and the
+    user's ``samples``; then, for the classes that pass the screen
+    (:func:`leapcore.spurious_evidence.screen`), again with :func:`extra_prototypes` added.
 
     ``start`` is the audit's baseline image, ``lr`` its prototype step size. Hybrid targets (several
     classes) are not scanned (:func:`hybrid_targets` names them for the table and report);
@@ -535,18 +498,60 @@ def scan_audit(
         for r in range(len(prototypes.images))
         if len(prototypes.targets[prototypes.row_target(r)]) == 1
     ]
-    images = [prototypes.images[own_rows].to(device)]
+    images = prototypes.images[own_rows].to(device)
     owners = [prototypes.targets[prototypes.row_target(r)][0] for r in own_rows]
-    if settings.extra_prototypes > 0 and classes:
-        extra = extra_prototypes(
-            model, [[c] for c in classes], start, config, lr, chunk_size, settings, prototypes.steps
-        )
-        images.append(extra.images.to(device))
-        owners += [extra.targets[extra.row_target(r)][0] for r in range(len(extra.images))]
     names = names or [str(i) for i in range(int(prototypes.logits.shape[1]))]
-    return scan_classes(
-        model, classes, names, torch.cat(images), owners, samples, config, chunk_size, settings
+    first = scan_classes(
+        model, classes, names, images, owners, samples, config, chunk_size, settings
     )
+    if settings.extra_prototypes <= 0 or not classes:
+        return first
+    from leapcore.spurious_evidence import screen, screened_out_reason
+
+    chosen = screen(first, settings)
+    again: dict[int, ClassScan] = {}
+    if chosen:
+        extra = extra_prototypes(
+            model, [[c] for c in chosen], start, config, lr, chunk_size, settings, prototypes.steps
+        )
+        extra_owner = [extra.targets[extra.row_target(r)][0] for r in range(len(extra.images))]
+        if settings.extra_targets:
+            both = torch.cat([images, extra.images.to(device)])
+            second = scan_classes(
+                model,
+                chosen,
+                names,
+                both,
+                owners + extra_owner,
+                samples,
+                config,
+                chunk_size,
+                settings,
+            )
+            again = {s.class_index: s for s in second}
+        for c in [] if settings.extra_targets else chosen:
+            # Each class's extras join its own evidence only: paste targets stay the audit's
+            # prototypes and the samples, whichever classes the screen passed.
+            rows = [r for r, o in enumerate(extra_owner) if o == c]
+            again[c] = scan_classes(
+                model,
+                [c],
+                names,
+                torch.cat([images, extra.images[rows].to(device)]),
+                owners + [c] * len(rows),
+                samples,
+                config,
+                chunk_size,
+                settings,
+            )[0]
+    out = []
+    for s in first:
+        if s.class_index in again:
+            out.append(again[s.class_index])
+        else:
+            s.reason = f"{s.reason}; {screened_out_reason(s, settings)}"
+            out.append(s)
+    return out
 
 
 def hybrid_targets(targets: list[list[int]], names: list[str]) -> list[str]:

@@ -99,3 +99,45 @@ def occlusion_saliency(
         ]
     peak = saliency.flatten(1).max(1).values.clamp_min(1e-12)
     return (saliency / peak[:, None, None]).cpu()
+
+
+# ---------------------------------------------------------------------------------------------- #
+# The screen: which classes get extra prototypes
+# ---------------------------------------------------------------------------------------------- #
+def _passes(scan, settings) -> bool:
+    return (
+        math.isnan(scan.flip_rate)
+        or scan.flip_rate >= settings.screen_flip
+        or scan.concentration >= settings.screen_concentration
+    )
+
+
+def screen(first_pass: list, settings) -> list[int]:
+    """The classes of a first scan pass (:class:`~leapcore.spurious.ClassScan` rows on the audit's
+    own images) that get extra prototypes: those passing the screen
+    (:class:`~leapcore.spurious.ScanSettings` ``screen_flip`` / ``screen_concentration``, or an
+    unmeasured flip rate), at most ``screen_share`` of the classes (at least one), the highest
+    flip rates (then concentrations) first. Returned in the first pass's class order."""
+    passing = [s for s in first_pass if _passes(s, settings)]
+    cap = max(1, math.ceil(settings.screen_share * len(first_pass)))
+
+    def key(s) -> tuple[float, float]:
+        flip = 1.0 if math.isnan(s.flip_rate) else s.flip_rate
+        return (-flip, -s.concentration)
+
+    keep = {s.class_index for s in sorted(passing, key=key)[:cap]}
+    return [s.class_index for s in first_pass if s.class_index in keep]
+
+
+def screened_out_reason(scan, settings) -> str:
+    """What a class that got no extra prototypes is told (its verdict rests on fewer images)."""
+    if _passes(scan, settings):
+        return (
+            "no extra prototypes: only the "
+            f"{settings.screen_share:.0%} of classes most likely to be flagged get them"
+        )
+    return (
+        f"no extra prototypes: on the audit's own images its blob flips {scan.flip_rate:.0%} of "
+        f"pastes (screen {settings.screen_flip:.0%}) and holds {scan.concentration:.0%} of the "
+        f"evidence (screen {settings.screen_concentration:.0%})"
+    )

@@ -9,8 +9,13 @@ from torch import nn
 
 from leapcore.config import load_config
 from leapcore.hipe import hierarchical_perturbation
-from leapcore.spurious import ScanSettings, evidence_maps, top_region
-from leapcore.spurious_evidence import finest_cell, occlusion_saliency
+from leapcore.spurious import CLEAN, ClassScan, ScanSettings, evidence_maps, top_region
+from leapcore.spurious_evidence import (
+    finest_cell,
+    occlusion_saliency,
+    screen,
+    screened_out_reason,
+)
 
 SIZE = 64
 PATCH = (slice(40, 48), slice(8, 16))  # an 8x8 patch, inside the 16 px cell at (32, 0)
@@ -89,13 +94,43 @@ def test_the_scan_refines_large_images_less_than_hipe() -> None:
 @pytest.mark.parametrize(
     ("max_steps", "audit_steps", "expected"),
     [
-        (1000, 144, 36),  # Lite0: the audit's prototypes stopped early, the extras follow
-        (1000, 1000, 100),  # some row never converged: 0.1 x max_steps caps it
-        (1000, None, 100),
-        (150, 150, 32),  # the test bed: the floor
+        (1000, 144, 50),  # Lite0's prototypes stopped early: the cap
+        (1000, 1000, 50),  # some row never converged: still the cap
+        (1000, None, 50),
+        (150, 150, 50),  # the test bed: the 50 steps it had before the screen
+        (80, 40, 32),  # an audit of short runs: half its steps, at least min_steps
         (20, 20, 20),  # never more than max_steps
     ],
 )
 def test_extra_prototype_steps(max_steps, audit_steps, expected) -> None:
     cfg = load_config({"max_steps": max_steps})
     assert ScanSettings().steps(cfg, audit_steps) == expected
+
+
+def row(c: int, flip: float, concentration: float) -> ClassScan:
+    return ClassScan(
+        c, str(c), CLEAN, "numbers", concentration, 0.5, 0.1, flip, 0.0, 0, 0, 0.05, 1, 0
+    )
+
+
+def test_the_screen_passes_the_classes_a_verdict_could_flag_up_to_its_share() -> None:
+    # flip >= 0.15 or concentration >= 0.35; at most 25 % of the classes (3 of 10)
+    s = ScanSettings()
+    first = [
+        row(0, 0.05, 0.10),  # neither: screened out
+        row(1, 0.20, 0.10),  # flips
+        row(2, 0.00, 0.40),  # concentrated
+        row(3, float("nan"), 0.10),  # nothing to paste onto: cannot be ruled out
+        row(4, 0.90, 0.10),
+        row(5, 0.10, 0.30),
+        row(6, 0.00, 0.00),
+        row(7, 0.00, 0.00),
+        row(8, 0.00, 0.00),
+        row(9, 0.00, 0.00),
+    ]
+    assert screen(first, s) == [1, 3, 4]  # 3 of 10; highest flips first (NaN counts as 1)
+    wide = ScanSettings(screen_share=1.0)
+    assert screen(first, wide) == [1, 2, 3, 4]
+    assert screen(first[:1], s) == []
+    assert "flips 5% of pastes (screen 15%)" in screened_out_reason(first[0], s)
+    assert "only the 25% of classes" in screened_out_reason(first[2], s)
