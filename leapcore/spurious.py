@@ -134,8 +134,6 @@ class ClassScan:
     reason: str
     concentration: float
     stability: float  # mean pairwise blob IoU (reported; the verdict uses reappearance)
-    reappearance: float
-    consistency: float
     centroid_spread: float
     flip_rate: float
     control_flip_rate: float
@@ -144,6 +142,8 @@ class ClassScan:
     region_share: float
     prototypes: int
     samples: int
+    reappearance: float = float("nan")  # share of images whose blob overlaps the modal blob
+    consistency: float = float("nan")  # 1 - mean pixel difference inside the modal blob
     evidence_png: bytes = field(default=b"", repr=False)
     paste_png: bytes = field(default=b"", repr=False)
     details: dict = field(default_factory=dict, repr=False)  # per-image numbers (not in the table)
