@@ -109,9 +109,9 @@ class ScanSettings:
     region_share: float = 0.05
     max_sources: int = 4
     max_targets: int = 16
-    target_confidence: float = 0.6
-    likely_flip: float = 0.5
-    suspicious_flip: float = 0.3
+    target_confidence: float = 0.95
+    likely_flip: float = 0.3
+    suspicious_flip: float = 0.2
     reappear_iou: float = 0.2
     placed_share: float = 0.5
     stable_share: float = 1.0

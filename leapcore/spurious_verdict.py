@@ -21,8 +21,7 @@ Verdict (:func:`judge`, thresholds in :class:`~leapcore.spurious.ScanSettings`):
 
 - ``likely spurious``: excess flip >= ``likely_flip`` and reappearance >= ``placed_share``;
 - ``suspicious``: excess flip >= ``suspicious_flip`` and reappearance >= ``stable_share`` (every
-  image's blob in the same place, at the default 1.0); or, with a single image of the class (no
-  position to compare), excess flip >= ``likely_flip``;
+  image's blob in the same place, at the default 1.0);
 - ``clean`` otherwise.
 
 Consistency is reported but is not part of the rule: on the marker test bed
@@ -32,7 +31,7 @@ chosen on the test bed's tuning pairs; its held-out pairs give the honest rates 
 
 Without images of other classes the flip rates are NaN: the verdict is ``clean`` and its reason
 says that logit dependence was "not measured (no images of other classes ...)". With one image no
-blob can reappear (reappearance NaN: "n/a (one image)"), so the verdict is at most ``suspicious``.
+blob can reappear (reappearance NaN: "n/a (one image)"), so the verdict is ``clean``.
 """
 
 from __future__ import annotations
@@ -158,12 +157,6 @@ def judge(evidence: Evidence, settings: Any) -> tuple[str, str]:
             return (
                 SUSPICIOUS,
                 f"a small region in a fixed place flips some other classes' images: {numbers}",
-            )
-        if excess >= s.likely_flip and math.isnan(e.reappearance):
-            return (
-                SUSPICIOUS,
-                "a small region flips other classes' images; whether it stays in place was not "
-                f"measured (one image of the class): {numbers}",
             )
     if math.isnan(e.flip_rate):
         return CLEAN, (

@@ -36,11 +36,11 @@ from leapcore.spurious_report import (
 from .testbed import MarkerSpec, audit_prototypes, plant, scan, train_pair
 
 # Two of the benchmark's twelve tuning pairs (benchmarks/spurious_testbed.py), one per dataset,
-# chosen among those that pass at the test bed's 150 steps (4 of 12 do; the benchmark gives the
-# rates, on held-out pairs too).
+# chosen among those that pass at the test bed's 150 steps (marked class flagged, twin clean: 3 of
+# 12 do; the benchmark gives the rates, at the engine's defaults and on held-out pairs too).
 PAIRS = {
-    "digits": MarkerSpec("digits", 4, (0.5,), "square", (24, 2), 3, seed=1),
-    "photos": MarkerSpec("photos", 4, (0.0, 0.0, 0.0), "square", (14, 14), 4, seed=4),
+    "digits": MarkerSpec("digits", 3, (1.0,), "square", (28, 14), 2, seed=5),
+    "photos": MarkerSpec("photos", 6, (1.0, 1.0, 0.0), "square", (25, 10), 1, seed=5),
 }
 
 
@@ -84,8 +84,11 @@ def test_samples_join_the_evidence_and_the_paste_targets(scanned) -> None:
     samples = torch.cat([plant(others[:3], spec), others[3:]])  # 3 marked, 3 clean
     scans = scan(audited, samples=samples)
     target = next(s for s in scans if s.class_index == spec.marker_class)
-    assert target.samples == 3  # the marked ones, which the model assigns to the marker class
-    assert "and 3 samples" in target.reason
+    with torch.no_grad():
+        assigned = int((audited.net(samples).argmax(1) == spec.marker_class).sum())
+    # The samples the model assigns to the class join its evidence: the 3 marked ones at least.
+    assert target.samples == assigned >= 3
+    assert f"and {assigned} samples" in target.reason
     assert target.verdict != CLEAN
 
 
@@ -198,10 +201,9 @@ def test_verdict_thresholds() -> None:
     assert verdict(conc=0.9, consist=1.0) == CLEAN
     verdict_, reason = judge(Evidence(0.3, 1.0, 0.5, float("nan"), float("nan")), s)
     assert verdict_ == CLEAN and "flip rate not measured (no images of other classes)" in reason
-    # One image: position not measured, so at most suspicious, and only on a strong flip.
+    # One image: position not measured, so not flagged however much it flips.
     verdict_, reason = judge(Evidence(0.3, float("nan"), float("nan"), 0.9, 0.0), s)
-    assert verdict_ == SUSPICIOUS and "n/a (one image)" in reason
-    assert verdict(reappear=float("nan"), flip=s.likely_flip - 0.05) == CLEAN
+    assert verdict_ == CLEAN and "n/a (one image)" in reason
 
 
 def test_a_single_class_audit_without_samples_says_the_flip_rate_was_not_measured(
