@@ -14,8 +14,8 @@ choose anything: their rates are the honest estimate).
 
 Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldout|all]
 [--pairs N] [--max-steps S] [--samples N] [--json FILE]``. The audits use the engine's defaults
-(``max_steps`` 1000, prototypes stop early): about 50 s a pair on one loaded CPU core, 1.8 times
-the fast tests' 150 steps (``--max-steps 150``). Prints a markdown table and the totals per set; ``--json`` also writes every
+(``max_steps`` 1000, prototypes stop early): about 20 s a pair on one CPU core of a loaded
+machine, 1.4 times the fast tests' 150 steps (``--max-steps 150``). Prints a markdown table and the totals per set; ``--json`` also writes every
 class's numbers, so that a verdict rule can be re-applied without re-running the audits.
 """
 
