@@ -1,7 +1,7 @@
 """What :class:`~leapcore.config.EngineConfig` checks beyond each option's type and range.
 
-Checks of single values that need other modules (objective and isolation-method names, start-image
-intensities), leap-ie's ``use_hipe`` alias of ``isolation_method``, checks across options, and the
+Checks of single values that need other modules (objective, entanglement-measure and
+isolation-method names, start-image intensities), leap-ie's ``use_hipe`` alias of ``isolation_method``, checks across options, and the
 routing of leap-ie's W&B keys (:data:`PUBLISHER_KEYS`) aside for the publishers. ``EngineConfig``
 inherits them; its fields and their documentation stay in :mod:`leapcore.config`.
 """
@@ -88,6 +88,15 @@ class ConfigChecks(BaseModel):
             raise ValueError(
                 f"unknown objective {value!r}{hint}; valid objectives: {', '.join(OBJECTIVES)}."
             )
+        return value
+
+    @field_validator("entanglement_measure", check_fields=False)
+    @classmethod
+    def _known_entanglement_measure(cls, value: str) -> str:
+        from leapcore.entanglement import MEASURES, unknown_measure_message
+
+        if value not in MEASURES:
+            raise ValueError(unknown_measure_message(value))
         return value
 
     @field_validator("isolation_method", check_fields=False)
