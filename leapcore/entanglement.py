@@ -74,9 +74,10 @@ def relaxed_logits(
         x = images[start : start + size].detach().clone()
         w = weights[start : start + size]
         for _ in range(steps):
-            x.requires_grad_(True)
-            value = (model(x).float() * w).sum()
-            (grad,) = torch.autograd.grad(value, x)
+            with torch.enable_grad():
+                x.requires_grad_(True)
+                value = (model(x).float() * w).sum()
+                (grad,) = torch.autograd.grad(value, x)
             x = (x.detach() + step * grad.sign()).clamp_(0, 1)
         with torch.no_grad():
             out.append(model(x).float().cpu())

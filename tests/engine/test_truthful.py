@@ -229,7 +229,7 @@ def test_default_entanglement_tracks_held_out_confusion_on_every_model(digit_mod
     reliability is 0.81-1.00 where hard confusion's is 0.27-0.95 (benchmarks/entanglement.py).
     Measured here (60 steps): relaxed soft 0.75 / 0.72 / 0.62, hard 0.67 / 0.34 / 0.34; share on
     the same prototypes soft 0.52 / 0.72 / 0.60, hard 0.44 / 0.33 / 0.32; leap soft 0.31 / 0.45 /
-    0.11. Twelve models in the benchmark: relaxed 0.69 / 0.46, share 0.57 / 0.37 (soft / hard).
+    0.11. Twelve models in the benchmark: relaxed 0.69 / 0.44, share 0.57 / 0.37 (soft / hard).
     """
     soft, hard, share_soft, leap_soft = [], [], [], []
     for model, audit in zip(digit_models, digit_audits, strict=True):
