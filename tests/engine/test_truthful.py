@@ -263,6 +263,8 @@ def test_relaxed_logits_raise_the_target_and_keep_the_model():
     rows = torch.arange(3)
     assert (relaxed[rows, [0, 2, 3]] > start[rows, [0, 2, 3]]).all()
     torch.testing.assert_close(relaxed_logits(net, images, targets, steps=0), start)
+    with torch.no_grad():  # a caller's no_grad block does not stop the steps
+        torch.testing.assert_close(relaxed_logits(net, images, targets, 10, 0.02, 2), relaxed)
     for p, q in zip(net.parameters(), before, strict=True):
         assert torch.equal(p, q) and p.grad is None
     # A linear model: each step adds exactly 0.02 * |w_t| summed over pixels (until the clamp).
