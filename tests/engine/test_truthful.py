@@ -230,6 +230,8 @@ def test_default_entanglement_tracks_held_out_confusion_on_every_model(digit_mod
     Measured here (60 steps): relaxed soft 0.75 / 0.72 / 0.62, hard 0.67 / 0.34 / 0.34; share on
     the same prototypes soft 0.52 / 0.72 / 0.60, hard 0.44 / 0.33 / 0.32; leap soft 0.31 / 0.45 /
     0.11. Twelve models in the benchmark: relaxed 0.69 / 0.44, share 0.57 / 0.37 (soft / hard).
+    With 40 / 80 steps or seeds 1 / 2 instead, relaxed stays at soft min >= 0.58, mean >= 0.67,
+    hard min >= 0.29, mean >= 0.42, and at least 0.09 above share's soft mean.
     """
     soft, hard, share_soft, leap_soft = [], [], [], []
     for model, audit in zip(digit_models, digit_audits, strict=True):
@@ -242,8 +244,8 @@ def test_default_entanglement_tracks_held_out_confusion_on_every_model(digit_mod
         share_soft.append(confusion_rho(share, soft_confusion(model)))
         leap = entanglement(base, logits, measure="leap")
         leap_soft.append(confusion_rho((leap + leap.T) / 2, soft_confusion(model)))
-    assert min(soft) > 0.55 and np.mean(soft) > 0.65, (soft, share_soft, leap_soft)
-    assert min(hard) > 0.25 and np.mean(hard) > 0.4, hard
+    assert min(soft) > 0.55 and np.mean(soft) > 0.64, (soft, share_soft, leap_soft)
+    assert min(hard) > 0.25 and np.mean(hard) > 0.38, hard
     # What the default replaced misses on the same prototypes.
     assert np.mean(soft) > np.mean(share_soft) + 0.05, (soft, share_soft)
     assert min(leap_soft) < 0.55, leap_soft
