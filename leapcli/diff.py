@@ -171,7 +171,9 @@ def print_diff(diff: Any, top: int = 10) -> None:
         say(f"  note: {note}")
     pairs = diff.rows("entanglement")
     if pairs:
-        say("\npairs (pair probability on the prototypes), largest change first:")
+        meta = diff.table.schema.metadata or {}
+        basis = meta.get(b"leapcore.pair_basis", b"prototypes").decode()
+        say(f"\npairs (pair probability on {basis}), largest change first:")
         for r in pairs[:top]:
             pair = f"{r['target']} <-> {r['other']}"
             say(

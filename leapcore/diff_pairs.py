@@ -223,19 +223,18 @@ def pair_probabilities(
         notes.append("no samples: " + PROTOTYPES_NOTE.format(how="both versions', both models"))
     elif measure == "fixed":
         notes.append(PROTOTYPES_NOTE.format(how="both versions', both models"))
-    if measure == "samples":
-        if samples is not None and len(samples):
-            sa, sb, counts = sample_pair_probabilities(previous, current, samples, targets, classes)
-            for key in set(sa) & set(sb):
-                a[key], b[key] = sa[key], sb[key]
-                basis[key] = f"{counts[key[0]]} samples"
-            missing = [t for t in targets if t not in counts]
-            if missing:
-                notes.append(
-                    "no sample is assigned to "
-                    + ", ".join(missing)
-                    + ": their pairs are measured on both versions' prototypes"
-                )
+    if measure == "samples" and samples is not None and len(samples):
+        sa, sb, counts = sample_pair_probabilities(previous, current, samples, targets, classes)
+        for key in set(sa) & set(sb):
+            a[key], b[key] = sa[key], sb[key]
+            basis[key] = f"{counts[key[0]]} samples"
+        missing = [t for t in targets if t not in counts]
+        if missing:
+            notes.append(
+                "no sample is assigned to "
+                + ", ".join(missing)
+                + ": their pairs are measured on both versions' prototypes"
+            )
     return a, b, basis, notes
 
 
