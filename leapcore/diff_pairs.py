@@ -19,7 +19,7 @@ doubt, 0.5 when it cannot tell the two apart. Which images, and which model sees
 The benchmark ``benchmarks/diff_testbed.py`` measured the three on planted merges and seed-only
 retrains (``docs/diff.md`` has the table). Prototypes are optimised against their own model, and
 the other version reads them its own way: a retrain with only another seed moved some pair by
-0.36-0.83 under ``own`` and ``fixed`` (as much as a planted merge), and by at most 0.11 on 100
+0.23-0.83 under ``own`` and ``fixed`` (as much as a planted merge), and by at most 0.13 on 100
 held-out digits. ``fixed`` named the merged pair first more often than ``own`` (3 of 4 merges vs
 none with the default objective).
 """
@@ -40,7 +40,7 @@ PAIR_MEASURES = ("samples", "fixed", "own")
 #: What a diff without samples says about its pairs (measured: ``benchmarks/diff_testbed.py``).
 PROTOTYPES_NOTE = (
     "pairs measured on prototypes ({how}). On the test bed a retrain with only another seed "
-    "moved some pair by 0.36-0.83 this way (on 100 held-out images: at most 0.11), so a flagged "
+    "moved some pair by 0.23-0.83 this way (on 100 held-out images: at most 0.13), so a flagged "
     "pair is a prompt to look; pass samples (--samples) to measure pairs on them"
 )
 Pairs = dict[tuple[str, str], float]
