@@ -359,6 +359,11 @@ def drift_summary(diff: AuditDiff, payload: dict[str, Any]) -> str:
     """One line a notification can carry."""
     parts = []
     basis = f" (pairs on {payload['pair_basis']})" if payload.get("pair_basis") else ""
+    if payload.get("pair_basis") == "prototypes":
+        # measured: a seed-only retrain moves prototype-measured pairs as much as a real merge
+        basis = (
+            " (pairs on prototypes, which a seed-only retrain also moves: pass samples to confirm)"
+        )
     if payload["entangled"]:
         parts.append(f"entangled{basis}: " + "; ".join(payload["entangled"]))
     if payload["disentangled"]:

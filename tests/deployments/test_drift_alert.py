@@ -50,6 +50,8 @@ def _drift_event():
     diff = diff_audits(_side("pets v1", "1", -4.0), _side("pets v2", "2", 5.5))
     ((name, payload),) = diff_findings(diff.table).events
     assert name == DRIFT_EVENT and payload["entangled"][0].startswith("cat <-> dog")
+    # no models, so the pairs are on prototypes: the alert itself says they may be seed noise
+    assert payload["pair_basis"] == "prototypes" and "seed-only retrain" in payload["summary"]
     return name, payload
 
 
