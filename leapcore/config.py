@@ -37,6 +37,17 @@ from leapcore.stage_names import (  # noqa: F401 (the stage names, named here as
 )
 
 TRANSFORM_PRESETS = ("s", "m", "l", "xl")
+#: The analysis stage that reads the ``diff_*`` options (``tasks/diff.py``).
+DIFF_STAGE = "diff_audits"
+_DIFF_NOTE = (
+    "Between two seeds of one digits CNN no pair moved by more than 0.13 on 100 held-out samples, but "
+    "by up to 0.83 on prototypes alone (docs/diff.md): without samples a flag is a prompt to look."
+)
+_MEASURE_NOTE = (
+    "Chosen by measurement (issue 15, benchmarks/diff_testbed.py, docs/diff.md): only samples "
+    "kept seed-only retrains under the threshold; on prototypes 'fixed' names a planted merge "
+    "first more often than 'own'."
+)
 PARAMETERISATIONS = ("pixel", "fourier")
 
 
@@ -464,6 +475,42 @@ class EngineConfig(ConfigChecks):
     )
     hipe_min_cell: int = _opt(
         8, "Smallest grid cell (pixels) that hierarchical perturbation refines to.", ISOLATION, ge=1
+    )
+
+    # --- the audit diff (analysis stage diff_audits, and `leap diff`) ---
+    diff_entanglement_threshold: float = _opt(
+        0.2,
+        "A change of a pair's probability (see `diff_pair_measure`) that flags the pair "
+        "`entangled` / `disentangled` in the audit diff and fires the `leapcore.audit.drift` event.",
+        DIFF_STAGE,
+        note=_DIFF_NOTE,
+        ge=0,
+        le=1,
+    )
+    diff_quality_threshold: float = _opt(
+        0.1,
+        "A change of a prototype / isolation quality measure (target probability, off-target "
+        "share, kept logit, coverage) that the audit diff flags `worse` / `better`.",
+        DIFF_STAGE,
+        ge=0,
+    )
+    diff_similarity_threshold: float = _opt(
+        0.5,
+        "Penultimate-layer cosine between a class's prototypes of the two versions below which "
+        "the audit diff flags them `dissimilar`.",
+        DIFF_STAGE,
+        ge=0,
+        le=1,
+    )
+    diff_pair_measure: Literal["fixed", "own", "samples"] = _opt(
+        "samples",
+        "Which images the audit diff's pair probabilities are measured on, with both models: "
+        "'samples' (the user's `samples`, each target's those either version assigns to it; "
+        "targets without one, or no samples at all, use 'fixed'), 'fixed' (both versions' "
+        "prototypes fed to both models) or 'own' (each model on its own prototypes, leap-ie's "
+        "view; the only one without the models).",
+        DIFF_STAGE,
+        note=_MEASURE_NOTE,
     )
 
     # --- output ---
