@@ -10,9 +10,7 @@ the committed file matches, so the docs cannot drift from the validation.
 from __future__ import annotations
 
 import difflib
-import json
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -22,9 +20,9 @@ from pydantic import (
     ValidationError,
 )
 
-from leapcore.config_checks import PUBLISHER_KEYS, ConfigChecks
+from leapcore.config_checks import PUBLISHER_KEYS, ConfigChecks, describe_errors, read_raw_config
 from leapcore.errors import ConfigError
-from leapcore.secrets import is_secret_name, sanitise
+from leapcore.secrets import sanitise
 from leapcore.stage_names import (  # noqa: F401 (the stage names, named here as before)
     ALL,
     BASELINE,
@@ -551,31 +549,7 @@ def load_config(config: ConfigLike) -> EngineConfig:
     """
     if isinstance(config, EngineConfig):
         return config
-    if config is None:
-        raw: dict[str, Any] = {}
-    elif isinstance(config, (str, os.PathLike)):
-        path = Path(config)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {str(path)!r} does not exist; pass a dict or a JSON file path."
-            )
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(
-                f"config file {str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}."
-            ) from None
-    elif isinstance(config, dict):
-        raw = dict(config)
-    else:
-        raise ConfigError(
-            f"config must be a dict or a JSON file path, not {type(config).__name__}."
-        )
-    if not isinstance(raw, dict):
-        raise ConfigError("config must hold a JSON object of option names and values.")
-    # leap-ie's page spells one option with a stray backslash ("blur\\max").
-    if "blur\\max" in raw:
-        raw["blur_max"] = raw.pop("blur\\max")
+    raw = read_raw_config(config)
     names = [*EngineConfig.model_fields, *PUBLISHER_KEYS]
     unknown = [k for k in raw if k not in names]
     if unknown:
@@ -590,17 +564,4 @@ def load_config(config: ConfigLike) -> EngineConfig:
     try:
         return EngineConfig(**raw)
     except ValidationError as err:
-        raise ConfigError(_describe(err)) from None
-
-
-def _describe(err: ValidationError) -> str:
-    lines = []
-    for item in err.errors():
-        msg = item["msg"].removeprefix("Value error, ")
-        if not item["loc"]:  # a check across options: its input is the whole config, secrets too
-            lines.append(msg)
-            continue
-        loc = ".".join(str(p) for p in item["loc"])
-        shown = "<secret>" if is_secret_name(loc) else repr(item.get("input"))
-        lines.append(f"config option {loc!r} = {shown}: {msg}")
-    return "invalid config: " + "; ".join(lines)
+        raise ConfigError(describe_errors(err)) from None
