@@ -74,8 +74,8 @@ class ScanSettings:
             ``screen_flip`` of its pastes, or holds at least ``screen_concentration`` of its
             evidence, or that cannot be measured (no paste targets), gets extra prototypes and
             is scanned again with them. The rest keep the first pass's result (its reason says
-            so). Looser than the verdict's thresholds, so it passes every class a verdict could
-            flag on one image.
+            so). Looser than the verdict's thresholds, so that, cap aside, it passes every class a
+            verdict could flag on one image.
         screen_share: at most this share of the scanned classes (rounded up, at least one) get
             extra prototypes, the highest first-pass flip rates first: the cost cap.
         extra_targets: the screened classes' extra prototypes are also paste targets of the
