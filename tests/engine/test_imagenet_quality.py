@@ -117,6 +117,31 @@ def test_sample_isolation_keeps_the_top_logit_with_half_the_image(photo_isolatio
     assert (ours < 0.9 * random_deletion).all(), (ours, random_deletion)
 
 
+def test_sample_isolation_inserts_better_than_the_gradient(photo_isolation, lite0, photos):
+    """Issue 19: the default saliency (``isolation_map: evidence``) ranks the pixels that bring the
+    class back, on a blurred photo, better than the plain input gradient (captum's ``Saliency``),
+    and deletes better too. Measured (RISE, blurred substrate, 16 budgets): insertion 0.32, deletion
+    0.04 against the gradient's 0.21 / 0.10; the soft mask alone (``isolation_map: mask``, 100
+    steps, the default before) inserted 0.19, below the gradient."""
+    from leapcore.faithfulness import deletion_insertion_auc
+
+    preprocessing, model, class_list = lite0
+    table = photo_isolation[1]["tables"]["isolations"]
+    classes = table.column("class_index").to_pylist()
+    sources = photos[table.column("image_index").to_pylist()]
+    wrapped = LogitsModel(model, len(class_list), preprocessing)
+    with eval_mode(model):
+        x = sources.clone().requires_grad_(True)
+        wrapped(x).gather(1, torch.tensor(classes)[:, None]).sum().backward()
+        gradient = x.grad.abs().sum(1)
+        with torch.no_grad():
+            deletion, insertion = deletion_insertion_auc(wrapped, sources, gradient, classes)
+    ours_deletion = torch.tensor(table.column("deletion_auc").to_pylist())
+    ours_insertion = torch.tensor(table.column("insertion_auc").to_pylist())
+    assert ours_insertion.mean() > insertion.mean() + 0.05, (ours_insertion, insertion)
+    assert ours_deletion.mean() < deletion.mean(), (ours_deletion, deletion)
+
+
 def test_sample_isolation_frame(photo_isolation, lite0):
     df, arrays = photo_isolation
     assert {"sample_index", "output_class", "logits", "probs", "input", "mask"} <= set(df.columns)
