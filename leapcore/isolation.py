@@ -281,10 +281,12 @@ def evidence_map(
 ) -> torch.Tensor:
     """``isolation_map: evidence``: the soft mask times each pixel's first-order evidence.
 
-    The evidence of a pixel is ``gradient . (image - background)`` of the class logit at the
-    image, positive part: what replacing the pixel by the background costs the logit, to first
-    order. It is scaled to [0, 1] per pair and floored at :data:`EVIDENCE_FLOOR`, so the mask
-    still ranks the pixels without evidence. One forward and backward pass per pair.
+    A pixel's evidence ``e`` is ``gradient . (image - background)`` of the class logit at the
+    image, scaled by its largest absolute value per pair to [-1, 1]: what replacing the pixel by
+    the background costs the logit, to first order. The map is ``mask * (e + f)`` where ``e > 0``
+    and ``mask * f * (1 + e)`` elsewhere (``f`` = :data:`EVIDENCE_FLOOR`): the mask orders the
+    pixels without evidence, and those that speak against the class come last. One forward and
+    backward pass per pair.
 
     Returns:
         ``[P, 1, H, W]`` in [0, 1], each pair's map scaled to a maximum of 1.
@@ -296,11 +298,13 @@ def evidence_map(
         with torch.enable_grad():
             logit = model(x).gather(1, cls[rows, None]).sum()
             (grad,) = torch.autograd.grad(logit, x)
-        evidence = (grad * (source[rows] - background[rows])).sum(1, keepdim=True).clamp_min(0)
-        out.append(evidence.detach())
+        out.append((grad * (source[rows] - background[rows])).sum(1, keepdim=True).detach())
     evidence = torch.cat(out)
-    evidence = evidence / _peak(evidence)
-    saliency = masks * (EVIDENCE_FLOOR + evidence)
+    evidence = evidence / _peak(evidence.abs())
+    weight = torch.where(
+        evidence > 0, evidence + EVIDENCE_FLOOR, EVIDENCE_FLOOR * (1 + evidence.clamp_max(0))
+    )
+    saliency = masks * weight
     return saliency / _peak(saliency)
 
 
