@@ -76,10 +76,11 @@ log = logging.getLogger(__name__)
 _MASK_INIT = 0.0
 
 # ``isolation_map: evidence``: the weight of the mask alone next to the per-pixel evidence (scaled to
-# a peak of 1). Measured on 3 marker CNNs and 2 Lite0 photos (10 steps, lr 0.3): 0.003 put more of
-# the map on the marker (0.45-0.57) but deleted worse (0.11-0.28); 0.03 deleted as well (0.07-0.18)
-# with less on the marker (0.40-0.49) and less insertion on photos (0.26 vs 0.32); 0 (ties at zero)
-# deleted no better than the gradient alone (0.35-0.73).
+# a peak of 1). Measured on 3 marker CNNs (6 images each) and Lite0 photos, 10-15 mask steps: 0 (ties
+# at zero) deleted no better than the gradient alone (0.35-0.73 on markers); 0.003 put more of the
+# map on the marker (0.40-0.49 at 15 steps, lr 0.1) but deleted worse (0.18-0.35); 0.03 deleted a
+# little better (0.06-0.20) with less on the marker (0.33-0.41) and less photo insertion (0.27 vs
+# 0.29 with 0.01, 4 views).
 EVIDENCE_FLOOR = 0.01
 
 # Isolation early stop (``isolation_stop_early``): every 10 steps, a pair whose window means of kept
