@@ -1,44 +1,73 @@
-"""Entanglement against held-out confusion: leapcore's ``share`` measure and leap-ie's ``leap``.
+"""Entanglement against held-out confusion, and how well confusion itself is defined.
 
-Trains six digit CNNs (sklearn digits at 32x32; seeds, epochs and training sizes vary: 55-97 %
-held-out accuracy), audits one prototype per digit, and prints per model the Spearman correlation
-over the 45 unordered digit pairs between the pair entanglement and the symmetrised held-out
-confusion (hard: argmax counts; soft: mean predicted probability), plus the split-half reliability
-of the hard confusion (how well any score could track it). Both measures are computed from the same
-prototypes.
+Trains twelve digit CNNs (sklearn digits at 32x32; seeds, epochs and training sizes vary: 55-97 %
+held-out accuracy; models 0-5 chose the defaults, 6-11 only check them), audits one prototype per
+digit and prints:
 
-    PYTHONPATH=. python benchmarks/entanglement.py [--objective margin] [--defaults]
+1. **The target's reliability**, per model: split-half Spearman (two random halves of the held-out
+   digits, 20 draws) of the symmetrised hard confusion (argmax counts) and soft confusion (mean
+   predicted probability), the Spearman-Brown ceiling ``sqrt(2r / (1 + r))`` (the best correlation
+   any score can reach against the full held-out confusion), the share of pairs with zero hard
+   confusion (ties), and the agreement of the confusion with the confusion of the same model on 8
+   augmented views of the held-out digits (shifts, rotations, scaling).
+2. **Measures**: Spearman over the 45 unordered pairs between each measure and the held-out
+   confusion, mean (worst) over the models, hard and soft, plus the measure's own time per audit
+   and its ratio to the prototype stage. Every measure reads the same prototypes, per objective.
+
+    PYTHONPATH=. python benchmarks/entanglement.py [--objectives margin logit] [--models 12]
+        [--defaults] [--all]
 
 ``--defaults`` runs the engine's default schedule (slow on a CPU); otherwise the digits tests'
-fast one (100 steps, transform ``s``, lr 0.05).
+fast one (100 steps, transform ``s``, lr 0.05). ``--all`` adds the data-free boundary measures that
+lost (targeted ease, escape, barrier, linearised boundary distance).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leapcore import engine  # noqa: E402
-from leapcore.entanglement import entanglement, pair_entanglement  # noqa: E402
+from leapcore.entanglement import entanglement, pair_entanglement, relaxed_logits  # noqa: E402
 from tests.engine.engine_support import train_digits  # noqa: E402
 
-MODELS = [(2, 600, 0), (1, 200, 1), (1, 400, 2), (3, 600, 3), (2, 400, 4), (2, 300, 5)]
+MODELS = [
+    (2, 600, 0),
+    (1, 200, 1),
+    (1, 400, 2),
+    (3, 600, 3),
+    (2, 400, 4),
+    (2, 300, 5),
+    (2, 500, 6),
+    (1, 300, 7),
+    (3, 400, 8),
+    (2, 800, 9),
+    (1, 600, 10),
+    (4, 600, 11),
+]
 FAST = {"max_steps": 100, "find_lr_steps": 0, "lr": 0.05, "transform": "s"}
-
-
-def upper(m: np.ndarray) -> np.ndarray:
-    return m[np.triu_indices(len(m), 1)]
+UPPER = np.triu_indices(10, 1)
+TARGETS = torch.arange(10)
 
 
 def symmetrised(m: np.ndarray) -> np.ndarray:
-    return upper((m + m.T) / 2)
+    """The 45 off-diagonal pairs of ``(m + m.T) / 2``."""
+    m = np.asarray(m, dtype=float)
+    return ((m + m.T) / 2)[UPPER]
+
+
+def rho(a: np.ndarray, b: np.ndarray) -> float:
+    return float(spearmanr(a, b).statistic)
 
 
 def confusions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -51,60 +80,219 @@ def confusions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, 
     return hard / hard.sum(1, keepdims=True), soft
 
 
-def split_half(logits: torch.Tensor, labels: torch.Tensor, draws: int = 20) -> float:
-    """Mean Spearman between the hard confusions of two random halves of the held-out digits."""
-    rhos = []
+def split_half(logits: torch.Tensor, labels: torch.Tensor, draws: int = 20) -> tuple[float, float]:
+    """Mean Spearman between the (hard, soft) confusions of two random halves of the digits."""
+    hard, soft = [], []
     for seed in range(draws):
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
         a, b = order[: len(order) // 2], order[len(order) // 2 :]
-        ha, _ = confusions(logits[a], labels[a])
-        hb, _ = confusions(logits[b], labels[b])
-        rhos.append(spearmanr(symmetrised(ha), symmetrised(hb)).statistic)
-    return float(np.mean(rhos))
+        ha, sa = confusions(logits[a], labels[a])
+        hb, sb = confusions(logits[b], labels[b])
+        hard.append(rho(symmetrised(ha), symmetrised(hb)))
+        soft.append(rho(symmetrised(sa), symmetrised(sb)))
+    return float(np.mean(hard)), float(np.mean(soft))
+
+
+def ceiling(r: float) -> float:
+    """Spearman-Brown: the best correlation a score can reach against the full-data target."""
+    return float(np.sqrt(max(2 * r / (1 + r), 0.0)))
+
+
+def augmented(x: torch.Tensor, seed: int, views: int = 8) -> list[torch.Tensor]:
+    """Random shifts (+-2 px of 32), rotations (+-10 degrees) and scaling (0.9-1.1)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(views):
+        b = len(x)
+        angle = (torch.rand(b, generator=gen) - 0.5) * np.pi / 9
+        scale = 0.9 + 0.2 * torch.rand(b, generator=gen)
+        shift = (torch.rand(b, 2, generator=gen) - 0.5) / 4
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack(
+            [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        out.append(F.grid_sample(x, grid, align_corners=False))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Measures: each maps (net, prototype images, audit) to a [10, 10] score (a higher score: closer)
+# ---------------------------------------------------------------------------------------------- #
+def _signed_steps(net, x, objective: Callable, k: int, eps: float) -> torch.Tensor:
+    for _ in range(k):
+        x = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(objective(net(x)).sum(), x)
+        x = (x.detach() + eps * grad.sign()).clamp(0, 1)
+    return x.detach()
+
+
+def m_share(net, images, audit) -> np.ndarray:
+    return pair_entanglement(entanglement(audit.baseline.logits, audit.prototypes.logits)).numpy()
+
+
+def m_leap(net, images, audit) -> np.ndarray:
+    return entanglement(audit.baseline.logits, audit.prototypes.logits, measure="leap").numpy()
+
+
+def m_relaxed(net, images, audit, steps: int = 10, step: float = 0.02) -> np.ndarray:
+    mask = F.one_hot(TARGETS, 10).bool()
+    z = relaxed_logits(net, images, mask, steps, step)
+    return pair_entanglement(entanglement(audit.baseline.logits, z)).numpy()
+
+
+def m_targeted_ease(net, images, audit, k: int = 1, eps: float = 0.02) -> np.ndarray:
+    """log p_b after k signed steps from a's prototype raising log p_b (all 90 pairs batched)."""
+    a = TARGETS.repeat_interleave(10)
+    b = TARGETS.repeat(10)
+    rows = torch.arange(100)
+    x = _signed_steps(net, images[a], lambda z: z.log_softmax(1)[rows, b], k, eps)
+    with torch.no_grad():
+        return net(x).log_softmax(1)[rows, b].reshape(10, 10).numpy()
+
+
+def m_flip_steps(net, images, audit, max_k: int = 30, eps: float = 0.01) -> np.ndarray:
+    """Minus the signed steps from a's prototype until b is the top class."""
+    a, b = TARGETS.repeat_interleave(10), TARGETS.repeat(10)
+    rows = torch.arange(100)
+    x = images[a]
+    steps = torch.full((100,), float(max_k + 1))
+    for k in range(1, max_k + 1):
+        x = _signed_steps(net, x, lambda z: z.log_softmax(1)[rows, b], 1, eps)
+        with torch.no_grad():
+            flipped = (net(x).argmax(1) == b) & (steps > max_k)
+        steps[flipped] = k
+    return -steps.reshape(10, 10).numpy()
+
+
+def m_escape(net, images, audit, k: int = 1, eps: float = 0.01) -> np.ndarray:
+    """Non-target share after k signed steps lowering the target's log-probability."""
+    x = _signed_steps(net, images, lambda z: -z.log_softmax(1)[TARGETS, TARGETS], k, eps)
+    with torch.no_grad():
+        return pair_entanglement(entanglement(audit.baseline.logits, net(x))).numpy()
+
+
+def m_barrier(net, images, audit, points: int = 11) -> np.ndarray:
+    """min over the straight path between a's and b's prototypes of p_a + p_b (no leak: close)."""
+    t = torch.linspace(0, 1, points)[:, None, None, None]
+    out = np.zeros((10, 10))
+    with torch.no_grad():
+        for a in range(10):
+            for b in range(a + 1, 10):
+                p = net((1 - t) * images[a] + t * images[b]).softmax(1)
+                out[a, b] = out[b, a] = float((p[:, a] + p[:, b]).min())
+    return out
+
+
+def m_boundary_distance(net, images, audit) -> np.ndarray:
+    """Minus the linearised L2 distance (z_a - z_b) / |grad (z_a - z_b)| (DeepFool's step)."""
+    out = np.zeros((10, 10))
+    for b in range(10):
+        x = images.clone().requires_grad_(True)
+        z = net(x)
+        gap = z[TARGETS, TARGETS] - z[:, b]
+        (grad,) = torch.autograd.grad(gap.sum(), x)
+        out[:, b] = -(gap.detach() / grad.flatten(1).norm(dim=1).clamp_min(1e-8)).numpy()
+    return out
+
+
+MEASURES: dict[str, Callable] = {
+    "relaxed (default: share after 10 steps of 0.02)": m_relaxed,
+    "share": m_share,
+    "leap (leap-ie's formula)": m_leap,
+}
+MORE: dict[str, Callable] = {
+    "relaxed, 20 steps of 0.01": lambda n, i, a: m_relaxed(n, i, a, 20, 0.01),
+    "relaxed, 40 steps of 0.01": lambda n, i, a: m_relaxed(n, i, a, 40, 0.01),
+    "targeted ease a->b (log p_b, 1 step)": m_targeted_ease,
+    "targeted ease a->b (log p_b, 10 steps)": lambda n, i, a: m_targeted_ease(n, i, a, 10, 0.01),
+    "steps until b is top (a->b)": m_flip_steps,
+    "escape share (1 step down p_a)": m_escape,
+    "escape share (10 steps down p_a)": lambda n, i, a: m_escape(n, i, a, 10, 0.02),
+    "barrier on the a-b prototype path": m_barrier,
+    "linearised boundary distance": m_boundary_distance,
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--objective", default="margin")
+    parser.add_argument("--objectives", nargs="+", default=["margin", "logit"])
+    parser.add_argument("--models", type=int, default=len(MODELS))
     parser.add_argument("--defaults", action="store_true")
+    parser.add_argument("--all", action="store_true", help="also the boundary measures that lost")
     args = parser.parse_args()
+    torch.set_num_threads(1)
+    measures = {**MEASURES, **(MORE if args.all else {})}
     config = {"input_dim": [1, 32, 32], "isolation": False, "log_freq": 50}
     config.update({} if args.defaults else FAST)
-    config["objective"] = args.objective
-    print(f"objective {args.objective}, {'default' if args.defaults else 'fast'} schedule")
-    print("model        acc   split-half | share hard/soft | leap hard/soft")
-    results = []
-    for epochs, size, seed in MODELS:
+    print(f"{'default' if args.defaults else 'fast'} schedule; models 0-5 chose, 6-11 check\n")
+    print("1. The target: reliability of held-out confusion (45 symmetrised pairs)")
+    print(
+        "model        acc  n     zero | split-half hard / soft | ceiling hard / soft | "
+        "plain~augmented hard / soft | hard~soft"
+    )
+    scores: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    seconds: dict[tuple[str, str], list[float]] = {}
+    proto_seconds: dict[str, list[float]] = {}
+    reliability = []
+    for epochs, size, seed in MODELS[: args.models]:
         digits = train_digits(epochs, size, seed)
+        net = torch.nn.Sequential(digits.preprocessing, digits.model).eval()
         with torch.no_grad():
-            logits = digits.model(digits.preprocessing(digits.test_x))
+            logits = net(digits.test_x)
+            views = augmented(digits.test_x, seed)
+            aug_logits = torch.cat([net(v) for v in views])
         hard, soft = confusions(logits, digits.test_y)
-        audit = engine.run(
-            digits.model, digits.class_list, config, list(range(10)), digits.preprocessing
-        )
-        share = pair_entanglement(audit.entanglement).numpy()
-        leap = entanglement(audit.baseline.logits.cpu(), audit.prototypes.logits, measure="leap")
-        leap = leap.numpy()
-        row = [
-            spearmanr(upper(share), symmetrised(hard)).statistic,
-            spearmanr(upper(share), symmetrised(soft)).statistic,
-            spearmanr(symmetrised(leap), symmetrised(hard)).statistic,
-            spearmanr(symmetrised(leap), symmetrised(soft)).statistic,
-        ]
-        results.append(row)
-        acc = float(np.diag(hard).mean())
+        aug_hard, aug_soft = confusions(aug_logits, digits.test_y.repeat(len(views)))
+        sh_hard, sh_soft = split_half(logits, digits.test_y)
+        h, s = symmetrised(hard), symmetrised(soft)
+        reliability.append((sh_hard, sh_soft, ceiling(sh_hard), ceiling(sh_soft)))
         print(
-            f"{epochs}ep/{size}/s{seed:<3} {acc:.2f}  {split_half(logits, digits.test_y):6.2f}     |"
-            f"  {row[0]:5.2f} / {row[1]:5.2f}  |  {row[2]:5.2f} / {row[3]:5.2f}",
+            f"{epochs}ep/{size}/s{seed:<4} {np.diag(hard).mean():.2f} {len(digits.test_y):5d} "
+            f"{(h == 0).mean():.2f} |       {sh_hard:.2f} / {sh_soft:.2f}    |"
+            f"     {ceiling(sh_hard):.2f} / {ceiling(sh_soft):.2f}     |"
+            f"          {rho(h, symmetrised(aug_hard)):.2f} / {rho(s, symmetrised(aug_soft)):.2f}"
+            f"        |   {rho(h, s):.2f}",
             flush=True,
         )
-    mean, worst = np.mean(results, 0), np.min(results, 0)
+        for objective in args.objectives:
+            audit = engine.run(
+                digits.model,
+                digits.class_list,
+                {**config, "objective": objective, "entanglement_measure": "share"},
+                list(range(10)),
+                digits.preprocessing,
+            )
+            proto_seconds.setdefault(objective, []).append(audit.prototypes.seconds)
+            images = audit.prototypes.images
+            for name, fn in measures.items():
+                began = time.perf_counter()
+                m = fn(net, images, audit)
+                seconds.setdefault((objective, name), []).append(time.perf_counter() - began)
+                scores.setdefault((objective, name), []).append(
+                    (rho(symmetrised(m), h), rho(symmetrised(m), s))
+                )
+    r = np.array(reliability)
     print(
-        f"mean                          |  {mean[0]:5.2f} / {mean[1]:5.2f}  |  {mean[2]:5.2f} / {mean[3]:5.2f}"
+        f"mean split-half hard {r[:, 0].mean():.2f} (min {r[:, 0].min():.2f}), soft "
+        f"{r[:, 1].mean():.2f} (min {r[:, 1].min():.2f}); ceiling hard {r[:, 2].mean():.2f} "
+        f"(min {r[:, 2].min():.2f}), soft {r[:, 3].mean():.2f} (min {r[:, 3].min():.2f})\n"
     )
-    print(
-        f"worst                         |  {worst[0]:5.2f} / {worst[1]:5.2f}  |  {worst[2]:5.2f} / {worst[3]:5.2f}"
-    )
+    print("2. Spearman against held-out confusion, mean (worst); the measure's time per audit")
+    head = "hard: all | fit | check      soft: all | fit | check       s/audit  x proto"
+    for objective in args.objectives:
+        print(f"\nobjective {objective}{' ' * 34}{head}")
+        proto = float(np.mean(proto_seconds[objective]))
+        for name in measures:
+            v = np.array(scores[(objective, name)])
+            t = float(np.mean(seconds[(objective, name)]))
+            cells = []
+            for col in (0, 1):
+                parts = [f"{v[:, col].mean():.2f} ({v[:, col].min():5.2f})"]
+                parts += [f"{v[sl, col].mean():.2f}" for sl in (slice(0, 6), slice(6, None))]
+                cells.append(" | ".join(parts))
+            print(f"  {name:46s} {cells[0]}     {cells[1]}     {t:6.3f}   {t / proto:.3f}")
+        print(f"  (prototype stage: {proto:.2f} s per audit)")
 
 
 if __name__ == "__main__":

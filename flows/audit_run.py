@@ -188,6 +188,8 @@ def _core_stages(call: AuditCall, ctx: AuditContext, states: dict[str, str]) -> 
                 baseline=baseline,
                 prototypes=prototypes,
                 store=ctx.store,
+                locator=ctx.locator,
+                device=ctx.device,
             ),
         )
     if plan.on("isolate_features"):

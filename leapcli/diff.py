@@ -32,9 +32,41 @@ def add_diff_parser(sub: Any, formatter: Any = argparse.HelpFormatter) -> None:
         "--output-dir",
         help="where diff.parquet and diff.html go (default leap_results/diff/A_vs_B)",
     )
-    diff.add_argument("--entanglement-threshold", type=float, default=0.2, metavar="X")
-    diff.add_argument("--quality-threshold", type=float, default=0.1, metavar="X")
-    diff.add_argument("--similarity-threshold", type=float, default=0.5, metavar="X")
+    diff.add_argument(
+        "--config",
+        metavar="FILE",
+        help="JSON file of engine options; its diff_* options set the thresholds and pair measure",
+    )
+    diff.add_argument(
+        "--entanglement-threshold",
+        type=float,
+        metavar="X",
+        help="default: the config's diff_entanglement_threshold (0.2)",
+    )
+    diff.add_argument(
+        "--quality-threshold",
+        type=float,
+        metavar="X",
+        help="default: the config's diff_quality_threshold (0.1)",
+    )
+    diff.add_argument(
+        "--similarity-threshold",
+        type=float,
+        metavar="X",
+        help="default: the config's diff_similarity_threshold (0.5)",
+    )
+    diff.add_argument(
+        "--pair-measure",
+        choices=("samples", "fixed", "own"),
+        help="what the pair probabilities are measured on (default: the config's "
+        "diff_pair_measure); 'samples' needs --samples",
+    )
+    diff.add_argument(
+        "--samples",
+        nargs="+",
+        metavar="PATH",
+        help="the user's images (files or folders) for the 'samples' pair measure",
+    )
     diff.add_argument(
         "--layer", help="module whose input is the feature vector (default: last Linear)"
     )
@@ -51,20 +83,23 @@ def _slug(text: str) -> str:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     """Compare the two audits; exit 1 with the reason on bad input (before anything is written)."""
-    from leapcore.diff import DiffThresholds, diff_audits
+    from leapcore.diff import diff_audits
     from leapcore.errors import LeapError
     from tasks.audit_source import audit_side, client_for, find_audit
     from tasks.mlflow_registry import tracking_uri
+    from tasks.sample_files import image_files
 
     try:
-        thresholds = DiffThresholds(
-            args.entanglement_threshold, args.quality_threshold, args.similarity_threshold
-        )
+        thresholds, measure = diff_options(args)
+        files = image_files(args.samples) if args.samples else []
         uri = tracking_uri()
         client = client_for(uri)
         audits = [find_audit(client, ref) for ref in (args.audit_a, args.audit_b)]
         sides = [audit_side(client, a, uri, not args.no_models) for a in audits]
-        diff = diff_audits(sides[0], sides[1], thresholds, args.layer)
+        samples = read_samples(files, sides[1]) if files else None
+        diff = diff_audits(
+            sides[0], sides[1], thresholds, args.layer, pair_measure=measure, samples=samples
+        )
     except LeapError as err:
         if args.verbose:
             raise
@@ -83,6 +118,37 @@ def cmd_diff(args: argparse.Namespace) -> int:
         run_id = log_diff(client, diff, audits, files)
         say(f"MLflow run: {run_id}")
     return 0
+
+
+def diff_options(args: argparse.Namespace) -> tuple[Any, str]:
+    """The thresholds and pair measure: the config file's ``diff_*`` options (checked with the
+    whole config), the flags over them."""
+    from leapcore.config import load_config
+    from leapcore.diff import DiffThresholds
+
+    config = load_config(args.config) if args.config else load_config(None)
+    given = (args.entanglement_threshold, args.quality_threshold, args.similarity_threshold)
+    defaults = (
+        config.diff_entanglement_threshold,
+        config.diff_quality_threshold,
+        config.diff_similarity_threshold,
+    )
+    values = [d if g is None else g for g, d in zip(given, defaults)]
+    return DiffThresholds(*values), args.pair_measure or config.diff_pair_measure
+
+
+def read_samples(files: list[Any], side: Any) -> Any:
+    """The user's images at the size of ``side``'s prototypes (pixels in [0, 1])."""
+    import torch
+
+    from leapcore.images import load_image
+    from leapcore.results import column_tensor
+
+    protos = side.tables.get("prototypes")
+    if protos is None or not protos.num_rows:
+        return None
+    c, h, w = column_tensor(protos.column("image")).shape[1:]
+    return torch.stack([load_image(f.path, (h, w), c) for f in files])
 
 
 def write_diff(diff: Any, out: Path) -> list[Path]:
@@ -105,7 +171,9 @@ def print_diff(diff: Any, top: int = 10) -> None:
         say(f"  note: {note}")
     pairs = diff.rows("entanglement")
     if pairs:
-        say("\npairs (pair probability on the prototypes), largest change first:")
+        meta = diff.table.schema.metadata or {}
+        basis = meta.get(b"leapcore.pair_basis", b"prototypes").decode()
+        say(f"\npairs (pair probability on {basis}), largest change first:")
         for r in pairs[:top]:
             pair = f"{r['target']} <-> {r['other']}"
             say(

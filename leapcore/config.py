@@ -10,9 +10,7 @@ the committed file matches, so the docs cannot drift from the validation.
 from __future__ import annotations
 
 import difflib
-import json
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -22,9 +20,9 @@ from pydantic import (
     ValidationError,
 )
 
-from leapcore.config_checks import PUBLISHER_KEYS, ConfigChecks
+from leapcore.config_checks import PUBLISHER_KEYS, ConfigChecks, describe_errors, read_raw_config
 from leapcore.errors import ConfigError
-from leapcore.secrets import is_secret_name, sanitise
+from leapcore.secrets import sanitise
 from leapcore.stage_names import (  # noqa: F401 (the stage names, named here as before)
     ALL,
     BASELINE,
@@ -37,6 +35,17 @@ from leapcore.stage_names import (  # noqa: F401 (the stage names, named here as
 )
 
 TRANSFORM_PRESETS = ("s", "m", "l", "xl")
+#: The analysis stage that reads the ``diff_*`` options (``tasks/diff.py``).
+DIFF_STAGE = "diff_audits"
+_DIFF_NOTE = (
+    "Between two seeds of one digits CNN no pair moved by more than 0.13 on 100 held-out samples, but "
+    "by up to 0.83 on prototypes alone (docs/diff.md): without samples a flag is a prompt to look."
+)
+_MEASURE_NOTE = (
+    "Chosen by measurement (issue 15, benchmarks/diff_testbed.py, docs/diff.md): only samples "
+    "kept seed-only retrains under the threshold; on prototypes 'fixed' names a planted merge "
+    "first more often than 'own'."
+)
 PARAMETERISATIONS = ("pixel", "fourier")
 
 
@@ -264,16 +273,33 @@ class EngineConfig(ConfigChecks):
         "is flagged (`off_target`). With `output: multilabel_logits` the default is 'logit' "
         "(independent classes) and 'log_softmax' is refused.",
     )
-    entanglement_measure: Literal["share", "leap"] = _opt(
-        "share",
-        "How entanglement is scored: 'share' (the share of the probability a prototype leaves to "
-        "the non-target classes that goes to each class; targets 1) or 'leap' (leap-ie's: each "
-        "class's logit gain over the baseline against the top logit's).",
+    entanglement_measure: str = _opt(
+        "relaxed",
+        "How entanglement is scored: 'relaxed' ('share' read after a short relaxation of each "
+        "prototype: `entanglement_relax_steps` signed-gradient steps raising the target logit), "
+        "'share' (the share of the probability a prototype leaves to the non-target classes that "
+        "goes to each class; targets 1) or 'leap' (leap-ie's: each class's logit gain over the "
+        "baseline against the top logit's).",
         ENTANGLEMENT,
-        note="Default by measurement (issue 19): Spearman against held-out confusion over the 45 "
-        "pairs of six digit CNNs, mean 0.39 (worst 0.28) for 'share' and 0.26 (worst -0.09) for "
-        "'leap' with the default 'margin' objective; 0.47 / 0.44 with 'logit'. Multi-label "
-        "outputs always use the per-class gain formula.",
+        note="Default by measurement (issue 19): Spearman against held-out soft confusion (the "
+        "mean predicted probability; hard confusion of a good model is too noisy to rank 45 "
+        "pairs) over the 45 pairs of twelve digit CNNs of 55-97 % accuracy, 'margin' objective: "
+        "mean 0.69 (worst 0.55) for 'relaxed', 0.57 (worst 0.43) for 'share', 0.41 (worst 0.16) "
+        "for 'leap'. Multi-label outputs always use the per-class gain formula.",
+    )
+    entanglement_relax_steps: int = _opt(
+        10,
+        "Steps of the 'relaxed' entanglement measure (0: the same as 'share'); each costs one "
+        "forward and backward pass per prototype, like one optimisation step.",
+        ENTANGLEMENT,
+        ge=0,
+    )
+    entanglement_relax_step: float = _opt(
+        0.02,
+        "Step size of the 'relaxed' measure, in pixel units (images in [0, 1]): every pixel moves "
+        "by this much per step.",
+        ENTANGLEMENT,
+        gt=0,
     )
     objective_weight: float = _opt(
         1.0,
@@ -469,6 +495,42 @@ class EngineConfig(ConfigChecks):
         8, "Smallest grid cell (pixels) that hierarchical perturbation refines to.", ISOLATION, ge=1
     )
 
+    # --- the audit diff (analysis stage diff_audits, and `leap diff`) ---
+    diff_entanglement_threshold: float = _opt(
+        0.2,
+        "A change of a pair's probability (see `diff_pair_measure`) that flags the pair "
+        "`entangled` / `disentangled` in the audit diff and fires the `leapcore.audit.drift` event.",
+        DIFF_STAGE,
+        note=_DIFF_NOTE,
+        ge=0,
+        le=1,
+    )
+    diff_quality_threshold: float = _opt(
+        0.1,
+        "A change of a prototype / isolation quality measure (target probability, off-target "
+        "share, kept logit, coverage) that the audit diff flags `worse` / `better`.",
+        DIFF_STAGE,
+        ge=0,
+    )
+    diff_similarity_threshold: float = _opt(
+        0.5,
+        "Penultimate-layer cosine between a class's prototypes of the two versions below which "
+        "the audit diff flags them `dissimilar`.",
+        DIFF_STAGE,
+        ge=0,
+        le=1,
+    )
+    diff_pair_measure: Literal["fixed", "own", "samples"] = _opt(
+        "samples",
+        "Which images the audit diff's pair probabilities are measured on, with both models: "
+        "'samples' (the user's `samples`, each target's those either version assigns to it; "
+        "targets without one, or no samples at all, use 'fixed'), 'fixed' (both versions' "
+        "prototypes fed to both models) or 'own' (each model on its own prototypes, leap-ie's "
+        "view; the only one without the models).",
+        DIFF_STAGE,
+        note=_MEASURE_NOTE,
+    )
+
     # --- output ---
     output_dir: str | None = _opt(
         None,
@@ -507,31 +569,7 @@ def load_config(config: ConfigLike) -> EngineConfig:
     """
     if isinstance(config, EngineConfig):
         return config
-    if config is None:
-        raw: dict[str, Any] = {}
-    elif isinstance(config, (str, os.PathLike)):
-        path = Path(config)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {str(path)!r} does not exist; pass a dict or a JSON file path."
-            )
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(
-                f"config file {str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}."
-            ) from None
-    elif isinstance(config, dict):
-        raw = dict(config)
-    else:
-        raise ConfigError(
-            f"config must be a dict or a JSON file path, not {type(config).__name__}."
-        )
-    if not isinstance(raw, dict):
-        raise ConfigError("config must hold a JSON object of option names and values.")
-    # leap-ie's page spells one option with a stray backslash ("blur\\max").
-    if "blur\\max" in raw:
-        raw["blur_max"] = raw.pop("blur\\max")
+    raw = read_raw_config(config)
     names = [*EngineConfig.model_fields, *PUBLISHER_KEYS]
     unknown = [k for k in raw if k not in names]
     if unknown:
@@ -546,17 +584,4 @@ def load_config(config: ConfigLike) -> EngineConfig:
     try:
         return EngineConfig(**raw)
     except ValidationError as err:
-        raise ConfigError(_describe(err)) from None
-
-
-def _describe(err: ValidationError) -> str:
-    lines = []
-    for item in err.errors():
-        msg = item["msg"].removeprefix("Value error, ")
-        if not item["loc"]:  # a check across options: its input is the whole config, secrets too
-            lines.append(msg)
-            continue
-        loc = ".".join(str(p) for p in item["loc"])
-        shown = "<secret>" if is_secret_name(loc) else repr(item.get("input"))
-        lines.append(f"config option {loc!r} = {shown}: {msg}")
-    return "invalid config: " + "; ".join(lines)
+        raise ConfigError(describe_errors(err)) from None

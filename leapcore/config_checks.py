@@ -1,7 +1,7 @@
 """What :class:`~leapcore.config.EngineConfig` checks beyond each option's type and range.
 
-Checks of single values that need other modules (objective and isolation-method names, start-image
-intensities), leap-ie's ``use_hipe`` alias of ``isolation_method``, checks across options, and the
+Checks of single values that need other modules (objective, entanglement-measure and
+isolation-method names, start-image intensities), leap-ie's ``use_hipe`` alias of ``isolation_method``, checks across options, and the
 routing of leap-ie's W&B keys (:data:`PUBLISHER_KEYS`) aside for the publishers. ``EngineConfig``
 inherits them; its fields and their documentation stay in :mod:`leapcore.config`.
 """
@@ -9,6 +9,9 @@ inherits them; its fields and their documentation stay in :mod:`leapcore.config`
 from __future__ import annotations
 
 import difflib
+import json
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import (
@@ -16,11 +19,13 @@ from pydantic import (
     ModelWrapValidatorHandler,
     PrivateAttr,
     SecretStr,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from leapcore.errors import ConfigError
 from leapcore.secrets import is_secret_name
 
 if TYPE_CHECKING:
@@ -88,6 +93,15 @@ class ConfigChecks(BaseModel):
             raise ValueError(
                 f"unknown objective {value!r}{hint}; valid objectives: {', '.join(OBJECTIVES)}."
             )
+        return value
+
+    @field_validator("entanglement_measure", check_fields=False)
+    @classmethod
+    def _known_entanglement_measure(cls, value: str) -> str:
+        from leapcore.entanglement import MEASURES, unknown_measure_message
+
+        if value not in MEASURES:
+            raise ValueError(unknown_measure_message(value))
         return value
 
     @field_validator("isolation_method", check_fields=False)
@@ -169,3 +183,51 @@ def _publisher_values(given: dict[str, Any]) -> dict[str, Any]:
             value = SecretStr(value)
         values[key] = value
     return values
+
+
+def read_raw_config(config: dict | str | os.PathLike | None) -> dict[str, Any]:
+    """The option names and values of a config given as a dict or a JSON file path (unchecked).
+
+    Raises:
+        ConfigError: the file is missing or not a JSON object, or ``config`` is of another type.
+    """
+    if config is None:
+        raw: Any = {}
+    elif isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist; pass a dict or a JSON file path."
+            )
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(
+                f"config file {str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}."
+            ) from None
+    elif isinstance(config, dict):
+        raw = dict(config)
+    else:
+        raise ConfigError(
+            f"config must be a dict or a JSON file path, not {type(config).__name__}."
+        )
+    if not isinstance(raw, dict):
+        raise ConfigError("config must hold a JSON object of option names and values.")
+    # leap-ie's page spells one option with a stray backslash ("blur\\max").
+    if "blur\\max" in raw:
+        raw["blur_max"] = raw.pop("blur\\max")
+    return raw
+
+
+def describe_errors(err: ValidationError) -> str:
+    """One message naming every wrong value (secrets shown as ``<secret>``)."""
+    lines = []
+    for item in err.errors():
+        msg = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:  # a check across options: its input is the whole config, secrets too
+            lines.append(msg)
+            continue
+        loc = ".".join(str(p) for p in item["loc"])
+        shown = "<secret>" if is_secret_name(loc) else repr(item.get("input"))
+        lines.append(f"config option {loc!r} = {shown}: {msg}")
+    return "invalid config: " + "; ".join(lines)

@@ -4,11 +4,11 @@ Pure functions over two audits' Arrow tables (``prototypes``, ``entanglement``, 
 when both audits ran the scan, ``spurious``) and, for the prototype similarity, the two models.
 :func:`diff_audits` returns an :class:`AuditDiff` whose ``table`` (schema ``diff``) holds a row per
 
-- ``entanglement``: an unordered pair of classes {target, other} and how much the target's
-  prototype also looks like the other class (``pair_prob``, :func:`pair_probabilities`) before and
-  after, for the direction that changed most (both directions in ``detail``); ``flag``
-  ``entangled`` / ``disentangled`` when the change passes the threshold. Sorted by the size of the
-  change, largest first.
+- ``entanglement``: an unordered pair of classes {target, other} and how much the target's images
+  also look like the other class (``pair_prob``, :mod:`leapcore.diff_pairs`; by default both
+  versions' prototypes fed to both models) before and after, for the direction that changed most
+  (both directions in ``detail``); ``flag`` ``entangled`` / ``disentangled`` when the change passes
+  the threshold. Sorted by the size of the change, largest first.
 - ``prototype``: a target whose prototypes both audits have, with the cosine between the previous
   and the current prototype in each model's own penultimate-layer features (each prototype fed to
   both models); ``flag`` ``dissimilar`` below the similarity threshold.
@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from leapcore.diff_pairs import PAIR_MEASURES, pair_probabilities, pair_rows
 from leapcore.errors import InputError
 from leapcore.features import penultimate_features
 
@@ -211,86 +212,6 @@ def _targets(side: AuditSide) -> dict[str, list[int]]:
     for row, name in zip(table.column("row").to_pylist(), table.column("target_name").to_pylist()):
         out.setdefault(name, []).append(int(row))
     return out
-
-
-def pair_probabilities(side: AuditSide) -> dict[tuple[str, str], float]:
-    """(target name, class name) -> how much the target's prototype also looks like the class:
-    ``sigmoid(z_c(P) - z_t(P))``, the probability of ``c`` against the target alone, averaged over
-    the target's prototypes (``z_t``: the mean logit of a hybrid's classes).
-
-    0 when the prototype leaves no doubt, 0.5 when the model cannot tell the two apart on it. The
-    report's entanglement (leap-ie's ``(z_c(P) - z_c(B)) / (max_k z_k(P) - z_c(B))``) is measured
-    from the baseline image and blows up (thousands) when a class's baseline logit is close to the
-    prototype's top logit; the difference of two such numbers says nothing, so the diff compares
-    this bounded measure, which needs neither the baseline nor the other classes.
-    """
-    table, protos = side.tables.get("entanglement"), side.tables.get("prototypes")
-    if table is None or protos is None:
-        return {}
-    own = dict(zip(protos.column("row").to_pylist(), protos.column("target_classes").to_pylist()))
-    logits: dict[int, dict[int, float]] = {}
-    names: dict[int, str] = {}
-    for r, t, c, z in zip(
-        table.column("row").to_pylist(),
-        table.column("target_name").to_pylist(),
-        table.column("class_index").to_pylist(),
-        table.column("logit").to_pylist(),
-    ):
-        logits.setdefault(r, {})[c] = float(z)
-        names[r] = t
-    sums: dict[tuple[str, str], list[float]] = {}
-    for r, by_class in logits.items():
-        classes = own.get(r) or []
-        if not classes:
-            continue
-        target = float(np.mean([by_class[c] for c in classes]))
-        for c, z in by_class.items():
-            if c in classes or not math.isfinite(z - target):
-                continue
-            share = 1.0 / (1.0 + math.exp(min(50.0, target - z)))
-            sums.setdefault((names[r], side.class_list[c]), []).append(share)
-    return {k: float(np.mean(v)) for k, v in sums.items()}
-
-
-def _pair_rows(
-    previous: AuditSide,
-    current: AuditSide,
-    targets: list[str],
-    classes: list[str],
-    threshold: float,
-) -> list[dict[str, Any]]:
-    """A row per unordered pair; its numbers are those of the direction (``t -> c``: on ``t``'s
-    prototype) whose value changed most, the other direction is in ``detail``."""
-    ea, eb = pair_probabilities(previous), pair_probabilities(current)
-    off = {side.label: _off_target(side) for side in (previous, current)}
-    pairs: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    for t in targets:
-        for c in classes:
-            if c == t or (t, c) not in ea or (t, c) not in eb:
-                continue
-            key = (t, c) if (c not in targets or targets.index(t) < targets.index(c)) else (c, t)
-            pairs.setdefault(key, []).append((t, c))
-    rows = []
-    for (t, c), directions in pairs.items():
-        main = max(directions, key=lambda d: abs(eb[d] - ea[d]))
-        before, after = ea[main], eb[main]
-        change = after - before
-        flag = ""
-        if change >= threshold:
-            flag = "entangled"
-        elif change <= -threshold:
-            flag = "disentangled"
-        detail = "; ".join(
-            f"{x} -> {y}: {ea[(x, y)]:.3f} -> {eb[(x, y)]:.3f}" for x, y in directions
-        )
-        doubtful = [f"{main[0]} in {label}" for label, names in off.items() if main[0] in names]
-        if doubtful:  # the prototype is not one of its class: its pair numbers are doubtful
-            detail += f" (off-target prototype of {', '.join(doubtful)})"
-        rows.append(
-            _row("entanglement", t, c, "pair_prob", before, after, flag=flag, detail=detail)
-        )
-    rows.sort(key=lambda r: (-abs(r["change"]), r["target"], r["other"]))
-    return rows
 
 
 def _off_target(side: AuditSide) -> set[str]:
@@ -490,6 +411,8 @@ def diff_audits(
     current: AuditSide,
     thresholds: DiffThresholds | None = None,
     layer: str | None = None,
+    pair_measure: str = "samples",
+    samples: torch.Tensor | None = None,
 ) -> AuditDiff:
     """Compare two audits of one model (``previous`` earlier, ``current`` later).
 
@@ -498,16 +421,24 @@ def diff_audits(
         current: the later audit.
         thresholds: when a change is flagged (default :class:`DiffThresholds`).
         layer: the module whose input is the feature vector (default the last ``Linear``).
+        pair_measure: which images and models the pair probabilities come from
+            (:data:`~leapcore.diff_pairs.PAIR_MEASURES`; default ``samples``: on ``samples``
+            when given, else both versions' prototypes fed to both models).
+        samples: the user's images (``[N, C, H, W]`` in [0, 1]) for the ``samples`` measure.
 
     Returns:
         An :class:`AuditDiff`; its table's metadata carries both labels, the thresholds and what
         was left out.
 
     Raises:
-        InputError: the class lists share no class (different models), or the audits share no
-            audited target.
+        InputError: the class lists share no class (different models), the audits share no
+            audited target, or the pair measure is unknown.
     """
     thresholds = thresholds or DiffThresholds()
+    if pair_measure not in PAIR_MEASURES:
+        raise InputError(
+            f"unknown pair measure {pair_measure!r}; use one of {list(PAIR_MEASURES)}."
+        )
     classes, left_out = _check_classes(previous, current)
     rows_a, rows_b = _targets(previous), _targets(current)
     targets = [t for t in rows_b if t in rows_a]
@@ -523,7 +454,12 @@ def diff_audits(
     for key, names in left_out.items():
         if names:
             notes.append(f"left out ({key.replace('_', ' ')}): {', '.join(names)}")
-    rows = _pair_rows(previous, current, targets, classes, thresholds.entanglement)
+    before, after, basis, pair_notes = pair_probabilities(
+        previous, current, targets, classes, pair_measure, samples
+    )
+    notes += pair_notes
+    off = {side.label: _off_target(side) for side in (previous, current)}
+    rows = pair_rows(before, after, basis, targets, classes, thresholds.entanglement, off, _row)
     if previous.model is not None and current.model is not None and targets:
         rows += _prototype_rows(
             previous, current, targets, rows_a, rows_b, thresholds.similarity, layer
@@ -543,11 +479,19 @@ def diff_audits(
         b"leapcore.left_out": json.dumps(left_out).encode(),
         b"leapcore.notes": json.dumps(notes).encode(),
         b"leapcore.thresholds": json.dumps(vars(thresholds)).encode(),
+        b"leapcore.pair_measure": pair_measure.encode(),
+        b"leapcore.pair_basis": pair_basis(basis).encode(),
         b"leapcore.previous_facts": json.dumps(dict(previous.facts)).encode(),
         b"leapcore.current_facts": json.dumps(dict(current.facts)).encode(),
     }
     table = table.replace_schema_metadata(meta)
     return AuditDiff(table, previous.label, current.label, left_out, notes)
+
+
+def pair_basis(basis: Mapping[tuple[str, str], str]) -> str:
+    """``samples``, ``prototypes`` or ``samples and prototypes``: what the pairs were measured on."""
+    kinds = {"samples" if b.endswith(" samples") else "prototypes" for b in basis.values()}
+    return " and ".join(sorted(kinds, reverse=True)) or "none"
 
 
 def diff_from_arrow(table: pa.Table) -> AuditDiff:

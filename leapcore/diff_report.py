@@ -50,15 +50,18 @@ def diff_section(audit: Any, context: ReportContext) -> str | None:
     diff = diff_from_arrow(table)
     _, _, thresholds = diff_facts(table)
     e = html.escape
+    basis = (table.schema.metadata or {}).get(b"leapcore.pair_basis", b"prototypes").decode()
+    on = {
+        "samples": "your samples (each target's: those either version assigns to it)",
+        "prototypes": "prototypes (see the note below)",
+    }.get(basis, basis)
     parts = [
         f"<p>Compared with <b>{e(diff.previous)}</b> (this audit: {e(diff.current)}). "
-        "Pair probability: how much a target's prototype also looks like the other class, "
-        "sigmoid(z<sub>other</sub> − z<sub>target</sub>) on the prototype (0: no doubt, 0.5: "
-        "the model cannot tell them apart); a change of at least "
-        f"{e(str(thresholds.get('entanglement', '')))} is flagged. Prototypes optimised with the "
-        "margin objective push other classes down and show less of it than leap-ie's logit "
-        "objective. A flagged pair is a prompt to look, not proof: prototypes of a model retrained "
-        "with another seed can move a pair as much.</p>"
+        "Pair probability: how much a target's images also look like the other class, "
+        "sigmoid(z<sub>other</sub> − z<sub>target</sub>) averaged over them (0: no doubt, 0.5: "
+        f"the model cannot tell them apart), measured on {e(on)}; both versions see the same "
+        "images, so the change is the model's. A change of at least "
+        f"{e(str(thresholds.get('entanglement', '')))} is flagged.</p>"
     ]
     for note in diff.notes:
         parts.append(f"<p class='diff-note'><b>Note:</b> {e(note)}</p>")

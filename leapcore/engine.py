@@ -38,7 +38,7 @@ from leapcore.device import (
     peak_memory_mb,
     pick_device,
 )
-from leapcore.entanglement import entanglement
+from leapcore.entanglement import entanglement, relaxed_logits
 from leapcore.errors import InputError
 from leapcore.isolation import IsolationResult, choose_classes, isolate_features
 from leapcore.lr_finder import LearningRateResult, find_learning_rate
@@ -371,13 +371,8 @@ def run_prototypes(
         audit.timings["transfer"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    base_logits = audit.baseline.logits.cpu()
-    audit.entanglement = entanglement(
-        base_logits,
-        audit.prototypes.logits,
-        output=config.output,
-        targets=audit.prototypes.target_mask(),
-        measure=config.entanglement_measure,
+    audit.entanglement = score_entanglement(
+        model, audit.prototypes, audit.baseline.logits.cpu(), config, device, chunk
     )
     audit.timings[ENTANGLEMENT] = time.perf_counter() - began
 
@@ -390,6 +385,41 @@ def run_prototypes(
         audit.isolation = isolate_features(model, shown, classes, config, chunk, keys)
         audit.timings[ISOLATION] = time.perf_counter() - began
     return audit
+
+
+def score_entanglement(
+    model: LogitsModel,
+    prototypes: PrototypeResult,
+    baseline_logits: torch.Tensor,
+    config: EngineConfig,
+    device: torch.device,
+    chunk_size: int,
+) -> torch.Tensor:
+    """``[B, K]`` entanglement of the prototypes by ``config.entanglement_measure``.
+
+    ``relaxed`` first moves each prototype (as the model sees it, alpha on its background) a few
+    steps up its target logits (:func:`leapcore.entanglement.relaxed_logits`); multi-label models
+    keep the per-class gain formula.
+    """
+    logits = prototypes.logits
+    measure = config.entanglement_measure
+    if measure == "relaxed" and config.output != "multilabel_logits":
+        shown, _ = isolation_inputs(prototypes, [], config, model.num_classes, device)
+        logits = relaxed_logits(
+            model,
+            shown,
+            prototypes.target_mask(),
+            config.entanglement_relax_steps,
+            config.entanglement_relax_step,
+            chunk_size,
+        )
+    return entanglement(
+        baseline_logits,
+        logits,
+        output=config.output,
+        targets=prototypes.target_mask(),
+        measure=measure,
+    )
 
 
 def run_samples(

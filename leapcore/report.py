@@ -189,11 +189,10 @@ def entanglement_heatmap(audit: Any, top: int = HEATMAP_COLUMNS, fmt: str = "png
     scores = audit.entanglement[:, columns].numpy()
     names = [audit.class_list[c] for c in columns]
     measure = getattr(audit.config, "entanglement_measure", "leap")
-    label = (
-        "entanglement (share of the non-target probability)"
-        if measure == "share"
-        else "entanglement (1 = rose as much as the target)"
-    )
+    label = {
+        "share": "entanglement (share of the non-target probability)",
+        "relaxed": "entanglement (share of the non-target probability, relaxed)",
+    }.get(measure, "entanglement (1 = rose as much as the target)")
     return entanglement_figure(scores, rows, names, fmt=fmt, label=label)
 
 
@@ -458,6 +457,8 @@ def render_report(
             heatmap=heatmap,
             heatmap_columns=heatmap_columns_shown,
             entanglement_measure=getattr(audit.config, "entanglement_measure", "leap"),
+            relax_steps=getattr(audit.config, "entanglement_relax_steps", 0),
+            relax_step=getattr(audit.config, "entanglement_relax_step", 0),
             num_classes=len(audit.class_list),
             trajectory=trajectory,
             lr=None if p is None else p.lr,

@@ -32,10 +32,10 @@ from leapcore.config import (
     LR,
     PROTOTYPES,
     EngineConfig,
-    is_secret_name,
     options_for_stage,
     stage_name,
 )
+from leapcore.secrets import is_secret_name
 from tasks.artifacts import ArtifactRef, ArtifactStore
 from tasks.model import ModelLocator, ModelRef
 

@@ -97,7 +97,11 @@ def diff_with_previous(
     previous_locator: ModelLocator | None = None,
     thresholds: dict[str, float] | None = None,
     layer: str | None = None,
+    pair_measure: str = "fixed",
+    samples: StageOutput | None = None,
 ) -> StageOutput:
+    from leapcore.results import samples_from_arrow
+
     began = time.perf_counter()
     before = {name: store.get_table(ref) for name, ref in previous_tables.items()}
     classes = class_list_of(before) or (
@@ -119,7 +123,17 @@ def diff_with_previous(
         now.preprocessing,
         facts,
     )
-    diff = compare(previous, current_side, DiffThresholds(**(thresholds or {})), layer)
+    images = None
+    if samples is not None:
+        images = samples_from_arrow(store.get_table(samples.refs["samples"]))[0]
+    diff = compare(
+        previous,
+        current_side,
+        DiffThresholds(**(thresholds or {})),
+        layer,
+        pair_measure=pair_measure,
+        samples=images,
+    )
     ref = store.put_table(diff.table, "diff")
     return StageOutput("diff_audits", {"diff": ref}, time.perf_counter() - began, summary(diff))
 
@@ -170,6 +184,33 @@ def _fetch_previous(
     except (LeapError, OSError) as err:
         return None, None, f"could not load {audit.label} ({type(err).__name__}: {err})"
     return ref, locator, ""
+
+
+def thresholds_of(config: Any) -> dict[str, float]:
+    """The diff thresholds of the engine config (options ``diff_*_threshold``)."""
+    return {
+        "entanglement": config.diff_entanglement_threshold,
+        "quality": config.diff_quality_threshold,
+        "similarity": config.diff_similarity_threshold,
+    }
+
+
+def _load_samples(ctx: AuditContext) -> StageOutput:
+    """The user's images read with the model's eval transform (the cached ``load_samples``)."""
+    from tasks.runtime import run_stage
+    from tasks.sample_files import image_files
+    from tasks.stages import SampleFile, load_samples
+
+    loaded = ctx.outputs.get("load_samples")
+    if loaded is not None:
+        return loaded
+    files = [f if isinstance(f, SampleFile) else None for f in ctx.samples]
+    if None in files:  # paths rather than the flow's checked, hashed files
+        files = image_files([str(f) for f in ctx.samples])
+    loaded, _ = run_stage(
+        load_samples, files=files, model=ctx.model, config=ctx.config, store=ctx.store
+    )
+    return loaded
 
 
 def not_comparable(tables: dict[str, pa.Table], ctx: AuditContext, label: str) -> str:
@@ -236,6 +277,10 @@ def run_diff(ctx: AuditContext) -> tuple[StageOutput | None, str]:
     facts = {"name": name, "version": previous.version, "run_id": previous.run_id}
     if problem:
         facts["note"] = problem
+    config = ctx.config
+    samples = None
+    if config.diff_pair_measure == "samples" and ctx.samples:
+        samples = _load_samples(ctx)
     log.info("diff_audits: comparing %s v%s with %s", name, version, previous.label)
     output, state = run_stage(
         diff_with_previous,
@@ -248,6 +293,9 @@ def run_diff(ctx: AuditContext) -> tuple[StageOutput | None, str]:
         store=ctx.store,
         previous_model=prev_model,
         previous_locator=prev_locator,
+        thresholds=thresholds_of(config),
+        pair_measure=config.diff_pair_measure,
+        samples=samples,
     )
     log.info(
         "diff_audits: %s in %.2f s (comparison %.2f s; the rest reads the earlier audit's tables "
@@ -268,6 +316,8 @@ def diff_findings(table: pa.Table) -> Findings:
 
     diff = diff_from_arrow(table)
     before, after, thresholds = diff_facts(table)
+    meta = table.schema.metadata or {}
+    basis = meta.get(b"leapcore.pair_basis", b"prototypes").decode()
     metrics = diff.metrics()
     entangled = diff.rows("entanglement", "entangled")
     disentangled = diff.rows("entanglement", "disentangled")
@@ -277,6 +327,7 @@ def diff_findings(table: pa.Table) -> Findings:
         "leapcore.diff.entangled_pairs": str(len(entangled)),
         "leapcore.diff.disentangled_pairs": str(len(disentangled)),
         "leapcore.diff.worse_verdicts": str(len(worse)),
+        "leapcore.diff.pair_basis": basis,
     }
     top = diff.top_pair
     if top is not None:
@@ -297,6 +348,7 @@ def diff_findings(table: pa.Table) -> Findings:
                 f"{r['target']}: {r['before_text']} -> {r['after_text']}" for r in worse
             ],
             "threshold": thresholds.get("entanglement"),
+            "pair_basis": basis,
         }
         payload["summary"] = drift_summary(diff, payload)
         events.append((DRIFT_EVENT, payload))
@@ -306,10 +358,16 @@ def diff_findings(table: pa.Table) -> Findings:
 def drift_summary(diff: AuditDiff, payload: dict[str, Any]) -> str:
     """One line a notification can carry."""
     parts = []
+    basis = f" (pairs on {payload['pair_basis']})" if payload.get("pair_basis") else ""
+    if payload.get("pair_basis") == "prototypes":
+        # measured: a seed-only retrain moves prototype-measured pairs as much as a real merge
+        basis = (
+            " (pairs on prototypes, which a seed-only retrain also moves: pass samples to confirm)"
+        )
     if payload["entangled"]:
-        parts.append("entangled: " + "; ".join(payload["entangled"]))
+        parts.append(f"entangled{basis}: " + "; ".join(payload["entangled"]))
     if payload["disentangled"]:
-        parts.append("disentangled: " + "; ".join(payload["disentangled"]))
+        parts.append(f"disentangled{basis}: " + "; ".join(payload["disentangled"]))
     if payload["worse_verdicts"]:
         parts.append("worse scan verdicts: " + "; ".join(payload["worse_verdicts"]))
     return f"{diff.current} vs {diff.previous}: " + " | ".join(parts)

@@ -18,8 +18,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, SecretStr
 
-from leapcore.config import is_secret_name
-from leapcore.secrets import redact, redact_uri
+from leapcore.secrets import is_secret_name, redact, redact_uri
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -274,6 +274,8 @@ def score_entanglement(
     baseline: StageOutput,
     prototypes: list[StageOutput],
     store: ArtifactStore,
+    locator: ModelLocator | None = None,
+    device: str | None = None,
 ) -> StageOutput:
     merged = merge_prototypes(
         [
@@ -285,13 +287,23 @@ def score_entanglement(
     )
     base_logits = baseline_from_arrow(store.get_table(baseline.refs["baseline"])).logits.cpu()
     began = time.perf_counter()
-    scores = entanglement_stage.entanglement(
-        base_logits,
-        merged.logits,
-        output=merged.output,
-        targets=merged.target_mask(),
-        measure=config.entanglement_measure,
-    )
+    if config.entanglement_measure == "relaxed" and merged.output != "multilabel_logits":
+        if locator is None:
+            raise ValueError("the 'relaxed' entanglement measure needs the model's locator")
+        dev = pick_device(device)
+        net, loaded = engine_model(model, locator, config, dev)
+        _seed(config)
+        with engine.stage_mode(loaded.model, config, dev):
+            batch = engine.prototype_chunk_size(net, len(merged.images), config, dev)
+            scores = engine.score_entanglement(net, merged, base_logits, config, dev, batch)
+    else:
+        scores = entanglement_stage.entanglement(
+            base_logits,
+            merged.logits,
+            output=merged.output,
+            targets=merged.target_mask(),
+            measure=config.entanglement_measure,
+        )
     seconds = time.perf_counter() - began
     names = list(model.class_list)
     summary = []

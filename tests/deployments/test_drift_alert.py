@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(300)]
 CLASSES = ["cat", "dog", "fox"]
 
 
-def _side(label: str, version: str, dog_logit_on_cat: float):
-    """An audit of two targets (cat, dog) whose cat prototype gives ``dog`` the given logit."""
+def _side(label: str, version: str, dog_logit_on_cat: float, verdict: str | None = None):
+    """An audit of two targets (cat, dog) whose cat prototype gives ``dog`` the given logit (and,
+    with ``verdict``, a scan that judged cat so)."""
     from leapcore.diff import AuditSide
 
     protos = pa.table({"row": [0, 1], "target_name": ["cat", "dog"], "target_classes": [[0], [1]]})
@@ -35,7 +36,10 @@ def _side(label: str, version: str, dog_logit_on_cat: float):
         }
     )
     facts = {"name": "pets", "version": version, "run_id": f"run-{version}"}
-    return AuditSide(label, CLASSES, {"prototypes": protos, "entanglement": ent}, facts=facts)
+    tables = {"prototypes": protos, "entanglement": ent}
+    if verdict is not None:
+        tables["spurious"] = pa.table({"class_name": ["cat"], "verdict": [verdict]})
+    return AuditSide(label, CLASSES, tables, facts=facts)
 
 
 def _drift_event():
@@ -46,7 +50,32 @@ def _drift_event():
     diff = diff_audits(_side("pets v1", "1", -4.0), _side("pets v2", "2", 5.5))
     ((name, payload),) = diff_findings(diff.table).events
     assert name == DRIFT_EVENT and payload["entangled"][0].startswith("cat <-> dog")
+    # no models, so the pairs are on prototypes: the alert itself says they may be seed noise
+    assert payload["pair_basis"] == "prototypes" and "seed-only retrain" in payload["summary"]
     return name, payload
+
+
+def _verdict_event():
+    """The event of a diff where only the scan's verdict of cat got worse (no pair moved)."""
+    from leapcore.diff import diff_audits
+    from tasks.diff import DRIFT_EVENT, diff_findings
+
+    diff = diff_audits(
+        _side("pets v2", "2", -4.0, "clean"), _side("pets v3", "3", -4.0, "likely spurious")
+    )
+    ((name, payload),) = diff_findings(diff.table).events
+    assert name == DRIFT_EVENT and not payload["entangled"] and not payload["disentangled"]
+    assert payload["worse_verdicts"] == ["cat: clean -> likely spurious"]
+    return name, payload
+
+
+def test_a_worse_verdict_alone_emits_the_event_and_an_unchanged_diff_none():
+    from leapcore.diff import diff_audits
+    from tasks.diff import diff_findings
+
+    _verdict_event()
+    same = diff_audits(_side("pets v2", "2", -4.0, "clean"), _side("pets v3", "3", -4.0, "clean"))
+    assert diff_findings(same.table).events == []
 
 
 class _Hook(BaseHTTPRequestHandler):
@@ -118,17 +147,36 @@ def test_the_drift_event_fires_the_automation_and_reaches_the_block(prefect_serv
             id=uuid4(),
         )
         send_event(event)
+        # A scan verdict that got worse, no pair moved: the same automation fires.
+        _, verdict_payload = _verdict_event()
+        worse_model = f"pets-{uuid4().hex[:8]}"
+        verdict_payload = {**verdict_payload, "model": worse_model}
+        send_event(
+            Event(
+                event=name,
+                resource={"prefect.resource.id": f"leapcore.model.{worse_model}"},
+                payload=verdict_payload,
+                id=uuid4(),
+            )
+        )
 
-        def created():
+        def created(which: str = model):
             with get_client(sync_client=True) as client:
                 runs = client.read_flow_runs(
                     deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
                     sort=FlowRunSort.ID_DESC,
                     limit=50,
                 )
-            return [r for r in runs if r.parameters.get("model") == model]
+            return [r for r in runs if r.parameters.get("model") == which]
 
         (run,) = wait_for(created, 90, interval=1, what="the automation's flow run")
+        (worse_run,) = wait_for(
+            lambda: created(worse_model), 90, interval=1, what="the verdict event's flow run"
+        )
+        assert (
+            "worse scan verdicts: cat: clean -> likely spurious" in worse_run.parameters["summary"]
+        )
+        assert worse_run.parameters["version"] == "3"
         assert run.parameters["summary"] == payload["summary"]
         assert run.parameters["version"] == "2" and run.parameters["previous_version"] == "1"
         assert run.parameters["notify_block"] is None  # the deployment's default: log only

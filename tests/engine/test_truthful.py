@@ -9,7 +9,7 @@ from scipy.stats import spearmanr
 
 from leapcore import engine, results
 from leapcore.config import load_config
-from leapcore.entanglement import entanglement, pair_entanglement
+from leapcore.entanglement import entanglement, pair_entanglement, relaxed_logits
 from leapcore.errors import ConfigError, InputError
 from leapcore.faithfulness import deletion_insertion_auc
 from leapcore.objectives import OBJECTIVES, get_objective
@@ -231,27 +231,79 @@ def test_quality_section_names_off_target_prototypes(digits, digit_isolation):
 # ---------------------------------------------------------------------------------------------- #
 # Entanglement against held-out confusion
 # ---------------------------------------------------------------------------------------------- #
-def confusion_rho(pairs: torch.Tensor, confusion: np.ndarray) -> float:
+def confusion_rho(pairs: torch.Tensor | np.ndarray, confusion: np.ndarray) -> float:
     """Spearman over the 45 unordered pairs of a symmetric score and the symmetrised confusion."""
     upper = np.triu_indices(10, 1)
-    return float(spearmanr(pairs.numpy()[upper], ((confusion + confusion.T) / 2)[upper]).statistic)
+    pairs = pairs.numpy() if isinstance(pairs, torch.Tensor) else pairs
+    return float(spearmanr(pairs[upper], ((confusion + confusion.T) / 2)[upper]).statistic)
+
+
+def soft_confusion(digits) -> np.ndarray:
+    """Mean predicted probability of each class on the held-out digits of each class."""
+    with torch.no_grad():
+        probs = digits.model(digits.preprocessing(digits.test_x)).softmax(1).numpy()
+    return np.stack([probs[digits.test_y.numpy() == c].mean(0) for c in range(10)])
 
 
 def test_default_entanglement_tracks_held_out_confusion_on_every_model(digit_models, digit_audits):
-    """The default (``share``) tracks confusion on three models; leap-ie's formula misses on one.
+    """The default (``relaxed``) tracks confusion on three models; ``share`` and leap's do less.
 
-    Measured (benchmarks/entanglement.py, six models): share 0.39 mean, worst 0.28; leap 0.26 mean,
-    worst -0.09, on the same margin-objective prototypes.
+    Soft confusion (mean predicted probability) is the better-defined target: its split-half
+    reliability is 0.81-1.00 where hard confusion's is 0.27-0.95 (benchmarks/entanglement.py).
+    Measured here (60 steps): relaxed soft 0.75 / 0.72 / 0.62, hard 0.67 / 0.34 / 0.34; share on
+    the same prototypes soft 0.52 / 0.72 / 0.60, hard 0.44 / 0.33 / 0.32; leap soft 0.31 / 0.45 /
+    0.11. Twelve models in the benchmark: relaxed 0.69 / 0.44, share 0.57 / 0.37 (soft / hard).
+    With 40 / 80 steps or seeds 1 / 2 instead, relaxed stays at soft min >= 0.58, mean >= 0.67,
+    hard min >= 0.29, mean >= 0.42, and at least 0.09 above share's soft mean.
     """
-    new, old = [], []
+    soft, hard, share_soft, leap_soft = [], [], [], []
     for model, audit in zip(digit_models, digit_audits, strict=True):
-        assert audit.config.entanglement_measure == "share"
-        confusion = model.confusion()
-        new.append(confusion_rho(pair_entanglement(audit.entanglement), confusion))
-        leap = entanglement(audit.baseline.logits.cpu(), audit.prototypes.logits, measure="leap")
-        old.append(confusion_rho((leap + leap.T) / 2, confusion))
-    assert min(new) > 0.2 and np.mean(new) > 0.3, (new, old)
-    assert min(old) < 0.2, old  # what the default replaced misses the same bar
+        assert audit.config.entanglement_measure == "relaxed"
+        pairs = pair_entanglement(audit.entanglement)
+        soft.append(confusion_rho(pairs, soft_confusion(model)))
+        hard.append(confusion_rho(pairs, model.confusion()))
+        base, logits = audit.baseline.logits, audit.prototypes.logits
+        share = pair_entanglement(entanglement(base, logits, measure="share"))
+        share_soft.append(confusion_rho(share, soft_confusion(model)))
+        leap = entanglement(base, logits, measure="leap")
+        leap_soft.append(confusion_rho((leap + leap.T) / 2, soft_confusion(model)))
+    assert min(soft) > 0.55 and np.mean(soft) > 0.64, (soft, share_soft, leap_soft)
+    assert min(hard) > 0.25 and np.mean(hard) > 0.38, hard
+    # What the default replaced misses on the same prototypes.
+    assert np.mean(soft) > np.mean(share_soft) + 0.05, (soft, share_soft)
+    assert min(leap_soft) < 0.55, leap_soft
+
+
+def test_relaxed_logits_raise_the_target_and_keep_the_model():
+    """Ten steps of 0.02 move every pixel by at most 0.2 and raise each row's target logit."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    before = [p.detach().clone() for p in net.parameters()]
+    images = torch.rand(3, 3, 2, 2)
+    targets = torch.zeros(3, 4, dtype=torch.bool)
+    targets[torch.arange(3), torch.tensor([0, 2, 3])] = True
+    with torch.no_grad():
+        start = net(images)
+    relaxed = relaxed_logits(net, images, targets, steps=10, step=0.02, chunk_size=2)
+    rows = torch.arange(3)
+    assert (relaxed[rows, [0, 2, 3]] > start[rows, [0, 2, 3]]).all()
+    torch.testing.assert_close(relaxed_logits(net, images, targets, steps=0), start)
+    with torch.no_grad():  # a caller's no_grad block does not stop the steps
+        torch.testing.assert_close(relaxed_logits(net, images, targets, 10, 0.02, 2), relaxed)
+    for p, q in zip(net.parameters(), before, strict=True):
+        assert torch.equal(p, q) and p.grad is None
+    # A linear model: each step adds exactly 0.02 * |w_t| summed over pixels (until the clamp).
+    w = net[1].weight
+    inside = torch.full((1, 3, 2, 2), 0.5)
+    gain = relaxed_logits(net, inside, targets[:1], steps=10, step=0.02)[0, 0] - net(inside)[0, 0]
+    torch.testing.assert_close(gain, 0.2 * w[0].abs().sum().detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_entanglement_measure_names_the_closest():
+    with pytest.raises(ConfigError, match="did you mean 'relaxed'"):
+        load_config({"entanglement_measure": "relax"})
+    with pytest.raises(ValueError, match="did you mean 'share'"):
+        entanglement(torch.zeros(1, 3), torch.zeros(1, 3), measure="shar")
 
 
 def test_share_entanglement_rows():

@@ -1,13 +1,16 @@
 """``audit_model`` on two versions of one registered model (real MLflow SQLite registry, Prefect's
 temporary server, W&B offline): the second audit is diffed against the first.
 
-Version 2 is the same CNN (the engine tests' diff test bed) trained with 60 % of the 8s labelled 3; its audit must name the pair
-digit-3 / digit-8 first, tag the version, describe the change in the version's description, show
-the report section, log a W&B table and emit the drift event.
+Version 2 is the same CNN (the engine tests' diff test bed) trained with 60 % of the 8s labelled 3;
+audited with the default objective (margin) and held-out digits as the user's samples (the default
+pair measure ``samples``), it must name the pair digit-3 / digit-8 first, tag the version, describe
+the change in the version's description, show the report section, log a W&B table and emit the
+drift event.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,7 +27,22 @@ pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(600)]
 
 NAME = "digits-diff"
 TARGETS = list(range(10))
-CONFIG = tiny_config(objective="logit", max_steps=30, find_lr_steps=0, lr=0.05)
+CONFIG = tiny_config(max_steps=30, find_lr_steps=0, lr=0.05)  # the default objective, margin
+
+
+def _sample_folder(root: Path, per_class: int = 5) -> Path:
+    """Held-out digits (no version trained on them) as PNG files: the user's samples."""
+    from PIL import Image
+
+    from tests.engine.diff_support import held_out_digits
+
+    folder = root / "samples"
+    folder.mkdir()
+    images, labels = held_out_digits(per_class)
+    for i, (image, label) in enumerate(zip(images, labels.tolist())):
+        pixels = (image[0] * 255).round().byte().numpy()
+        Image.fromarray(pixels, mode="L").save(folder / f"{label}-{i:03d}.png")
+    return folder
 
 
 def _version(merge: bool) -> nn.Module:
@@ -58,11 +76,15 @@ def two_audits(prefect_server, pipeline_home, tmp_path_factory):
         uris.append(ref.uri)
     assert uris == [f"models:/{NAME}/1", f"models:/{NAME}/2"]
     store = str(tmp_path_factory.mktemp("diff-store"))
+    samples = _sample_folder(tmp_path_factory.mktemp("diff-samples"))
     results = []
     for uri, skip in zip(uris, (["wandb"], [])):  # W&B is checked on the second audit only
         out = tmp_path_factory.mktemp("diff-out")
+        given = str(samples) if uri.endswith("/2") else None  # the diff runs at v2
         results.append(
-            audit_model(uri, TARGETS, CONFIG, skip, artifact_store=store, output_dir=str(out))
+            audit_model(
+                uri, TARGETS, CONFIG, skip, artifact_store=store, output_dir=str(out), samples=given
+            )
         )
     return results
 
@@ -90,12 +112,15 @@ def test_the_second_audit_names_the_merged_pair_first(two_audits):
     pairs = [r for r in table.to_pylist() if r["kind"] == "entanglement"]
     assert {pairs[0]["target"], pairs[0]["other"]} == {"digit-3", "digit-8"}, pairs[:3]
     assert pairs[0]["flag"] == "entangled"
+    assert pairs[0]["change"] - abs(pairs[1]["change"]) >= 0.25, pairs[:3]
+    assert "samples)" in pairs[0]["detail"]  # measured on the user's samples
     protos = [r for r in table.to_pylist() if r["kind"] == "prototype"]
     assert len(protos) == 10 and all(-1 <= r["cosine_current_model"] <= 1 for r in protos)
     assert second.metrics["diff/max_entanglement_change"] == pytest.approx(pairs[0]["change"])
 
     version = _client().get_model_version(NAME, "2")
     assert version.tags["leapcore.diff.previous_version"] == "1"
+    assert version.tags["leapcore.diff.pair_basis"] == "samples"
     assert version.tags["leapcore.diff.top_pair"].startswith(
         ("digit-3 <-> digit-8", "digit-8 <-> digit-3")
     )
@@ -137,6 +162,7 @@ def test_the_drift_event_reaches_prefect(two_audits):
     payload = event["payload"]
     assert payload["version"] == "2" and payload["previous_version"] == "1"
     assert payload["entangled"][0].startswith(("digit-3 <-> digit-8", "digit-8 <-> digit-3"))
+    assert payload["pair_basis"] == "samples" and "(pairs on samples)" in payload["summary"]
     assert event["resource"]["leapcore.model_version"] == "2"
 
 
@@ -144,8 +170,18 @@ def test_leap_diff_compares_two_versions_and_logs_to_mlflow(two_audits, tmp_path
     from leapcli.cli import main
 
     out = tmp_path / "diff"
+    samples = _sample_folder(tmp_path)
     code = main(
-        ["diff", f"models:/{NAME}/1", f"models:/{NAME}/2", "--output-dir", str(out), "--mlflow"]
+        [
+            "diff",
+            f"models:/{NAME}/1",
+            f"models:/{NAME}/2",
+            "--output-dir",
+            str(out),
+            "--mlflow",
+            "--samples",
+            str(samples),
+        ]
     )
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -155,8 +191,11 @@ def test_leap_diff_compares_two_versions_and_logs_to_mlflow(two_audits, tmp_path
     assert "entangled" in first
     table = pq.read_table(out / "diff.parquet")
     stage = pq.read_table(Path(two_audits[1].output_dir) / "tables" / "diff.parquet")
-    # The same comparison as the audit's own stage (same tables, same models).
-    assert table.column("change").to_pylist() == stage.column("change").to_pylist()
+    # The same comparison as the audit's own stage (same tables, models and samples; the stage
+    # reads the samples with the model's eval transform, leap diff at the prototypes' size).
+    assert table.column("change").to_pylist() == pytest.approx(
+        stage.column("change").to_pylist(), abs=1e-4
+    )
     assert "Changes since the previous version" in (out / "diff.html").read_text()
     run_id = printed.rsplit("MLflow run: ", 1)[1].split()[0]
     run = _client().get_run(run_id)
@@ -164,14 +203,23 @@ def test_leap_diff_compares_two_versions_and_logs_to_mlflow(two_audits, tmp_path
     assert run.data.tags["leapcore.diff.current_run_id"] == two_audits[1].mlflow_run_id
     assert run.data.metrics["diff/entangled_pairs"] >= 1
 
-    # Run ids work too, and give the same table.
+    # Run ids work too; without the models the pairs are each model's on its own prototypes.
     by_runs = tmp_path / "by-runs"
     runs = [r.mlflow_run_id for r in two_audits]
     assert main(["diff", *runs, "--output-dir", str(by_runs), "--no-models"]) == 0
+    assert "pair measure 'own' (each model on its own prototypes)" in capsys.readouterr().out
     again = pq.read_table(by_runs / "diff.parquet")
     pairs = [r for r in again.to_pylist() if r["kind"] == "entanglement"]
-    assert pairs == [r for r in table.to_pylist() if r["kind"] == "entanglement"]
+    assert len(pairs) == 45 and all("(on own prototypes)" in r["detail"] for r in pairs)
     assert not [r for r in again.to_pylist() if r["kind"] == "prototype"]
+    # The thresholds come from a config file; a flag wins over it.
+    config = tmp_path / "diff.json"
+    config.write_text('{"diff_entanglement_threshold": 0.95, "diff_quality_threshold": 0.5}')
+    strict = tmp_path / "strict"
+    args = ["diff", *runs, "--output-dir", str(strict), "--no-models", "--config", str(config)]
+    assert main([*args, "--quality-threshold", "0.3"]) == 0
+    meta = pq.read_table(strict / "diff.parquet").schema.metadata[b"leapcore.thresholds"]
+    assert json.loads(meta) == {"entanglement": 0.95, "quality": 0.3, "similarity": 0.5}
 
 
 def test_leap_diff_refuses_what_has_no_audit(two_audits, tmp_path, capsys):
@@ -182,6 +230,11 @@ def test_leap_diff_refuses_what_has_no_audit(two_audits, tmp_path, capsys):
     assert "has no version 9 of 'digits-diff'" in capsys.readouterr().err
     assert main(["diff", "0" * 32, f"models:/{NAME}/2", "--output-dir", str(out)]) == 1
     assert f"MLflow has no run {'0' * 32}" in capsys.readouterr().err
+    assert not out.exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"diff_entanglement_threshold": -1}')
+    assert main(["diff", "0" * 32, "1" * 32, "--config", str(bad), "--output-dir", str(out)]) == 1
+    assert "diff_entanglement_threshold" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -11,6 +11,7 @@ from leapcore import engine
 from leapcore.config import (
     ALL,
     BASELINE,
+    DIFF_STAGE,
     ENTANGLEMENT,
     ISOLATION,
     LR,
@@ -28,7 +29,11 @@ ENGINE_STAGES = {BASELINE, LR, PROTOTYPES, ENTANGLEMENT, ISOLATION}
 
 
 def test_config_stages_are_the_pipelines_task_names():
-    assert {option_stage(n) for n in EngineConfig.model_fields} <= ENGINE_STAGES | {ALL}
+    assert {option_stage(n) for n in EngineConfig.model_fields} <= ENGINE_STAGES | {ALL, DIFF_STAGE}
+    # the analysis stage that reads the diff_* options (its own task is named after it)
+    from tasks.diff import diff_with_previous
+
+    assert diff_with_previous.name == DIFF_STAGE
     assert set(CORE_STAGES) >= ENGINE_STAGES
     for name in ENGINE_STAGES:  # the Prefect task of that name exists
         assert getattr(stages, name).name == name
