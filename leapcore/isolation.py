@@ -5,8 +5,11 @@
 every (image, class) pair at once, optimise a smooth mask (one value per ``isolation_cell`` pixels)
 so that ``x * m + background * (1 - m)`` keeps the class's logit, clamped at its unmasked value so
 the mask cannot invent evidence, while ``isolation_alpha_weight`` shrinks the mask and
-``isolation_hf_weight`` keeps it smooth. ``hipe`` is hierarchical perturbation (:mod:`leapcore.hipe`;
-leap-ie's ``use_hipe: true`` selects it). The background is ``isolation_background``.
+``isolation_hf_weight`` keeps it smooth. With ``isolation_map: evidence`` (the default) the saliency
+is that mask times each pixel's ``gradient . (image - background)`` (:func:`evidence_map`): the mask
+finds the region in a few steps, the gradient ranks the pixels inside it. ``hipe`` is hierarchical
+perturbation (:mod:`leapcore.hipe`; leap-ie's ``use_hipe: true`` selects it). The background is
+``isolation_background``.
 
 Either way the result is a saliency map; :func:`calibrate` turns it into the reported mask: the
 smallest top share of the map (from :data:`LEVELS`) whose isolated image keeps ``isolation_keep`` of
