@@ -458,7 +458,9 @@ class EngineConfig(ConfigChecks):
         "evidence",
         "The saliency map of `isolation_method: mask` (what `isolation_keep` calibrates and the "
         "deletion / insertion AUCs rank): 'evidence' = the optimised soft mask times each pixel's "
-        "gradient . (image - background) at the image, positive part; 'mask' = the soft mask alone.",
+        "gradient . (image - background) at the image (pixels against the class last), and the "
+        "reported mask is a top share of that map averaged over windows of 2 cells + 1 pixel, so "
+        "it is made of regions; 'mask' = the soft mask alone.",
         ISOLATION,
         note="Chosen by measurement (issue 19, `benchmarks/fidelity.py`, 4 Lite0 photo views, 3 "
         "marker CNNs): the soft mask alone ranks the pixels of a cell alike and inserted 0.17 on "

@@ -256,8 +256,11 @@ def isolate_with_mask(
     background = make_background(
         config.isolation_background, source, config.seed + Stream.ISOLATION_BACKGROUND, keys
     )
+    ranking = None
     if config.isolation_map == "evidence":
         masks = evidence_map(model, source, cls, masks, background, chunk_size)
+        # The reported mask is a top share of the map averaged over cells: regions, not speckle.
+        ranking = F.avg_pool2d(masks, 2 * cell + 1, 1, cell, count_include_pad=False)
     result = IsolationResult.from_saliency(
         model,
         pairs,
@@ -270,6 +273,7 @@ def isolate_with_mask(
         began,
         chunk_size,
         config.isolation_keep,
+        ranking,
     )
     result.steps_run = steps_run
     return result

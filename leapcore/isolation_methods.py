@@ -130,11 +130,24 @@ class IsolationResult:
         began: float,
         chunk_size: int,
         keep: float,
+        ranking: torch.Tensor | None = None,
     ) -> IsolationResult:
-        """The reported result of a saliency map: calibrated mask, kept ratios and RISE AUCs."""
+        """The reported result of a saliency map: calibrated mask, kept ratios and RISE AUCs.
+
+        ``ranking`` (default: ``saliency``) is the map whose top share the calibration reports, e.g.
+        the saliency smoothed so that the reported mask is made of regions; the AUCs always rank
+        ``saliency``, and ``keep <= 0`` reports ``saliency`` itself.
+        """
         map_seconds = time.perf_counter() - began
         masks = calibrate(
-            model, source, classes, saliency, background, logits_full, keep, chunk_size
+            model,
+            source,
+            classes,
+            saliency if ranking is None or keep <= 0 else ranking,
+            background,
+            logits_full,
+            keep,
+            chunk_size,
         )
         result = cls.from_masks(
             model, pairs, source, classes, masks, background, logits_full, method, began, chunk_size
