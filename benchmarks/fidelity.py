@@ -2,10 +2,21 @@
 
 Printed side by side: RISE deletion / insertion AUC (blurred substrate, 16 budgets), the share of the
 map's mass inside a planted marker (digits CNNs trained here in seconds, markers of several sizes,
-colours and positions), and seconds per image. ``--photos`` adds the pretrained EfficientNet-Lite0 on
-scikit-learn's sample photos (slow on a CPU).
+colours and positions), seconds per image and model passes per image. ``--photos`` adds the
+pretrained EfficientNet-Lite0 on scikit-learn's sample photos (slow on a CPU; ``--views 4`` adds
+their mirror images).
 
-    PYTHONPATH=. python benchmarks/fidelity.py [--images 6] [--photos]
+- leapcore's rows are its saliency maps (``isolation_keep: 0``: the ranking its audits measure
+  deletion / insertion on), one (image, class) pair per image. ``s/image`` is leapcore's whole
+  isolation call, including the calibration and the AUCs it measures for its own tables;
+  ``map s/img`` stops when the saliency map is ready. ``passes`` counts images through the model
+  per image (forward; ``grad`` of them with a backward pass), which the machine's load does not move.
+- captum's maps are read two ways: ``abs`` (absolute value summed over channels, the usual
+  picture) and ``signed`` (summed over channels, positive = evidence for the class), which ranks
+  better on deletion / insertion for every method but Saliency (whose gradient has no sign to use).
+- Every method runs once on one image before it is timed (imports, allocator, thread pools).
+
+    PYTHONPATH=. python benchmarks/fidelity.py [--images 6] [--photos] [--views 2]
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ MARKERS = [
 
 
 def captum_maps(name, forward, images, targets):
-    """``[N, H, W]`` absolute attributions, summed over channels."""
+    """``[N, C, H, W]`` attributions of captum's ``name``."""
     import captum.attr as ca
 
     base = blurred_substrate(images)
@@ -64,28 +75,46 @@ def captum_maps(name, forward, images, targets):
             baselines=base,
         ),
     }[name]
-    return method().abs().sum(1).detach()
+    return method().detach()
 
 
 def leapcore_maps(model, class_list, pre, images, targets, extra):
+    """leapcore's saliency maps ``[N, H, W]`` of one (image, target) pair per image, and the
+    seconds until they were ready."""
     audit = engine.run(
         model,
         class_list,
         {
             "input_dim": list(images.shape[1:]),
             "isolation_keep": 0,
-            "max_isolate_classes": 1,
+            "isolate_classes": [[t] for t in targets],
             **extra,
         },
-        [[t] for t in sorted(set(targets))],
+        None,
         pre,
         samples=images,
         device="cpu",
     )
     iso = audit.isolation
-    wanted = {(i, t) for i, t in enumerate(targets)}
-    rows = [k for k, pair in enumerate(iso.pairs) if pair in wanted]
-    return iso.masks[rows, 0]
+    assert iso.pairs == list(enumerate(targets)), iso.pairs
+    return iso.masks[:, 0], iso.map_seconds
+
+
+class PassCounter:
+    """Counts the images that go through ``model`` (forward), and those with autograd on.
+
+    The hook is a closure over a plain dict, so a deep copy of the model (leapcore's adapter may
+    make one) still counts into this counter.
+    """
+
+    def __init__(self, model):
+        counts = self.counts = {"images": 0, "grad": 0}
+
+        def hook(module, args, output):
+            counts["images"] += len(args[0])
+            counts["grad"] += len(args[0]) if torch.is_grad_enabled() else 0
+
+        self.handle = model.register_forward_hook(hook)
 
 
 def apply(pre, x):
@@ -95,40 +124,72 @@ def apply(pre, x):
     return x
 
 
+# Before issue 19's evidence map: the soft mask alone, 100 steps at lr 0.1.
+OLD_MASK = {"isolation_map": "mask", "isolation_steps": 100, "isolation_lr": 0.1}
+
+
 def compare(model, class_list, pre, images, targets, box=None):
     def forward(x):
         return model(apply(pre, x))
 
+    def leapcore(extra):
+        return lambda x, t: leapcore_maps(model, class_list, pre, x, t, extra)
+
+    def captum(name):
+        return lambda x, t: (captum_maps(name, forward, x.clone().requires_grad_(True), t), None)
+
     methods = {
-        "leapcore mask": lambda: leapcore_maps(model, class_list, pre, images, targets, {}),
-        "leapcore HiPE": lambda: leapcore_maps(
-            model, class_list, pre, images, targets, {"use_hipe": True, "hipe_min_cell": 1}
-        ),
-        **{
-            n: (lambda n=n: captum_maps(n, forward, images.clone().requires_grad_(True), targets))
-            for n in ("Saliency", "IntegratedGradients", "GradientShap", "Occlusion")
-        },
-        "random": lambda: torch.rand(
-            images.shape[0], *images.shape[2:], generator=torch.Generator().manual_seed(0)
+        "leapcore mask": leapcore({}),
+        "leapcore mask (old)": leapcore(OLD_MASK),
+        "leapcore HiPE": leapcore({"use_hipe": True, "hipe_min_cell": 1}),
+        **{n: captum(n) for n in ("Saliency", "IntegratedGradients", "GradientShap", "Occlusion")},
+        "random": lambda x, t: (
+            torch.rand(x.shape[0], 1, *x.shape[2:], generator=torch.Generator().manual_seed(0)),
+            None,
         ),
     }
     rows = []
     for name, fn in methods.items():
+        fn(images[:1], targets[:1])  # warm-up, not timed
+        counter = PassCounter(model)
         began = time.perf_counter()
-        maps = fn()
+        maps, map_seconds = fn(images, targets)
         seconds = (time.perf_counter() - began) / len(images)
-        with torch.no_grad():
-            deletion, insertion = deletion_insertion_auc(forward, images, maps, targets)
-        mass = float(marker_mass(maps, box).mean()) if box is not None else float("nan")
-        rows.append((name, float(deletion.mean()), float(insertion.mean()), mass, seconds))
+        counter.handle.remove()
+        passes = (counter.counts["images"] / len(images), counter.counts["grad"] / len(images))
+        map_seconds = seconds if map_seconds is None else map_seconds / len(images)
+        if maps.ndim == 3:  # leapcore: one map per image already
+            views = {"": maps}
+        elif name in ("Saliency", "random"):
+            views = {"": maps.abs().sum(1)}
+        else:
+            views = {" abs": maps.abs().sum(1), " signed": maps.sum(1)}
+        for view, m in views.items():
+            with torch.no_grad():
+                deletion, insertion = deletion_insertion_auc(forward, images, m, targets)
+            mass = float(marker_mass(m, box).mean()) if box is not None else float("nan")
+            rows.append(
+                (
+                    name + view,
+                    float(deletion.mean()),
+                    float(insertion.mean()),
+                    mass,
+                    seconds,
+                    map_seconds,
+                    *passes,
+                )
+            )
     return rows
 
 
 def show(title, rows):
     print(f"\n{title}")
-    print(f"{'method':22s} {'deletion':>9s} {'insertion':>9s} {'marker':>7s} {'s/image':>8s}")
-    for name, d, i, m, s in rows:
-        print(f"{name:22s} {d:9.3f} {i:9.3f} {m:7.2f} {s:8.2f}")
+    print(
+        f"{'method':26s} {'deletion':>9s} {'insertion':>9s} {'marker':>7s} {'s/image':>8s} "
+        f"{'map s/img':>9s} {'passes':>7s} {'grad':>5s}"
+    )
+    for name, d, i, m, s, ms, p, g in rows:
+        print(f"{name:26s} {d:9.3f} {i:9.3f} {m:7.2f} {s:8.3f} {ms:9.3f} {p:7.0f} {g:5.0f}")
 
 
 def main() -> None:
@@ -136,6 +197,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--photos", action="store_true")
     parser.add_argument("--only-photos", action="store_true", help="skip the marker models")
+    parser.add_argument(
+        "--views", type=int, default=2, choices=(2, 4), help="4: the photos and their mirror images"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     for spec in [] if args.only_photos else MARKERS:
@@ -152,10 +216,12 @@ def main() -> None:
         pre, model, class_list = get_model("efficientnet_lite0")
         model.eval()
         photos = photo_samples()
+        if args.views == 4:
+            photos = torch.cat([photos, photos.flip(-1)])
         with torch.no_grad():
             targets = model(apply(pre, photos)).argmax(1).tolist()
         show(
-            "EfficientNet-Lite0, sklearn sample photos",
+            f"EfficientNet-Lite0, sklearn sample photos ({len(photos)} views)",
             compare(model, class_list, pre, photos, targets),
         )
 

@@ -85,6 +85,7 @@ class IsolationResult:
     deletion_auc: torch.Tensor | None = None
     insertion_auc: torch.Tensor | None = None
     steps_run: list[int] | None = None  # mask steps each pair ran (isolation_stop_early)
+    map_seconds: float | None = None  # until the saliency was ready (before calibration, measures)
 
     @classmethod
     @torch.no_grad()
@@ -129,10 +130,24 @@ class IsolationResult:
         began: float,
         chunk_size: int,
         keep: float,
+        ranking: torch.Tensor | None = None,
     ) -> IsolationResult:
-        """The reported result of a saliency map: calibrated mask, kept ratios and RISE AUCs."""
+        """The reported result of a saliency map: calibrated mask, kept ratios and RISE AUCs.
+
+        ``ranking`` (default: ``saliency``) is the map whose top share the calibration reports, e.g.
+        the saliency smoothed so that the reported mask is made of regions; the AUCs always rank
+        ``saliency``, and ``keep <= 0`` reports ``saliency`` itself.
+        """
+        map_seconds = time.perf_counter() - began
         masks = calibrate(
-            model, source, classes, saliency, background, logits_full, keep, chunk_size
+            model,
+            source,
+            classes,
+            saliency if ranking is None or keep <= 0 else ranking,
+            background,
+            logits_full,
+            keep,
+            chunk_size,
         )
         result = cls.from_masks(
             model, pairs, source, classes, masks, background, logits_full, method, began, chunk_size
@@ -153,6 +168,7 @@ class IsolationResult:
         )
         result.deletion_auc, result.insertion_auc = deletion.float(), insertion.float()
         result.seconds = time.perf_counter() - began
+        result.map_seconds = map_seconds
         return result
 
     @property

@@ -165,7 +165,7 @@ def test_isolation_stops_when_kept_logit_and_coverage_settle_and_reports_the_sam
     """Soft masks (``isolation_keep`` 0: the optimised mask itself) of pairs that stopped early are
     the masks of the full run: measured max coverage difference 0.020 and mean absolute mask
     difference 0.032; with a tolerance 10x too loose (pairs stop at 40-50 steps) 0.110 and 0.114."""
-    options = {**ISOLATE, "isolation_keep": 0.0}
+    options = {**ISOLATE, "isolation_keep": 0.0, "isolation_map": "mask", "isolation_lr": 0.1}
     on = run_digits(digits, [0, 3, 5], device=EXACT, **options).isolation
     off = run_digits(digits, [0, 3, 5], device=EXACT, isolation_stop_early=False, **options)
     off = off.isolation

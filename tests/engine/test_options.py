@@ -388,10 +388,16 @@ def test_sample_mode_isolates_targets_or_the_top_three(digits):
 
 
 def test_isolation_masks_keep_the_class_and_shrink(digits):
-    """The optimised soft masks (``isolation_keep: 0`` reports them uncalibrated)."""
+    """The optimised soft masks (``isolation_keep: 0`` reports the saliency uncalibrated, and
+    ``isolation_map: mask`` makes it the soft mask alone)."""
     samples = digits.test_x[:4]
     audit = run_digits(
-        digits, samples=samples, max_isolate_classes=1, isolation_steps=60, isolation_keep=0
+        digits,
+        samples=samples,
+        max_isolate_classes=1,
+        isolation_steps=60,
+        isolation_keep=0,
+        isolation_map="mask",
     )
     iso = audit.isolation
     assert iso.method == "mask"
@@ -404,6 +410,7 @@ def test_isolation_masks_keep_the_class_and_shrink(digits):
         isolation_steps=60,
         isolation_alpha_weight=4.0,
         isolation_keep=0,
+        isolation_map="mask",
     )
     assert heavier.isolation.coverage.mean() < iso.coverage.mean()
 
@@ -417,6 +424,7 @@ def test_isolation_hf_weight_smooths_masks(digits):
         isolation_steps=40,
         isolation_hf_weight=0.0,
         isolation_keep=0,
+        isolation_map="mask",
     )
     smooth = run_digits(
         digits,
@@ -425,6 +433,7 @@ def test_isolation_hf_weight_smooths_masks(digits):
         isolation_steps=40,
         isolation_hf_weight=20.0,
         isolation_keep=0,
+        isolation_map="mask",
     )
     assert float(penalties.high_frequency(smooth.isolation.masks).mean()) < float(
         penalties.high_frequency(rough.isolation.masks).mean()

@@ -163,6 +163,29 @@ def test_planted_marker_gets_most_of_the_mask(marker_model):
     assert mass.mean() > 0.5, mass
 
 
+def test_default_saliency_concentrates_on_the_planted_marker(marker_model):
+    """Issue 19: the saliency map itself (``isolation_keep: 0``), what the deletion / insertion AUCs
+    rank and ``benchmarks/fidelity.py`` compares with captum, puts most of its mass on the marker.
+    Measured on these 6 images: 0.51 with the default (``isolation_map: evidence``); the soft mask
+    alone 0.39 after 100 steps at lr 0.1 (the default before) and 0.17 after the default 10 steps;
+    captum's IntegratedGradients 0.31 (absolute) / 0.42 (signed), GradientShap 0.11 / 0.16."""
+    m = marker_model
+    audit = engine.run(
+        m.model,
+        m.class_list,
+        {"input_dim": [1, 32, 32], "max_steps": 60, "log_freq": 30, "isolation_keep": 0},
+        [m.marker_class],
+        m.preprocessing,
+        samples=m.images[:6],
+    )
+    iso = audit.isolation
+    assert iso.masks.min() >= 0 and iso.masks.max() <= 1
+    mass = marker_mass(iso.masks[:, 0], m.box)
+    assert mass.mean() > 0.45, mass
+    # And it ranks: deleting its top pixels first removes the marker class far sooner than random.
+    assert iso.deletion_auc.mean() < 0.5, iso.deletion_auc
+
+
 # ---------------------------------------------------------------------------------------------- #
 # Transfer to reference models
 # ---------------------------------------------------------------------------------------------- #
