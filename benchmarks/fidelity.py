@@ -4,7 +4,9 @@ Printed side by side: RISE deletion / insertion AUC (blurred substrate, 16 budge
 map's mass inside a planted marker (digits CNNs trained here in seconds, markers of several sizes,
 colours and positions), seconds per image and model passes per image. ``--photos`` adds the
 pretrained EfficientNet-Lite0 on scikit-learn's sample photos (slow on a CPU; ``--views 4`` adds
-their mirror images).
+their mirror images); ``--more-photos`` adds a second table on four of scikit-image's photos (chelsea,
+coffee, rocket, astronaut), mirrored too with ``--views 4``: two photos are too few to tell methods
+apart by a few hundredths.
 
 - leapcore's rows are its saliency maps (``isolation_keep: 0``: the ranking its audits measure
   deletion / insertion on), one (image, class) pair per image. ``s/image`` is leapcore's whole
@@ -16,7 +18,7 @@ their mirror images).
   better on deletion / insertion for every method but Saliency (whose gradient has no sign to use).
 - Every method runs once on one image before it is timed (imports, allocator, thread pools).
 
-    PYTHONPATH=. python benchmarks/fidelity.py [--images 6] [--photos] [--views 2]
+    PYTHONPATH=. python benchmarks/fidelity.py [--images 6] [--photos] [--views 2] [--more-photos]
 """
 
 from __future__ import annotations
@@ -192,11 +194,35 @@ def show(title, rows):
         print(f"{name:26s} {d:9.3f} {i:9.3f} {m:7.2f} {s:8.3f} {ms:9.3f} {p:7.0f} {g:5.0f}")
 
 
+SKIMAGE_PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
+
+
+def skimage_photos(size: int = 224) -> torch.Tensor:
+    """scikit-image's photos :data:`SKIMAGE_PHOTOS`, centre-cropped square and resized, in [0, 1]."""
+    import numpy as np
+    import skimage.data
+    import torch.nn.functional as F
+
+    out = []
+    for name in SKIMAGE_PHOTOS:
+        t = torch.from_numpy(np.asarray(getattr(skimage.data, name)(), dtype=np.float32) / 255.0)
+        t = t.permute(2, 0, 1)
+        h, w = t.shape[1:]
+        s = min(h, w)
+        t = t[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+        t = F.interpolate(t[None], size=(size, size), mode="bilinear", antialias=True)
+        out.append(t[0].clamp(0, 1))
+    return torch.stack(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--photos", action="store_true")
     parser.add_argument("--only-photos", action="store_true", help="skip the marker models")
+    parser.add_argument(
+        "--more-photos", action="store_true", help="a second photo table: scikit-image's photos"
+    )
     parser.add_argument(
         "--views", type=int, default=2, choices=(2, 4), help="4: the photos and their mirror images"
     )
@@ -209,21 +235,25 @@ def main() -> None:
             m.model, m.class_list, m.preprocessing, images, [m.marker_class] * len(images), m.box
         )
         show(f"digits CNN with marker {spec} (clean accuracy {m.clean_accuracy:.2f})", rows)
-    if args.photos or args.only_photos:
+    if args.photos or args.only_photos or args.more_photos:
         from leapcore.models import get_model
         from tests.engine.engine_support import photo_samples
 
         pre, model, class_list = get_model("efficientnet_lite0")
         model.eval()
-        photos = photo_samples()
-        if args.views == 4:
-            photos = torch.cat([photos, photos.flip(-1)])
-        with torch.no_grad():
-            targets = model(apply(pre, photos)).argmax(1).tolist()
-        show(
-            f"EfficientNet-Lite0, sklearn sample photos ({len(photos)} views)",
-            compare(model, class_list, pre, photos, targets),
-        )
+        sets = [("sklearn sample photos", photo_samples)] if not args.more_photos else []
+        if args.more_photos:
+            sets.append((f"scikit-image photos {', '.join(SKIMAGE_PHOTOS)}", skimage_photos))
+        for title, load in sets:
+            photos = load()
+            if args.views == 4:
+                photos = torch.cat([photos, photos.flip(-1)])
+            with torch.no_grad():
+                targets = model(apply(pre, photos)).argmax(1).tolist()
+            show(
+                f"EfficientNet-Lite0, {title} ({len(photos)} views)",
+                compare(model, class_list, pre, photos, targets),
+            )
 
 
 if __name__ == "__main__":

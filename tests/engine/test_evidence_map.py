@@ -39,15 +39,18 @@ def test_evidence_ranks_by_the_class_probability_not_its_logit():
 
 
 def test_soft_mask_admits_the_evidence_outside_it_at_one_minus_its_peak():
-    """Two pixels with the same evidence for class 0. A mask that peaks at 1 on pixel 0 (it found the
-    region) leaves pixel 1 at the floor; a mask that stays soft (peak 0.4) admits pixel 1 at
-    ``(0 + 1 - 0.4) / (0.4 + 1 - 0.4)`` of pixel 0."""
-    model = linear([[1.0, 1.0], [0.0, 0.0]])
-    confident = run(model, torch.tensor([[[[1.0, 0.0]]]]))
+    """Pixels with the same evidence for class 0. A mask that peaks at 1 on pixel 0 (it found the
+    region) leaves pixel 1 outside it at the floor and ranks pixel 2, half in, by the mask's square;
+    a mask that stays soft (peak 0.4) admits pixel 1 at ``(0 + 1 - 0.4) / (0.4 ** 2 + 1 - 0.4)`` of
+    pixel 0."""
+    model = linear([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    confident = run(model, torch.tensor([[[[1.0, 0.0, 0.5]]]]), (1.0, 1.0, 1.0))
+    assert confident[0] == pytest.approx(1.0)
     assert confident[1] == pytest.approx(0.0, abs=1e-6)
-    soft = run(model, torch.tensor([[[[0.4, 0.0]]]]))
+    assert confident[2] == pytest.approx(0.25, abs=1e-3), confident
+    soft = run(model, torch.tensor([[[[0.4, 0.0, 0.0]]]]), (1.0, 1.0, 1.0))
     assert soft[0] == pytest.approx(1.0)
-    assert soft[1] == pytest.approx(0.6, abs=1e-3), soft
+    assert soft[1] == pytest.approx(0.6 / 0.76, abs=1e-3), soft
 
 
 def test_pixels_against_the_class_come_last():
