@@ -457,16 +457,18 @@ class EngineConfig(ConfigChecks):
     isolation_map: Literal["evidence", "mask"] = _opt(
         "evidence",
         "The saliency map of `isolation_method: mask` (what `isolation_keep` calibrates and the "
-        "deletion / insertion AUCs rank): 'evidence' = the optimised soft mask times each pixel's "
-        "gradient . (image - background) at the image (pixels against the class last), and the "
-        "reported mask is a top share of that map averaged over windows of 2 cells + 1 pixel, so "
-        "it is made of regions; 'mask' = the soft mask alone.",
+        "deletion / insertion AUCs rank): 'evidence' = (the optimised soft mask squared + 1 - its "
+        "peak) times each pixel's gradient . (image - background) of the class log-probability "
+        "(pixels against the class last; a mask that stayed soft admits the evidence outside it), "
+        "and the reported mask is a top share of that map averaged over windows of 2 cells + 1 "
+        "pixel, so it is made of regions; 'mask' = the soft mask alone.",
         ISOLATION,
         note="Chosen by measurement (issue 19, `benchmarks/fidelity.py`, 4 Lite0 photo views, 3 "
-        "marker CNNs): the soft mask alone ranks the pixels of a cell alike and inserted 0.17 on "
-        "photos (captum's Saliency 0.18, IntegratedGradients 0.15 absolute / 0.35 signed); the "
-        "evidence map inserts 0.29, deletes 0.043 (best of all) and puts 0.41-0.51 of its mass "
-        "on planted markers (soft mask 0.18-0.39), with 11 backward passes per image (IG: 32).",
+        "marker CNNs): the soft mask alone inserted 0.17 on photos; the evidence map deletes / "
+        "inserts 0.036 / 0.37 (captum's IntegratedGradients read signed 0.055 / 0.35) and puts "
+        "0.45-0.57 of its mass on planted markers (soft mask 0.18-0.39), with 11 backward passes "
+        "per image (IG: 32). On four other photos (scikit-image's, `--more-photos`) it deletes "
+        "worse than IG read signed (0.22 vs 0.11) and inserts less than Occlusion (0.51 vs 0.55).",
     )
     isolation_keep: float = _opt(
         0.9,
