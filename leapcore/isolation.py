@@ -46,7 +46,6 @@ from leapcore.isolation_methods import (
     pair_keys,
 )
 from leapcore.optim import BatchedAdam
-from leapcore.outputs import model_probabilities
 from leapcore.progress import report, with_progress
 from leapcore.rng import RowKey, RowStreams, Stream
 from leapcore.stage_names import ISOLATION
@@ -309,7 +308,7 @@ def evidence_map(
     """``isolation_map: evidence``: the soft mask times each pixel's first-order evidence.
 
     A pixel's evidence ``e`` is ``gradient . (image - background)`` of the class's log-probability
-    at the image (log-softmax, or the log of the model's own probabilities), scaled by its largest
+    at the image (log-softmax; log-sigmoid for ``multilabel_logits``), scaled by its largest
     absolute value per pair to [-1, 1]: what replacing the pixel by the background costs the class
     probability that deletion / insertion read, to first order. The weight is ``e + f`` where
     ``e > 0`` and ``f * (1 + e)`` elsewhere (``f`` = :data:`EVIDENCE_FLOOR`), so pixels that speak
@@ -341,10 +340,11 @@ def evidence_map(
 def _log_probability(
     model: torch.nn.Module, logits: torch.Tensor, cls: torch.Tensor
 ) -> torch.Tensor:
-    """``[P]`` log of the class probability: log-softmax, or the log of the model's own probabilities."""
-    if callable(getattr(model, "probabilities", None)):
-        probs = model_probabilities(model, logits).gather(1, cls[:, None]).squeeze(1)
-        return probs.clamp_min(1e-30).log()
+    """``[P]`` log of the class probability as :func:`leapcore.outputs.probabilities` defines it for
+    the model's ``output`` (log-sigmoid for ``multilabel_logits``, else log-softmax), computed
+    stably: a class whose probability underflows still has a gradient."""
+    if getattr(model, "output", "logits") == "multilabel_logits":
+        return F.logsigmoid(logits.gather(1, cls[:, None])).squeeze(1)
     return logits.log_softmax(1).gather(1, cls[:, None]).squeeze(1)
 
 

@@ -38,6 +38,16 @@ def test_evidence_ranks_by_the_class_probability_not_its_logit():
     assert saliency[1] < 0.05, saliency
 
 
+def test_multilabel_classes_read_their_own_sigmoid():
+    """With ``output: multilabel_logits`` the classes are independent sigmoids: what a pixel does to
+    class 1 does not matter, so the pixel that raises class 0's logit most ranks first."""
+    model = linear([[1.0, 2.0], [0.0, 2.0]])
+    model.output = "multilabel_logits"
+    saliency = run(model, torch.ones(1, 1, 1, 2))
+    assert saliency[1] == pytest.approx(1.0)
+    assert saliency[0] == pytest.approx(0.5 + EVIDENCE_FLOOR / 2, abs=1e-3), saliency
+
+
 def test_soft_mask_admits_the_evidence_outside_it_at_one_minus_its_peak():
     """Pixels with the same evidence for class 0. A mask that peaks at 1 on pixel 0 (it found the
     region) leaves pixel 1 outside it at the floor and ranks pixel 2, half in, by the mask's square;
