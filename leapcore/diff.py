@@ -5,10 +5,10 @@ when both audits ran the scan, ``spurious``) and, for the prototype similarity, 
 :func:`diff_audits` returns an :class:`AuditDiff` whose ``table`` (schema ``diff``) holds a row per
 
 - ``entanglement``: an unordered pair of classes {target, other} and how much the target's images
-  also look like the other class (``pair_prob``, :mod:`leapcore.diff_pairs`; by default both
-  versions' prototypes fed to both models) before and after, for the direction that changed most
-  (both directions in ``detail``); ``flag`` ``entangled`` / ``disentangled`` when the change passes
-  the threshold. Sorted by the size of the change, largest first.
+  also look like the other class (``pair_prob``, :mod:`leapcore.diff_pairs`; on the user's samples,
+  else on both versions' prototypes cross-checked) before and after, for the direction whose change
+  is judged largest (both directions in ``detail``); ``flag`` ``entangled`` / ``disentangled`` when
+  that change passes the threshold. Sorted by the judged change, largest first.
 - ``prototype``: a target whose prototypes both audits have, with the cosine between the previous
   and the current prototype in each model's own penultimate-layer features (each prototype fed to
   both models); ``flag`` ``dissimilar`` below the similarity threshold.
@@ -423,7 +423,8 @@ def diff_audits(
         layer: the module whose input is the feature vector (default the last ``Linear``).
         pair_measure: which images and models the pair probabilities come from
             (:data:`~leapcore.diff_pairs.PAIR_MEASURES`; default ``samples``: on ``samples``
-            when given, else both versions' prototypes fed to both models).
+            when given, else ``crossed``: both versions' prototypes fed to both models, each
+            pair judged on the smaller of its two sides' changes).
         samples: the user's images (``[N, C, H, W]`` in [0, 1]) for the ``samples`` measure.
 
     Returns:

@@ -97,7 +97,7 @@ def diff_with_previous(
     previous_locator: ModelLocator | None = None,
     thresholds: dict[str, float] | None = None,
     layer: str | None = None,
-    pair_measure: str = "fixed",
+    pair_measure: str = "samples",
     samples: StageOutput | None = None,
 ) -> StageOutput:
     from leapcore.results import samples_from_arrow
