@@ -166,6 +166,8 @@ def write_diff(diff: Any, out: Path) -> list[Path]:
 
 def print_diff(diff: Any, top: int = 10) -> None:
     """The diff on the terminal: pairs, prototype similarity, flagged quality and verdicts."""
+    from leapcore.diff import judged_text
+
     say(f"leap diff: {diff.current} vs {diff.previous}")
     for note in diff.notes:
         say(f"  note: {note}")
@@ -173,7 +175,10 @@ def print_diff(diff: Any, top: int = 10) -> None:
     if pairs:
         meta = diff.table.schema.metadata or {}
         basis = meta.get(b"leapcore.pair_basis", b"prototypes").decode()
-        say(f"\npairs (pair probability on {basis}), largest change first:")
+        say(f"\npairs (pair probability on {basis}), largest judged change first:")
+        judged = judged_text(diff.table)
+        if judged:
+            say(f"  (the threshold is judged against {judged})")
         for r in pairs[:top]:
             pair = f"{r['target']} <-> {r['other']}"
             say(
