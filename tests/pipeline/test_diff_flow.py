@@ -121,6 +121,7 @@ def test_the_second_audit_names_the_merged_pair_first(two_audits):
     version = _client().get_model_version(NAME, "2")
     assert version.tags["leapcore.diff.previous_version"] == "1"
     assert version.tags["leapcore.diff.pair_basis"] == "samples"
+    assert version.tags["leapcore.diff.judged_on"] == "the change on your samples"
     assert version.tags["leapcore.diff.top_pair"].startswith(
         ("digit-3 <-> digit-8", "digit-8 <-> digit-3")
     )
@@ -162,7 +163,10 @@ def test_the_drift_event_reaches_prefect(two_audits):
     payload = event["payload"]
     assert payload["version"] == "2" and payload["previous_version"] == "1"
     assert payload["entangled"][0].startswith(("digit-3 <-> digit-8", "digit-8 <-> digit-3"))
-    assert payload["pair_basis"] == "samples" and "(pairs on samples)" in payload["summary"]
+    assert (
+        payload["pair_basis"] == "samples" and payload["judged_on"] == "the change on your samples"
+    )
+    assert "(pairs on samples, judged against the change on your samples)" in payload["summary"]
     assert event["resource"]["leapcore.model_version"] == "2"
 
 
