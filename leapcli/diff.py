@@ -175,10 +175,9 @@ def print_diff(diff: Any, top: int = 10) -> None:
     if pairs:
         meta = diff.table.schema.metadata or {}
         basis = meta.get(b"leapcore.pair_basis", b"prototypes").decode()
-        say(f"\npairs (pair probability on {basis}), largest judged change first:")
         judged = judged_text(diff.table)
-        if judged:
-            say(f"  (the threshold is judged against {judged})")
+        against = f"; the threshold judged against {judged}" if judged else ""
+        say(f"\npairs (pair probability on {basis}{against}), largest judged change first:")
         for r in pairs[:top]:
             pair = f"{r['target']} <-> {r['other']}"
             say(

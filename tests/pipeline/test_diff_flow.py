@@ -193,6 +193,7 @@ def test_leap_diff_compares_two_versions_and_logs_to_mlflow(two_audits, tmp_path
     first = lines[lines.index(next(x for x in lines if x.startswith("pairs"))) + 1]
     assert first.split()[:3] in (["digit-3", "<->", "digit-8"], ["digit-8", "<->", "digit-3"])
     assert "entangled" in first
+    assert "the threshold judged against the change on your samples" in printed
     table = pq.read_table(out / "diff.parquet")
     stage = pq.read_table(Path(two_audits[1].output_dir) / "tables" / "diff.parquet")
     # The same comparison as the audit's own stage (same tables, models and samples; the stage
@@ -223,7 +224,8 @@ def test_leap_diff_compares_two_versions_and_logs_to_mlflow(two_audits, tmp_path
     args = ["diff", *runs, "--output-dir", str(strict), "--no-models", "--config", str(config)]
     assert main([*args, "--quality-threshold", "0.3"]) == 0
     meta = pq.read_table(strict / "diff.parquet").schema.metadata[b"leapcore.thresholds"]
-    assert json.loads(meta) == {"entanglement": 0.95, "quality": 0.3, "similarity": 0.5}
+    thresholds = {"entanglement": 0.95, "quality": 0.3, "similarity": 0.5, "prototype_noise": 0.45}
+    assert json.loads(meta) == thresholds
 
 
 def test_leap_diff_refuses_what_has_no_audit(two_audits, tmp_path, capsys):
