@@ -9,10 +9,13 @@ same data with the same schedule, and either
 - **merge a-b + seed s**: both.
 
 Every version is audited (all 10 classes, isolation off) with the engine's defaults except the
-objective, which is the default ``margin`` and leap-ie's ``logit``; then ``diff_audits(v1, v)`` runs
-once per pair measure (:data:`leapcore.diff_pairs.PAIR_MEASURES`; ``samples`` on 10 and on 3
-held-out digits per class that no version trained on). Printed per version, objective and measure: the top pair and
-its change, and for merges the merged pair's rank, its change and its lead over the next pair.
+objective, which is the default ``margin`` and leap-ie's ``logit`` (``--objectives``), and
+``--prototypes-per-class`` (default 1); then ``diff_audits(v1, v)`` runs once per pair measure
+(:data:`leapcore.diff_pairs.PAIR_MEASURES`: ``own``, ``fixed``, ``crossed``, and ``samples`` on 10
+and on 3 held-out digits per class that no version trained on). Printed per version, objective and
+measure: for seed-only retrains the top pair and whether any pair was flagged (an ALARM: the drift
+event would fire); for merges the merged pair's rank in the table, its change, its lead over the
+next pair's judged change and whether it (and how many other pairs) was flagged.
 
 Run: ``PYTHONPATH=$PWD python benchmarks/diff_testbed.py [--max-steps N] [--threads T]``. About
 10 s per trained version and 8 s per default audit on one CPU core (about 4 minutes in all).
