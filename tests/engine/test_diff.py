@@ -118,6 +118,10 @@ def test_without_samples_the_diff_says_its_pairs_are_on_prototypes(defaults):
         for n in diff.notes
     )
     assert CROSSED_BASIS + ": the smaller of" in diff.top_pair["detail"]
+    from leapcore.diff_report import diff_page
+
+    page = diff_page(diff.table)  # the report section says it too
+    assert "judged against the smaller of the changes on the two versions&#x27; prototypes" in page
 
 
 def test_without_samples_a_seed_only_retrain_raises_no_pair(defaults):
