@@ -193,6 +193,8 @@ def entanglement_heatmap(audit: Any, top: int = HEATMAP_COLUMNS, fmt: str = "png
         "share": "entanglement (share of the non-target probability)",
         "relaxed": "entanglement (share of the non-target probability, relaxed)",
     }.get(measure, "entanglement (1 = rose as much as the target)")
+    if measure == "relaxed" and getattr(audit.config, "entanglement_probe_steps", 0):
+        label = "entanglement (share of the non-target probability, relaxed and probed)"
     return entanglement_figure(scores, rows, names, fmt=fmt, label=label)
 
 
@@ -459,6 +461,8 @@ def render_report(
             entanglement_measure=getattr(audit.config, "entanglement_measure", "leap"),
             relax_steps=getattr(audit.config, "entanglement_relax_steps", 0),
             relax_step=getattr(audit.config, "entanglement_relax_step", 0),
+            probe_steps=getattr(audit.config, "entanglement_probe_steps", 0),
+            probe_step=getattr(audit.config, "entanglement_probe_step", 0),
             num_classes=len(audit.class_list),
             trajectory=trajectory,
             lr=None if p is None else p.lr,
