@@ -256,10 +256,11 @@ def test_default_entanglement_tracks_held_out_confusion_on_every_model(digit_mod
 
     Soft confusion (mean predicted probability) is the better-defined target: its split-half
     reliability is 0.81-1.00 where hard confusion's is 0.27-0.95 (benchmarks/entanglement.py).
-    Measured here (60 steps): soft 0.74 / 0.77 / 0.66, hard 0.68 / 0.35 / 0.34; without the probe
-    soft 0.73 / 0.73 / 0.62; share on the same prototypes 0.53 / 0.65 / 0.59; leap 0.27 / 0.45 /
-    0.11. With 40 / 80 steps or seeds 1 / 2 instead: soft min 0.66, mean 0.72-0.73, hard min
-    0.34, mean >= 0.45. Twelve models in the benchmark (full defaults): 0.71 (worst 0.55) soft.
+    Measured here (60 steps): soft 0.76 / 0.79 / 0.65, hard 0.69 / 0.38 / 0.35; without the probe
+    (``entanglement_probe_steps: 0``) soft 0.75 / 0.72 / 0.62; share on the same prototypes 0.52 /
+    0.72 / 0.60; leap 0.31 / 0.45 / 0.11. With 40 / 80 steps or seeds 1 / 2 instead (scratch run):
+    soft min 0.66, mean 0.72-0.73, hard min 0.34, mean >= 0.45. Twelve models in the benchmark
+    (full defaults): 0.71 (worst 0.55) soft.
     """
     soft, hard, share_soft, leap_soft = [], [], [], []
     for model, audit in zip(digit_models, digit_audits, strict=True):
