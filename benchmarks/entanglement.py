@@ -12,14 +12,18 @@ digit and prints:
    augmented views of the held-out digits (shifts, rotations, scaling).
 2. **Measures**: Spearman over the 45 unordered pairs between each measure and the held-out
    confusion, mean (worst) over the models, hard and soft, plus the measure's own time per audit
-   and its ratio to the prototype stage. Every measure reads the same prototypes, per objective.
+   and its ratio to the prototype stage, then each model's soft Spearman. Every measure reads the
+   same prototypes, per objective; the default is computed by ``engine.score_entanglement`` itself
+   (the relaxed share times the probe's, geometric mean), beside its two halves alone.
 
     PYTHONPATH=. python benchmarks/entanglement.py [--objectives margin logit] [--models 12]
         [--defaults] [--all]
 
 ``--defaults`` runs the engine's default schedule (slow on a CPU); otherwise the digits tests'
-fast one (100 steps, transform ``s``, lr 0.05). ``--all`` adds the data-free boundary measures that
-lost (targeted ease, escape, barrier, linearised boundary distance).
+fast one (100 steps, transform ``s``, lr 0.05). ``--all`` adds the measures that lost: the
+extrapolated relaxation, a column prior from blurred prototypes, the logit correlation across the
+relaxed prototypes, and the data-free boundary measures (targeted ease, escape, barrier, linearised
+boundary distance).
 """
 
 from __future__ import annotations
