@@ -284,7 +284,7 @@ class EngineConfig(ConfigChecks):
         ENTANGLEMENT,
         note="Default by measurement (issue 19): Spearman against held-out soft confusion (mean "
         "predicted probability) over the 45 pairs of twelve digit CNNs of 55-97 % accuracy, full "
-        "defaults: mean 0.71 (worst 0.55) for 'relaxed', 0.67 (0.53) without its probe, 0.52 "
+        "defaults: mean 0.71 (worst 0.58) for 'relaxed', 0.67 (0.53) without its probe, 0.52 "
         "(0.37) for 'share', 0.27 (0.02) for 'leap'. No measure tried reached 0.7 on every model. "
         "Multi-label outputs always use the per-class gain formula.",
     )

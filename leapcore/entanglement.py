@@ -23,7 +23,7 @@ Three measures (config option ``entanglement_measure``):
 
 Measured against held-out soft confusion (the mean predicted probability; Spearman over the 45
 digit pairs, twelve digit CNNs of 55-97 % accuracy, ``margin`` objective), mean (worst), with the
-engine's full defaults: ``relaxed`` with the probe 0.71 (0.55), without it 0.67 (0.53); ``share``
+engine's full defaults: ``relaxed`` with the probe 0.71 (0.58), without it 0.67 (0.53); ``share``
 0.52 (0.37); ``leap`` 0.27 (0.02). The split-half ceiling any score can reach is 0.95-1.00. No
 prototype-based measure tried reached 0.7 on every model (``benchmarks/entanglement.py``).
 """

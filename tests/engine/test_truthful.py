@@ -260,7 +260,7 @@ def test_default_entanglement_tracks_held_out_confusion_on_every_model(digit_mod
     (``entanglement_probe_steps: 0``) soft 0.75 / 0.72 / 0.62; share on the same prototypes 0.52 /
     0.72 / 0.60; leap 0.31 / 0.45 / 0.11. With 40 / 80 steps or seeds 1 / 2 instead (scratch run):
     soft min 0.66, mean 0.72-0.73, hard min 0.34, mean >= 0.45. Twelve models in the benchmark
-    (full defaults): 0.71 (worst 0.55) soft.
+    (full defaults): 0.71 (worst 0.58) soft.
     """
     soft, hard, share_soft, leap_soft = [], [], [], []
     for model, audit in zip(digit_models, digit_audits, strict=True):
