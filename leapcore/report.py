@@ -6,7 +6,11 @@ or a dict of numbers out. The page is the Jinja2 template ``leapcore/templates/r
 inline, so the report opens in any browser straight from disk, with no server and no network.
 
 Other modules add sections without touching the template: :func:`report_section` registers
-``function(audit, context) -> html fragment | None`` in :data:`report_sections`.
+``function(audit, context) -> html fragment | None`` in :data:`report_sections`; a section with a
+negative ``order`` is a verdict the reader needs first and renders right under the summary, the
+others after the built-in sections. :func:`report_highlights` registers
+``function(audit, context) -> [sentence, ...]`` whose sentences head the summary's "look at these
+first" list.
 """
 
 from __future__ import annotations
@@ -113,9 +117,15 @@ SECTION_MODULES: tuple[str, ...] = (
     "leapcore.diff_report",
 )
 
-#: name -> section; filled by :func:`report_section`. Sections render in ``order``, then by name,
-#: after the built-in ones.
+#: name -> section; filled by :func:`report_section`. Sections render in ``order``, then by name:
+#: a negative ``order`` right under the summary, the others after the built-in sections.
 report_sections: dict[str, ReportSection] = {}
+
+HighlightFunction = Callable[[Any, ReportContext], list[str]]
+
+#: name -> function giving the sentences that head the summary's "look at these first" (a spurious
+#: feature, a pair that drifted since the previous version); filled by :func:`report_highlights`.
+report_highlight_functions: dict[str, HighlightFunction] = {}
 
 
 def report_section(
@@ -143,10 +153,38 @@ def report_section(
     return wrap
 
 
-def render_sections(audit: Any, context: ReportContext) -> list[tuple[ReportSection, str]]:
-    """Each registered section's fragment, in order; sections that return None are left out."""
+def report_highlights(name: str) -> Callable[[HighlightFunction], HighlightFunction]:
+    """Decorator: register ``function(audit, context) -> [sentence, ...]``; its sentences head the
+    summary's "look at these first" list, in the order of registration (an empty list adds none).
+
+    Example::
+
+        @report_highlights("spurious")
+        def spurious_highlights(audit, context):
+            return ["Spurious-feature scan: cat is likely spurious (a 5 px blob flips 80 %)."]
+    """
+
+    def wrap(function: HighlightFunction) -> HighlightFunction:
+        report_highlight_functions[name] = function
+        return function
+
+    return wrap
+
+
+def render_highlights(audit: Any, context: ReportContext) -> list[str]:
+    """Every registered highlight sentence (sections' modules imported first)."""
+    _import_section_modules()
+    return [item for f in report_highlight_functions.values() for item in f(audit, context)]
+
+
+def _import_section_modules() -> None:
     for module in SECTION_MODULES:
         importlib.import_module(module)
+
+
+def render_sections(audit: Any, context: ReportContext) -> list[tuple[ReportSection, str]]:
+    """Each registered section's fragment, in order; sections that return None are left out."""
+    _import_section_modules()
     out = []
     for section in sorted(report_sections.values(), key=lambda s: (s.order, s.name)):
         fragment = section(audit, context)
@@ -440,7 +478,7 @@ def render_report(
 
     metrics = audit_metrics(audit)
     extra = [
-        {"name": s.name, "title": s.title, "html": fragment}
+        {"name": s.name, "title": s.title, "html": fragment, "top": s.order < 0}
         for s, fragment in render_sections(audit, context)
     ]
     return (
@@ -453,7 +491,7 @@ def render_report(
             provenance_mark=PROVENANCE_MARK,
             metrics=metrics,
             prototypes=prototypes,
-            look_first=look_first(prototypes, isolations),
+            look_first=look_first(prototypes, isolations, render_highlights(audit, context)),
             heatmap=heatmap,
             heatmap_columns=heatmap_columns_shown,
             entanglement_measure=getattr(audit.config, "entanglement_measure", "leap"),

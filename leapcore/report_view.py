@@ -245,9 +245,13 @@ def sample_rows(audit: Any, sample_names: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def look_first(prototypes: list[dict], isolations: list[dict]) -> list[str]:
-    """The summary's "look at these first": flagged prototypes, then weak isolations."""
-    items = [f"{row['label']}: {flag}." for row in prototypes for flag in row["flags"]]
+def look_first(
+    prototypes: list[dict], isolations: list[dict], highlights: list[str] = ()
+) -> list[str]:
+    """The summary's "look at these first": the sections' highlights (a spurious feature, a drift
+    since the previous version), flagged prototypes, then weak isolations."""
+    items = list(highlights)
+    items += [f"{row['label']}: {flag}." for row in prototypes for flag in row["flags"]]
     items += [
         f"Isolation of {row['class_name']} in {row['source']} "
         + ("lost the logit" if row.get("lost") else "keeps only")

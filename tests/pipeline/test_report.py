@@ -269,6 +269,36 @@ def test_registered_sections_render_in_order_and_none_leaves_a_section_out(audit
         report_section("bad name")
 
 
+def test_a_verdict_section_renders_under_the_summary_and_its_highlights_lead_look_first(
+    audit,
+) -> None:
+    from leapcore.report import (
+        report_highlight_functions,
+        report_highlights,
+        report_section,
+        report_sections,
+    )
+
+    @report_section("zz_test_verdict", title="Verdict", order=-1)
+    def verdict(audit, context):
+        return "<p id='verdict-body'>verdict</p>"
+
+    @report_highlights("zz_test_verdict")
+    def verdict_highlights(audit, context):
+        return ["zz-class is likely spurious"]
+
+    try:
+        page = render_report(audit, title="t")
+    finally:
+        report_sections.pop("zz_test_verdict")
+        report_highlight_functions.pop("zz_test_verdict")
+    summary, verdict_at = page.index('id="summary"'), page.index("verdict-body")
+    assert summary < verdict_at < page.index('id="prototypes"')
+    look = page[page.index('class="look"') :]
+    assert look.index("zz-class is likely spurious") < look.index("</ol>")
+    assert "<li>zz-class is likely spurious</li>" in page
+
+
 def test_sample_mode_report_shows_each_image_top_classes(digits_model) -> None:
     from tests.pipeline.conftest import digits_images
 
