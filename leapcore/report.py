@@ -115,6 +115,7 @@ SECTION_MODULES: tuple[str, ...] = (
     "leapcore.spurious_report",
     "leapcore.transfer",
     "leapcore.diff_report",
+    "leapcore.highlights",
 )
 
 #: name -> section; filled by :func:`report_section`. Sections render in ``order``, then by name:

@@ -312,3 +312,74 @@ def test_sample_mode_report_shows_each_image_top_classes(digits_model) -> None:
         top = int(probs[i].argmax())
         assert f"{name} {DIGITS[top]}: {float(probs[i, top]):.3f}" in " ".join(text.split())
     assert text.count("of its logit for") == len(audit.isolation.pairs)
+
+
+def test_the_scan_and_the_diff_give_look_first_sentences_for_what_got_flagged() -> None:
+    import pyarrow as pa
+
+    from leapcore.diff import _COLUMNS, SCHEMA, _row
+    from leapcore.highlights import diff_highlights, spurious_highlights
+    from leapcore.report import ReportContext, render_highlights
+
+    scan = pa.Table.from_pylist(
+        [
+            {
+                "class_name": "tabby",
+                "verdict": "clean",
+                "concentration": 0.2,
+                "flip_rate": 0.0,
+                "control_flip_rate": 0.0,
+            },
+            {
+                "class_name": "zz-weak",
+                "verdict": "suspicious",
+                "concentration": 0.3,
+                "flip_rate": 0.9,
+                "control_flip_rate": 0.1,
+            },
+            {
+                "class_name": "zz-marked",
+                "verdict": "likely spurious",
+                "concentration": 0.41,
+                "flip_rate": 0.8,
+                "control_flip_rate": 0.05,
+            },
+        ]
+    )
+    rows = [
+        _row("entanglement", "3", "8", "pair_prob", 0.1, 0.7, flag="entangled", detail="on 10"),
+        _row("entanglement", "4", "9", "pair_prob", 0.1, 0.15, detail="on 10"),
+        _row(
+            "verdict",
+            "zz-marked",
+            None,
+            "verdict",
+            0.0,
+            2.0,
+            flag="worse",
+            before_text="clean",
+            after_text="likely spurious",
+        ),
+    ]
+    diff = pa.Table.from_pylist(rows, schema=_COLUMNS).replace_schema_metadata(
+        {
+            b"leapcore.schema": SCHEMA.encode(),
+            b"leapcore.previous": b"v1",
+            b"leapcore.current": b"v2",
+        }
+    )
+    context = ReportContext(tables={"spurious": scan, "diff": diff})
+    scan_items = spurious_highlights(None, context)
+    assert [i.split(":")[1].strip() for i in scan_items] == [
+        "zz-marked is likely spurious",
+        "zz-weak is suspicious",
+    ]
+    assert "41 % of its evidence" in scan_items[0] and "flips 80 % of them" in scan_items[0]
+    assert "(5 % when pasted elsewhere)" in scan_items[0]
+    diff_items = diff_highlights(None, context)
+    assert diff_items == [
+        "Since v1: the scan's verdict on zz-marked got worse (clean → likely spurious).",
+        "Since v1: 3 ↔ 8 became entangled (pair probability 0.100 → 0.700, on 10).",
+    ]
+    assert render_highlights(None, context) == scan_items + diff_items
+    assert render_highlights(None, ReportContext()) == []
