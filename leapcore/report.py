@@ -503,6 +503,8 @@ def render_report(
             lr=None if p is None else p.lr,
             steps=None if p is None else p.steps,
             isolations=isolations,
+            isolation_graded=audit.isolation is not None
+            and getattr(audit.isolation, "saliency", None) is not None,
             isolation_method=None
             if audit.isolation is None
             else ISOLATION_TITLES.get(audit.isolation.method, audit.isolation.method),

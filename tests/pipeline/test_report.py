@@ -383,3 +383,53 @@ def test_the_scan_and_the_diff_give_look_first_sentences_for_what_got_flagged() 
     ]
     assert render_highlights(None, context) == scan_items + diff_items
     assert render_highlights(None, ReportContext()) == []
+
+
+def test_the_isolation_overlay_grades_the_evidence_and_outlines_what_the_mask_keeps(audit) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from leapcore.figures import EDGE_RGB, isolation_figure
+
+    iso = audit.isolation
+    assert iso.saliency is not None and iso.saliency.shape == iso.masks.shape
+    page = render_report(audit, title="t")
+    assert "inside the cyan outline" in page and 'title="evidence"' in page
+    import base64
+    import re
+
+    cards = re.findall(r'<img src="data:image/webp;base64,([^"]+)" alt="isolation of', page)
+    assert len(cards) == len(iso.pairs)
+    outlined = 0
+    for card in cards:
+        shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(card))).convert("RGB")) / 255
+        outlined += ((shown[..., 0] < 0.3) & (shown[..., 1] > 0.7) & (shown[..., 2] > 0.8)).any()
+    partial = int(((iso.masks.flatten(1).mean(1) > 0) & (iso.masks.flatten(1).mean(1) < 1)).sum())
+    assert outlined >= partial > 0  # every mask that keeps part of its image is outlined
+    peaks = iso.saliency.flatten(1).amax(1)
+    assert torch.allclose(peaks, torch.ones_like(peaks)) and iso.saliency.min() >= 0
+    # the reported mask is the saliency's top share: kept pixels rank above every dropped one
+    for k in range(len(iso.pairs)):
+        kept, dropped = iso.saliency[k][iso.masks[k] > 0.5], iso.saliency[k][iso.masks[k] < 0.5]
+        if len(kept) and len(dropped):
+            assert kept.min() >= dropped.max() - 1e-6
+    image = torch.full((3, 32, 32), 0.5)
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:24, 8:24] = 1
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 32).expand(1, 32, 32)
+
+    def pixels(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255
+
+    graded = pixels(isolation_figure(image, mask, saliency=ramp))
+    assert graded.shape == (128, 128, 3)  # a 32 px input is drawn 4x larger
+    red, green, blue = graded[..., 0], graded[..., 1], graded[..., 2]
+    edge = (red < EDGE_RGB[0] + 0.3) & (green > EDGE_RGB[1] - 0.2) & (blue > EDGE_RGB[2] - 0.2)
+    assert edge[33, 36:92].mean() > 0.9 and edge[64, 33] and edge[64, 94]
+    assert not edge[64, 44:84].any() and not edge[8].any()  # inside and outside: the heatmap
+    # the heat follows the saliency, not the mask: the right of the image is brighter, inside too
+    assert graded[64, 80].sum() > graded[64, 44].sum() + 0.2
+    flat = pixels(isolation_figure(image, mask))
+    assert abs(flat[64, 80].sum() - flat[64, 44].sum()) < 0.1  # the binary mask alone: flat
