@@ -320,6 +320,10 @@ _TIMING_LABELS = {
     PROTOTYPES: "prototype optimisation",
     ENTANGLEMENT: "entanglement",
     ISOLATION: "feature isolation",
+    "scan_spurious": "spurious-feature scan",
+    "transfer": "transfer to reference models",
+    "attribute_prototypes": "attributions of the prototypes",
+    "diff_audits": "diff with the previous version",
 }
 
 
@@ -409,6 +413,7 @@ def render_report(
     tables: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     stamp_later: bool = False,
+    stage_seconds: Mapping[str, float] | None = None,
 ) -> str:
     """The audit as one self-contained HTML page.
 
@@ -418,7 +423,7 @@ def render_report(
         model: facts about the model (``model`` URI, ``digest``, registry version, ...).
         config: the options used (default: the audit's); secret-looking ones are dropped again.
         stages: rows for the stages table (``stage``, ``outcome``, ``seconds``), labelled by the
-            caller; default: the audit's compute times.
+            caller; default: the audit's compute times, then ``stage_seconds``.
         sample_names: names of the user's images (sample mode).
         heatmap_top: most classes in the entanglement heatmap.
         tables: the audit's Arrow tables; optional columns (``off_target``, ``target_prob_robust``,
@@ -427,6 +432,8 @@ def render_report(
         provenance: ``time``, ``mlflow_run``, ``wandb_run``, ``prefect_flow_run``, ... (shown with
             the leapcore version and the model's URI and digest).
         stamp_later: leave a placeholder for :func:`stamp_provenance` instead of the block.
+        stage_seconds: compute seconds of the stages the engine does not time (a pipeline's
+            analysis stages: ``scan_spurious``, ``diff_audits``, ...) by stage name.
     """
     model = sanitise(dict(model or {}))
     clean_config = sanitise(dict(config if config is not None else audit.config.secret_free()))
@@ -473,6 +480,10 @@ def render_report(
             {"stage": _TIMING_LABELS.get(k, k), "outcome": "", "seconds": v}
             for k, v in audit.timings.items()
             if k in _TIMING_LABELS
+        ]
+        stages += [
+            {"stage": _TIMING_LABELS.get(k, k.replace("_", " ")), "outcome": "", "seconds": v}
+            for k, v in (stage_seconds or {}).items()
         ]
 
     from leapcore.figures import ANNOTATE_FROM, colour_bar_css
