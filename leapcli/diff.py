@@ -134,7 +134,8 @@ def diff_options(args: argparse.Namespace) -> tuple[Any, str]:
         config.diff_similarity_threshold,
     )
     values = [d if g is None else g for g, d in zip(given, defaults)]
-    return DiffThresholds(*values), args.pair_measure or config.diff_pair_measure
+    thresholds = DiffThresholds(*values, prototype_noise=config.diff_prototype_noise)
+    return thresholds, args.pair_measure or config.diff_pair_measure
 
 
 def read_samples(files: list[Any], side: Any) -> Any:

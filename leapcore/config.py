@@ -428,6 +428,17 @@ class EngineConfig(GeneralOptions):
         ge=0,
         le=1,
     )
+    diff_prototype_noise: float = _opt(
+        0.45,
+        "The noise bound on prototypes: a pair the audit diff measured on prototypes "
+        "(cross-checked, `diff_pair_measure` 'crossed' or 'samples' without samples) is flagged "
+        "from the larger of this and `diff_entanglement_threshold`.",
+        DIFF_STAGE,
+        note="Measured (docs/diff.md): seed-only retrains of the digits CNN moved a cross-checked "
+        "pair by up to 0.43, planted merges by 0.35-0.98.",
+        ge=0,
+        le=1,
+    )
     diff_pair_measure: Literal["samples", "crossed", "fixed", "own"] = _opt(
         "samples",
         "Which images the audit diff's pair probabilities are measured on, with both models: "

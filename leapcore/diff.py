@@ -104,7 +104,7 @@ class DiffThresholds:
         similarity: a feature cosine below which the prototypes count as dissimilar.
         prototype_noise: the noise bound on prototypes: a pair measured on prototypes
             (cross-checked, :func:`~leapcore.diff_pairs.crossed_pair_probabilities`) is flagged
-            from ``max(entanglement, prototype_noise)``. Measured: seed-only retrains of the
+            from ``max(entanglement, prototype_noise)`` (config ``diff_prototype_noise``). Measured: seed-only retrains of the
             digits CNN moved a cross-checked pair by up to 0.43 (``benchmarks/diff_testbed.py``
             with 3 prototypes per class; 0.18 with 1), planted merges by 0.35-0.98.
     """

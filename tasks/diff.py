@@ -194,11 +194,13 @@ def _fetch_previous(
 
 
 def thresholds_of(config: Any) -> dict[str, float]:
-    """The diff thresholds of the engine config (options ``diff_*_threshold``)."""
+    """The diff thresholds of the engine config (options ``diff_*_threshold`` and
+    ``diff_prototype_noise``)."""
     return {
         "entanglement": config.diff_entanglement_threshold,
         "quality": config.diff_quality_threshold,
         "similarity": config.diff_similarity_threshold,
+        "prototype_noise": config.diff_prototype_noise,
     }
 
 

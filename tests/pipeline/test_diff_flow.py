@@ -219,12 +219,15 @@ def test_leap_diff_compares_two_versions_and_logs_to_mlflow(two_audits, tmp_path
     assert not [r for r in again.to_pylist() if r["kind"] == "prototype"]
     # The thresholds come from a config file; a flag wins over it.
     config = tmp_path / "diff.json"
-    config.write_text('{"diff_entanglement_threshold": 0.95, "diff_quality_threshold": 0.5}')
+    config.write_text(
+        '{"diff_entanglement_threshold": 0.95, "diff_quality_threshold": 0.5, '
+        '"diff_prototype_noise": 0.6}'
+    )
     strict = tmp_path / "strict"
     args = ["diff", *runs, "--output-dir", str(strict), "--no-models", "--config", str(config)]
     assert main([*args, "--quality-threshold", "0.3"]) == 0
     meta = pq.read_table(strict / "diff.parquet").schema.metadata[b"leapcore.thresholds"]
-    thresholds = {"entanglement": 0.95, "quality": 0.3, "similarity": 0.5, "prototype_noise": 0.45}
+    thresholds = {"entanglement": 0.95, "quality": 0.3, "similarity": 0.5, "prototype_noise": 0.6}
     assert json.loads(meta) == thresholds
 
 
