@@ -6,7 +6,7 @@ seed-only retrain. Without samples (pairs on both versions' prototypes, cross-ch
 seed-only retrain must raise no pair either, and the 3-8 merge must come first. (benchmarks/
 diff_testbed.py: on samples all four merges tried, 3-8, 4-9, 5-6, 1-7, came first and four
 seed-only retrains moved no pair by more than 0.13; on prototypes averaged ('fixed') they moved
-pairs by up to 0.83, cross-checked by at most 0.18.) Plus the penultimate-layer features,
+pairs by up to 0.83, cross-checked by up to 0.43, so flagged from 0.45.) Plus the penultimate-layer features,
 verdicts and bad input."""
 
 from __future__ import annotations
