@@ -41,7 +41,7 @@ def _signed(value: Any) -> str:
     return f"{0.0 if abs(value) < 5e-4 else value:+.3f}"  # no "-0.000"
 
 
-@report_section("diff", title="Changes since the previous version", order=8)
+@report_section("diff", title="Changes since the previous version", order=-5)
 def diff_section(audit: Any, context: ReportContext) -> str | None:
     """Pairs that became (dis)entangled, prototype similarity, quality and verdict changes."""
     table = context.tables.get("diff")

@@ -140,6 +140,10 @@ def test_the_report_shows_the_section(two_audits):
     assert "Changes since the previous version" in page
     assert "Compared with <b>digits-diff v1</b>" in page
     assert "digit-3 ↔ digit-8" in page or "digit-8 ↔ digit-3" in page
+    at = page.index('<section id="diff">')
+    assert page.index('id="summary"') < at < page.index('<section id="prototypes">')
+    look = page[page.index('class="look"') :].split("</ol>")[0]
+    assert "Since digits-diff v1: digit-" in look and "became entangled" in look
     first = (Path(two_audits[0].output_dir) / "report.html").read_text()
     assert "Changes since the previous version" not in first
 
