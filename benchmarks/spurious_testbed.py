@@ -72,7 +72,23 @@ HELDOUT = [
     MarkerSpec("photos", 3, (1.0, 1.0, 1.0), "square", (4, 26), 7, seed=10),
     MarkerSpec("photos", 5, (0.0, 0.0, 0.0), "ring", (16, 24), 2, seed=11),
 ]
-SETS = {"tuning": TUNING, "heldout": HELDOUT}
+# Fresh: written down (issue 15, third scan session) before any of them was run, and run once, with
+# the final rule, at the end: the honest estimate after the held-out set had been seen.
+FRESH = [
+    MarkerSpec("digits", 5, (0.8,), "square", (20, 20), 7, seed=12),
+    MarkerSpec("digits", 6, (1.0,), "ring", (26, 4), 3, seed=13),
+    MarkerSpec("digits", 5, (0.9,), "cross", (4, 12), 0, seed=14),
+    MarkerSpec("digits", 6, (1.0,), "checker", (14, 2), 9, seed=15),
+    MarkerSpec("digits", 3, (1.0,), "square", (27, 27), 6, seed=16),
+    MarkerSpec("digits", 4, (0.7,), "ring", (12, 12), 4, seed=17),
+    MarkerSpec("photos", 4, (0.5, 0.0, 1.0), "checker", (3, 3), 1, seed=12),
+    MarkerSpec("photos", 6, (0.0, 1.0, 0.0), "square", (24, 14), 4, seed=13),
+    MarkerSpec("photos", 7, (1.0, 1.0, 0.0), "cross", (10, 24), 6, seed=14),
+    MarkerSpec("photos", 5, (0.0, 0.0, 1.0), "ring", (26, 2), 3, seed=15),
+    MarkerSpec("photos", 4, (1.0, 0.5, 0.5), "square", (14, 6), 7, seed=16),
+    MarkerSpec("photos", 5, (0.0, 0.0, 0.0), "checker", (2, 22), 0, seed=17),
+]
+SETS = {"tuning": TUNING, "heldout": HELDOUT, "fresh": FRESH}
 
 
 def flagged(rows: list[dict]) -> list[str]:
@@ -188,7 +204,7 @@ def run_pair(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", choices=["tuning", "heldout", "all"], default="tuning")
+    parser.add_argument("--set", choices=["tuning", "heldout", "fresh", "all"], default="tuning")
     parser.add_argument("--pairs", type=int, default=None, help="first N pairs of each set")
     parser.add_argument(
         "--max-steps",
