@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from leapcore.spurious import CLEAN, Evidence, ScanSettings, judge  # noqa: E402
+from leapcore.spurious import CLEAN, VERDICTS, Evidence, ScanSettings, judge  # noqa: E402
+from leapcore.spurious_probe import ProbeEvidence, judge_probe  # noqa: E402
 from tests.spurious.testbed import (  # noqa: E402
     MarkerSpec,
     audit_prototypes,
@@ -105,9 +106,9 @@ def summarise(records: list[dict], verdict=None) -> str:
     ``verdict(row) -> str`` the rows are re-judged first."""
     lines = [
         "| marker | marker flips held-out | verdict (marked) | conc / IoU / reappear / consist / "
-        "flip / control | "
+        "flip / control | probe reappear / flip / control | "
         "other classes flagged (marked) | flagged (clean twin) |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     hits = marked_alarms = twin_alarms = twins_alarmed = 0
     for rec in records:
@@ -130,9 +131,14 @@ def summarise(records: list[dict], verdict=None) -> str:
                 "control_flip_rate",
             )
         )
+        probe = " / ".join(
+            "n/a" if target.get(k) is None else format(target[k], ".2f")
+            for k in ("probe_reappearance", "probe_flip_rate", "probe_control_flip_rate")
+        )
         lines.append(
             f"| {rec['label']} | {rec['marker_flip_rate']:.0%} | {target['verdict']} | "
-            f"{numbers} | {', '.join(flagged(others)) or '-'} | {', '.join(flagged(twin)) or '-'} |"
+            f"{numbers} | {probe} | {', '.join(flagged(others)) or '-'} | "
+            f"{', '.join(flagged(twin)) or '-'} |"
         )
     n = len(records)
     lines.append(
@@ -149,7 +155,8 @@ def _nan(value) -> float:
 
 def rejudge(settings: ScanSettings):
     """A verdict function for :func:`summarise`: the current rule with ``settings`` applied to a
-    stored row (reappearance recomputed from the stored IoUs with the modal blob)."""
+    stored row (reappearance recomputed from the stored IoUs with the modal blob), and the paint
+    probe's rule on its stored numbers; the more severe verdict."""
 
     def verdict(row: dict) -> str:
         ious = (row.get("details") or {}).get("modal_iou") or []
@@ -165,7 +172,16 @@ def rejudge(settings: ScanSettings):
             _nan(row["flip_rate"]),
             _nan(row["control_flip_rate"]),
         )
-        return judge(evidence, settings)[0]
+        proto = judge(evidence, settings)[0]
+        probe = judge_probe(
+            ProbeEvidence(
+                flip_rate=_nan(row.get("probe_flip_rate")),
+                control_flip_rate=_nan(row.get("probe_control_flip_rate")),
+                reappearance=_nan(row.get("probe_reappearance")),
+            ),
+            settings,
+        )
+        return max(proto, probe, key=VERDICTS.index)
 
     return verdict
 
@@ -248,7 +264,8 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     options = {"max_steps": args.max_steps}
-    names = list(SETS) if args.set == "all" else [args.set]
+    # "all" is tuning and held-out: the fresh set is run on its own, once.
+    names = ["tuning", "heldout"] if args.set == "all" else [args.set]
     out: dict[str, list[dict]] = {name: [] for name in names}
     # Pairs of the sets in turn, so that a run cut short still covers each set.
     queue = [(i, name) for i in range(max(len(SETS[n]) for n in names)) for name in names]
