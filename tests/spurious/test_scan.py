@@ -66,16 +66,17 @@ def test_the_marked_class_is_flagged_and_the_clean_twin_raises_no_alarm(scanned)
     marked = by_class[spec.marker_class]
     assert marked.verdict in (SUSPICIOUS, LIKELY), marked.reason
     settings = ScanSettings()
-    # The paint probe: painted from four images of other classes, the blob lands in the same place
-    # and flips other images far more than the same shape half an image away. Measured: digits
-    # 1.00 vs 0.00 (reappearance 1.0), photos 0.58 vs 0.00 (1.0) at the engine's defaults.
+    # The paint probe: painted from images of other classes, the blob lands in the same place and
+    # flips other images far more than the same shape half an image away. Measured (150 steps):
+    # digits 1.00 vs 0.00 (6 pastes, reappearance 1.0), photos 0.60 vs 0.00 (20 pastes, 1.0).
     assert marked.probe_flip_rate - marked.probe_control_flip_rate >= settings.probe_likely_flip
     assert marked.probe_reappearance >= settings.placed_share
     assert "painted first whatever the image" in marked.reason
     assert "prototypes alone (no samples given)" in marked.reason
     assert [s.class_name for s in twin_scans if s.verdict != CLEAN] == []
-    # No class of the twin comes near the probe's threshold.
-    assert max(s.probe_flip_rate - s.probe_control_flip_rate for s in twin_scans) < 0.3
+    # No class of the twin reaches the probe's threshold (measured: digits 0.00, photos 0.15).
+    worst = max(s.probe_flip_rate - s.probe_control_flip_rate for s in twin_scans)
+    assert worst < settings.probe_suspicious_flip
     assert marked.evidence_png.startswith(b"\x89PNG") and marked.paste_png.startswith(b"\x89PNG")
 
 
