@@ -245,6 +245,11 @@ def test_table_metrics_and_tag(scanned) -> None:
     metrics = spurious_metrics(table)
     name = scans[spec.marker_class].class_name
     assert metrics[f"spurious/{name}/severity"] >= 1.0
+    marked = scans[spec.marker_class]
+    assert metrics[f"spurious/{name}/probe_flip_rate"] == pytest.approx(marked.probe_flip_rate)
+    row = table.to_pylist()[spec.marker_class]
+    assert row["probe_pastes"] == marked.probe_pastes > 0
+    assert "paint probe" in spurious_fragment(table)
     assert metrics["spurious/flagged_classes"] == sum(s.verdict != CLEAN for s in scans)
     assert name in spurious_tag(table)
 
