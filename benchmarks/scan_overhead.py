@@ -50,7 +50,8 @@ LIMIT = 0.25
 LITE0_CLASSES = ["goldfish", "tabby", "golden retriever", "Granny Smith", "daisy", "pizza", "robin"]
 # The scan's parts: module functions of leapcore.spurious timed while the scan runs.
 PARTS = ("extra_prototypes", "evidence_maps", "paste_flips", "evidence_png", "paste_png", "paint")
-MODULES = {"paint": spurious_probe}  # the rest are in leapcore.spurious
+# Where each part is looked up when called (the rest: leapcore.spurious only).
+MODULES = {"paint": (spurious_probe,), "paste_flips": (spurious, spurious_probe)}
 
 
 @dataclass
@@ -112,7 +113,7 @@ class PartTimer:
 
     def __enter__(self) -> PartTimer:
         for name in PARTS:
-            original = getattr(MODULES.get(name, spurious), name)
+            original = getattr(MODULES.get(name, (spurious,))[0], name)
             self._saved[name] = original
 
             def timed(*args, _f=original, _n=name, **kwargs):
@@ -123,12 +124,14 @@ class PartTimer:
                     self.seconds[_n] += time.perf_counter() - began
                     self.calls[_n] += 1
 
-            setattr(MODULES.get(name, spurious), name, timed)
+            for module in MODULES.get(name, (spurious,)):
+                setattr(module, name, timed)
         return self
 
     def __exit__(self, *exc) -> None:
         for name, original in self._saved.items():
-            setattr(MODULES.get(name, spurious), name, original)
+            for module in MODULES.get(name, (spurious,)):
+                setattr(module, name, original)
 
 
 def run_scan(case: Case, audit: engine.Audit, options: dict, settings: ScanSettings):

@@ -24,7 +24,6 @@ they refine equally far:
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -142,64 +141,3 @@ def screened_out_reason(scan, settings) -> str:
         f"pastes (screen {settings.screen_flip:.0%}) and holds {scan.concentration:.0%} of the "
         f"evidence (screen {settings.screen_concentration:.0%})"
     )
-
-
-def with_extras(model, prototypes, first, start, lr, samples, config, chunk_size, settings, names):
-    """The screen's second pass (when ``settings.extra_prototypes`` > 0; off by default since the
-    paint probe): the classes :func:`screen` passes are scanned again with
-    :func:`leapcore.spurious.extra_prototypes` added to their own images; the rest keep the
-    first pass ``first`` with a reason saying so."""
-    from leapcore.spurious import extra_prototypes, scan_classes
-
-    device = start.device
-    own_rows = [
-        r
-        for r in range(len(prototypes.images))
-        if len(prototypes.targets[prototypes.row_target(r)]) == 1
-    ]
-    images = prototypes.images[own_rows].to(device)
-    owners = [prototypes.targets[prototypes.row_target(r)][0] for r in own_rows]
-    chosen = screen(first, settings)
-    again: dict[int, Any] = {}
-    if chosen:
-        extra = extra_prototypes(
-            model, [[c] for c in chosen], start, config, lr, chunk_size, settings, prototypes.steps
-        )
-        extra_owner = [extra.targets[extra.row_target(r)][0] for r in range(len(extra.images))]
-        if settings.extra_targets:
-            both = torch.cat([images, extra.images.to(device)])
-            second = scan_classes(
-                model,
-                chosen,
-                names,
-                both,
-                owners + extra_owner,
-                samples,
-                config,
-                chunk_size,
-                settings,
-            )
-            again = {s.class_index: s for s in second}
-        for c in [] if settings.extra_targets else chosen:
-            # Each class's extras join its own evidence only: paste targets stay the audit's
-            # prototypes and the samples, whichever classes the screen passed.
-            rows = [r for r, o in enumerate(extra_owner) if o == c]
-            again[c] = scan_classes(
-                model,
-                [c],
-                names,
-                torch.cat([images, extra.images[rows].to(device)]),
-                owners + [c] * len(rows),
-                samples,
-                config,
-                chunk_size,
-                settings,
-            )[0]
-    out = []
-    for s in first:
-        if s.class_index in again:
-            out.append(again[s.class_index])
-        else:
-            s.reason = f"{s.reason}; {screened_out_reason(s, settings)}"
-            out.append(s)
-    return out

@@ -12,7 +12,7 @@ every scanned class at once (one batch):
 2. **paint**: ``probe_steps`` normalised gradient-ascent steps on the class's margin (its logit
    less the largest other logit), each moving the pixel of largest gradient by ``probe_step``
    (pixels in [0, 1]). The *paint map* is how far each pixel moved (summed over channels); its
-   blob is cut as the evidence maps' (:func:`leapcore.spurious.top_region`, ``region_share``).
+   blob is cut as the evidence maps' (:func:`leapcore.spurious_paste.top_region`, ``region_share``).
 3. **reappearance**: the share of the starts whose blob overlaps the modal blob
    (:func:`leapcore.spurious_verdict.reappearance`): a marker is painted in the same place
    whatever the start.
@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from leapcore.spurious_images import evidence_png, paste_png
+from leapcore.spurious_paste import decides, output_kind, paste_flips, top_region
 from leapcore.spurious_verdict import CLEAN, LIKELY, SUSPICIOUS, VERDICTS, reappearance
 
 
@@ -107,8 +109,6 @@ def probe_classes(
         settings: a :class:`~leapcore.spurious.ScanSettings`.
         chunk_size: images per model call.
     """
-    from leapcore.spurious import decides, output_kind, paste_flips, top_region
-
     kind = output_kind(model)
     out = {c: ProbeEvidence() for c in classes}
     if settings.probe_starts <= 0 or settings.probe_steps <= 0 or not len(pool):
@@ -196,8 +196,6 @@ def combine(scan: Any, p: ProbeEvidence, settings: Any) -> Any:
     """``scan`` (a :class:`~leapcore.spurious.ClassScan`) with the probe's numbers, and its
     verdict raised to the probe's when that is more severe (then its reason, evidence and pastes
     are the probe's)."""
-    from leapcore.spurious_images import evidence_png, paste_png
-
     scan.probe_flip_rate = p.flip_rate
     scan.probe_control_flip_rate = p.control_flip_rate
     scan.probe_reappearance = p.reappearance
