@@ -73,7 +73,13 @@ def paint(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(painted [N, C, H, W], paint map [N, H, W])``: ``steps`` normalised gradient-ascent steps
-    on ``classes[i]``'s margin from ``starts[i]`` (the largest gradient moves ``step`` a step)."""
+    on ``classes[i]``'s margin from ``starts[i]`` (the largest gradient moves ``step`` a step).
+    Gradients are on even inside a caller's ``torch.no_grad()``."""
+    with torch.enable_grad():
+        return _paint(model, starts, classes, steps, step, chunk_size)
+
+
+def _paint(model, starts, classes, steps, step, chunk_size):
     x = starts.detach().clone()
     cls = torch.tensor(classes, device=x.device)
     for _ in range(steps):

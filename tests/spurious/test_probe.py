@@ -51,7 +51,8 @@ def test_the_probe_paints_the_marker_in_place_and_it_flips_other_images() -> Non
 
 def test_paint_moves_the_largest_gradient_by_the_step() -> None:
     model, pool = _MarkerModel(), _pool()
-    painted, moved = paint(model, pool[:1], [1], 1, 0.2, 8)
+    with torch.no_grad():  # as a caller might hold it: paint turns gradients on itself
+        painted, moved = paint(model, pool[:1], [1], 1, 0.2, 8)
     # The corner's gradient is 10 a pixel against 10/64 elsewhere: the corner moves 0.2.
     assert torch.allclose(moved[0, :2, :2], torch.full((2, 2), 0.2), atol=1e-5)
     assert moved[0, 2:, 2:].max() < 0.01
