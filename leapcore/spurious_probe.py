@@ -79,7 +79,14 @@ def paint(
         return _paint(model, starts, classes, steps, step, chunk_size)
 
 
-def _paint(model, starts, classes, steps, step, chunk_size):
+def _paint(
+    model: torch.nn.Module,
+    starts: torch.Tensor,
+    classes: list[int],
+    steps: int,
+    step: float,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = starts.detach().clone()
     cls = torch.tensor(classes, device=x.device)
     for _ in range(steps):
