@@ -167,6 +167,7 @@ class ClassScan:
     probe_control_flip_rate: float = float("nan")
     probe_reappearance: float = float("nan")
     probe_pastes: int = 0
+    decided_by: str = "images"  # which rule set the verdict: "images" or "paint probe"
     evidence_png: bytes = field(default=b"", repr=False)
     paste_png: bytes = field(default=b"", repr=False)
     details: dict = field(default_factory=dict, repr=False)  # per-image numbers (not in the table)

@@ -218,6 +218,7 @@ def combine(scan: Any, p: ProbeEvidence, settings: Any) -> Any:
     words = describe_probe(p)
     if VERDICTS.index(verdict) > VERDICTS.index(scan.verdict):
         scan.verdict = verdict
+        scan.decided_by = "paint probe"
         scan.reason = (
             "a small region in a fixed place, painted first whatever the image, flips other "
             f"classes' images: {words}; on its own images: {scan.reason}"

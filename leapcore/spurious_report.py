@@ -38,6 +38,7 @@ SCHEMA = pa.schema(
         ("probe_control_flip_rate", pa.float32()),
         ("probe_reappearance", pa.float32()),
         ("probe_pastes", pa.int32()),
+        ("decided_by", pa.string()),
         ("prototypes", pa.int32()),
         ("samples", pa.int32()),
         ("evidence_png", pa.binary()),

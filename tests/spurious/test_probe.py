@@ -79,3 +79,28 @@ def test_probe_verdict_thresholds() -> None:
     assert verdict(0.9, control=0.9 - s.probe_suspicious_flip + 0.05) == CLEAN
     assert verdict(0.9, reappear=s.placed_share - 0.05) == CLEAN
     assert verdict(float("nan"), float("nan"), float("nan")) == CLEAN
+
+
+def test_a_probe_verdict_is_told_with_the_probes_numbers() -> None:
+    import pyarrow as pa
+
+    from leapcore.highlights import spurious_highlights
+    from leapcore.report import ReportContext
+
+    common = {"concentration": 0.2, "flip_rate": 0.0, "control_flip_rate": 0.0}
+    common |= {"probe_flip_rate": 0.0, "probe_control_flip_rate": 0.0}
+    table = pa.Table.from_pylist(
+        [
+            {"class_name": "ring", "verdict": "suspicious", "decided_by": "images", **common}
+            | {"flip_rate": 0.6},
+            {"class_name": "marker", "verdict": "likely spurious", "decided_by": "paint probe"}
+            | common
+            | {"probe_flip_rate": 0.9, "probe_control_flip_rate": 0.05},
+        ]
+    )
+    items = spurious_highlights(None, ReportContext(tables={"spurious": table}))
+    # The probe's numbers, not the class's own images' (whose blob flipped nothing).
+    assert "marker is likely spurious: painted briefly" in items[0]
+    assert "flips 90 % of them" in items[0] and "(5 % when pasted elsewhere)" in items[0]
+    assert "ring is suspicious: a small blob holds 20 % of its evidence" in items[1]
+    assert "flips 60 % of them" in items[1]

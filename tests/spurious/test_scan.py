@@ -71,7 +71,9 @@ def test_the_marked_class_is_flagged_and_the_clean_twin_raises_no_alarm(scanned)
     # digits 1.00 vs 0.00 (6 pastes, reappearance 1.0), photos 0.60 vs 0.00 (20 pastes, 1.0).
     assert marked.probe_flip_rate - marked.probe_control_flip_rate >= settings.probe_likely_flip
     assert marked.probe_reappearance >= settings.placed_share
-    assert "painted first whatever the image" in marked.reason
+    assert (
+        "painted first whatever the image" in marked.reason and marked.decided_by == "paint probe"
+    )
     assert "prototypes alone (no samples given)" in marked.reason
     assert [s.class_name for s in twin_scans if s.verdict != CLEAN] == []
     # No class of the twin reaches the probe's threshold (measured: digits 0.00, photos 0.15).
