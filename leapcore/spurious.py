@@ -24,6 +24,12 @@ rate over the control) and the verdict rule are in :mod:`leapcore.spurious_verdi
 ``logits`` models, a sigmoid probability >= 0.5 for ``multilabel_logits`` models (other classes may
 stay present). Paste targets are the user's samples first, then other classes' prototypes.
 
+Most classes have one image of their own (one prototype, no samples), so no position can be
+compared there. The **paint probe** (:mod:`leapcore.spurious_probe`) therefore paints each class
+briefly onto several images of other classes and judges where that paint lands and whether it
+alone flips other images; a class's verdict is the more severe of the two rules
+(``ClassScan.decided_by`` says which set it).
+
 This module runs the algorithm on tensors; prototypes are made by :mod:`leapcore.prototypes`
 (:func:`extra_prototypes`) and the pipeline stage is ``tasks/scan.py``.
 """
