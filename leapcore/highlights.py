@@ -23,9 +23,21 @@ def spurious_highlights(audit: Any, context: ReportContext) -> list[str]:
     if table is None or "verdict" not in table.column_names:
         return []
     rows = [r for r in table.to_pylist() if r["verdict"] in ("likely spurious", "suspicious")]
-    rows.sort(key=lambda r: (r["verdict"] != "likely spurious", -(r.get("flip_rate") or 0.0)))
+
+    def probe(r: dict) -> bool:  # the scan's paint probe set the verdict (leapcore.spurious_probe)
+        return r.get("decided_by") == "paint probe"
+
+    def flips(r: dict) -> float:
+        return (r.get("probe_flip_rate") if probe(r) else r.get("flip_rate")) or 0.0
+
+    rows.sort(key=lambda r: (r["verdict"] != "likely spurious", -flips(r)))
     return [
-        f"Spurious-feature scan: {r['class_name']} is {r['verdict']}: a small blob holds "
+        f"Spurious-feature scan: {r['class_name']} is {r['verdict']}: painted briefly onto images "
+        "of other classes, it puts a small blob in one place that, pasted onto other images, "
+        f"flips {fmt_pct(r.get('probe_flip_rate'))} of them to it "
+        f"({fmt_pct(r.get('probe_control_flip_rate'))} when pasted elsewhere)."
+        if probe(r)
+        else f"Spurious-feature scan: {r['class_name']} is {r['verdict']}: a small blob holds "
         f"{fmt_pct(r.get('concentration'))} of its evidence and, pasted onto images of other "
         f"classes, flips {fmt_pct(r.get('flip_rate'))} of them to it "
         f"({fmt_pct(r.get('control_flip_rate'))} when pasted elsewhere)."
