@@ -9,10 +9,13 @@ same data with the same schedule, and either
 - **merge a-b + seed s**: both.
 
 Every version is audited (all 10 classes, isolation off) with the engine's defaults except the
-objective, which is the default ``margin`` and leap-ie's ``logit``; then ``diff_audits(v1, v)`` runs
-once per pair measure (:data:`leapcore.diff_pairs.PAIR_MEASURES`; ``samples`` on 10 and on 3
-held-out digits per class that no version trained on). Printed per version, objective and measure: the top pair and
-its change, and for merges the merged pair's rank, its change and its lead over the next pair.
+objective, which is the default ``margin`` and leap-ie's ``logit`` (``--objectives``), and
+``--prototypes-per-class`` (default 1); then ``diff_audits(v1, v)`` runs once per pair measure
+(:data:`leapcore.diff_pairs.PAIR_MEASURES`: ``own``, ``fixed``, ``crossed``, and ``samples`` on 10
+and on 3 held-out digits per class that no version trained on). Printed per version, objective and
+measure: for seed-only retrains the top pair and whether any pair was flagged (an ALARM: the drift
+event would fire); for merges the merged pair's rank in the table, its change, its lead over the
+next pair's judged change and whether it (and how many other pairs) was flagged.
 
 Run: ``PYTHONPATH=$PWD python benchmarks/diff_testbed.py [--max-steps N] [--threads T]``. About
 10 s per trained version and 8 s per default audit on one CPU core (about 4 minutes in all).
@@ -50,31 +53,49 @@ VERSIONS = [
 ]
 OBJECTIVES = ("margin", "logit")
 # (pair measure, held-out samples per class or None)
-COLUMNS = [("own", None), ("fixed", None), ("samples", 10), ("samples", 3)]
+COLUMNS = [("own", None), ("fixed", None), ("crossed", None), ("samples", 10), ("samples", 3)]
 
 
-def audit(model: torch.nn.Module, label: str, objective: str, steps: int | None) -> AuditSide:
+def audit(
+    model: torch.nn.Module, label: str, objective: str, steps: int | None, per_class: int = 1
+) -> AuditSide:
     config = {"input_dim": [1, 32, 32], "isolation": False, "objective": objective}
+    config["prototypes_per_class"] = per_class
     if steps:
         config["max_steps"] = steps
     result = engine.run(model, DIGIT_NAMES, config, list(range(10)), Normalise(), device="cpu")
     return AuditSide(label, DIGIT_NAMES, audit_tables(result), model, Normalise())
 
 
-def describe(diff, merge: tuple[int, int] | None, threshold: float) -> str:
+def _judged(row: dict) -> float:
+    """The change the diff judged the row by (``leapcore.diff_pairs.judged_change``)."""
+    if "not cross-checked" in row["detail"]:
+        return 0.0
+    if "cross-checked" in row["detail"]:
+        return max(row["change"], 0.0)
+    return abs(row["change"])
+
+
+def describe(diff, merge: tuple[int, int] | None) -> str:
+    """Seed-only: the top pair and whether any pair was flagged (an ALARM: the drift event would
+    fire). Merge: the merged pair's rank in the table, its change, its lead over the next pair's
+    judged change, and whether it was flagged."""
     pairs = diff.rows("entanglement")
     top = pairs[0]
     text = f"{top['target']}-{top['other']} {top['change']:+.2f}"
+    flagged = [r for r in pairs if r["flag"]]
     if merge is None:
-        alarm = "ALARM" if abs(top["change"]) >= threshold else "ok"
-        return f"top {text} ({alarm})"
+        return f"top {text} ({'ALARM' if flagged else 'ok'})"
     want = {str(merge[0]), str(merge[1])}
     rank = next(i for i, r in enumerate(pairs) if {r["target"], r["other"]} == want)
     mine = pairs[rank]
-    others = [r for r in pairs if r is not mine]
-    lead = mine["change"] - abs(others[0]["change"])
-    return f"rank {rank + 1} {mine['change']:+.2f} lead {lead:+.2f}" + (
-        "" if rank == 0 else f" (top {text})"
+    lead = _judged(mine) - max(_judged(r) for r in pairs if r is not mine)
+    flag = "flagged" if mine["flag"] else "not flagged"
+    extra = [f"top {text}"] if rank else []
+    if len(flagged) > (1 if mine["flag"] else 0):
+        extra.append(f"{len(flagged) - (1 if mine['flag'] else 0)} other flagged")
+    return f"rank {rank + 1} {mine['change']:+.2f} lead {lead:+.2f} {flag}" + (
+        f" ({'; '.join(extra)})" if extra else ""
     )
 
 
@@ -83,6 +104,10 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="default: the engine's")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="version labels to run (default all)")
+    parser.add_argument("--objectives", nargs="*", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument(
+        "--prototypes-per-class", type=int, default=1, help="the audits' prototypes_per_class"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
@@ -91,20 +116,25 @@ def main() -> None:
     versions = [v for v in VERSIONS if not args.only or v[0] in args.only]
     base = train_version(None)
     rows = []
-    for objective in OBJECTIVES:
-        v1 = audit(base, "v1", objective, args.max_steps)
+    per_class = args.prototypes_per_class
+    for objective in args.objectives:
+        v1 = audit(base, "v1", objective, args.max_steps, per_class)
         for label, merge, seed in versions:
-            v2 = audit(train_version(merge, seed=seed), label, objective, args.max_steps)
+            model = train_version(merge, seed=seed)
+            v2 = audit(model, label, objective, args.max_steps, per_class)
             cells = []
             for measure, images in COLUMNS:
                 diff = diff_audits(v1, v2, pair_measure=measure, samples=sample_sets.get(images))
-                cells.append(describe(diff, merge, threshold))
+                cells.append(describe(diff, merge))
             rows.append((label, objective, *cells))
             print(
                 f"  {label} / {objective} done at {time.perf_counter() - began:.0f} s", flush=True
             )
     steps = args.max_steps or "default"
-    print(f"\nmax_steps {steps}; entanglement threshold {threshold}\n")
+    print(
+        f"\nmax_steps {steps}; prototypes_per_class {per_class}; "
+        f"entanglement threshold {threshold}\n"
+    )
     heads = [m if n is None else f"{m} ({n}/class)" for m, n in COLUMNS]
     print("| version | objective | " + " | ".join(heads) + " |")
     print("|---|---|" + "---|" * len(COLUMNS))

@@ -12,14 +12,18 @@ digit and prints:
    augmented views of the held-out digits (shifts, rotations, scaling).
 2. **Measures**: Spearman over the 45 unordered pairs between each measure and the held-out
    confusion, mean (worst) over the models, hard and soft, plus the measure's own time per audit
-   and its ratio to the prototype stage. Every measure reads the same prototypes, per objective.
+   and its ratio to the prototype stage, then each model's soft Spearman. Every measure reads the
+   same prototypes, per objective; the default is computed by ``engine.score_entanglement`` itself
+   (the relaxed share times the probe's, geometric mean), beside its two halves alone.
 
     PYTHONPATH=. python benchmarks/entanglement.py [--objectives margin logit] [--models 12]
         [--defaults] [--all]
 
 ``--defaults`` runs the engine's default schedule (slow on a CPU); otherwise the digits tests'
-fast one (100 steps, transform ``s``, lr 0.05). ``--all`` adds the data-free boundary measures that
-lost (targeted ease, escape, barrier, linearised boundary distance).
+fast one (100 steps, transform ``s``, lr 0.05). ``--all`` adds the measures that lost: the
+extrapolated relaxation, a column prior from blurred prototypes, the logit correlation across the
+relaxed prototypes, and the data-free boundary measures (targeted ease, escape, barrier, linearised
+boundary distance).
 """
 
 from __future__ import annotations
@@ -38,7 +42,13 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leapcore import engine  # noqa: E402
-from leapcore.entanglement import entanglement, pair_entanglement, relaxed_logits  # noqa: E402
+from leapcore.entanglement import (  # noqa: E402
+    entanglement,
+    pair_entanglement,
+    probed,
+    relaxed_logits,
+    share,
+)
 from tests.engine.engine_support import train_digits  # noqa: E402
 
 MODELS = [
@@ -135,10 +145,58 @@ def m_leap(net, images, audit) -> np.ndarray:
     return entanglement(audit.baseline.logits, audit.prototypes.logits, measure="leap").numpy()
 
 
+def m_default(net, images, audit) -> np.ndarray:
+    """The engine's default measure, through ``engine.score_entanglement`` itself."""
+    config = audit.config.model_copy(update={"entanglement_measure": "relaxed"})
+    scores = engine.score_entanglement(
+        net,
+        audit.prototypes,
+        audit.baseline.logits,
+        config,
+        torch.device("cpu"),
+        64,
+        audit.baseline.image,
+    )
+    return pair_entanglement(scores).numpy()
+
+
 def m_relaxed(net, images, audit, steps: int = 10, step: float = 0.02) -> np.ndarray:
     mask = F.one_hot(TARGETS, 10).bool()
     z = relaxed_logits(net, images, mask, steps, step)
     return pair_entanglement(entanglement(audit.baseline.logits, z)).numpy()
+
+
+def m_probe(net, images, audit, steps: int = 20, step: float = 0.05) -> np.ndarray:
+    """``share`` on the probe alone: the start image after 20 signed steps of 0.05 up the target."""
+    z = probed(net, audit.baseline.image, F.one_hot(TARGETS, 10).bool(), steps, step)
+    return pair_entanglement(share(z)).numpy()
+
+
+def m_extrapolated(net, images, audit, lam: float = 2.0) -> np.ndarray:
+    """``share`` of ``z_r + lam (z_r - z_p)``: the relaxation (10 x 0.01) extrapolated in logits."""
+    mask = F.one_hot(TARGETS, 10).bool()
+    z = relaxed_logits(net, images, mask, 10, 0.01)
+    return pair_entanglement(share(z + lam * (z - audit.prototypes.logits), mask)).numpy()
+
+
+def m_relaxed_blur_prior(net, images, audit) -> np.ndarray:
+    """log relaxed pair score + 0.5 log of a column prior: each class's mean non-target share on
+    the prototypes blurred (Gaussian, sigma 2 px); a data-free estimate of 'attractor' classes."""
+    import torchvision.transforms.functional as TF
+
+    mask = F.one_hot(TARGETS, 10).bool()
+    with torch.no_grad():
+        blurred = share(net(TF.gaussian_blur(images, 9, 2.0)), mask).masked_fill(mask, torch.nan)
+    prior = blurred.nanmean(0)
+    pairs = np.log(m_relaxed(net, images, audit) + 1e-30)
+    return pairs + 0.5 * np.log((prior[:, None] * prior[None, :]).numpy() + 1e-30)
+
+
+def m_logit_correlation(net, images, audit) -> np.ndarray:
+    """Correlation of the class logits across the ten relaxed prototypes."""
+    z = relaxed_logits(net, images, F.one_hot(TARGETS, 10).bool(), 10, 0.02)
+    z = F.normalize(z - z.mean(0), dim=0)
+    return (z.T @ z).numpy()
 
 
 def m_targeted_ease(net, images, audit, k: int = 1, eps: float = 0.02) -> np.ndarray:
@@ -197,11 +255,16 @@ def m_boundary_distance(net, images, audit) -> np.ndarray:
 
 
 MEASURES: dict[str, Callable] = {
-    "relaxed (default: share after 10 steps of 0.02)": m_relaxed,
+    "relaxed (default: relaxed x probe)": m_default,
+    "relaxed without the probe (10 x 0.02)": m_relaxed,
+    "probe alone (20 x 0.05 from the start image)": m_probe,
     "share": m_share,
     "leap (leap-ie's formula)": m_leap,
 }
 MORE: dict[str, Callable] = {
+    "relaxed, extrapolated (10 x 0.01, lam 2)": m_extrapolated,
+    "relaxed + blurred-prototype column prior": m_relaxed_blur_prior,
+    "logit correlation across relaxed prototypes": m_logit_correlation,
     "relaxed, 20 steps of 0.01": lambda n, i, a: m_relaxed(n, i, a, 20, 0.01),
     "relaxed, 40 steps of 0.01": lambda n, i, a: m_relaxed(n, i, a, 40, 0.01),
     "targeted ease a->b (log p_b, 1 step)": m_targeted_ease,
@@ -238,6 +301,7 @@ def main() -> None:
     for epochs, size, seed in MODELS[: args.models]:
         digits = train_digits(epochs, size, seed)
         net = torch.nn.Sequential(digits.preprocessing, digits.model).eval()
+        net.num_classes = 10  # what engine.score_entanglement reads of a LogitsModel
         with torch.no_grad():
             logits = net(digits.test_x)
             views = augmented(digits.test_x, seed)
@@ -293,6 +357,13 @@ def main() -> None:
                 cells.append(" | ".join(parts))
             print(f"  {name:46s} {cells[0]}     {cells[1]}     {t:6.3f}   {t / proto:.3f}")
         print(f"  (prototype stage: {proto:.2f} s per audit)")
+        print(
+            f"\n  per model, soft (objective {objective}): "
+            + " ".join(f"{m[2]:>5d}" for m in MODELS)
+        )
+        for name in measures:
+            v = np.array(scores[(objective, name)])[:, 1]
+            print(f"  {name:46s} " + " ".join(f"{x:5.2f}" for x in v))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python benchmarks/scan_overhead.py --models lite0 --classes 5
     python benchmarks/scan_overhead.py --models digits --quick   # max_steps 200, to try the script
     python benchmarks/scan_overhead.py --models digits --pipeline  # + audit_model with/without scan
-    python benchmarks/scan_overhead.py --settings '{"screen_flip": 0, "screen_concentration": 0}'
+    python benchmarks/scan_overhead.py --settings '{"extra_prototypes": 2}'   # + the old screen
 
 Models: ``digits`` (the test bed's 1x32x32 digits CNN, 10 classes), ``photos`` (its 3x32x32
 photo-patch CNN, 8 classes) and ``lite0`` (the pretrained EfficientNet-Lite0 of ``leap demo``, 224
@@ -15,9 +15,10 @@ In one process, side by side, per model: the audit (``engine.run``: baseline, le
 prototypes, entanglement, isolation; every engine default: 1000 max steps with early stopping,
 isolation on) runs ``--repeats`` times, and between the first two the scan
 (:func:`leapcore.spurious.scan_audit` with the default :class:`~leapcore.spurious.ScanSettings`, as
-the pipeline's ``scan_spurious`` stage runs it: a first pass over every class, extra prototypes
-and a second pass for the screened classes) runs on the first audit's prototypes. The scan's
-time is broken down by part (extra prototypes, evidence maps, pastes, PNGs, the rest). The
+the pipeline's ``scan_spurious`` stage runs it: a pass over every class on the audit's own
+images, then every class's paint probe; extra prototypes and a second pass for the screened
+classes only with ``extra_prototypes`` > 0) runs on the first audit's prototypes. The scan's time
+is broken down by part (paint steps, extra prototypes, evidence maps, pastes, PNGs, the rest). The
 pipeline's own costs (Arrow tables, report, MLflow, W&B) are left out of the audit's time, so the
 engine ratio is an upper bound of what the scan adds to ``audit_model``; ``--pipeline`` also times
 ``flows.audit.audit_model`` on the model with and without ``skip=["scan"]`` (real MLflow, sqlite in
@@ -41,14 +42,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from leapcore import engine, spurious  # noqa: E402
+from leapcore import engine, spurious, spurious_probe  # noqa: E402
 from leapcore.config import load_config  # noqa: E402
 from leapcore.spurious import ScanSettings, scan_audit  # noqa: E402
 
 LIMIT = 0.25
 LITE0_CLASSES = ["goldfish", "tabby", "golden retriever", "Granny Smith", "daisy", "pizza", "robin"]
 # The scan's parts: module functions of leapcore.spurious timed while the scan runs.
-PARTS = ("extra_prototypes", "evidence_maps", "paste_flips", "evidence_png", "paste_png")
+PARTS = ("extra_prototypes", "evidence_maps", "paste_flips", "evidence_png", "paste_png", "paint")
+# Where each part is looked up when called (the rest: leapcore.spurious only).
+MODULES = {"paint": (spurious_probe,), "paste_flips": (spurious, spurious_probe)}
 
 
 @dataclass
@@ -99,7 +102,9 @@ def lite0_case(classes: int) -> Case:
 
 
 class PartTimer:
-    """Wraps :data:`PARTS` of :mod:`leapcore.spurious` to add up the seconds spent in each."""
+    """Wraps :data:`PARTS` of :mod:`leapcore.spurious` (the paint probe's gradient steps of
+    :mod:`leapcore.spurious_probe`) to add up the seconds spent in each; the probe's pastes count
+    under ``paste_flips``."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -108,7 +113,7 @@ class PartTimer:
 
     def __enter__(self) -> PartTimer:
         for name in PARTS:
-            original = getattr(spurious, name)
+            original = getattr(MODULES.get(name, (spurious,))[0], name)
             self._saved[name] = original
 
             def timed(*args, _f=original, _n=name, **kwargs):
@@ -119,12 +124,14 @@ class PartTimer:
                     self.seconds[_n] += time.perf_counter() - began
                     self.calls[_n] += 1
 
-            setattr(spurious, name, timed)
+            for module in MODULES.get(name, (spurious,)):
+                setattr(module, name, timed)
         return self
 
     def __exit__(self, *exc) -> None:
         for name, original in self._saved.items():
-            setattr(spurious, name, original)
+            for module in MODULES.get(name, (spurious,)):
+                setattr(module, name, original)
 
 
 def run_scan(case: Case, audit: engine.Audit, options: dict, settings: ScanSettings):
@@ -187,8 +194,9 @@ def measure(case: Case, options: dict, repeats: int, settings: ScanSettings) -> 
     steps = first.prototypes.extras.get("stopped_at") if first.prototypes.extras else None
     print(f"audit prototype steps: {first.prototypes.steps} (rows stopped at {steps})")
     print(
-        f"scan: {scan_seconds:.1f} s ({settings.extra_prototypes} extra prototypes x "
-        f"<= {settings.steps(cfg, first.prototypes.steps)} steps per class)"
+        f"scan: {scan_seconds:.1f} s (paint probe {settings.probe_starts} starts x "
+        f"{settings.probe_steps} steps per class; {settings.extra_prototypes} extra prototypes x "
+        f"<= {settings.steps(cfg, first.prototypes.steps)} steps per screened class)"
     )
     accounted = 0.0
     for name in PARTS:

@@ -8,11 +8,13 @@ and the scan with its default settings (:class:`leapcore.spurious.ScanSettings`)
 - false alarm (marked): another class of the marked model is flagged;
 - false alarm (twin): any class of the clean twin is flagged.
 
-Two sets of pairs: ``tuning`` (the 12 pairs the verdict thresholds were chosen on) and ``heldout``
-(12 more pairs, other seeds, sizes, colours, patterns, positions and marker classes, never used to
-choose anything: their rates are the honest estimate).
+Three sets of pairs: ``tuning`` (the 12 pairs every threshold and the paint probe's budget were
+chosen on), ``heldout`` (12 more pairs, other seeds, sizes, colours, patterns, positions and marker
+classes; seen while earlier rules were made) and ``fresh`` (12 pairs, seeds 12-17, written down
+before any was run and run once with the final rule: the honest estimate). ``--set all`` runs
+tuning and held-out.
 
-Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldout|all]
+Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldout|fresh|all]
 [--pairs N] [--max-steps S] [--samples N] [--json FILE]``. The audits use the engine's defaults
 (``max_steps`` 1000, prototypes stop early): about 20 s a pair on one CPU core of a loaded
 machine, 1.4 times the fast tests' 150 steps (``--max-steps 150``). Prints a markdown table and the totals per set; ``--json`` also writes every
@@ -33,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from leapcore.spurious import CLEAN, Evidence, ScanSettings, judge  # noqa: E402
+from leapcore.spurious import CLEAN, VERDICTS, Evidence, ScanSettings, judge  # noqa: E402
+from leapcore.spurious_probe import ProbeEvidence, judge_probe  # noqa: E402
 from tests.spurious.testbed import (  # noqa: E402
     MarkerSpec,
     audit_prototypes,
@@ -72,7 +75,23 @@ HELDOUT = [
     MarkerSpec("photos", 3, (1.0, 1.0, 1.0), "square", (4, 26), 7, seed=10),
     MarkerSpec("photos", 5, (0.0, 0.0, 0.0), "ring", (16, 24), 2, seed=11),
 ]
-SETS = {"tuning": TUNING, "heldout": HELDOUT}
+# Fresh: written down (issue 15, third scan session) before any of them was run, and run once, with
+# the final rule, at the end: the honest estimate after the held-out set had been seen.
+FRESH = [
+    MarkerSpec("digits", 5, (0.8,), "square", (20, 20), 7, seed=12),
+    MarkerSpec("digits", 6, (1.0,), "ring", (26, 4), 3, seed=13),
+    MarkerSpec("digits", 5, (0.9,), "cross", (4, 12), 0, seed=14),
+    MarkerSpec("digits", 6, (1.0,), "checker", (14, 2), 9, seed=15),
+    MarkerSpec("digits", 3, (1.0,), "square", (27, 27), 6, seed=16),
+    MarkerSpec("digits", 4, (0.7,), "ring", (12, 12), 4, seed=17),
+    MarkerSpec("photos", 4, (0.5, 0.0, 1.0), "checker", (3, 3), 1, seed=12),
+    MarkerSpec("photos", 6, (0.0, 1.0, 0.0), "square", (24, 14), 4, seed=13),
+    MarkerSpec("photos", 7, (1.0, 1.0, 0.0), "cross", (10, 24), 6, seed=14),
+    MarkerSpec("photos", 5, (0.0, 0.0, 1.0), "ring", (26, 2), 3, seed=15),
+    MarkerSpec("photos", 4, (1.0, 0.5, 0.5), "square", (14, 6), 7, seed=16),
+    MarkerSpec("photos", 5, (0.0, 0.0, 0.0), "checker", (2, 22), 0, seed=17),
+]
+SETS = {"tuning": TUNING, "heldout": HELDOUT, "fresh": FRESH}
 
 
 def flagged(rows: list[dict]) -> list[str]:
@@ -89,9 +108,9 @@ def summarise(records: list[dict], verdict=None) -> str:
     ``verdict(row) -> str`` the rows are re-judged first."""
     lines = [
         "| marker | marker flips held-out | verdict (marked) | conc / IoU / reappear / consist / "
-        "flip / control | "
+        "flip / control | probe reappear / flip / control | "
         "other classes flagged (marked) | flagged (clean twin) |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     hits = marked_alarms = twin_alarms = twins_alarmed = 0
     for rec in records:
@@ -114,9 +133,14 @@ def summarise(records: list[dict], verdict=None) -> str:
                 "control_flip_rate",
             )
         )
+        probe = " / ".join(
+            "n/a" if target.get(k) is None else format(target[k], ".2f")
+            for k in ("probe_reappearance", "probe_flip_rate", "probe_control_flip_rate")
+        )
         lines.append(
             f"| {rec['label']} | {rec['marker_flip_rate']:.0%} | {target['verdict']} | "
-            f"{numbers} | {', '.join(flagged(others)) or '-'} | {', '.join(flagged(twin)) or '-'} |"
+            f"{numbers} | {probe} | {', '.join(flagged(others)) or '-'} | "
+            f"{', '.join(flagged(twin)) or '-'} |"
         )
     n = len(records)
     lines.append(
@@ -133,7 +157,8 @@ def _nan(value) -> float:
 
 def rejudge(settings: ScanSettings):
     """A verdict function for :func:`summarise`: the current rule with ``settings`` applied to a
-    stored row (reappearance recomputed from the stored IoUs with the modal blob)."""
+    stored row (reappearance recomputed from the stored IoUs with the modal blob), and the paint
+    probe's rule on its stored numbers; the more severe verdict."""
 
     def verdict(row: dict) -> str:
         ious = (row.get("details") or {}).get("modal_iou") or []
@@ -149,7 +174,16 @@ def rejudge(settings: ScanSettings):
             _nan(row["flip_rate"]),
             _nan(row["control_flip_rate"]),
         )
-        return judge(evidence, settings)[0]
+        proto = judge(evidence, settings)[0]
+        probe = judge_probe(
+            ProbeEvidence(
+                flip_rate=_nan(row.get("probe_flip_rate")),
+                control_flip_rate=_nan(row.get("probe_control_flip_rate")),
+                reappearance=_nan(row.get("probe_reappearance")),
+            ),
+            settings,
+        )
+        return max(proto, probe, key=VERDICTS.index)
 
     return verdict
 
@@ -188,7 +222,7 @@ def run_pair(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", choices=["tuning", "heldout", "all"], default="tuning")
+    parser.add_argument("--set", choices=["tuning", "heldout", "fresh", "all"], default="tuning")
     parser.add_argument("--pairs", type=int, default=None, help="first N pairs of each set")
     parser.add_argument(
         "--max-steps",
@@ -232,7 +266,8 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     options = {"max_steps": args.max_steps}
-    names = list(SETS) if args.set == "all" else [args.set]
+    # "all" is tuning and held-out: the fresh set is run on its own, once.
+    names = ["tuning", "heldout"] if args.set == "all" else [args.set]
     out: dict[str, list[dict]] = {name: [] for name in names}
     # Pairs of the sets in turn, so that a run cut short still covers each set.
     queue = [(i, name) for i in range(max(len(SETS[n]) for n in names)) for name in names]

@@ -242,6 +242,12 @@ def _report(
         title=f"Audit of {ctx.model.uri}",
         html=call.plan.on("render_report"),
         extras=extras or None,
+        stage_seconds={
+            stage.name: round(out[stage.name].seconds, 3)
+            for stage in load_stages()
+            if getattr(out.get(stage.name), "seconds", None) is not None
+        }
+        or None,
     )
     wandb_run_id = new_run_id() if call.plan.on("publish_wandb") else None
     call.wandb_run_id = wandb_run_id

@@ -134,7 +134,8 @@ def diff_options(args: argparse.Namespace) -> tuple[Any, str]:
         config.diff_similarity_threshold,
     )
     values = [d if g is None else g for g, d in zip(given, defaults)]
-    return DiffThresholds(*values), args.pair_measure or config.diff_pair_measure
+    thresholds = DiffThresholds(*values, prototype_noise=config.diff_prototype_noise)
+    return thresholds, args.pair_measure or config.diff_pair_measure
 
 
 def read_samples(files: list[Any], side: Any) -> Any:
@@ -166,6 +167,8 @@ def write_diff(diff: Any, out: Path) -> list[Path]:
 
 def print_diff(diff: Any, top: int = 10) -> None:
     """The diff on the terminal: pairs, prototype similarity, flagged quality and verdicts."""
+    from leapcore.diff import judged_text
+
     say(f"leap diff: {diff.current} vs {diff.previous}")
     for note in diff.notes:
         say(f"  note: {note}")
@@ -173,7 +176,9 @@ def print_diff(diff: Any, top: int = 10) -> None:
     if pairs:
         meta = diff.table.schema.metadata or {}
         basis = meta.get(b"leapcore.pair_basis", b"prototypes").decode()
-        say(f"\npairs (pair probability on {basis}), largest change first:")
+        judged = judged_text(diff.table)
+        against = f"; the threshold judged against {judged}" if judged else ""
+        say(f"\npairs (pair probability on {basis}{against}), largest judged change first:")
         for r in pairs[:top]:
             pair = f"{r['target']} <-> {r['other']}"
             say(

@@ -15,12 +15,11 @@ from typing import Any, Literal
 
 from pydantic import (
     ConfigDict,
-    Field,
-    SecretStr,
     ValidationError,
 )
 
-from leapcore.config_checks import PUBLISHER_KEYS, ConfigChecks, describe_errors, read_raw_config
+from leapcore.config_checks import PUBLISHER_KEYS, describe_errors, read_raw_config
+from leapcore.config_general import GeneralOptions, _opt
 from leapcore.errors import ConfigError
 from leapcore.secrets import sanitise
 from leapcore.stage_names import (  # noqa: F401 (the stage names, named here as before)
@@ -38,123 +37,20 @@ TRANSFORM_PRESETS = ("s", "m", "l", "xl")
 #: The analysis stage that reads the ``diff_*`` options (``tasks/diff.py``).
 DIFF_STAGE = "diff_audits"
 _DIFF_NOTE = (
-    "Between two seeds of one digits CNN no pair moved by more than 0.13 on 100 held-out samples, but "
-    "by up to 0.83 on prototypes alone (docs/diff.md): without samples a flag is a prompt to look."
+    "Between two seeds of one digits CNN pairs moved by up to 0.13 on 100 held-out samples, 0.43 "
+    "cross-checked on prototypes (so flagged from 0.45 there) and 0.83 averaged ('fixed')."
 )
 _MEASURE_NOTE = (
-    "Chosen by measurement (issue 15, benchmarks/diff_testbed.py, docs/diff.md): only samples "
-    "kept seed-only retrains under the threshold; on prototypes 'fixed' names a planted merge "
-    "first more often than 'own'."
+    "Chosen by measurement (issue 15, benchmarks/diff_testbed.py, docs/diff.md): samples and, "
+    "without them, 'crossed' kept seed-only retrains under the threshold; 'fixed' and 'own' did not."
 )
 PARAMETERISATIONS = ("pixel", "fourier")
 
 
-def _opt(default: Any, description: str, stage: str, note: str = "", **kwargs: Any) -> Any:
-    extra = {"stage": stage}
-    if note:
-        extra["note"] = note
-    return Field(default, description=description, json_schema_extra=extra, **kwargs)
-
-
-class EngineConfig(ConfigChecks):
+class EngineConfig(GeneralOptions):
     """All options of ``engine.generate``; unknown keys are rejected with the closest valid name."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
-
-    # --- accounts (accepted for compatibility, never sent anywhere) ---
-    # W&B's keys are not options of the engine: see PUBLISHER_KEYS (routed to the publishers).
-    leap_api_key: SecretStr | None = _opt(
-        None, "Accepted for leap-ie compatibility and ignored: leapcore needs no account.", ALL
-    )
-    project_name: str | None = _opt(
-        None,
-        "Project name; the `project_name` argument of `generate` wins when both are given.",
-        ALL,
-    )
-    mode: Literal["pt", "tf"] | None = _opt(
-        None, "Framework, 'pt' or 'tf'; the `mode` argument of `generate` wins.", ALL
-    )
-    samples: Any = _opt(
-        None, "Accepted for compatibility; pass samples to `generate` instead.", ALL
-    )
-
-    # --- shapes ---
-    input_dim: list[int] | None = _opt(
-        None,
-        "Input shape the model expects, with or without the batch dimension: [3, 224, 224] (pt) or "
-        "[224, 224, 3] (tf). Default: the model's own metadata, else 224x224 with 3 channels.",
-        ALL,
-    )
-    channel_ix: int | None = _opt(
-        None, "Index of the channel dimension in `input_dim`; found automatically when None.", ALL
-    )
-
-    # --- what the model's output means ---
-    output: Literal["logits", "multilabel_logits"] = _opt(
-        "logits",
-        "What the model's outputs are: 'logits' of exclusive classes (probabilities: softmax over "
-        "classes) or 'multilabel_logits', one independent sigmoid logit per class (probabilities: "
-        "sigmoid per class; entanglement compares each class's logit gain with the target's, with "
-        "no max or softmax over classes). Models that end in a softmax or sigmoid are refused.",
-        ALL,
-    )
-    region: list[int] | list[list[float]] | str | None = _opt(
-        None,
-        "Segmentation models ([batch, classes, H, W] logits, or [batch, H, W, classes] from Keras): "
-        "where each class's logits are averaged into one score, in input pixels. None: the whole "
-        "image; a box [x0, y0, x1, y1] (x1, y1 exclusive); a mask [H, W] (non-zero inside) or the "
-        "path of a mask image. Prototypes maximise the class's mean logit in the region, "
-        "entanglement uses these pooled logits, isolation keeps the pixels that hold the class's "
-        "evidence for the region. A region outside the image is an error.",
-        ALL,
-        note="leap-ie does not say how it reduces segmentation maps; the mean logit over the "
-        "region is used because it rewards the class winning everywhere in the region, not in one "
-        "pixel (a max would).",
-    )
-
-    # --- learning-rate finding ---
-    find_lr_steps: int = _opt(
-        0,
-        "Steps of the learning-rate range test before prototype optimisation; 0 uses `lr` as given.",
-        LR,
-        note="leap-ie runs a range test by default; leapcore's default is 0 by measurement (issue "
-        "14): on EfficientNet-Lite0 the 500-step test cost a third of the run and its rate (0.005) "
-        "reached quality no sooner than the fixed `lr` 0.05 with Adam. A few dozen steps sweep the "
-        "whole range (`num_lr_windows` is capped at `find_lr_steps`).",
-        ge=0,
-    )
-    min_lr: float = _opt(0.0001, "Lowest rate of the range test.", LR, gt=0)
-    max_lr: float = _opt(1.0, "Highest rate of the range test.", LR, gt=0)
-    num_lr_windows: int = _opt(
-        50, "Windows the range test is split into; one loss is recorded per window.", LR, ge=2
-    )
-    stop_lr_early: bool = _opt(
-        True,
-        "Stop the range test once a window's loss is not finite or exceeds the best window's by more than three times its magnitude.",
-        LR,
-    )
-
-    # --- baseline ---
-    baseline_init: float | list[float] | Literal["r"] = _opt(
-        0.5,
-        "Start image in pixel space [0, 1]: a number, one number per channel (e.g. the training "
-        "mean), or 'r' for uniform noise.",
-        BASELINE,
-        note="leap-ie documents 0; a black start saturates real ImageNet models so that the "
-        "gradient is exactly zero, so leapcore starts from mid-grey.",
-    )
-    use_baseline: bool = _opt(
-        False,
-        "First optimise the start image to be equidistant (all classes equally likely), so no "
-        "prototype is biased by initialisation.",
-        BASELINE,
-    )
-    baseline_steps: int = _opt(
-        200,
-        "Most steps of the equidistant-baseline optimisation (stops early when flat).",
-        BASELINE,
-        ge=0,
-    )
 
     # --- prototype optimisation ---
     lr: float = _opt(
@@ -275,31 +171,41 @@ class EngineConfig(ConfigChecks):
     )
     entanglement_measure: str = _opt(
         "relaxed",
-        "How entanglement is scored: 'relaxed' ('share' read after a short relaxation of each "
-        "prototype: `entanglement_relax_steps` signed-gradient steps raising the target logit), "
-        "'share' (the share of the probability a prototype leaves to the non-target classes that "
-        "goes to each class; targets 1) or 'leap' (leap-ie's: each class's logit gain over the "
-        "baseline against the top logit's).",
+        "How entanglement is scored: 'relaxed' ('share' read after `entanglement_relax_steps` "
+        "signed-gradient steps raising the target logit from the prototype, geometric mean with "
+        "'share' on a probe: the start image after `entanglement_probe_steps` such steps), 'share' "
+        "(the share of the probability a prototype leaves to the non-target classes that goes to "
+        "each class; targets 1) or 'leap' (leap-ie's: each class's logit gain over the baseline "
+        "against the top logit's).",
         ENTANGLEMENT,
-        note="Default by measurement (issue 19): Spearman against held-out soft confusion (the "
-        "mean predicted probability; hard confusion of a good model is too noisy to rank 45 "
-        "pairs) over the 45 pairs of twelve digit CNNs of 55-97 % accuracy, 'margin' objective: "
-        "mean 0.69 (worst 0.55) for 'relaxed', 0.57 (worst 0.43) for 'share', 0.41 (worst 0.16) "
-        "for 'leap'. Multi-label outputs always use the per-class gain formula.",
+        note="Default by measurement (issue 19): Spearman against held-out soft confusion (mean "
+        "predicted probability) over the 45 pairs of twelve digit CNNs of 55-97 % accuracy, full "
+        "defaults: mean 0.71 (worst 0.58) for 'relaxed', 0.67 (0.53) without its probe, 0.52 "
+        "(0.37) for 'share', 0.27 (0.02) for 'leap'. No measure tried reached 0.7 on every model. "
+        "Multi-label outputs always use the per-class gain formula.",
     )
     entanglement_relax_steps: int = _opt(
         10,
-        "Steps of the 'relaxed' entanglement measure (0: the same as 'share'); each costs one "
+        "Steps of the 'relaxed' measure on each prototype (0: read it as it is); each costs one "
         "forward and backward pass per prototype, like one optimisation step.",
         ENTANGLEMENT,
         ge=0,
     )
     entanglement_relax_step: float = _opt(
         0.02,
-        "Step size of the 'relaxed' measure, in pixel units (images in [0, 1]): every pixel moves "
-        "by this much per step.",
+        "Step size of the 'relaxed' steps, in pixel units (images in [0, 1]).",
         ENTANGLEMENT,
         gt=0,
+    )
+    entanglement_probe_steps: int = _opt(
+        20,
+        "Steps of the 'relaxed' measure's probe from the start image (0: no probe, the relaxed "
+        "share alone); each costs one forward and backward pass per prototype.",
+        ENTANGLEMENT,
+        ge=0,
+    )
+    entanglement_probe_step: float = _opt(
+        0.05, "Step size of the probe's steps, in pixel units.", ENTANGLEMENT, gt=0
     )
     objective_weight: float = _opt(
         1.0,
@@ -524,13 +430,25 @@ class EngineConfig(ConfigChecks):
         ge=0,
         le=1,
     )
-    diff_pair_measure: Literal["fixed", "own", "samples"] = _opt(
+    diff_prototype_noise: float = _opt(
+        0.45,
+        "The noise bound on prototypes: a pair the audit diff measured on prototypes "
+        "(cross-checked, `diff_pair_measure` 'crossed' or 'samples' without samples) is flagged "
+        "from the larger of this and `diff_entanglement_threshold`.",
+        DIFF_STAGE,
+        note="Measured (docs/diff.md): seed-only retrains of the digits CNN moved a cross-checked "
+        "pair by up to 0.43, planted merges by 0.35-0.98.",
+        ge=0,
+        le=1,
+    )
+    diff_pair_measure: Literal["samples", "crossed", "fixed", "own"] = _opt(
         "samples",
         "Which images the audit diff's pair probabilities are measured on, with both models: "
         "'samples' (the user's `samples`, each target's those either version assigns to it; "
-        "targets without one, or no samples at all, use 'fixed'), 'fixed' (both versions' "
-        "prototypes fed to both models) or 'own' (each model on its own prototypes, leap-ie's "
-        "view; the only one without the models).",
+        "targets without one, or no samples at all, use 'crossed'), 'crossed' (both versions' "
+        "prototypes fed to both models, a pair judged on the smaller of its two sides' changes), "
+        "'fixed' (the same reads, the mean of the two sides) or 'own' (each model on its own "
+        "prototypes, leap-ie's view; the only one without the models).",
         DIFF_STAGE,
         note=_MEASURE_NOTE,
     )

@@ -5,10 +5,10 @@ when both audits ran the scan, ``spurious``) and, for the prototype similarity, 
 :func:`diff_audits` returns an :class:`AuditDiff` whose ``table`` (schema ``diff``) holds a row per
 
 - ``entanglement``: an unordered pair of classes {target, other} and how much the target's images
-  also look like the other class (``pair_prob``, :mod:`leapcore.diff_pairs`; by default both
-  versions' prototypes fed to both models) before and after, for the direction that changed most
-  (both directions in ``detail``); ``flag`` ``entangled`` / ``disentangled`` when the change passes
-  the threshold. Sorted by the size of the change, largest first.
+  also look like the other class (``pair_prob``, :mod:`leapcore.diff_pairs`; on the user's samples,
+  else on both versions' prototypes cross-checked) before and after, for the direction whose change
+  is judged largest (both directions in ``detail``); ``flag`` ``entangled`` / ``disentangled`` when
+  that change passes the threshold. Sorted by the judged change, largest first.
 - ``prototype``: a target whose prototypes both audits have, with the cosine between the previous
   and the current prototype in each model's own penultimate-layer features (each prototype fed to
   both models); ``flag`` ``dissimilar`` below the similarity threshold.
@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from leapcore.diff_pairs import PAIR_MEASURES, pair_probabilities, pair_rows
+from leapcore.diff_pairs import PAIR_MEASURES, judged_on, pair_probabilities, pair_rows
 from leapcore.errors import InputError
 from leapcore.features import penultimate_features
 
@@ -102,14 +102,20 @@ class DiffThresholds:
             up to 0.15.
         quality: a change of a probability-like quality measure that counts as worse / better.
         similarity: a feature cosine below which the prototypes count as dissimilar.
+        prototype_noise: the noise bound on prototypes: a pair measured on prototypes
+            (cross-checked, :func:`~leapcore.diff_pairs.crossed_pair_probabilities`) is flagged
+            from ``max(entanglement, prototype_noise)`` (config ``diff_prototype_noise``). Measured: seed-only retrains of the
+            digits CNN moved a cross-checked pair by up to 0.43 (``benchmarks/diff_testbed.py``
+            with 3 prototypes per class; 0.18 with 1), planted merges by 0.35-0.98.
     """
 
     entanglement: float = 0.2
     quality: float = 0.1
     similarity: float = 0.5
+    prototype_noise: float = 0.45
 
     def __post_init__(self) -> None:
-        for name in ("entanglement", "quality", "similarity"):
+        for name in ("entanglement", "quality", "similarity", "prototype_noise"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise InputError(
@@ -423,7 +429,8 @@ def diff_audits(
         layer: the module whose input is the feature vector (default the last ``Linear``).
         pair_measure: which images and models the pair probabilities come from
             (:data:`~leapcore.diff_pairs.PAIR_MEASURES`; default ``samples``: on ``samples``
-            when given, else both versions' prototypes fed to both models).
+            when given, else ``crossed``: both versions' prototypes fed to both models, each
+            pair judged on the smaller of its two sides' changes).
         samples: the user's images (``[N, C, H, W]`` in [0, 1]) for the ``samples`` measure.
 
     Returns:
@@ -459,7 +466,17 @@ def diff_audits(
     )
     notes += pair_notes
     off = {side.label: _off_target(side) for side in (previous, current)}
-    rows = pair_rows(before, after, basis, targets, classes, thresholds.entanglement, off, _row)
+    rows = pair_rows(
+        before,
+        after,
+        basis,
+        targets,
+        classes,
+        thresholds.entanglement,
+        off,
+        _row,
+        thresholds.prototype_noise,
+    )
     if previous.model is not None and current.model is not None and targets:
         rows += _prototype_rows(
             previous, current, targets, rows_a, rows_b, thresholds.similarity, layer
@@ -481,6 +498,9 @@ def diff_audits(
         b"leapcore.thresholds": json.dumps(vars(thresholds)).encode(),
         b"leapcore.pair_measure": pair_measure.encode(),
         b"leapcore.pair_basis": pair_basis(basis).encode(),
+        b"leapcore.pair_judged_on": judged_on(
+            basis, thresholds.entanglement, thresholds.prototype_noise
+        ).encode(),
         b"leapcore.previous_facts": json.dumps(dict(previous.facts)).encode(),
         b"leapcore.current_facts": json.dumps(dict(current.facts)).encode(),
     }
@@ -506,6 +526,11 @@ def diff_from_arrow(table: pa.Table) -> AuditDiff:
         json.loads(meta.get("leapcore.left_out", "{}")),
         json.loads(meta.get("leapcore.notes", "[]")),
     )
+
+
+def judged_text(table: pa.Table) -> str:
+    """What a ``diff`` table's pair threshold was judged against ("" for older tables)."""
+    return (table.schema.metadata or {}).get(b"leapcore.pair_judged_on", b"").decode()
 
 
 def diff_facts(table: pa.Table) -> tuple[dict[str, str], dict[str, str], dict[str, float]]:

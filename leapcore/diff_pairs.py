@@ -7,21 +7,25 @@ doubt, 0.5 when it cannot tell the two apart. Which images, and which model sees
 
 - ``samples`` (default): on the user's images (``--samples``): ``t``'s images are those either
   model assigns to ``t``; both models see the same images. Targets with no sample, hybrids, and
-  diffs without samples use ``fixed`` (the row's ``detail`` says which it is).
+  diffs without samples use ``crossed`` (the row's ``detail`` says which it is).
+- ``crossed``: both versions' prototypes fed to both models, and a shift of ``y`` into ``x``
+  counted only as far as both sides show it: the current model reads the previous version's
+  ``y`` prototypes as ``x``, and the previous model reads the current version's ``x``
+  prototypes as ``y`` (:func:`crossed_pair_probabilities`). Judged on the smaller of the two
+  changes, and only upwards.
 - ``fixed``: the model's change with the inputs held fixed. Both versions' prototypes of
   ``t`` are fed to both models; the change is the mean over the two prototype sets ``S`` of
-  ``pp_current(S) - pp_previous(S)``. Each version's own prototypes carry the draw of its own
-  optimisation: a clean retrain with another seed moves them around, and comparing each model on
-  its own prototypes (the ``own`` measure) mixes that draw into the change.
+  ``pp_current(S) - pp_previous(S)``.
 - ``own``: each model on its own prototypes, read from the audits' ``entanglement`` tables (no
   model needed; the only measure when the models are not loaded).
 
-The benchmark ``benchmarks/diff_testbed.py`` measured the three on planted merges and seed-only
-retrains (``docs/diff.md`` has the table). Prototypes are optimised against their own model, and
-the other version reads them its own way: a retrain with only another seed moved some pair by
-0.23-0.83 under ``own`` and ``fixed`` (as much as a planted merge), and by at most 0.13 on 100
-held-out digits. ``fixed`` named the merged pair first more often than ``own`` (4 of 6 merges vs
-none with the default objective) but did not quiet the seed-only retrains.
+Prototypes are optimised against their own model, and the other version reads them its own way:
+on the test bed (``benchmarks/diff_testbed.py``, ``docs/diff.md``) a retrain with only another
+seed moved some pair by 0.23-0.83 under ``own`` and ``fixed`` (as much as a planted merge),
+because one version's prototype of a class looked like some other class to the other model. Such
+a misreading shows on one side only; a merge shows on both (the current model calls the old ``y``
+prototype ``x`` and the old model calls the new ``x`` prototype ``y``), which is what ``crossed``
+asks for.
 """
 
 from __future__ import annotations
@@ -36,12 +40,25 @@ import torch
 from leapcore.errors import InputError
 
 #: The pair measures (see the module docstring); the first is the default.
-PAIR_MEASURES = ("samples", "fixed", "own")
+PAIR_MEASURES = ("samples", "crossed", "fixed", "own")
+#: The basis of a ``fixed`` pair, of a cross-checked one, and of one ``crossed`` cannot check.
+FIXED_BASIS = "both versions' prototypes"
+CROSSED_BASIS = "both versions' prototypes, cross-checked"
+UNCHECKED_BASIS = "both versions' prototypes, not cross-checked (never flagged)"
 #: What a diff without samples says about its pairs (measured: ``benchmarks/diff_testbed.py``).
 PROTOTYPES_NOTE = (
     "pairs measured on prototypes ({how}). On the test bed a retrain with only another seed "
     "moved some pair by 0.23-0.83 this way (on 100 held-out images: at most 0.13), so a flagged "
     "pair is a prompt to look; pass samples (--samples) to measure pairs on them"
+)
+CROSSED_NOTE = (
+    "pairs measured on both versions' prototypes, cross-checked: a pair is judged on the smaller "
+    "of its two sides' changes (the current model reading the previous prototypes of one class "
+    "as the other, the previous model reading the current prototypes of the other as the one) "
+    "and flagged from the noise bound on prototypes. On the test bed seed-only retrains moved a "
+    "cross-checked pair by up to 0.43 (averaged over both sides: 0.83), planted merges by "
+    "0.35-0.98, and some merges showed on one side only: pass samples (--samples) to confirm "
+    "and not to miss one"
 )
 Pairs = dict[tuple[str, str], float]
 
@@ -142,23 +159,69 @@ def _pairs_on(
 
 
 def fixed_pair_probabilities(
-    previous: Any, current: Any, targets: Sequence[str], classes: Sequence[str]
+    previous: Any, current: Any, targets: Sequence[str], classes: Sequence[str], reads: Any = None
 ) -> tuple[Pairs, Pairs]:
     """(before, after): each model's pair probabilities on both versions' prototypes, the mean over
     the two prototype sets (each set's own mean over its prototypes of a target)."""
-    before: list[Pairs] = []
-    after: list[Pairs] = []
+    (pp_a, pc_a), (pp_b, pc_b) = reads or _sides(previous, current, targets, classes)
+    keys = set(pp_a) & set(pc_a) & set(pp_b) & set(pc_b)
+    return (
+        {k: (pp_a[k] + pp_b[k]) / 2 for k in keys},
+        {k: (pc_a[k] + pc_b[k]) / 2 for k in keys},
+    )
+
+
+def _sides(previous: Any, current: Any, targets: Sequence[str], classes: Sequence[str]) -> list:
+    """The four reads ``[[prev model, cur model] on previous prototypes, [...] on current ones]``,
+    each (target, class) -> mean pair probability over the target's prototypes of that set."""
+    out = []
     for images_of in (previous, current):
         images, owners = _prototype_sets(images_of, targets)
-        before.append(
-            _pairs_on(model_logits(previous, images), owners, previous.class_list, classes)
+        out.append(
+            [
+                _pairs_on(model_logits(m, images), owners, m.class_list, classes)
+                for m in (previous, current)
+            ]
         )
-        after.append(_pairs_on(model_logits(current, images), owners, current.class_list, classes))
-    keys = set.intersection(*(set(p) for p in (*before, *after)))
-    return (
-        {k: (before[0][k] + before[1][k]) / 2 for k in keys},
-        {k: (after[0][k] + after[1][k]) / 2 for k in keys},
-    )
+    return out
+
+
+def crossed_pair_probabilities(
+    previous: Any, current: Any, targets: Sequence[str], classes: Sequence[str], reads: Any = None
+) -> tuple[Pairs, Pairs, dict[tuple[str, str], str]]:
+    """(before, after, basis) of the ``crossed`` measure, for the directions it can cross-check.
+
+    ``y -> x`` is the shift of ``y`` into ``x``: the current model reads the previous version's
+    ``y`` prototypes as ``x`` (side 1: ``sigmoid(z_x - z_y)`` on them, previous model -> current
+    model) **and** the previous model reads the current version's ``x`` prototypes as ``y`` (side
+    2: ``sigmoid(z_x - z_y)`` on them, previous -> current: the current model calls ``x`` what the
+    previous called ``y``). A retrain with another seed makes one version's prototypes look like
+    some other class to the other model on one side only; a real merge shows on both. The
+    direction's before and after are those of the side that changed less (its change is the
+    smaller of the two); ``basis`` names that side and gives the other. Only pairs of two audited
+    single-class targets can be cross-checked (both need prototypes in both versions).
+    """
+    (pp_a, pc_a), (pp_b, pc_b) = reads or _sides(previous, current, targets, classes)
+    before: Pairs = {}
+    after: Pairs = {}
+    basis: dict[tuple[str, str], str] = {}
+    for y in targets:
+        for x in targets:
+            one, two = (y, x), (x, y)
+            if x == y or not all(k in d for k in (one, two) for d in (pp_a, pc_a, pp_b, pc_b)):
+                continue
+            side1 = (pp_a[one], pc_a[one])  # previous y prototypes, read as x rather than y
+            side2 = (1 - pp_b[two], 1 - pc_b[two])  # current x prototypes, read as x rather than y
+            (b1, a1), (b2, a2) = side1, side2
+            text1 = f"previous {y} prototypes {b1:.2f} -> {a1:.2f}"
+            text2 = f"current {x} prototypes {b2:.2f} -> {a2:.2f}"
+            if a1 - b1 <= a2 - b2:
+                before[one], after[one] = b1, a1
+                basis[one] = f"{CROSSED_BASIS}: the smaller of {text1}; {text2}"
+            else:
+                before[one], after[one] = b2, a2
+                basis[one] = f"{CROSSED_BASIS}: the smaller of {text2}; {text1}"
+    return before, after, basis
 
 
 def sample_pair_probabilities(
@@ -197,9 +260,11 @@ def pair_probabilities(
 ) -> tuple[Pairs, Pairs, dict[tuple[str, str], str], list[str]]:
     """(before, after, basis per pair, notes) for the chosen pair measure.
 
-    ``fixed`` and ``samples`` need both models; without them the ``own`` measure is used and a
-    note says so. ``samples`` without images is ``fixed``. A note says when pairs are measured
-    on prototypes (and how noisy that is).
+    ``crossed``, ``fixed`` and ``samples`` need both models; without them the ``own`` measure is
+    used and a note says so. ``samples`` without images (and for targets no sample is assigned
+    to) is ``crossed``. In ``crossed``, pairs it cannot cross-check get the ``fixed`` numbers with
+    the basis :data:`UNCHECKED_BASIS` (reported, never flagged). A note says when pairs are
+    measured on prototypes and how noisy that was on the test bed.
     """
     if measure not in PAIR_MEASURES:
         raise InputError(f"unknown pair measure {measure!r}; use one of {list(PAIR_MEASURES)}.")
@@ -217,13 +282,20 @@ def pair_probabilities(
         a, b = own_pair_probabilities(previous), own_pair_probabilities(current)
         notes.append(PROTOTYPES_NOTE.format(how="each model on its own"))
         return a, b, dict.fromkeys(a, "own prototypes"), notes
-    a, b = fixed_pair_probabilities(previous, current, targets, classes)
-    basis = dict.fromkeys(a, "both versions' prototypes")
-    if measure == "samples" and (samples is None or not len(samples)):
-        notes.append("no samples: " + PROTOTYPES_NOTE.format(how="both versions', both models"))
-    elif measure == "fixed":
+    reads = _sides(previous, current, targets, classes)
+    a, b = fixed_pair_probabilities(previous, current, targets, classes, reads)
+    have_samples = samples is not None and len(samples) > 0
+    if measure == "fixed":
         notes.append(PROTOTYPES_NOTE.format(how="both versions', both models"))
-    if measure == "samples" and samples is not None and len(samples):
+        return a, b, dict.fromkeys(a, FIXED_BASIS), notes
+    basis = dict.fromkeys(a, UNCHECKED_BASIS)
+    ca, cb, cbasis = crossed_pair_probabilities(previous, current, targets, classes, reads)
+    a.update(ca)
+    b.update(cb)
+    basis.update(cbasis)
+    if measure == "crossed" or not have_samples:
+        notes.append(("no samples: " if measure == "samples" else "") + CROSSED_NOTE)
+    if measure == "samples" and have_samples:
         sa, sb, counts = sample_pair_probabilities(previous, current, samples, targets, classes)
         for key in set(sa) & set(sb):
             a[key], b[key] = sa[key], sb[key]
@@ -233,9 +305,56 @@ def pair_probabilities(
             notes.append(
                 "no sample is assigned to "
                 + ", ".join(missing)
-                + ": their pairs are measured on both versions' prototypes"
+                + ": their pairs are measured on both versions' prototypes, cross-checked"
             )
+    if any(v == UNCHECKED_BASIS for v in basis.values()):
+        notes.append(
+            "pairs with a class that is not an audited target in both versions (or a hybrid) "
+            "cannot be cross-checked: their numbers are on both versions' prototypes and they "
+            "are never flagged; audit both classes to judge such a pair"
+        )
     return a, b, basis, notes
+
+
+def judged_on(
+    basis: Mapping[tuple[str, str], str], threshold: float = 0.2, noise: float = 0.0
+) -> str:
+    """What the entanglement threshold was judged against, in words (for the table's metadata,
+    the report, ``leap diff`` and the drift event)."""
+    kinds = []
+    values = set(basis.values())
+    if any(v.endswith(" samples") for v in values):
+        kinds.append("the change on your samples")
+    if any(v.startswith(CROSSED_BASIS) for v in values):
+        kinds.append(
+            "the smaller of the changes on the two versions' prototypes (cross-checked), flagged "
+            f"from {max(threshold, noise):g}: the larger of the threshold and the noise bound on "
+            f"prototypes ({noise:g}; seed-only retrains on the test bed reached 0.43)"
+        )
+    if FIXED_BASIS in values:
+        kinds.append(
+            "the mean change on both versions' prototypes (not cross-checked: on the test bed "
+            "seed-only retrains moved it by up to 0.83)"
+        )
+    if "own prototypes" in values:
+        kinds.append(
+            "each model on its own prototypes (not cross-checked: on the test bed seed-only "
+            "retrains moved it by up to 0.80)"
+        )
+    if UNCHECKED_BASIS in values:
+        kinds.append("pairs that could not be cross-checked are never flagged")
+    return "; ".join(kinds) or "none"
+
+
+def judged_change(change: float, basis: str) -> float:
+    """The size a pair's change is judged (flagged, sorted) by: ``|change|``; a cross-checked
+    shift only when positive (a negative one is no shift both sides show); 0 when the pair
+    could not be cross-checked (never flagged)."""
+    if basis == UNCHECKED_BASIS:
+        return 0.0
+    if basis.startswith(CROSSED_BASIS):
+        return max(change, 0.0)
+    return abs(change)
 
 
 def pair_rows(
@@ -247,10 +366,12 @@ def pair_rows(
     threshold: float,
     off_target: Mapping[str, set[str]],
     row: Any,
+    noise: float = 0.0,
 ) -> list[dict[str, Any]]:
     """A row per unordered pair (``row`` makes it); its numbers are those of the direction
-    (``t -> c``: on ``t``'s images) whose value changed most, the other direction is in
-    ``detail``. Sorted by the size of the change, largest first."""
+    (``t -> c``) whose change is judged largest (:func:`judged_change`), the other direction is
+    in ``detail``. Flagged when that judged change reaches ``threshold`` (a cross-checked one:
+    ``max(threshold, noise)``, the noise bound on prototypes); sorted by it, largest first."""
     pairs: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for t in targets:
         for c in classes:
@@ -260,17 +381,24 @@ def pair_rows(
             pairs.setdefault(key, []).append((t, c))
     rows = []
     for (t, c), directions in pairs.items():
-        main = max(directions, key=lambda d: abs(after[d] - before[d]))
+
+        def judged(d: tuple[str, str]) -> tuple[float, float]:
+            change = after[d] - before[d]
+            return judged_change(change, basis.get(d, "")), abs(change)
+
+        main = max(directions, key=judged)
         change = after[main] - before[main]
+        size = judged(main)[0]
+        crossed = basis.get(main, "").startswith(CROSSED_BASIS)
         flag = ""
-        if change >= threshold:
-            flag = "entangled"
-        elif change <= -threshold:
-            flag = "disentangled"
+        if size >= (max(threshold, noise) if crossed else threshold):
+            flag = "entangled" if change > 0 else "disentangled"
         detail = "; ".join(
             f"{x} -> {y}: {before[(x, y)]:.3f} -> {after[(x, y)]:.3f}" for x, y in directions
         )
         detail += f" (on {basis.get(main, 'prototypes')})"
+        if crossed:
+            detail += f" (judged on the smaller change, flagged from {max(threshold, noise):g})"
         doubtful = [
             f"{main[0]} in {label}" for label, names in off_target.items() if main[0] in names
         ]
@@ -288,5 +416,8 @@ def pair_rows(
                 detail=detail,
             )
         )
-    rows.sort(key=lambda r: (-abs(r["change"]), r["target"], r["other"]))
+        rows[-1]["_judged"] = size
+    rows.sort(key=lambda r: (-r["_judged"], -abs(r["change"]), r["target"], r["other"]))
+    for r in rows:
+        del r["_judged"]
     return rows

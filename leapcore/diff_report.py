@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from leapcore.diff import diff_facts, diff_from_arrow
+from leapcore.diff import diff_facts, diff_from_arrow, judged_text
 from leapcore.report import ReportContext, report_section
 from leapcore.report_view import fmt_prob
 
@@ -41,7 +41,7 @@ def _signed(value: Any) -> str:
     return f"{0.0 if abs(value) < 5e-4 else value:+.3f}"  # no "-0.000"
 
 
-@report_section("diff", title="Changes since the previous version", order=8)
+@report_section("diff", title="Changes since the previous version", order=-5)
 def diff_section(audit: Any, context: ReportContext) -> str | None:
     """Pairs that became (dis)entangled, prototype similarity, quality and verdict changes."""
     table = context.tables.get("diff")
@@ -51,6 +51,7 @@ def diff_section(audit: Any, context: ReportContext) -> str | None:
     _, _, thresholds = diff_facts(table)
     e = html.escape
     basis = (table.schema.metadata or {}).get(b"leapcore.pair_basis", b"prototypes").decode()
+    judged = judged_text(table)
     on = {
         "samples": "your samples (each target's: those either version assigns to it)",
         "prototypes": "prototypes (see the note below)",
@@ -61,7 +62,9 @@ def diff_section(audit: Any, context: ReportContext) -> str | None:
         "sigmoid(z<sub>other</sub> − z<sub>target</sub>) averaged over them (0: no doubt, 0.5: "
         f"the model cannot tell them apart), measured on {e(on)}; both versions see the same "
         "images, so the change is the model's. A change of at least "
-        f"{e(str(thresholds.get('entanglement', '')))} is flagged.</p>"
+        f"{e(str(thresholds.get('entanglement', '')))} is flagged"
+        + (f", judged against {e(judged)}" if judged else "")
+        + ".</p>"
     ]
     for note in diff.notes:
         parts.append(f"<p class='diff-note'><b>Note:</b> {e(note)}</p>")

@@ -38,7 +38,7 @@ from leapcore.device import (
     peak_memory_mb,
     pick_device,
 )
-from leapcore.entanglement import entanglement, relaxed_logits
+from leapcore.entanglement import entanglement, probed, relaxed_logits
 from leapcore.errors import InputError
 from leapcore.isolation import IsolationResult, choose_classes, isolate_features
 from leapcore.lr_finder import LearningRateResult, find_learning_rate
@@ -372,7 +372,13 @@ def run_prototypes(
 
     began = time.perf_counter()
     audit.entanglement = score_entanglement(
-        model, audit.prototypes, audit.baseline.logits.cpu(), config, device, chunk
+        model,
+        audit.prototypes,
+        audit.baseline.logits.cpu(),
+        config,
+        device,
+        chunk,
+        audit.baseline.image,
     )
     audit.timings[ENTANGLEMENT] = time.perf_counter() - began
 
@@ -394,31 +400,46 @@ def score_entanglement(
     config: EngineConfig,
     device: torch.device,
     chunk_size: int,
+    baseline_image: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, K]`` entanglement of the prototypes by ``config.entanglement_measure``.
 
     ``relaxed`` first moves each prototype (as the model sees it, alpha on its background) a few
-    steps up its target logits (:func:`leapcore.entanglement.relaxed_logits`); multi-label models
-    keep the per-class gain formula.
+    steps up its target logits (:func:`leapcore.entanglement.relaxed_logits`) and, with
+    ``entanglement_probe_steps > 0``, also the start image ``baseline_image``
+    (:func:`leapcore.entanglement.probed`); multi-label models keep the per-class gain formula.
     """
-    logits = prototypes.logits
+    logits, probe = prototypes.logits, None
     measure = config.entanglement_measure
     if measure == "relaxed" and config.output != "multilabel_logits":
         shown, _ = isolation_inputs(prototypes, [], config, model.num_classes, device)
+        mask = prototypes.target_mask()
         logits = relaxed_logits(
             model,
             shown,
-            prototypes.target_mask(),
+            mask,
             config.entanglement_relax_steps,
             config.entanglement_relax_step,
             chunk_size,
         )
+        if config.entanglement_probe_steps:
+            if baseline_image is None:
+                raise ValueError("the 'relaxed' entanglement's probe needs the audit's start image")
+            probe = probed(
+                model,
+                baseline_image.to(device),
+                mask,
+                config.entanglement_probe_steps,
+                config.entanglement_probe_step,
+                chunk_size,
+            )
     return entanglement(
         baseline_logits,
         logits,
         output=config.output,
         targets=prototypes.target_mask(),
         measure=measure,
+        probe_logits=probe,
     )
 
 

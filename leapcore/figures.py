@@ -29,6 +29,9 @@ from leapcore.images import to_uint8
 WEBP_QUALITY = 80
 OVERLAY_QUALITY = 68  # a heatmap over a grey image: colour fields, no fine detail to keep
 MASK_CMAP = "inferno"
+EDGE_RGB = (0.0, 0.9, 1.0)  # the outline of the kept region over an inferno heatmap: cyan
+EDGE_WIDTH = 2  # pixels: a 1-pixel line loses its colour to WebP's chroma subsampling
+OUTLINE_MIN_SIDE = 128  # overlays of smaller inputs are scaled up (nearest) to at least this
 ANNOTATE_FROM = 0.1  # smaller entanglement scores are left to the colour alone
 
 
@@ -175,22 +178,49 @@ def _palette(n: int) -> list[Any]:
 
 
 def isolation_figure(
-    image: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray, opacity: float = 0.6
+    image: torch.Tensor | np.ndarray,
+    mask: torch.Tensor | np.ndarray,
+    opacity: float = 0.6,
+    saliency: torch.Tensor | np.ndarray | None = None,
 ) -> bytes:
-    """``mask`` (``[1, H, W]`` in [0, 1]) as an ``inferno`` heatmap over ``image`` (``[C, H, W]``,
-    shown in grey), as WebP bytes; :func:`colour_bar_css` draws its colour bar."""
+    """An isolation over ``image`` (``[C, H, W]``, shown in grey), as WebP bytes.
+
+    Without ``saliency``: ``mask`` (``[1, H, W]`` in [0, 1]) as an ``inferno`` heatmap. With it: the
+    saliency (``[1, H, W]`` in [0, 1], 1 = the strongest evidence) as the heatmap and the edge of the
+    (binary) reported ``mask`` drawn in cyan, so that the page shows both where the evidence is and
+    what the isolation kept. :func:`colour_bar_css` draws the colour bar.
+    """
     from matplotlib import colormaps
 
     pixels = to_uint8(image).astype(np.float32) / 255.0
     grey = pixels.mean(axis=2) if pixels.ndim == 3 else pixels
-    weights = np.clip(np.asarray(mask, dtype=np.float32).reshape(grey.shape), 0.0, 1.0)
+    shown = mask if saliency is None else saliency
+    weights = np.clip(np.asarray(shown, dtype=np.float32).reshape(grey.shape), 0.0, 1.0)
+    region = np.asarray(mask, dtype=np.float32).reshape(grey.shape) > 0.5
+    # small inputs are drawn larger (nearest neighbour) so that the outline stays a crisp line
+    scale = max(1, -(-OUTLINE_MIN_SIDE // max(grey.shape)))
+    grey, weights, region = (
+        np.kron(a, np.ones((scale, scale), a.dtype)) for a in (grey, weights, region)
+    )
     heat = colormaps[MASK_CMAP](weights)[..., :3]
     blended = (1 - opacity) * grey[..., None] + opacity * heat
+    if saliency is not None:
+        blended[_edge(region, EDGE_WIDTH)] = EDGE_RGB
     out = io.BytesIO()
     Image.fromarray((blended * 255 + 0.5).astype(np.uint8)).save(
         out, format="WEBP", quality=OVERLAY_QUALITY, method=4
     )
     return out.getvalue()
+
+
+def _edge(region: np.ndarray, width: int) -> np.ndarray:
+    """The pixels of ``region`` (``[H, W]`` bool) within ``width`` 4-neighbour steps of its outside
+    (the image's border does not count as outside)."""
+    inner = region
+    for _ in range(width):
+        padded = np.pad(inner, 1, mode="edge")
+        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & inner
+    return region & ~inner
 
 
 def colour_bar_css(cmap: str = MASK_CMAP, stops: int = 11) -> str:

@@ -85,6 +85,9 @@ class IsolationResult:
     deletion_auc: torch.Tensor | None = None
     insertion_auc: torch.Tensor | None = None
     steps_run: list[int] | None = None  # mask steps each pair ran (isolation_stop_early)
+    saliency: torch.Tensor | None = (
+        None  # [P, 1, H, W] in [0, 1]: the map the mask is a top share of
+    )
     map_seconds: float | None = None  # until the saliency was ready (before calibration, measures)
 
     @classmethod
@@ -167,6 +170,9 @@ class IsolationResult:
             batch_size=chunk_size,
         )
         result.deletion_auc, result.insertion_auc = deletion.float(), insertion.float()
+        shown = (saliency if ranking is None else ranking).clamp_min(0).flatten(1)
+        shown = shown / shown.amax(1, keepdim=True).clamp_min(1e-12)
+        result.saliency = shown.view_as(saliency).cpu()
         result.seconds = time.perf_counter() - began
         result.map_seconds = map_seconds
         return result

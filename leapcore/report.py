@@ -6,7 +6,11 @@ or a dict of numbers out. The page is the Jinja2 template ``leapcore/templates/r
 inline, so the report opens in any browser straight from disk, with no server and no network.
 
 Other modules add sections without touching the template: :func:`report_section` registers
-``function(audit, context) -> html fragment | None`` in :data:`report_sections`.
+``function(audit, context) -> html fragment | None`` in :data:`report_sections`; a section with a
+negative ``order`` is a verdict the reader needs first and renders right under the summary, the
+others after the built-in sections. :func:`report_highlights` registers
+``function(audit, context) -> [sentence, ...]`` whose sentences head the summary's "look at these
+first" list.
 """
 
 from __future__ import annotations
@@ -111,11 +115,18 @@ SECTION_MODULES: tuple[str, ...] = (
     "leapcore.spurious_report",
     "leapcore.transfer",
     "leapcore.diff_report",
+    "leapcore.highlights",
 )
 
-#: name -> section; filled by :func:`report_section`. Sections render in ``order``, then by name,
-#: after the built-in ones.
+#: name -> section; filled by :func:`report_section`. Sections render in ``order``, then by name:
+#: a negative ``order`` right under the summary, the others after the built-in sections.
 report_sections: dict[str, ReportSection] = {}
+
+HighlightFunction = Callable[[Any, ReportContext], list[str]]
+
+#: name -> function giving the sentences that head the summary's "look at these first" (a spurious
+#: feature, a pair that drifted since the previous version); filled by :func:`report_highlights`.
+report_highlight_functions: dict[str, HighlightFunction] = {}
 
 
 def report_section(
@@ -143,10 +154,38 @@ def report_section(
     return wrap
 
 
-def render_sections(audit: Any, context: ReportContext) -> list[tuple[ReportSection, str]]:
-    """Each registered section's fragment, in order; sections that return None are left out."""
+def report_highlights(name: str) -> Callable[[HighlightFunction], HighlightFunction]:
+    """Decorator: register ``function(audit, context) -> [sentence, ...]``; its sentences head the
+    summary's "look at these first" list, in the order of registration (an empty list adds none).
+
+    Example::
+
+        @report_highlights("spurious")
+        def spurious_highlights(audit, context):
+            return ["Spurious-feature scan: cat is likely spurious (a 5 px blob flips 80 %)."]
+    """
+
+    def wrap(function: HighlightFunction) -> HighlightFunction:
+        report_highlight_functions[name] = function
+        return function
+
+    return wrap
+
+
+def render_highlights(audit: Any, context: ReportContext) -> list[str]:
+    """Every registered highlight sentence (sections' modules imported first)."""
+    _import_section_modules()
+    return [item for f in report_highlight_functions.values() for item in f(audit, context)]
+
+
+def _import_section_modules() -> None:
     for module in SECTION_MODULES:
         importlib.import_module(module)
+
+
+def render_sections(audit: Any, context: ReportContext) -> list[tuple[ReportSection, str]]:
+    """Each registered section's fragment, in order; sections that return None are left out."""
+    _import_section_modules()
     out = []
     for section in sorted(report_sections.values(), key=lambda s: (s.order, s.name)):
         fragment = section(audit, context)
@@ -193,6 +232,8 @@ def entanglement_heatmap(audit: Any, top: int = HEATMAP_COLUMNS, fmt: str = "png
         "share": "entanglement (share of the non-target probability)",
         "relaxed": "entanglement (share of the non-target probability, relaxed)",
     }.get(measure, "entanglement (1 = rose as much as the target)")
+    if measure == "relaxed" and getattr(audit.config, "entanglement_probe_steps", 0):
+        label = "entanglement (share of the non-target probability, relaxed and probed)"
     return entanglement_figure(scores, rows, names, fmt=fmt, label=label)
 
 
@@ -281,6 +322,10 @@ _TIMING_LABELS = {
     PROTOTYPES: "prototype optimisation",
     ENTANGLEMENT: "entanglement",
     ISOLATION: "feature isolation",
+    "scan_spurious": "spurious-feature scan",
+    "transfer": "transfer to reference models",
+    "attribute_prototypes": "attributions of the prototypes",
+    "diff_audits": "diff with the previous version",
 }
 
 
@@ -370,6 +415,7 @@ def render_report(
     tables: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     stamp_later: bool = False,
+    stage_seconds: Mapping[str, float] | None = None,
 ) -> str:
     """The audit as one self-contained HTML page.
 
@@ -379,7 +425,7 @@ def render_report(
         model: facts about the model (``model`` URI, ``digest``, registry version, ...).
         config: the options used (default: the audit's); secret-looking ones are dropped again.
         stages: rows for the stages table (``stage``, ``outcome``, ``seconds``), labelled by the
-            caller; default: the audit's compute times.
+            caller; default: the audit's compute times, then ``stage_seconds``.
         sample_names: names of the user's images (sample mode).
         heatmap_top: most classes in the entanglement heatmap.
         tables: the audit's Arrow tables; optional columns (``off_target``, ``target_prob_robust``,
@@ -388,6 +434,8 @@ def render_report(
         provenance: ``time``, ``mlflow_run``, ``wandb_run``, ``prefect_flow_run``, ... (shown with
             the leapcore version and the model's URI and digest).
         stamp_later: leave a placeholder for :func:`stamp_provenance` instead of the block.
+        stage_seconds: compute seconds of the stages the engine does not time (a pipeline's
+            analysis stages: ``scan_spurious``, ``diff_audits``, ...) by stage name.
     """
     model = sanitise(dict(model or {}))
     clean_config = sanitise(dict(config if config is not None else audit.config.secret_free()))
@@ -435,12 +483,16 @@ def render_report(
             for k, v in audit.timings.items()
             if k in _TIMING_LABELS
         ]
+        stages += [
+            {"stage": _TIMING_LABELS.get(k, k.replace("_", " ")), "outcome": "", "seconds": v}
+            for k, v in (stage_seconds or {}).items()
+        ]
 
     from leapcore.figures import ANNOTATE_FROM, colour_bar_css
 
     metrics = audit_metrics(audit)
     extra = [
-        {"name": s.name, "title": s.title, "html": fragment}
+        {"name": s.name, "title": s.title, "html": fragment, "top": s.order < 0}
         for s, fragment in render_sections(audit, context)
     ]
     return (
@@ -453,17 +505,21 @@ def render_report(
             provenance_mark=PROVENANCE_MARK,
             metrics=metrics,
             prototypes=prototypes,
-            look_first=look_first(prototypes, isolations),
+            look_first=look_first(prototypes, isolations, render_highlights(audit, context)),
             heatmap=heatmap,
             heatmap_columns=heatmap_columns_shown,
             entanglement_measure=getattr(audit.config, "entanglement_measure", "leap"),
             relax_steps=getattr(audit.config, "entanglement_relax_steps", 0),
             relax_step=getattr(audit.config, "entanglement_relax_step", 0),
+            probe_steps=getattr(audit.config, "entanglement_probe_steps", 0),
+            probe_step=getattr(audit.config, "entanglement_probe_step", 0),
             num_classes=len(audit.class_list),
             trajectory=trajectory,
             lr=None if p is None else p.lr,
             steps=None if p is None else p.steps,
             isolations=isolations,
+            isolation_graded=audit.isolation is not None
+            and getattr(audit.isolation, "saliency", None) is not None,
             isolation_method=None
             if audit.isolation is None
             else ISOLATION_TITLES.get(audit.isolation.method, audit.isolation.method),

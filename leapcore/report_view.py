@@ -174,8 +174,13 @@ def isolation_rows(audit: Any, tables: Mapping[str, Any], sources: list[str]) ->
         kept = float(kept_col[k]) if kept_col[k] is not None else float(iso.kept[k])
         full, alone = float(iso.logits_full[k]), float(iso.logits_isolated[k])
         source = sources[i] if i < len(sources) else f"image {i}"
+        kept_pixels = (
+            "the highlighted pixels (the mask's weight covers"
+            if iso.saliency is None
+            else "the pixels inside the outline (they cover"
+        )
         sentence = (
-            f"Shown only the highlighted pixels (the mask's weight covers "
+            f"Shown only {kept_pixels} "
             f"{fmt_pct(iso.coverage[k])} of the image, the rest replaced by background), the model "
             f"keeps {fmt_pct(kept)} of its logit for {names[c]} ({fmt_score(full)} → "
             f"{fmt_score(alone)})."
@@ -194,7 +199,11 @@ def isolation_rows(audit: Any, tables: Mapping[str, Any], sources: list[str]) ->
             {
                 "class_name": names[c],
                 "source": source,
-                "figure": isolation_figure(images[i], iso.masks[k]),
+                "figure": isolation_figure(
+                    images[i],
+                    iso.masks[k],
+                    saliency=None if iso.saliency is None else iso.saliency[k],
+                ),
                 "coverage": float(iso.coverage[k]),
                 "kept": kept,
                 "kept_prob": kept_prob[k],
@@ -245,9 +254,13 @@ def sample_rows(audit: Any, sample_names: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def look_first(prototypes: list[dict], isolations: list[dict]) -> list[str]:
-    """The summary's "look at these first": flagged prototypes, then weak isolations."""
-    items = [f"{row['label']}: {flag}." for row in prototypes for flag in row["flags"]]
+def look_first(
+    prototypes: list[dict], isolations: list[dict], highlights: list[str] = ()
+) -> list[str]:
+    """The summary's "look at these first": the sections' highlights (a spurious feature, a drift
+    since the previous version), flagged prototypes, then weak isolations."""
+    items = list(highlights)
+    items += [f"{row['label']}: {flag}." for row in prototypes for flag in row["flags"]]
     items += [
         f"Isolation of {row['class_name']} in {row['source']} "
         + ("lost the logit" if row.get("lost") else "keeps only")

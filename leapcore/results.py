@@ -389,6 +389,8 @@ def isolations_to_arrow(
         value = getattr(result, name)
         if value is not None:
             table = table.append_column(name, pa.array(value.numpy().astype(np.float32)))
+    if getattr(result, "saliency", None) is not None:
+        table = table.append_column("saliency", tensor_column(result.saliency))
     return _with_schema(
         table, "isolations", {"method": result.method, "seconds": repr(result.seconds)}
     )
@@ -409,6 +411,9 @@ def isolations_from_arrow(table: pa.Table):
         logits_isolated=torch.from_numpy(table.column("logit_isolated").to_numpy().copy()),
         method=meta["leapcore.method"],
         seconds=float(meta.get("leapcore.seconds", 0.0)),
+        saliency=column_tensor(table.column("saliency"))
+        if "saliency" in table.column_names
+        else None,
         **{
             name: torch.from_numpy(table.column(name).to_numpy().copy())
             for name in PAIR_MEASURES

@@ -24,6 +24,12 @@ rate over the control) and the verdict rule are in :mod:`leapcore.spurious_verdi
 ``logits`` models, a sigmoid probability >= 0.5 for ``multilabel_logits`` models (other classes may
 stay present). Paste targets are the user's samples first, then other classes' prototypes.
 
+Most classes have one image of their own (one prototype, no samples), so no position can be
+compared there. The **paint probe** (:mod:`leapcore.spurious_probe`) therefore paints each class
+briefly onto several images of other classes and judges where that paint lands and whether it
+alone flips other images; a class's verdict is the more severe of the two rules
+(``ClassScan.decided_by`` says which set it).
+
 This module runs the algorithm on tensors; prototypes are made by :mod:`leapcore.prototypes`
 (:func:`extra_prototypes`) and the pipeline stage is ``tasks/scan.py``.
 """
@@ -34,11 +40,18 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from leapcore.config import EngineConfig
-from leapcore.outputs import model_probabilities
 from leapcore.spurious_images import evidence_png, paste_png
+from leapcore.spurious_paste import (  # noqa: F401  (re-exported: the scan's public names)
+    connected_components,
+    decides,
+    model_probs,
+    output_kind,
+    paste_flips,
+    top_region,
+)
+from leapcore.spurious_probe import combine, probe_classes
 from leapcore.spurious_verdict import (  # noqa: F401  (re-exported: the scan's public names)
     CLEAN,
     LIKELY,
@@ -95,9 +108,16 @@ class ScanSettings:
         placed_share: the share of images whose blob reappears that suffices for ``likely
             spurious`` (with two to four images per class one stray blob costs a third to a half).
         stable_share: the share that counts as "in place" for ``suspicious`` (1.0: every blob).
+        probe_starts, probe_steps, probe_step: the paint probe (:mod:`leapcore.spurious_probe`):
+            starts per class, normalised gradient steps, the largest pixel move per step.
+        probe_likely_flip, probe_suspicious_flip: its verdicts' thresholds on the excess flip rate
+            (with reappearance >= ``placed_share`` over its starts).
+
+    The paint probe replaced the screen's extra prototypes as the default (``extra_prototypes``
+    0): on the test bed's tuning pairs it found 10 of 12 markers, the screen 5.
     """
 
-    extra_prototypes: int = 2
+    extra_prototypes: int = 0
     extra_steps: int = 50
     run_share: float = 0.5
     min_steps: int = 32
@@ -115,6 +135,11 @@ class ScanSettings:
     reappear_iou: float = 0.2
     placed_share: float = 0.5
     stable_share: float = 1.0
+    probe_starts: int = 4
+    probe_steps: int = 5
+    probe_step: float = 0.1
+    probe_likely_flip: float = 0.5
+    probe_suspicious_flip: float = 0.3
 
     def steps(self, config: EngineConfig, audit_steps: int | None = None) -> int:
         """Optimisation steps of the scan's extra prototypes for an audit with ``config`` whose
@@ -144,6 +169,11 @@ class ClassScan:
     samples: int
     reappearance: float = float("nan")  # share of images whose blob overlaps the modal blob
     consistency: float = float("nan")  # 1 - mean pixel difference inside the modal blob
+    probe_flip_rate: float = float("nan")  # the paint probe (leapcore.spurious_probe)
+    probe_control_flip_rate: float = float("nan")
+    probe_reappearance: float = float("nan")
+    probe_pastes: int = 0
+    decided_by: str = "images"  # which rule set the verdict: "images" or "paint probe"
     evidence_png: bytes = field(default=b"", repr=False)
     paste_png: bytes = field(default=b"", repr=False)
     details: dict = field(default_factory=dict, repr=False)  # per-image numbers (not in the table)
@@ -200,89 +230,6 @@ def evidence_maps(
     settings = settings or ScanSettings()
     finest = finest_cell(tuple(images.shape[-2:]), config, settings.evidence_cell_share)
     return occlusion_saliency(model, images, classes, config, chunk_size, finest)
-
-
-def connected_components(mask: torch.Tensor) -> torch.Tensor:
-    """Labels ``[H, W]`` (0 = background, else 1 + the smallest flat index in the component) of
-    the 8-connected components of a bool ``mask``: max-label propagation by 3x3 max pooling."""
-    h, w = mask.shape
-    ids = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, 1, h, w)
-    keep = mask.view(1, 1, h, w).float()
-    labels = (h * w + 1 - ids) * keep  # propagate the max, i.e. the smallest index
-    while True:
-        grown = F.max_pool2d(labels, 3, stride=1, padding=1) * keep
-        if torch.equal(grown, labels):
-            break
-        labels = grown
-    return torch.where(keep > 0, h * w + 1 - labels, torch.zeros_like(labels)).long().view(h, w)
-
-
-def top_region(saliency: torch.Tensor, share: float) -> torch.Tensor:
-    """The connected blob (8-neighbourhood) of ``saliency``'s top ``share`` pixels holding the most
-    mass, as a bool ``[H, W]``."""
-    h, w = saliency.shape
-    k = max(1, round(share * h * w))
-    top = torch.zeros(h * w, dtype=torch.bool)
-    top[saliency.flatten().topk(k).indices] = True
-    labels = connected_components(top.view(h, w)).flatten()
-    found = labels[labels > 0].unique()
-    if len(found) <= 1:
-        return top.view(h, w)
-    masses = torch.stack([saliency.flatten()[labels == i].sum() for i in found])
-    return (labels == found[masses.argmax()]).view(h, w)
-
-
-def decides(probs: torch.Tensor, cls: int, output: str) -> torch.Tensor:
-    """``[N]`` bool: the model's decision rule gives class ``cls`` for ``[N, K]`` probabilities.
-
-    ``logits`` models decide for their top class; ``multilabel_logits`` models for every class
-    whose sigmoid probability is at least 0.5 (several classes can be present at once).
-    """
-    if output == "multilabel_logits":
-        return probs[:, cls] >= 0.5
-    return probs.argmax(1) == cls
-
-
-def output_kind(model: torch.nn.Module) -> str:
-    """The model's output kind (``LogitsModel.output``; plain modules count as ``logits``)."""
-    return str(getattr(model, "output", "logits"))
-
-
-@torch.no_grad()
-def model_probs(model: torch.nn.Module, images: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """``[N, K]`` probabilities by the model's own probability function, on the CPU."""
-    return torch.cat(
-        [
-            model_probabilities(model, model(images[i : i + chunk_size])).cpu()
-            for i in range(0, len(images), chunk_size)
-        ]
-    )
-
-
-@torch.no_grad()
-def paste_flips(
-    model: torch.nn.Module,
-    sources: torch.Tensor,
-    regions: torch.Tensor,
-    targets: torch.Tensor,
-    cls: int,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Paste each source's region, in place, onto every target image.
-
-    Returns:
-        ``(pasted, flipped, prob)``: ``[S * T, C, H, W]`` images (source-major), ``[S * T]`` bool:
-        the model's decision rule (:func:`decides`) gives ``cls`` for the pasted image, and
-        ``[S * T]`` the probability of ``cls``.
-    """
-    s, t = len(sources), len(targets)
-    device = targets.device
-    keep = regions.to(device, sources.dtype)[:, None]  # [S, 1, H, W]
-    pasted = (targets[None] * (1 - keep[:, None]) + (sources * keep)[:, None]).reshape(
-        s * t, *targets.shape[1:]
-    )
-    probs = model_probs(model, pasted, chunk_size)
-    return pasted, decides(probs, cls, output_kind(model)), probs[:, cls]
 
 
 # ---------------------------------------------------------------------------------------------- #
@@ -482,8 +429,10 @@ def scan_audit(
     names: list[str] | None = None,
 ) -> list[ClassScan]:
     """Scan an audit: its prototypes (a :class:`~leapcore.prototypes.PrototypeResult`) and the
-    user's ``samples``; then, for the classes that pass the screen
-    (:func:`leapcore.spurious_evidence.screen`), again with :func:`extra_prototypes` added.
+    user's ``samples``; with ``settings.extra_prototypes`` > 0 (off by default), again with
+    :func:`extra_prototypes` for the classes that pass the screen
+    (:func:`_with_extras`); then every class's paint probe
+    (:mod:`leapcore.spurious_probe`), whose verdict wins where it is more severe.
 
     ``start`` is the audit's baseline image, ``lr`` its prototype step size. Hybrid targets (several
     classes) are not scanned (:func:`hybrid_targets` names them for the table and report);
@@ -504,10 +453,32 @@ def scan_audit(
     first = scan_classes(
         model, classes, names, images, owners, samples, config, chunk_size, settings
     )
-    if settings.extra_prototypes <= 0 or not classes:
-        return first
+    if settings.extra_prototypes > 0 and classes:
+        first = _with_extras(
+            model, prototypes, first, start, lr, samples, config, chunk_size, settings, names
+        )
+    pool = torch.cat([samples.to(device), images]) if samples is not None else images
+    probes = probe_classes(
+        model, classes, pool, model_probs(model, pool, chunk_size), settings, chunk_size
+    )
+    return [combine(s, probes[s.class_index], settings) for s in first]
+
+
+def _with_extras(model, prototypes, first, start, lr, samples, config, chunk_size, settings, names):
+    """The screen's second pass (when ``settings.extra_prototypes`` > 0; off by default since the
+    paint probe): the classes :func:`screen` passes are scanned again with
+    :func:`extra_prototypes` added to their own images; the rest keep the
+    first pass ``first`` with a reason saying so."""
     from leapcore.spurious_evidence import screen, screened_out_reason
 
+    device = start.device
+    own_rows = [
+        r
+        for r in range(len(prototypes.images))
+        if len(prototypes.targets[prototypes.row_target(r)]) == 1
+    ]
+    images = prototypes.images[own_rows].to(device)
+    owners = [prototypes.targets[prototypes.row_target(r)][0] for r in own_rows]
     chosen = screen(first, settings)
     again: dict[int, ClassScan] = {}
     if chosen:

@@ -34,6 +34,11 @@ SCHEMA = pa.schema(
         ("flips", pa.int32()),
         ("pastes", pa.int32()),
         ("region_share", pa.float32()),
+        ("probe_flip_rate", pa.float32()),
+        ("probe_control_flip_rate", pa.float32()),
+        ("probe_reappearance", pa.float32()),
+        ("probe_pastes", pa.int32()),
+        ("decided_by", pa.string()),
         ("prototypes", pa.int32()),
         ("samples", pa.int32()),
         ("evidence_png", pa.binary()),
@@ -74,7 +79,8 @@ def _number(value: Any) -> float:
 
 def spurious_metrics(table: pa.Table) -> dict[str, float]:
     """MLflow metrics: ``spurious/<class>/{concentration,stability,reappearance,consistency,
-    flip_rate,control_flip_rate,severity}`` (severity 0 clean, 1 suspicious, 2 likely spurious;
+    flip_rate,control_flip_rate,probe_flip_rate,probe_control_flip_rate,probe_reappearance,
+    severity}`` (severity 0 clean, 1 suspicious, 2 likely spurious;
     NaN numbers are left out) and the flagged count."""
     out: dict[str, float] = {}
     rows = table.to_pylist()
@@ -88,6 +94,9 @@ def spurious_metrics(table: pa.Table) -> dict[str, float]:
             "consistency",
             "flip_rate",
             "control_flip_rate",
+            "probe_flip_rate",
+            "probe_control_flip_rate",
+            "probe_reappearance",
         ):
             if name not in row:  # a table written before the column existed
                 continue
@@ -143,7 +152,8 @@ def spurious_fragment(table: pa.Table) -> str:
     parts.append("<table class='spurious'>")
     parts.append(
         "<tr><th>class</th><th>verdict</th><th>concentration</th><th>blob reappears</th>"
-        "<th>content consistency</th><th>flip rate (control)</th><th>why</th>"
+        "<th>content consistency</th><th>flip rate (control)</th>"
+        "<th>paint probe: flip rate (control), blob reappears</th><th>why</th>"
         "<th>evidence (blob outlined)</th><th>pastes</th></tr>"
     )
     order = sorted(rows, key=lambda r: -VERDICTS.index(r["verdict"]))
@@ -158,13 +168,20 @@ def spurious_fragment(table: pa.Table) -> str:
             if r["pastes"]
             else "not measured (no images of other classes)"
         )
+        probe = (
+            f"{_cell(r.get('probe_flip_rate'), '.0%')} ({r.get('probe_pastes')} pastes; control "
+            f"{_cell(r.get('probe_control_flip_rate'), '.0%')}), "
+            f"{_cell(r.get('probe_reappearance'), '.0%')}"
+            if r.get("probe_pastes")
+            else "not measured"
+        )
         parts.append(
             f"<tr class='verdict-{r['verdict'].replace(' ', '-')}'>"
             f"<td>{html.escape(r['class_name'])}</td><td><b>{r['verdict']}</b></td>"
             f"<td>{_cell(r['concentration'], '.2f')}</td>"
             f"<td>{_cell(r.get('reappearance'), '.0%')}</td>"
             f"<td>{_cell(r.get('consistency'), '.2f')}</td>"
-            f"<td>{flips}</td><td>{html.escape(r['reason'])}</td>"
+            f"<td>{flips}</td><td>{probe}</td><td>{html.escape(r['reason'])}</td>"
             f"<td>{images[0]}</td><td>{images[1]}</td></tr>"
         )
     parts.append("</table>")
@@ -175,7 +192,9 @@ def spurious_fragment(table: pa.Table) -> str:
         "the images' pixels are inside that blob (1 = identical, as a pasted marker); flip rate: "
         "pastes of the blob onto confidently classified images of other classes that the model "
         "then decides for this class, and in brackets the control: the same shape pasted half an "
-        "image away. Pastes framed in red flipped.</p>"
+        "image away; paint probe: the class painted briefly (a few gradient steps) from images of "
+        "other classes, its strongest painted blob pasted onto the other images (flip rate, "
+        "control) and how often that blob lands in one place. Pastes framed in red flipped.</p>"
     )
     return "\n".join(parts)
 

@@ -62,6 +62,7 @@ def merge_isolations(parts: list[IsolationResult]) -> IsolationResult:
         logits_isolated=torch.cat([p.logits_isolated for p in parts]),
         method=parts[0].method,
         seconds=sum(p.seconds for p in parts),
+        saliency=_cat_optional([p.saliency for p in parts]),
         **{name: _cat_optional([getattr(p, name) for p in parts]) for name in PAIR_MEASURES},
     )
 

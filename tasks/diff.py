@@ -19,7 +19,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from leapcore.diff import AuditDiff, AuditSide, DiffThresholds, describe_pair, diff_from_arrow
+from leapcore.diff import (
+    AuditDiff,
+    AuditSide,
+    DiffThresholds,
+    describe_pair,
+    diff_from_arrow,
+    judged_text,
+)
 from leapcore.diff import diff_audits as compare
 from leapcore.errors import LeapError
 from leapcore.results import prototypes_from_arrow, prototypes_to_arrow
@@ -97,7 +104,7 @@ def diff_with_previous(
     previous_locator: ModelLocator | None = None,
     thresholds: dict[str, float] | None = None,
     layer: str | None = None,
-    pair_measure: str = "fixed",
+    pair_measure: str = "samples",
     samples: StageOutput | None = None,
 ) -> StageOutput:
     from leapcore.results import samples_from_arrow
@@ -187,11 +194,13 @@ def _fetch_previous(
 
 
 def thresholds_of(config: Any) -> dict[str, float]:
-    """The diff thresholds of the engine config (options ``diff_*_threshold``)."""
+    """The diff thresholds of the engine config (options ``diff_*_threshold`` and
+    ``diff_prototype_noise``)."""
     return {
         "entanglement": config.diff_entanglement_threshold,
         "quality": config.diff_quality_threshold,
         "similarity": config.diff_similarity_threshold,
+        "prototype_noise": config.diff_prototype_noise,
     }
 
 
@@ -329,6 +338,8 @@ def diff_findings(table: pa.Table) -> Findings:
         "leapcore.diff.worse_verdicts": str(len(worse)),
         "leapcore.diff.pair_basis": basis,
     }
+    if judged_text(table):
+        tags["leapcore.diff.judged_on"] = judged_text(table)
     top = diff.top_pair
     if top is not None:
         tags[TAG_TOP_PAIR] = describe_pair(top)
@@ -349,6 +360,7 @@ def diff_findings(table: pa.Table) -> Findings:
             ],
             "threshold": thresholds.get("entanglement"),
             "pair_basis": basis,
+            "judged_on": judged_text(table),
         }
         payload["summary"] = drift_summary(diff, payload)
         events.append((DRIFT_EVENT, payload))
@@ -359,8 +371,12 @@ def drift_summary(diff: AuditDiff, payload: dict[str, Any]) -> str:
     """One line a notification can carry."""
     parts = []
     basis = f" (pairs on {payload['pair_basis']})" if payload.get("pair_basis") else ""
-    if payload.get("pair_basis") == "prototypes":
-        # measured: a seed-only retrain moves prototype-measured pairs as much as a real merge
+    if payload.get("judged_on"):
+        # what the threshold was judged against: on prototypes, the cross-checked change (seed
+        # noise stayed under it on the test bed) or, for 'fixed' / 'own', a change a seed-only
+        # retrain also reaches (the text says so)
+        basis = f" (pairs on {payload['pair_basis']}, judged against {payload['judged_on']})"
+    elif payload.get("pair_basis") == "prototypes":
         basis = (
             " (pairs on prototypes, which a seed-only retrain also moves: pass samples to confirm)"
         )

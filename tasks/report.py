@@ -98,9 +98,11 @@ def render_report(
     html: bool = True,
     attributions: StageOutput | None = None,
     extras: dict[str, ArtifactRef] | None = None,
+    stage_seconds: dict[str, float] | None = None,
 ) -> ReportOutput:
     """The report of an audit or explain run; ``extras`` are the analysis stages' Arrow tables by
-    role (``tasks.analysis``), written as ``tables/<role>.parquet`` and read by report sections."""
+    role (``tasks.analysis``), written as ``tables/<role>.parquet`` and read by report sections;
+    ``stage_seconds`` their compute times, for the report's stages table."""
     began = time.perf_counter()
     audit = load_audit(
         store, model, config, baseline, learning_rate, prototypes, entanglement, isolations, samples
@@ -158,6 +160,7 @@ def render_report(
             sample_names=sample_names,
             tables=tables,
             stamp_later=True,
+            stage_seconds=stage_seconds,
         )
         files["report.html"] = store.put_bytes(page.encode("utf-8"), "reports", "html", "html")
     metrics = audit_metrics(audit)

@@ -102,6 +102,8 @@ def scan_spurious_task(
             "consistency": round(s.consistency, 3),
             "flip rate": round(s.flip_rate, 3),
             "control flip rate": round(s.control_flip_rate, 3),
+            "probe flip rate": round(s.probe_flip_rate, 3),
+            "probe control flip rate": round(s.probe_control_flip_rate, 3),
         }
         for s in scans
     ]
@@ -180,6 +182,9 @@ def spurious_wandb_table(wandb: Any, table: pa.Table, audit: Any = None) -> Any:
         "consistency",
         "flip rate",
         "control flip rate",
+        "probe flip rate",
+        "probe control flip rate",
+        "probe blob reappears",
         "reason",
         "evidence",
         "pastes",
@@ -198,6 +203,9 @@ def spurious_wandb_table(wandb: Any, table: pa.Table, audit: Any = None) -> Any:
             r["consistency"],
             r["flip_rate"],
             r["control_flip_rate"],
+            r.get("probe_flip_rate"),
+            r.get("probe_control_flip_rate"),
+            r.get("probe_reappearance"),
             r["reason"],
             *images,
         )

@@ -285,7 +285,8 @@ def score_entanglement(
             for p in sorted(prototypes, key=lambda p: p.first_row)
         ]
     )
-    base_logits = baseline_from_arrow(store.get_table(baseline.refs["baseline"])).logits.cpu()
+    base = baseline_from_arrow(store.get_table(baseline.refs["baseline"]))
+    base_logits = base.logits.cpu()
     began = time.perf_counter()
     if config.entanglement_measure == "relaxed" and merged.output != "multilabel_logits":
         if locator is None:
@@ -295,7 +296,9 @@ def score_entanglement(
         _seed(config)
         with engine.stage_mode(loaded.model, config, dev):
             batch = engine.prototype_chunk_size(net, len(merged.images), config, dev)
-            scores = engine.score_entanglement(net, merged, base_logits, config, dev, batch)
+            scores = engine.score_entanglement(
+                net, merged, base_logits, config, dev, batch, base.image
+            )
     else:
         scores = entanglement_stage.entanglement(
             base_logits,

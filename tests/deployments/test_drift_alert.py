@@ -52,6 +52,9 @@ def _drift_event():
     assert name == DRIFT_EVENT and payload["entangled"][0].startswith("cat <-> dog")
     # no models, so the pairs are on prototypes: the alert itself says they may be seed noise
     assert payload["pair_basis"] == "prototypes" and "seed-only retrain" in payload["summary"]
+    # ... and what the threshold was judged against (each model's own prototypes, unchecked)
+    assert payload["judged_on"].startswith("each model on its own prototypes (not cross-checked")
+    assert f"judged against {payload['judged_on']}" in payload["summary"]
     return name, payload
 
 

@@ -2,9 +2,12 @@
 the data (60 % of the 8s labelled 3), a twin with 4 and 9 merged instead, and a clean retrain with
 only another seed. With the defaults (objective ``margin``, pair measure ``samples``) and held-out
 digits as the user's samples, the diff must name the merged pair first and raise no pair of the
-seed-only retrain. (benchmarks/diff_testbed.py: on samples all four merges tried, 3-8, 4-9, 5-6,
-1-7, came first and four seed-only retrains moved no pair by more than 0.13; on prototypes alone
-they moved pairs by up to 0.83.) Plus the penultimate-layer features, verdicts and bad input."""
+seed-only retrain. Without samples (pairs on both versions' prototypes, cross-checked) the
+seed-only retrain must raise no pair either, and the 3-8 merge must come first. (benchmarks/
+diff_testbed.py: on samples all four merges tried, 3-8, 4-9, 5-6, 1-7, came first and four
+seed-only retrains moved no pair by more than 0.13; on prototypes averaged ('fixed') they moved
+pairs by up to 0.83, cross-checked by up to 0.43, so flagged from 0.45.) Plus the penultimate-layer features,
+verdicts and bad input."""
 
 from __future__ import annotations
 
@@ -21,7 +24,14 @@ from leapcore.diff import (
     diff_audits,
     diff_from_arrow,
 )
-from leapcore.diff_pairs import fixed_pair_probabilities, model_logits
+from leapcore.diff_pairs import (
+    CROSSED_BASIS,
+    UNCHECKED_BASIS,
+    crossed_pair_probabilities,
+    fixed_pair_probabilities,
+    judged_change,
+    model_logits,
+)
 from leapcore.errors import InputError
 from leapcore.features import penultimate_features
 from leapcore.results import audit_tables, column_tensor
@@ -97,9 +107,89 @@ def test_a_seed_only_retrain_raises_no_pair(defaults, samples):
 
 def test_without_samples_the_diff_says_its_pairs_are_on_prototypes(defaults):
     diff = diff_audits(defaults["v1"], defaults["seed"])
-    assert diff.table.schema.metadata[b"leapcore.pair_basis"] == b"prototypes"
-    assert any(n.startswith("no samples: pairs measured on prototypes") for n in diff.notes)
-    assert "both versions' prototypes)" in diff.top_pair["detail"]
+    meta = diff.table.schema.metadata
+    assert meta[b"leapcore.pair_basis"] == b"prototypes"
+    assert (
+        b"smaller of the changes on the two versions' prototypes"
+        in (meta[b"leapcore.pair_judged_on"])
+    )
+    assert any(
+        n.startswith("no samples: pairs measured on both versions' prototypes, cross-")
+        for n in diff.notes
+    )
+    assert CROSSED_BASIS + ": the smaller of" in diff.top_pair["detail"]
+    from leapcore.diff_report import diff_page
+
+    page = diff_page(diff.table)  # the report section says it too
+    assert "judged against the smaller of the changes on the two versions&#x27; prototypes" in page
+
+
+def test_without_samples_a_seed_only_retrain_raises_no_pair(defaults):
+    """The cross-checked pairs, flagged from the noise bound on prototypes: a prototype one model
+    misreads mostly shows on one side only."""
+    diff = diff_audits(defaults["v1"], defaults["seed"])
+    pairs = diff.rows("entanglement")
+    assert not [r for r in pairs if r["flag"]], [(r["change"], r["detail"]) for r in pairs[:3]]
+    bound = DiffThresholds().prototype_noise
+    assert diff.top_pair["change"] < bound, pairs[:3]  # measured 0.27 (0.08 on another draw)
+    assert "flagged from 0.45" in diff.top_pair["detail"]
+    # the same reads averaged ('fixed') cross the threshold on this retrain (measured 0.45)
+    fixed = diff_audits(defaults["v1"], defaults["seed"], pair_measure="fixed")
+    assert fixed.rows("entanglement", "entangled") or fixed.rows("entanglement", "disentangled")
+
+
+def test_without_samples_the_merged_pair_comes_first_cross_checked(defaults):
+    diff = diff_audits(defaults["v1"], defaults["v2"])
+    top, runner_up = diff.rows("entanglement")[:2]
+    assert {top["target"], top["other"]} == {"3", "8"}, diff.rows("entanglement")[:3]
+    assert (top["target"], top["other"]) == ("3", "8") and "8 -> 3" in top["detail"]
+    assert top["flag"] == "entangled" and top["change"] >= 0.5, top  # measured +0.98
+    assert top["change"] - max(runner_up["change"], 0) >= 0.5, runner_up  # measured +0.97
+    # The 4-9 merge is not cross-checked at 30 steps (v2b's 4 prototype shows no 9 to v1):
+    # missed, but no other pair is flagged in its place.
+    missed = diff_audits(defaults["v1"], defaults["v2b"])
+    assert not [r for r in missed.rows("entanglement") if r["flag"]], missed.top_pair
+
+
+def test_the_crossed_measure_judges_the_smaller_of_the_two_sides(defaults):
+    """8 -> 3: v1's 8 prototype read as 3 rather than 8 (v1, then v2), and v2's 3 prototype
+    read as 3 rather than 8 (v1, then v2); the direction's numbers are the side that moved less."""
+    v1, v2 = defaults["v1"], defaults["v2"]
+    before, after, basis = crossed_pair_probabilities(v1, v2, DIGIT_NAMES, DIGIT_NAMES)
+    images = [column_tensor(s.tables["prototypes"].column("image")) for s in (v1, v2)]
+
+    def q(side: AuditSide, x: torch.Tensor) -> float:  # sigmoid(z_3 - z_8)
+        with torch.no_grad():
+            z = side.model(Normalise()(x))[0]
+        return float(torch.sigmoid(z[3] - z[8]))
+
+    side1 = (q(v1, images[0][8:9]), q(v2, images[0][8:9]))
+    side2 = (q(v1, images[1][3:4]), q(v2, images[1][3:4]))
+    smaller = min(side1, side2, key=lambda s: s[1] - s[0])
+    assert (before[("8", "3")], after[("8", "3")]) == pytest.approx(smaller, abs=1e-5)
+    for side in (side1, side2):  # both sides are in the basis, the smaller one first
+        assert f"{side[0]:.2f} -> {side[1]:.2f}" in basis[("8", "3")]
+    assert (
+        basis[("8", "3")].index(f"{smaller[0]:.2f} -> {smaller[1]:.2f}") < len(CROSSED_BASIS) + 40
+    )
+    assert basis[("8", "3")].startswith(CROSSED_BASIS)
+    # a negative shift is no shift both sides show: judged 0, never flagged
+    assert judged_change(-0.9, basis[("8", "3")]) == 0.0
+    assert judged_change(-0.9, "10 samples") == 0.9
+
+
+def test_pairs_it_cannot_cross_check_are_reported_not_flagged(defaults):
+    """Audits of 3 and 8 only: pairs with a class neither audited have no second side."""
+    a, b = (replace(defaults[k], tables=_only(defaults[k].tables, "3", "8")) for k in ("v1", "v2"))
+    diff = diff_audits(a, b)
+    pairs = diff.rows("entanglement")
+    checked = [r for r in pairs if UNCHECKED_BASIS not in r["detail"]]
+    assert [{r["target"], r["other"]} for r in checked] == [{"3", "8"}]
+    assert pairs[0] is not None and {pairs[0]["target"], pairs[0]["other"]} == {"3", "8"}
+    unchecked = pairs[1:]
+    assert len(unchecked) == 16 and all(r["flag"] == "" for r in unchecked)
+    assert max(abs(r["change"]) for r in unchecked) >= 0.2  # they moved; not judged
+    assert any("cannot be cross-checked" in n for n in diff.notes)
 
 
 def test_the_fixed_measure_feeds_both_prototype_sets_to_both_models(defaults):
@@ -120,9 +210,9 @@ def test_the_fixed_measure_feeds_both_prototype_sets_to_both_models(defaults):
 
 
 def test_the_merged_pair_comes_first(versions):
-    """leap-ie's logit objective, pairs on both versions' prototypes (no samples)."""
+    """leap-ie's logit objective, pairs on both versions' prototypes averaged ('fixed')."""
     for current, pair in (("v2", {"3", "8"}), ("v2b", {"4", "9"})):
-        diff = diff_audits(versions["v1"], versions[current])
+        diff = diff_audits(versions["v1"], versions[current], pair_measure="fixed")
         top = diff.top_pair
         assert {top["target"], top["other"]} == pair, (current, diff.rows("entanglement")[:3])
         assert top["flag"] == "entangled" and top["change"] >= 0.3
@@ -130,14 +220,17 @@ def test_the_merged_pair_comes_first(versions):
         assert top["change"] >= 2 * abs(runner_up["change"]), runner_up
         assert diff.metrics()["diff/max_entanglement_change"] == pytest.approx(top["change"])
     # v2's 8 prototype is classified as a 3 (the merge): the pair says its numbers are doubtful.
-    top = diff_audits(versions["v1"], versions["v2"]).top_pair
+    top = diff_audits(versions["v1"], versions["v2"], pair_measure="fixed").top_pair
     assert "off-target prototype of 8 in v2" in top["detail"]
 
 
 def test_pairs_are_sorted_by_change_and_read_back(versions):
-    diff = diff_audits(versions["v1"], versions["v2"])
-    changes = [abs(r["change"]) for r in diff.rows("entanglement")]
+    fixed = diff_audits(versions["v1"], versions["v2"], pair_measure="fixed")
+    changes = [abs(r["change"]) for r in fixed.rows("entanglement")]
     assert changes == sorted(changes, reverse=True) and len(changes) == 45
+    diff = diff_audits(versions["v1"], versions["v2"])  # cross-checked: by the upward shift
+    shifts = [max(r["change"], 0) for r in diff.rows("entanglement")]
+    assert shifts == sorted(shifts, reverse=True) and len(shifts) == 45
     back = diff_from_arrow(pa.Table.from_pylist(diff.table.to_pylist(), diff.table.schema))
     assert back.top_pair == diff.top_pair and back.previous == "v1" and back.current == "v2"
 
@@ -268,7 +361,7 @@ def _rename(table: pa.Table, old: str, new: str) -> pa.Table:
     return table
 
 
-def _only(tables, name: str) -> dict[str, pa.Table]:
+def _only(tables, *names: str) -> dict[str, pa.Table]:
     protos = tables["prototypes"]
-    keep = [n == name for n in protos.column("target_name").to_pylist()]
+    keep = [n in names for n in protos.column("target_name").to_pylist()]
     return {"prototypes": protos.filter(pa.array(keep))}

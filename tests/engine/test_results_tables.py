@@ -178,7 +178,7 @@ def test_arrow_round_trips_are_exact(generated, digits, tmp_path):
     )
     iso = results.isolations_from_arrow(results.read_ipc(tmp_path / "isolations.arrow"))
     assert iso.pairs == audit.isolation.pairs and iso.method == audit.isolation.method
-    for field in ("masks", "isolated", "logits_full", "logits_isolated"):
+    for field in ("masks", "isolated", "logits_full", "logits_isolated", "saliency"):
         assert torch.equal(getattr(iso, field), getattr(audit.isolation, field))
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave nothing behind
 

@@ -121,6 +121,7 @@ def test_the_second_audit_names_the_merged_pair_first(two_audits):
     version = _client().get_model_version(NAME, "2")
     assert version.tags["leapcore.diff.previous_version"] == "1"
     assert version.tags["leapcore.diff.pair_basis"] == "samples"
+    assert version.tags["leapcore.diff.judged_on"] == "the change on your samples"
     assert version.tags["leapcore.diff.top_pair"].startswith(
         ("digit-3 <-> digit-8", "digit-8 <-> digit-3")
     )
@@ -139,6 +140,10 @@ def test_the_report_shows_the_section(two_audits):
     assert "Changes since the previous version" in page
     assert "Compared with <b>digits-diff v1</b>" in page
     assert "digit-3 ↔ digit-8" in page or "digit-8 ↔ digit-3" in page
+    at = page.index('<section id="diff">')
+    assert page.index('id="summary"') < at < page.index('<section id="prototypes">')
+    look = page[page.index('class="look"') :].split("</ol>")[0]
+    assert "Since digits-diff v1: digit-" in look and "became entangled" in look
     first = (Path(two_audits[0].output_dir) / "report.html").read_text()
     assert "Changes since the previous version" not in first
 
@@ -162,7 +167,10 @@ def test_the_drift_event_reaches_prefect(two_audits):
     payload = event["payload"]
     assert payload["version"] == "2" and payload["previous_version"] == "1"
     assert payload["entangled"][0].startswith(("digit-3 <-> digit-8", "digit-8 <-> digit-3"))
-    assert payload["pair_basis"] == "samples" and "(pairs on samples)" in payload["summary"]
+    assert (
+        payload["pair_basis"] == "samples" and payload["judged_on"] == "the change on your samples"
+    )
+    assert "(pairs on samples, judged against the change on your samples)" in payload["summary"]
     assert event["resource"]["leapcore.model_version"] == "2"
 
 
@@ -189,6 +197,7 @@ def test_leap_diff_compares_two_versions_and_logs_to_mlflow(two_audits, tmp_path
     first = lines[lines.index(next(x for x in lines if x.startswith("pairs"))) + 1]
     assert first.split()[:3] in (["digit-3", "<->", "digit-8"], ["digit-8", "<->", "digit-3"])
     assert "entangled" in first
+    assert "the threshold judged against the change on your samples" in printed
     table = pq.read_table(out / "diff.parquet")
     stage = pq.read_table(Path(two_audits[1].output_dir) / "tables" / "diff.parquet")
     # The same comparison as the audit's own stage (same tables, models and samples; the stage
@@ -214,12 +223,16 @@ def test_leap_diff_compares_two_versions_and_logs_to_mlflow(two_audits, tmp_path
     assert not [r for r in again.to_pylist() if r["kind"] == "prototype"]
     # The thresholds come from a config file; a flag wins over it.
     config = tmp_path / "diff.json"
-    config.write_text('{"diff_entanglement_threshold": 0.95, "diff_quality_threshold": 0.5}')
+    config.write_text(
+        '{"diff_entanglement_threshold": 0.95, "diff_quality_threshold": 0.5, '
+        '"diff_prototype_noise": 0.6}'
+    )
     strict = tmp_path / "strict"
     args = ["diff", *runs, "--output-dir", str(strict), "--no-models", "--config", str(config)]
     assert main([*args, "--quality-threshold", "0.3"]) == 0
     meta = pq.read_table(strict / "diff.parquet").schema.metadata[b"leapcore.thresholds"]
-    assert json.loads(meta) == {"entanglement": 0.95, "quality": 0.3, "similarity": 0.5}
+    thresholds = {"entanglement": 0.95, "quality": 0.3, "similarity": 0.5, "prototype_noise": 0.6}
+    assert json.loads(meta) == thresholds
 
 
 def test_leap_diff_refuses_what_has_no_audit(two_audits, tmp_path, capsys):

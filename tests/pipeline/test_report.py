@@ -269,6 +269,36 @@ def test_registered_sections_render_in_order_and_none_leaves_a_section_out(audit
         report_section("bad name")
 
 
+def test_a_verdict_section_renders_under_the_summary_and_its_highlights_lead_look_first(
+    audit,
+) -> None:
+    from leapcore.report import (
+        report_highlight_functions,
+        report_highlights,
+        report_section,
+        report_sections,
+    )
+
+    @report_section("zz_test_verdict", title="Verdict", order=-1)
+    def verdict(audit, context):
+        return "<p id='verdict-body'>verdict</p>"
+
+    @report_highlights("zz_test_verdict")
+    def verdict_highlights(audit, context):
+        return ["zz-class is likely spurious"]
+
+    try:
+        page = render_report(audit, title="t")
+    finally:
+        report_sections.pop("zz_test_verdict")
+        report_highlight_functions.pop("zz_test_verdict")
+    summary, verdict_at = page.index('id="summary"'), page.index("verdict-body")
+    assert summary < verdict_at < page.index('id="prototypes"')
+    look = page[page.index('class="look"') :]
+    assert look.index("zz-class is likely spurious") < look.index("</ol>")
+    assert "<li>zz-class is likely spurious</li>" in page
+
+
 def test_sample_mode_report_shows_each_image_top_classes(digits_model) -> None:
     from tests.pipeline.conftest import digits_images
 
@@ -282,3 +312,124 @@ def test_sample_mode_report_shows_each_image_top_classes(digits_model) -> None:
         top = int(probs[i].argmax())
         assert f"{name} {DIGITS[top]}: {float(probs[i, top]):.3f}" in " ".join(text.split())
     assert text.count("of its logit for") == len(audit.isolation.pairs)
+
+
+def test_the_scan_and_the_diff_give_look_first_sentences_for_what_got_flagged() -> None:
+    import pyarrow as pa
+
+    from leapcore.diff import _COLUMNS, SCHEMA, _row
+    from leapcore.highlights import diff_highlights, spurious_highlights
+    from leapcore.report import ReportContext, render_highlights
+
+    scan = pa.Table.from_pylist(
+        [
+            {
+                "class_name": "tabby",
+                "verdict": "clean",
+                "concentration": 0.2,
+                "flip_rate": 0.0,
+                "control_flip_rate": 0.0,
+            },
+            {
+                "class_name": "zz-weak",
+                "verdict": "suspicious",
+                "concentration": 0.3,
+                "flip_rate": 0.9,
+                "control_flip_rate": 0.1,
+            },
+            {
+                "class_name": "zz-marked",
+                "verdict": "likely spurious",
+                "concentration": 0.41,
+                "flip_rate": 0.8,
+                "control_flip_rate": 0.05,
+            },
+        ]
+    )
+    rows = [
+        _row("entanglement", "3", "8", "pair_prob", 0.1, 0.7, flag="entangled", detail="on 10"),
+        _row("entanglement", "4", "9", "pair_prob", 0.1, 0.15, detail="on 10"),
+        _row(
+            "verdict",
+            "zz-marked",
+            None,
+            "verdict",
+            0.0,
+            2.0,
+            flag="worse",
+            before_text="clean",
+            after_text="likely spurious",
+        ),
+    ]
+    diff = pa.Table.from_pylist(rows, schema=_COLUMNS).replace_schema_metadata(
+        {
+            b"leapcore.schema": SCHEMA.encode(),
+            b"leapcore.previous": b"v1",
+            b"leapcore.current": b"v2",
+        }
+    )
+    context = ReportContext(tables={"spurious": scan, "diff": diff})
+    scan_items = spurious_highlights(None, context)
+    assert [i.split(":")[1].strip() for i in scan_items] == [
+        "zz-marked is likely spurious",
+        "zz-weak is suspicious",
+    ]
+    assert "41 % of its evidence" in scan_items[0] and "flips 80 % of them" in scan_items[0]
+    assert "(5 % when pasted elsewhere)" in scan_items[0]
+    diff_items = diff_highlights(None, context)
+    assert diff_items == [
+        "Since v1: the scan's verdict on zz-marked got worse (clean → likely spurious).",
+        "Since v1: 3 ↔ 8 became entangled (pair probability 0.100 → 0.700, on 10).",
+    ]
+    assert render_highlights(None, context) == scan_items + diff_items
+    assert render_highlights(None, ReportContext()) == []
+
+
+def test_the_isolation_overlay_grades_the_evidence_and_outlines_what_the_mask_keeps(audit) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from leapcore.figures import EDGE_RGB, isolation_figure
+
+    iso = audit.isolation
+    assert iso.saliency is not None and iso.saliency.shape == iso.masks.shape
+    page = render_report(audit, title="t")
+    assert "inside the cyan outline" in page and 'title="evidence"' in page
+    import base64
+    import re
+
+    cards = re.findall(r'<img src="data:image/webp;base64,([^"]+)" alt="isolation of', page)
+    assert len(cards) == len(iso.pairs)
+    outlined = 0
+    for card in cards:
+        shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(card))).convert("RGB")) / 255
+        outlined += ((shown[..., 0] < 0.3) & (shown[..., 1] > 0.7) & (shown[..., 2] > 0.8)).any()
+    partial = int(((iso.masks.flatten(1).mean(1) > 0) & (iso.masks.flatten(1).mean(1) < 1)).sum())
+    assert outlined >= partial > 0  # every mask that keeps part of its image is outlined
+    peaks = iso.saliency.flatten(1).amax(1)
+    assert torch.allclose(peaks, torch.ones_like(peaks)) and iso.saliency.min() >= 0
+    # the reported mask is the saliency's top share: kept pixels rank above every dropped one
+    for k in range(len(iso.pairs)):
+        kept, dropped = iso.saliency[k][iso.masks[k] > 0.5], iso.saliency[k][iso.masks[k] < 0.5]
+        if len(kept) and len(dropped):
+            assert kept.min() >= dropped.max() - 1e-6
+    image = torch.full((3, 32, 32), 0.5)
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:24, 8:24] = 1
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 32).expand(1, 32, 32)
+
+    def pixels(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255
+
+    graded = pixels(isolation_figure(image, mask, saliency=ramp))
+    assert graded.shape == (128, 128, 3)  # a 32 px input is drawn 4x larger
+    red, green, blue = graded[..., 0], graded[..., 1], graded[..., 2]
+    edge = (red < EDGE_RGB[0] + 0.3) & (green > EDGE_RGB[1] - 0.2) & (blue > EDGE_RGB[2] - 0.2)
+    assert edge[33, 36:92].mean() > 0.9 and edge[64, 33] and edge[64, 94]
+    assert not edge[64, 44:84].any() and not edge[8].any()  # inside and outside: the heatmap
+    # the heat follows the saliency, not the mask: the right of the image is brighter, inside too
+    assert graded[64, 80].sum() > graded[64, 44].sum() + 0.2
+    flat = pixels(isolation_figure(image, mask))
+    assert abs(flat[64, 80].sum() - flat[64, 44].sum()) < 0.1  # the binary mask alone: flat

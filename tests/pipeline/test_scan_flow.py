@@ -83,8 +83,12 @@ def test_the_scan_flags_the_marked_class_in_table_mlflow_report_and_wandb(
     assert "digit-3 is likely spurious" in version.description
 
     report = Path(result.report_path).read_text(encoding="utf-8")
-    scan_at = report.index("Spurious-feature scan")
-    assert scan_at < report.index("Quality of prototypes"), "the scan is the report's first section"
+    scan_at = report.index('<section id="spurious">')
+    assert report.index('id="summary"') < scan_at < report.index('<section id="prototypes">')
+    look = report[report.index('class="look"') :]
+    assert look.index("Spurious-feature scan: digit-3 is likely spurious") < look.index("</ol>")
+    stages = report[report.index('<section id="stages">') :]
+    assert "<td>spurious-feature scan</td>" in stages.split("</section>")[0]
     assert "<b>digit-3</b> (likely spurious)" in report
 
     wandb = wandb_contents(result.wandb_run_dir)

@@ -1,0 +1,92 @@
+"""The spurious-feature scan's regions, decision rule and pastes (shared by the scan's passes and
+its paint probe; :mod:`leapcore.spurious` re-exports them)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from leapcore.outputs import model_probabilities
+
+
+def connected_components(mask: torch.Tensor) -> torch.Tensor:
+    """Labels ``[H, W]`` (0 = background, else 1 + the smallest flat index in the component) of
+    the 8-connected components of a bool ``mask``: max-label propagation by 3x3 max pooling."""
+    h, w = mask.shape
+    ids = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, 1, h, w)
+    keep = mask.view(1, 1, h, w).float()
+    labels = (h * w + 1 - ids) * keep  # propagate the max, i.e. the smallest index
+    while True:
+        grown = F.max_pool2d(labels, 3, stride=1, padding=1) * keep
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    return torch.where(keep > 0, h * w + 1 - labels, torch.zeros_like(labels)).long().view(h, w)
+
+
+def top_region(saliency: torch.Tensor, share: float) -> torch.Tensor:
+    """The connected blob (8-neighbourhood) of ``saliency``'s top ``share`` pixels holding the most
+    mass, as a bool ``[H, W]``."""
+    h, w = saliency.shape
+    k = max(1, round(share * h * w))
+    top = torch.zeros(h * w, dtype=torch.bool)
+    top[saliency.flatten().topk(k).indices] = True
+    labels = connected_components(top.view(h, w)).flatten()
+    found = labels[labels > 0].unique()
+    if len(found) <= 1:
+        return top.view(h, w)
+    masses = torch.stack([saliency.flatten()[labels == i].sum() for i in found])
+    return (labels == found[masses.argmax()]).view(h, w)
+
+
+def decides(probs: torch.Tensor, cls: int, output: str) -> torch.Tensor:
+    """``[N]`` bool: the model's decision rule gives class ``cls`` for ``[N, K]`` probabilities.
+
+    ``logits`` models decide for their top class; ``multilabel_logits`` models for every class
+    whose sigmoid probability is at least 0.5 (several classes can be present at once).
+    """
+    if output == "multilabel_logits":
+        return probs[:, cls] >= 0.5
+    return probs.argmax(1) == cls
+
+
+def output_kind(model: torch.nn.Module) -> str:
+    """The model's output kind (``LogitsModel.output``; plain modules count as ``logits``)."""
+    return str(getattr(model, "output", "logits"))
+
+
+@torch.no_grad()
+def model_probs(model: torch.nn.Module, images: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``[N, K]`` probabilities by the model's own probability function, on the CPU."""
+    return torch.cat(
+        [
+            model_probabilities(model, model(images[i : i + chunk_size])).cpu()
+            for i in range(0, len(images), chunk_size)
+        ]
+    )
+
+
+@torch.no_grad()
+def paste_flips(
+    model: torch.nn.Module,
+    sources: torch.Tensor,
+    regions: torch.Tensor,
+    targets: torch.Tensor,
+    cls: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paste each source's region, in place, onto every target image.
+
+    Returns:
+        ``(pasted, flipped, prob)``: ``[S * T, C, H, W]`` images (source-major), ``[S * T]`` bool:
+        the model's decision rule (:func:`decides`) gives ``cls`` for the pasted image, and
+        ``[S * T]`` the probability of ``cls``.
+    """
+    s, t = len(sources), len(targets)
+    device = targets.device
+    keep = regions.to(device, sources.dtype)[:, None]  # [S, 1, H, W]
+    pasted = (targets[None] * (1 - keep[:, None]) + (sources * keep)[:, None]).reshape(
+        s * t, *targets.shape[1:]
+    )
+    probs = model_probs(model, pasted, chunk_size)
+    return pasted, decides(probs, cls, output_kind(model)), probs[:, cls]

@@ -1,0 +1,231 @@
+"""The spurious-feature scan's paint probe: paint each class briefly onto other classes' images.
+
+A marker that the training data tied to a class is the easiest feature of that class to paint: a
+few small gradient steps towards the class, from *any* image, put it in its fixed place, and that
+small region alone then sends other images to the class. A genuine class's features are spread
+out, depend on the image painted on, and need their context. The probe measures exactly that, for
+every scanned class at once (one batch):
+
+1. **starts**: ``probe_starts`` images the model confidently (``target_confidence``) assigns to
+   another class: the user's samples first, then other classes' prototypes, taken in turn from
+   class ``c + 1`` on, so that each class gets different ones.
+2. **paint**: ``probe_steps`` normalised gradient-ascent steps on the class's margin (its logit
+   less the largest other logit), each moving the pixel of largest gradient by ``probe_step``
+   (pixels in [0, 1]). The *paint map* is how far each pixel moved (summed over channels); its
+   blob is cut as the evidence maps' (:func:`leapcore.spurious_paste.top_region`, ``region_share``).
+3. **reappearance**: the share of the starts whose blob overlaps the modal blob
+   (:func:`leapcore.spurious_verdict.reappearance`): a marker is painted in the same place
+   whatever the start.
+4. **flip rate**: each painted image's blob, in place, is pasted onto every *other* confident image
+   of another class (never onto its own start, which the paint was made for); the flip rate is the
+   share the model then decides for the class. **Control**: the same blob shape cut half an image
+   away (wrapping round) from the same painted images.
+
+Verdict (:func:`judge_probe`): ``likely spurious`` when the excess flip rate (flip less control) is
+at least ``probe_likely_flip`` and the blob reappears in at least ``placed_share`` of the starts,
+``suspicious`` at ``probe_suspicious_flip``; the class's verdict is the more severe of this and the
+prototype-evidence rule (:func:`leapcore.spurious_verdict.judge`). The budget (4 starts x 5 steps x
+0.1) and thresholds were chosen on the test bed's tuning pairs (``benchmarks/spurious_testbed.py``):
+more paint (10-20 steps) lets genuine classes' regions flip 40-65 % of the targets as well; less
+(3 steps, or 0.08 a step) leaves weak markers unpainted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from leapcore.spurious_images import evidence_png, paste_png
+from leapcore.spurious_paste import decides, output_kind, paste_flips, top_region
+from leapcore.spurious_verdict import CLEAN, LIKELY, SUSPICIOUS, VERDICTS, reappearance
+
+
+@dataclass
+class ProbeEvidence:
+    """One class's paint-probe numbers (NaN: not measured) and the images behind them."""
+
+    flip_rate: float = float("nan")
+    control_flip_rate: float = float("nan")
+    reappearance: float = float("nan")
+    flips: int = 0
+    pastes: int = 0
+    starts: int = 0
+    painted: torch.Tensor | None = field(default=None, repr=False)  # [k, C, H, W]
+    regions: torch.Tensor | None = field(default=None, repr=False)  # [k, H, W] bool
+    pasted: torch.Tensor | None = field(default=None, repr=False)
+    flipped: torch.Tensor | None = field(default=None, repr=False)
+    targets: int = 0
+
+    @property
+    def excess_flip(self) -> float:
+        return self.flip_rate - self.control_flip_rate
+
+
+def paint(
+    model: torch.nn.Module,
+    starts: torch.Tensor,
+    classes: list[int],
+    steps: int,
+    step: float,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(painted [N, C, H, W], paint map [N, H, W])``: ``steps`` normalised gradient-ascent steps
+    on ``classes[i]``'s margin from ``starts[i]`` (the largest gradient moves ``step`` a step).
+    Gradients are on even inside a caller's ``torch.no_grad()``."""
+    with torch.enable_grad():
+        return _paint(model, starts, classes, steps, step, chunk_size)
+
+
+def _paint(
+    model: torch.nn.Module,
+    starts: torch.Tensor,
+    classes: list[int],
+    steps: int,
+    step: float,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = starts.detach().clone()
+    cls = torch.tensor(classes, device=x.device)
+    for _ in range(steps):
+        grads = []
+        for i in range(0, len(x), chunk_size):
+            part = x[i : i + chunk_size].clone().requires_grad_(True)
+            logits = model(part)
+            own = logits.gather(1, cls[i : i + chunk_size, None])[:, 0]
+            other = logits.scatter(1, cls[i : i + chunk_size, None], float("-inf")).max(1).values
+            (grad,) = torch.autograd.grad((own - other).sum(), part)
+            grads.append(grad)
+        g = torch.cat(grads)
+        peak = g.abs().flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
+        x = (x + step * g / peak).clamp(0, 1).detach()
+    return x, (x - starts).abs().sum(1).cpu()
+
+
+def probe_classes(
+    model: torch.nn.Module,
+    classes: list[int],
+    pool: torch.Tensor,
+    probs: torch.Tensor,
+    settings: Any,
+    chunk_size: int,
+) -> dict[int, ProbeEvidence]:
+    """The paint probe (module docstring) of each class of ``classes``.
+
+    Args:
+        model: pixel-space images -> logits.
+        classes: class indices to probe.
+        pool: ``[N, C, H, W]`` candidate starts and paste targets (samples first, then prototypes).
+        probs: ``[N, K]`` the model's probabilities of ``pool``.
+        settings: a :class:`~leapcore.spurious.ScanSettings`.
+        chunk_size: images per model call.
+    """
+    kind = output_kind(model)
+    out = {c: ProbeEvidence() for c in classes}
+    if settings.probe_starts <= 0 or settings.probe_steps <= 0 or not len(pool):
+        return out
+    confident = probs.max(1).values >= settings.target_confidence
+    eligible: dict[int, list[int]] = {}
+    starts, owners, start_rows = [], [], []
+    for c in classes:
+        rows = (confident & ~decides(probs, c, kind)).nonzero().flatten().tolist()
+        eligible[c] = rows[: settings.max_targets]
+        others = eligible[c]
+        if len(others) < 2:  # one start leaves no other image to paste onto
+            continue
+        k = min(settings.probe_starts, len(others))
+        picked = [others[(c + j) % len(others)] for j in range(k)]
+        starts += picked
+        owners += [c] * k
+        start_rows.append((c, picked))
+    if not starts:
+        return out
+    painted, maps = paint(
+        model,
+        pool[starts],
+        owners,
+        settings.probe_steps,
+        settings.probe_step,
+        chunk_size,
+    )
+    at = 0
+    for c, picked in start_rows:
+        k = len(picked)
+        images, paint_maps = painted[at : at + k], maps[at : at + k]
+        at += k
+        regions = torch.stack([top_region(m, settings.region_share) for m in paint_maps])
+        share = reappearance(regions, settings.reappear_iou)[0]
+        rows = eligible[c]
+        targets = pool[rows]
+        pasted, flipped, _ = paste_flips(model, images, regions, targets, c, chunk_size)
+        h, w = regions.shape[-2:]
+        moved = torch.roll(regions, (h // 2, w // 2), dims=(-2, -1))
+        _, moved_flips, _ = paste_flips(model, images, moved, targets, c, chunk_size)
+        # Never onto its own start: the paint was made for that image.
+        valid = torch.tensor([s != t for s in picked for t in rows])
+        flips, control = flipped[valid.to(flipped.device)], moved_flips[valid.to(flipped.device)]
+        out[c] = ProbeEvidence(
+            flip_rate=float(flips.float().mean()),
+            control_flip_rate=float(control.float().mean()),
+            reappearance=share,
+            flips=int(flips.sum()),
+            pastes=len(flips),
+            starts=k,
+            painted=images.cpu(),
+            regions=regions,
+            pasted=pasted,
+            flipped=flipped,
+            targets=len(rows),
+        )
+    return out
+
+
+def describe_probe(p: ProbeEvidence) -> str:
+    """The probe's numbers in words."""
+    if math.isnan(p.flip_rate):
+        return "paint probe not measured (fewer than two images of other classes)"
+    return (
+        f"painted briefly from {p.starts} images of other classes, the class's blob reappears in "
+        f"{p.reappearance:.0%} of them and flips {p.flip_rate:.0%} of other images "
+        f"({p.flips}/{p.pastes}; control {p.control_flip_rate:.0%})"
+    )
+
+
+def judge_probe(p: ProbeEvidence, settings: Any) -> str:
+    """The probe's verdict (module docstring)."""
+    excess = p.excess_flip
+    if math.isnan(excess) or math.isnan(p.reappearance) or p.reappearance < settings.placed_share:
+        return CLEAN
+    if excess >= settings.probe_likely_flip:
+        return LIKELY
+    if excess >= settings.probe_suspicious_flip:
+        return SUSPICIOUS
+    return CLEAN
+
+
+def combine(scan: Any, p: ProbeEvidence, settings: Any) -> Any:
+    """``scan`` (a :class:`~leapcore.spurious.ClassScan`) with the probe's numbers, and its
+    verdict raised to the probe's when that is more severe (then its reason, evidence and pastes
+    are the probe's)."""
+    scan.probe_flip_rate = p.flip_rate
+    scan.probe_control_flip_rate = p.control_flip_rate
+    scan.probe_reappearance = p.reappearance
+    scan.probe_pastes = p.pastes
+    scan.details["probe"] = {"starts": p.starts, "targets": p.targets, "flips": p.flips}
+    verdict = judge_probe(p, settings)
+    words = describe_probe(p)
+    if VERDICTS.index(verdict) > VERDICTS.index(scan.verdict):
+        scan.verdict = verdict
+        scan.decided_by = "paint probe"
+        scan.reason = (
+            "a small region in a fixed place, painted first whatever the image, flips other "
+            f"classes' images: {words}; on its own images: {scan.reason}"
+        )
+        if p.painted is not None:
+            scan.evidence_png = evidence_png(list(p.painted[:6]), p.regions[:6])
+            scan.paste_png = paste_png(p.pasted, p.flipped, p.targets)
+    else:
+        scan.reason = f"{scan.reason}; {words}"
+    return scan

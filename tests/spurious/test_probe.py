@@ -1,0 +1,106 @@
+"""The scan's paint probe (leapcore.spurious_probe) on a hand-built model whose numbers are known."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from leapcore.spurious import CLEAN, LIKELY, SUSPICIOUS, ScanSettings, model_probs
+from leapcore.spurious_probe import ProbeEvidence, judge_probe, paint, probe_classes
+
+
+class _MarkerModel(torch.nn.Module):
+    """Three classes of 1x8x8 images: 0 "bright" and 2 "dark" (the whole image's mean, a spread
+    feature) and 1, a marker: the top-left 2x2 pixels bright."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean((1, 2, 3))
+        corner = x[:, 0, :2, :2].mean((1, 2))
+        return torch.stack([10 * (mean - 0.5), 40 * (corner - 0.5) - 3, 10 * (0.5 - mean)], 1)
+
+
+def _pool() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    dark = 0.1 + 0.02 * torch.rand(4, 1, 8, 8, generator=gen)
+    bright = 0.9 - 0.02 * torch.rand(4, 1, 8, 8, generator=gen)
+    bright[:, :, :2, :2] = 0.1  # no marker
+    return torch.cat([dark, bright])
+
+
+SETTINGS = ScanSettings(probe_step=0.2)  # the hand-built logits need a full-strength marker
+
+
+def test_the_probe_paints_the_marker_in_place_and_it_flips_other_images() -> None:
+    model, pool = _MarkerModel(), _pool()
+    probs = model_probs(model, pool, 8)
+    assert (probs.max(1).values > 0.99).all() and probs.argmax(1).tolist() == [2] * 4 + [0] * 4
+    found = probe_classes(model, [0, 1, 2], pool, probs, SETTINGS, 8)
+    marker = found[1]
+    # Four starts (of the eight confident images of other classes); every blob in the corner.
+    assert marker.starts == 4 and marker.reappearance == 1.0
+    assert marker.regions[:, :2, :2].flatten(1).sum(1).tolist() == [3] * 4  # 5 % of 64 px
+    # Pasted onto the 7 images that are not its own start, each painted corner flips all of them;
+    # the same shape half an image away flips none.
+    assert marker.pastes == 4 * 7 and marker.flip_rate == 1.0 and marker.control_flip_rate == 0.0
+    assert judge_probe(marker, SETTINGS) == LIKELY
+    # The spread classes: painting moves every pixel alike, and 3 brighter pixels change nothing.
+    for c in (0, 2):
+        assert found[c].flip_rate == 0.0 and judge_probe(found[c], SETTINGS) == CLEAN
+
+
+def test_paint_moves_the_largest_gradient_by_the_step() -> None:
+    model, pool = _MarkerModel(), _pool()
+    with torch.no_grad():  # as a caller might hold it: paint turns gradients on itself
+        painted, moved = paint(model, pool[:1], [1], 1, 0.2, 8)
+    # The corner's gradient is 10 a pixel against 10/64 elsewhere: the corner moves 0.2.
+    assert torch.allclose(moved[0, :2, :2], torch.full((2, 2), 0.2), atol=1e-5)
+    assert moved[0, 2:, 2:].max() < 0.01
+    assert torch.allclose(painted - pool[:1], moved[:, None], atol=1e-5)
+
+
+def test_without_two_images_of_other_classes_the_probe_is_not_measured() -> None:
+    model, pool = _MarkerModel(), _pool()[:1]  # one dark image: no other image to paste onto
+    found = probe_classes(model, [1], pool, model_probs(model, pool, 8), SETTINGS, 8)
+    assert math.isnan(found[1].flip_rate) and found[1].pastes == 0
+    assert judge_probe(found[1], SETTINGS) == CLEAN
+
+
+def test_probe_verdict_thresholds() -> None:
+    s = ScanSettings()
+
+    def verdict(flip: float, control: float = 0.0, reappear: float = 1.0) -> str:
+        return judge_probe(ProbeEvidence(flip, control, reappear), s)
+
+    assert verdict(s.probe_likely_flip) == LIKELY
+    assert verdict(s.probe_suspicious_flip) == SUSPICIOUS
+    assert verdict(s.probe_suspicious_flip - 0.05) == CLEAN
+    # The control counts, and the blob must stay in place over the starts.
+    assert verdict(0.9, control=0.9 - s.probe_suspicious_flip + 0.05) == CLEAN
+    assert verdict(0.9, reappear=s.placed_share - 0.05) == CLEAN
+    assert verdict(float("nan"), float("nan"), float("nan")) == CLEAN
+
+
+def test_a_probe_verdict_is_told_with_the_probes_numbers() -> None:
+    import pyarrow as pa
+
+    from leapcore.highlights import spurious_highlights
+    from leapcore.report import ReportContext
+
+    common = {"concentration": 0.2, "flip_rate": 0.0, "control_flip_rate": 0.0}
+    common |= {"probe_flip_rate": 0.0, "probe_control_flip_rate": 0.0}
+    table = pa.Table.from_pylist(
+        [
+            {"class_name": "ring", "verdict": "suspicious", "decided_by": "images", **common}
+            | {"flip_rate": 0.6},
+            {"class_name": "marker", "verdict": "likely spurious", "decided_by": "paint probe"}
+            | common
+            | {"probe_flip_rate": 0.9, "probe_control_flip_rate": 0.05},
+        ]
+    )
+    items = spurious_highlights(None, ReportContext(tables={"spurious": table}))
+    # The probe's numbers, not the class's own images' (whose blob flipped nothing).
+    assert "marker is likely spurious: painted briefly" in items[0]
+    assert "flips 90 % of them" in items[0] and "(5 % when pasted elsewhere)" in items[0]
+    assert "ring is suspicious: a small blob holds 20 % of its evidence" in items[1]
+    assert "flips 60 % of them" in items[1]
