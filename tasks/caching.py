@@ -6,7 +6,9 @@ A stage's key is the SHA-256 of:
 - the config options the stage reads (:func:`stage_options`), never a secret;
 - the content hashes of its input artifacts;
 - any other plain argument (targets, the class chunk, the device);
-- the stage function's own source and the leapcore version.
+- the stage function's own source, the leapcore version and a digest of the engine's code (every
+  file of the ``leapcore`` package), so that a changed engine never serves results it no longer
+  computes (a development checkout keeps its version number while its code moves).
 
 So an identical re-run finds every stage in Prefect's result store (state ``Cached``), and changing
 ``max_steps`` changes only the keys of prototype optimisation and of what reads its artifacts.
@@ -14,10 +16,12 @@ So an identical re-run finds every stage in Prefect's result store (state ``Cach
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
 from dataclasses import fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import CachePolicy
@@ -134,12 +138,31 @@ def source_digest(fn: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@functools.cache
+def engine_digest() -> str:
+    """:func:`package_digest` of the installed ``leapcore`` package, computed once per process."""
+    import leapcore
+
+    return package_digest(Path(leapcore.__file__).parent)
+
+
+def package_digest(root: Path) -> str:
+    """SHA-256 of a package's sources and templates (``.py``, ``.html``, ``.json``) under ``root``."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".html", ".json"):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def stage_key(stage: str, fn: Any, parameters: dict[str, Any]) -> str:
     """The cache key of one stage call."""
     parts = {
         "stage": stage,
         "format": KEY_FORMAT,
         "leapcore": __version__,
+        "engine": engine_digest(),
         "source": source_digest(fn),
         "arguments": {name: key_value(stage, v) for name, v in sorted(parameters.items())},
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,6 +69,27 @@ def test_keys_follow_options_inputs_model_and_source() -> None:
     lr = _key("lr_finding", _prototypes_body, {"max_steps": 5})
     assert _key("lr_finding", _prototypes_body, {"max_steps": 500}) == lr
     assert _key("lr_finding", _prototypes_body, {"max_steps": 5, "transform": "m"}) != lr
+
+
+def test_a_changed_engine_changes_every_key(tmp_path, monkeypatch) -> None:
+    import shutil
+
+    import leapcore
+    import tasks.caching as caching
+
+    copy = tmp_path / "leapcore"
+    shutil.copytree(
+        Path(leapcore.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    assert caching.package_digest(copy) == caching.engine_digest()
+    (copy / "isolation.py").write_text((copy / "isolation.py").read_text() + "\n# changed\n")
+    changed = caching.package_digest(copy)
+    assert changed != caching.engine_digest()
+    (copy / "templates" / "report.html").write_text("<p>another page</p>")
+    assert caching.package_digest(copy) not in (changed, caching.engine_digest())
+    base = _key("prototypes", _prototypes_body, {"max_steps": 5})
+    monkeypatch.setattr(caching, "engine_digest", lambda: changed)
+    assert _key("prototypes", _prototypes_body, {"max_steps": 5}) != base
 
 
 def test_tensors_cannot_be_part_of_a_key() -> None:
