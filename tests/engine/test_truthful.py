@@ -253,20 +253,20 @@ def soft_confusion(digits) -> np.ndarray:
 
 
 def test_default_entanglement_tracks_held_out_confusion_on_every_model(digit_models, digit_audits):
-    """The default (``relaxed`` with its probe) tracks confusion on three models; leap's does not.
+    """The default (``relaxed``, no probe) tracks confusion on three models; leap's does not.
 
     Soft confusion (mean predicted probability) is the better-defined target: its split-half
     reliability is 0.81-1.00 where hard confusion's is 0.27-0.95 (benchmarks/entanglement.py).
-    Measured here (60 steps): soft 0.76 / 0.79 / 0.65, hard 0.69 / 0.38 / 0.35; without the probe
-    (``entanglement_probe_steps: 0``) soft 0.75 / 0.72 / 0.62; share on the same prototypes 0.52 /
-    0.72 / 0.60; leap 0.31 / 0.45 / 0.11. With 40 / 80 steps or seeds 1 / 2 instead (scratch run):
-    soft min 0.66, mean 0.72-0.73, hard min 0.34, mean >= 0.45. Twelve models in the benchmark
-    (full defaults): 0.71 (worst 0.58) soft.
+    Measured here (60 steps): relaxed soft 0.75 / 0.72 / 0.62, hard 0.67 / 0.34 / 0.34; with a
+    20-step probe soft 0.76 / 0.79 / 0.65; share on the same prototypes 0.52 / 0.72 / 0.60; leap
+    0.31 / 0.45 / 0.11. Twelve models in the benchmark (full defaults): 0.67 (worst 0.53) soft,
+    0.71 (0.58) with the probe, which is off by default (it scrambles Lite0's ImageNet neighbours:
+    see the option's note).
     """
     soft, hard, share_soft, leap_soft = [], [], [], []
     for model, audit in zip(digit_models, digit_audits, strict=True):
         assert audit.config.entanglement_measure == "relaxed"
-        assert audit.config.entanglement_probe_steps > 0
+        assert audit.config.entanglement_probe_steps == 0
         pairs = pair_entanglement(audit.entanglement)
         soft.append(confusion_rho(pairs, soft_confusion(model)))
         hard.append(confusion_rho(pairs, model.confusion()))
@@ -275,10 +275,10 @@ def test_default_entanglement_tracks_held_out_confusion_on_every_model(digit_mod
         share_soft.append(confusion_rho(share_pairs, soft_confusion(model)))
         leap = entanglement(base, logits, measure="leap")
         leap_soft.append(confusion_rho((leap + leap.T) / 2, soft_confusion(model)))
-    assert min(soft) > 0.62 and np.mean(soft) > 0.69, (soft, share_soft, leap_soft)
-    assert min(hard) > 0.28 and np.mean(hard) > 0.42, hard
+    assert min(soft) > 0.58 and np.mean(soft) > 0.66, (soft, share_soft, leap_soft)
+    assert min(hard) > 0.28 and np.mean(hard) > 0.40, hard
     # What the default replaced misses on the same prototypes.
-    assert np.mean(soft) > np.mean(share_soft) + 0.08, (soft, share_soft)
+    assert np.mean(soft) > np.mean(share_soft) + 0.05, (soft, share_soft)
     assert min(leap_soft) < 0.55, leap_soft
 
 
