@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from leapcore.config import EngineConfig
+from leapcore.prototypes import PrototypeResult
 from leapcore.spurious_images import evidence_png, paste_png
 from leapcore.spurious_paste import (  # noqa: F401  (re-exported: the scan's public names)
     connected_components,
@@ -442,13 +443,7 @@ def scan_audit(
     single = [t[0] for t in prototypes.targets if len(t) == 1]
     classes = single if classes is None else classes
     device = start.device
-    own_rows = [
-        r
-        for r in range(len(prototypes.images))
-        if len(prototypes.targets[prototypes.row_target(r)]) == 1
-    ]
-    images = prototypes.images[own_rows].to(device)
-    owners = [prototypes.targets[prototypes.row_target(r)][0] for r in own_rows]
+    images, owners = _single_target_rows(prototypes, device)
     names = names or [str(i) for i in range(int(prototypes.logits.shape[1]))]
     first = scan_classes(
         model, classes, names, images, owners, samples, config, chunk_size, settings
@@ -464,6 +459,19 @@ def scan_audit(
     return [combine(s, probes[s.class_index], settings) for s in first]
 
 
+def _single_target_rows(
+    prototypes: PrototypeResult, device: torch.device
+) -> tuple[torch.Tensor, list[int]]:
+    """The images of the prototypes of one class (hybrids left out) on ``device``, and their class."""
+    rows = [
+        r
+        for r in range(len(prototypes.images))
+        if len(prototypes.targets[prototypes.row_target(r)]) == 1
+    ]
+    owners = [prototypes.targets[prototypes.row_target(r)][0] for r in rows]
+    return prototypes.images[rows].to(device), owners
+
+
 def _with_extras(model, prototypes, first, start, lr, samples, config, chunk_size, settings, names):
     """The screen's second pass (when ``settings.extra_prototypes`` > 0; off by default since the
     paint probe): the classes :func:`screen` passes are scanned again with
@@ -472,13 +480,7 @@ def _with_extras(model, prototypes, first, start, lr, samples, config, chunk_siz
     from leapcore.spurious_evidence import screen, screened_out_reason
 
     device = start.device
-    own_rows = [
-        r
-        for r in range(len(prototypes.images))
-        if len(prototypes.targets[prototypes.row_target(r)]) == 1
-    ]
-    images = prototypes.images[own_rows].to(device)
-    owners = [prototypes.targets[prototypes.row_target(r)][0] for r in own_rows]
+    images, owners = _single_target_rows(prototypes, device)
     chosen = screen(first, settings)
     again: dict[int, ClassScan] = {}
     if chosen:
