@@ -181,7 +181,7 @@ def spurious_fragment(table: pa.Table) -> str:
             f"<td>{_cell(r['concentration'], '.2f')}</td>"
             f"<td>{_cell(r.get('reappearance'), '.0%')}</td>"
             f"<td>{_cell(r.get('consistency'), '.2f')}</td>"
-            f"<td>{flips}</td><td>{probe}</td><td>{html.escape(r['reason'])}</td>"
+            f"<td>{flips}</td><td>{probe}</td><td>{_why(r)}</td>"
             f"<td>{images[0]}</td><td>{images[1]}</td></tr>"
         )
     parts.append("</table>")
@@ -197,6 +197,17 @@ def spurious_fragment(table: pa.Table) -> str:
         "control) and how often that blob lands in one place. Pastes framed in red flipped.</p>"
     )
     return "\n".join(parts)
+
+
+def _why(row: dict) -> str:
+    """The reason behind a verdict, folded (open for a flagged class): the numbers are in the
+    row's other cells, the sentence says how they were read."""
+    decided = {"paint probe": "by the paint probe", "images": "by the class's images"}.get(
+        row.get("decided_by") or "", ""
+    )
+    label = f"why (decided {decided})" if decided else "why"
+    state = "" if row["verdict"] == "clean" else " open"
+    return f"<details{state}><summary>{label}</summary>{html.escape(row['reason'])}</details>"
 
 
 @report_section("spurious", title="Spurious-feature scan", order=-10)

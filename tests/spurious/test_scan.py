@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 
 import pytest
@@ -251,7 +252,16 @@ def test_table_metrics_and_tag(scanned) -> None:
     assert metrics[f"spurious/{name}/probe_flip_rate"] == pytest.approx(marked.probe_flip_rate)
     row = table.to_pylist()[spec.marker_class]
     assert row["probe_pastes"] == marked.probe_pastes > 0
-    assert "paint probe" in spurious_fragment(table)
+    fragment = spurious_fragment(table)
+    assert "paint probe" in fragment
+    # the reason is folded for a clean class and open for a flagged one, and says which rule decided
+    marked_row = fragment.split(f"<td>{name}</td>")[1].split("</tr>")[0]
+    assert "<details open><summary>why (decided by" in marked_row
+    assert html.escape(marked.reason) in marked_row
+    clean = [s.class_name for s in scans if s.verdict == CLEAN]
+    if clean:
+        clean_row = fragment.split(f"<td>{clean[0]}</td>")[1].split("</tr>")[0]
+        assert "<details><summary>why" in clean_row
     assert metrics["spurious/flagged_classes"] == sum(s.verdict != CLEAN for s in scans)
     assert name in spurious_tag(table)
 
