@@ -199,20 +199,11 @@ SKIMAGE_PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
 
 def skimage_photos(size: int = 224) -> torch.Tensor:
     """scikit-image's photos :data:`SKIMAGE_PHOTOS`, centre-cropped square and resized, in [0, 1]."""
-    import numpy as np
     import skimage.data
-    import torch.nn.functional as F
 
-    out = []
-    for name in SKIMAGE_PHOTOS:
-        t = torch.from_numpy(np.asarray(getattr(skimage.data, name)(), dtype=np.float32) / 255.0)
-        t = t.permute(2, 0, 1)
-        h, w = t.shape[1:]
-        s = min(h, w)
-        t = t[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
-        t = F.interpolate(t[None], size=(size, size), mode="bilinear", antialias=True)
-        out.append(t[0].clamp(0, 1))
-    return torch.stack(out)
+    from tests.engine.engine_support import square_photo
+
+    return torch.stack([square_photo(getattr(skimage.data, n)(), size) for n in SKIMAGE_PHOTOS])
 
 
 def main() -> None:

@@ -64,6 +64,7 @@ class ProbeEvidence:
         return self.flip_rate - self.control_flip_rate
 
 
+@torch.enable_grad()
 def paint(
     model: torch.nn.Module,
     starts: torch.Tensor,
@@ -75,18 +76,6 @@ def paint(
     """``(painted [N, C, H, W], paint map [N, H, W])``: ``steps`` normalised gradient-ascent steps
     on ``classes[i]``'s margin from ``starts[i]`` (the largest gradient moves ``step`` a step).
     Gradients are on even inside a caller's ``torch.no_grad()``."""
-    with torch.enable_grad():
-        return _paint(model, starts, classes, steps, step, chunk_size)
-
-
-def _paint(
-    model: torch.nn.Module,
-    starts: torch.Tensor,
-    classes: list[int],
-    steps: int,
-    step: float,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
     x = starts.detach().clone()
     cls = torch.tensor(classes, device=x.device)
     for _ in range(steps):

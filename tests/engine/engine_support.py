@@ -175,12 +175,14 @@ def photo_samples(size: int = 224) -> torch.Tensor:
     """scikit-learn's two sample photos, centre-cropped square and resized: ``[2, 3, size, size]`` in [0, 1]."""
     from sklearn.datasets import load_sample_images
 
-    out = []
-    for image in load_sample_images().images:
-        t = torch.from_numpy(np.array(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        h, w = t.shape[1:]
-        s = min(h, w)
-        t = t[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
-        t = F.interpolate(t[None], size=(size, size), mode="bilinear", antialias=True)
-        out.append(t[0].clamp(0, 1))
-    return torch.stack(out)
+    return torch.stack([square_photo(image, size) for image in load_sample_images().images])
+
+
+def square_photo(image, size: int) -> torch.Tensor:
+    """An ``[H, W, 3]`` uint8 photo as ``[3, size, size]`` in [0, 1]: the centre square, resized."""
+    t = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    h, w = t.shape[1:]
+    s = min(h, w)
+    t = t[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+    t = F.interpolate(t[None], size=(size, size), mode="bilinear", antialias=True)
+    return t[0].clamp(0, 1)
