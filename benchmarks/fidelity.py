@@ -9,21 +9,33 @@ coffee, rocket, astronaut), mirrored too with ``--views 4``: two photos are too 
 apart by a few hundredths.
 
 - leapcore's rows are its saliency maps (``isolation_keep: 0``: the ranking its audits measure
-  deletion / insertion on), one (image, class) pair per image. ``s/image`` is leapcore's whole
-  isolation call, including the calibration and the AUCs it measures for its own tables;
-  ``map s/img`` stops when the saliency map is ready. ``passes`` counts images through the model
-  per image (forward; ``grad`` of them with a backward pass), which the machine's load does not move.
+  deletion / insertion on), one (image, class) pair per image. ``s/image`` is that isolation call
+  (``IsolationResult.seconds``: the map, the kept ratios and the AUCs it measures for its own
+  tables, no calibration at ``isolation_keep: 0``); ``map s/img`` stops when the saliency map is
+  ready. ``passes`` counts images through the model per image (forward; ``grad`` of them with a
+  backward pass), which the machine's load does not move.
+- Under each table, the time split of leapcore's default isolation call (``isolation_keep: 0.9``,
+  as an audit runs it): the map, the calibration into the reported mask, and the quality measures
+  (kept logit and probability, deletion / insertion AUC); next to it IntegratedGradients' map
+  alone, and IntegratedGradients' map followed by the same calibration and measures
+  (``IsolationResult.from_saliency``), which it would need inside an audit. Each is the median of
+  ``--repeats`` timed calls, the captum and leapcore calls interleaved, so that a change of the
+  machine's load hits both.
+- Every captum method runs on the model leapcore's adapter runs (``engine.build_model``: batch
+  norms folded, channels-last on the CPU), so the seconds compare the methods, not the wrappers.
 - captum's maps are read two ways: ``abs`` (absolute value summed over channels, the usual
   picture) and ``signed`` (summed over channels, positive = evidence for the class), which ranks
   better on deletion / insertion for every method but Saliency (whose gradient has no sign to use).
 - Every method runs once on one image before it is timed (imports, allocator, thread pools).
 
     PYTHONPATH=. python benchmarks/fidelity.py [--images 6] [--photos] [--views 2] [--more-photos]
+        [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,8 +45,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leapcore import engine  # noqa: E402
+from leapcore.adapter import eval_mode  # noqa: E402
+from leapcore.config import load_config  # noqa: E402
 from leapcore.faithfulness import deletion_insertion_auc  # noqa: E402
 from leapcore.hipe import blurred_substrate  # noqa: E402
+from leapcore.isolation_methods import IsolationResult, logits_rows, no_grad_rows  # noqa: E402
 from tests.engine.marker_support import marker_mass, train_marker_model  # noqa: E402
 
 MARKERS = [
@@ -80,15 +95,13 @@ def captum_maps(name, forward, images, targets):
     return method().detach()
 
 
-def leapcore_maps(model, class_list, pre, images, targets, extra):
-    """leapcore's saliency maps ``[N, H, W]`` of one (image, target) pair per image, and the
-    seconds until they were ready."""
+def leapcore_run(model, class_list, pre, images, targets, extra):
+    """leapcore's isolation of one (image, target) pair per image (the :class:`IsolationResult`)."""
     audit = engine.run(
         model,
         class_list,
         {
             "input_dim": list(images.shape[1:]),
-            "isolation_keep": 0,
             "isolate_classes": [[t] for t in targets],
             **extra,
         },
@@ -99,24 +112,54 @@ def leapcore_maps(model, class_list, pre, images, targets, extra):
     )
     iso = audit.isolation
     assert iso.pairs == list(enumerate(targets)), iso.pairs
-    return iso.masks[:, 0], iso.map_seconds
+    return iso
+
+
+def leapcore_maps(model, class_list, pre, images, targets, extra):
+    """leapcore's saliency maps ``[N, H, W]`` (``isolation_keep: 0``) of one (image, target) pair
+    per image, and the seconds of its isolation call and until the maps were ready."""
+    iso = leapcore_run(model, class_list, pre, images, targets, {"isolation_keep": 0, **extra})
+    return iso.masks[:, 0], iso.map_seconds, iso.seconds
 
 
 class PassCounter:
-    """Counts the images that go through ``model`` (forward), and those with autograd on.
+    """Counts the images that go through the models (forward), and those with autograd on.
 
-    The hook is a closure over a plain dict, so a deep copy of the model (leapcore's adapter may
-    make one) still counts into this counter.
+    The hooks are closures over a plain dict, so a deep copy of the model (leapcore's adapter folds
+    batch norms into one) still counts into this counter. Give it the user's model and the adapter
+    that captum runs on; a call through the adapter is counted once, on the adapter.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, wrapped=None):
         counts = self.counts = {"images": 0, "grad": 0}
+        inside = [False]
 
         def hook(module, args, output):
+            if inside[0] and module is not wrapped:
+                return
             counts["images"] += len(args[0])
             counts["grad"] += len(args[0]) if torch.is_grad_enabled() else 0
 
-        self.handle = model.register_forward_hook(hook)
+        def enter(module, args):
+            inside[0] = True
+
+        def leave(module, args, output):
+            hook(module, args, output)
+            inside[0] = False
+
+        self.handles = [model.register_forward_hook(hook)]
+        if wrapped is not None:
+            self.handles += [
+                wrapped.register_forward_pre_hook(enter),
+                wrapped.register_forward_hook(leave),
+            ]
+
+    def per_image(self, n):
+        return self.counts["images"] / n, self.counts["grad"] / n
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
 
 
 def apply(pre, x):
@@ -134,11 +177,17 @@ def compare(model, class_list, pre, images, targets, box=None):
     def forward(x):
         return model(apply(pre, x))
 
+    wrapped = engine.build_model(model, class_list, pre, tuple(images.shape[1:]), "pt")
+
     def leapcore(extra):
         return lambda x, t: leapcore_maps(model, class_list, pre, x, t, extra)
 
     def captum(name):
-        return lambda x, t: (captum_maps(name, forward, x.clone().requires_grad_(True), t), None)
+        return lambda x, t: (
+            captum_maps(name, wrapped, x.clone().requires_grad_(True), t),
+            None,
+            None,
+        )
 
     methods = {
         "leapcore mask": leapcore({}),
@@ -148,40 +197,142 @@ def compare(model, class_list, pre, images, targets, box=None):
         "random": lambda x, t: (
             torch.rand(x.shape[0], 1, *x.shape[2:], generator=torch.Generator().manual_seed(0)),
             None,
+            None,
         ),
     }
     rows = []
-    for name, fn in methods.items():
-        fn(images[:1], targets[:1])  # warm-up, not timed
-        counter = PassCounter(model)
-        began = time.perf_counter()
-        maps, map_seconds = fn(images, targets)
-        seconds = (time.perf_counter() - began) / len(images)
-        counter.handle.remove()
-        passes = (counter.counts["images"] / len(images), counter.counts["grad"] / len(images))
-        map_seconds = seconds if map_seconds is None else map_seconds / len(images)
-        if maps.ndim == 3:  # leapcore: one map per image already
-            views = {"": maps}
-        elif name in ("Saliency", "random"):
-            views = {"": maps.abs().sum(1)}
-        else:
-            views = {" abs": maps.abs().sum(1), " signed": maps.sum(1)}
-        for view, m in views.items():
-            with torch.no_grad():
-                deletion, insertion = deletion_insertion_auc(forward, images, m, targets)
-            mass = float(marker_mass(m, box).mean()) if box is not None else float("nan")
-            rows.append(
+    with eval_mode(model):
+        for name, fn in methods.items():
+            fn(images[:1], targets[:1])  # warm-up, not timed
+            counter = PassCounter(model, wrapped)
+            began = time.perf_counter()
+            maps, map_seconds, call_seconds = fn(images, targets)
+            seconds = (call_seconds or time.perf_counter() - began) / len(images)
+            counter.remove()
+            passes = (counter.counts["images"] / len(images), counter.counts["grad"] / len(images))
+            map_seconds = seconds if map_seconds is None else map_seconds / len(images)
+            if maps.ndim == 3:  # leapcore: one map per image already
+                views = {"": maps}
+            elif name in ("Saliency", "random"):
+                views = {"": maps.abs().sum(1)}
+            else:
+                views = {" abs": maps.abs().sum(1), " signed": maps.sum(1)}
+            for view, m in views.items():
+                with torch.no_grad():
+                    deletion, insertion = deletion_insertion_auc(forward, images, m, targets)
+                mass = float(marker_mass(m, box).mean()) if box is not None else float("nan")
+                rows.append(
+                    (
+                        name + view,
+                        float(deletion.mean()),
+                        float(insertion.mean()),
+                        mass,
+                        seconds,
+                        map_seconds,
+                        *passes,
+                    )
+                )
+    return rows
+
+
+def time_split(model, class_list, pre, images, targets, repeats):
+    """Seconds per image of leapcore's default isolation call, split into map / calibration /
+    quality measures, next to IntegratedGradients alone and inside an audit (medians of
+    ``repeats`` interleaved calls); and the passes per image of each."""
+    wrapped = engine.build_model(model, class_list, pre, tuple(images.shape[1:]), "pt")
+    n = len(images)
+    # As the engine's sample mode chunks them: rows for max_isolate_classes pairs per image.
+    config = load_config({"input_dim": list(images.shape[1:])})
+    chunk = n * config.max_isolate_classes
+    cls = torch.tensor(targets)
+    pairs = list(enumerate(targets))
+    background = blurred_substrate(images)  # leapcore's isolation background (``blur``)
+    times = {"leapcore": [], "ig": [], "ig audit": []}
+    passes = {}
+    with eval_mode(model):
+        leapcore_run(model, class_list, pre, images[:1], targets[:1], {})  # warm-up
+        captum_maps(
+            "IntegratedGradients", wrapped, images[:1].clone().requires_grad_(True), targets[:1]
+        )
+        for _ in range(repeats):
+            counter = PassCounter(model, wrapped)
+            iso = leapcore_run(model, class_list, pre, images, targets, {})
+            counter.remove()
+            passes["leapcore"] = counter.per_image(n)
+            times["leapcore"].append(
                 (
-                    name + view,
-                    float(deletion.mean()),
-                    float(insertion.mean()),
-                    mass,
-                    seconds,
-                    map_seconds,
-                    *passes,
+                    iso.map_seconds,
+                    iso.calibration_seconds,
+                    iso.seconds - iso.map_seconds - iso.calibration_seconds,
+                    iso.seconds,
                 )
             )
-    return rows
+            counter = PassCounter(model, wrapped)
+            began = time.perf_counter()
+            attributions = captum_maps(
+                "IntegratedGradients", wrapped, images.clone().requires_grad_(True), targets
+            )
+            ig_seconds = time.perf_counter() - began
+            passes["ig"] = counter.per_image(n)
+            times["ig"].append((ig_seconds, None, None, ig_seconds))
+            # The same calibration (isolation_keep 0.9) and measures on IG's signed map.
+            began = time.perf_counter()
+            with torch.no_grad():
+                full_rows = logits_rows(wrapped, images, no_grad_rows(config, chunk))
+            result = IsolationResult.from_saliency(
+                wrapped,
+                pairs,
+                images,
+                cls,
+                attributions.sum(1, keepdim=True),
+                background,
+                full_rows.gather(1, cls[:, None]).squeeze(1),
+                "IntegratedGradients",
+                began,
+                chunk,
+                config.isolation_keep,
+                full_rows=full_rows,
+                rows=no_grad_rows(config, chunk),
+            )
+            counter.remove()
+            passes["ig audit"] = counter.per_image(n)
+            measures = result.seconds - result.calibration_seconds
+            times["ig audit"].append(
+                (ig_seconds, result.calibration_seconds, measures, ig_seconds + result.seconds)
+            )
+    return {
+        name: [
+            None if rows[0][i] is None else statistics.median(r[i] for r in rows) / n
+            for i in range(4)
+        ]
+        + list(passes[name])
+        for name, rows in times.items()
+    }
+
+
+def show_split(split):
+    names = {
+        "leapcore": "leapcore default",
+        "ig": "IntegratedGradients alone",
+        "ig audit": "IG + calibration + measures",
+    }
+    print(
+        f"  time per image (s)            {'map':>7s} {'calibr.':>7s} {'measures':>8s} "
+        f"{'whole':>7s} {'passes':>7s} {'grad':>5s}"
+    )
+    for key, title in names.items():
+        cells = " ".join("      -" if v is None else f"{v:7.4f}" for v in split[key][:2])
+        measures = split[key][2]
+        cells += "        -" if measures is None else f" {measures:8.4f}"
+        print(
+            f"  {title:29s} {cells} {split[key][3]:7.4f} {split[key][4]:7.0f} {split[key][5]:5.0f}"
+        )
+    ratio = split["leapcore"][3] / split["ig"][3]
+    print(
+        f"  leapcore's whole call / IntegratedGradients alone: {ratio:.2f}; its map alone: "
+        f"{split['leapcore'][0] / split['ig'][3]:.2f}; / IG inside an audit: "
+        f"{split['leapcore'][3] / split['ig audit'][3]:.2f}"
+    )
 
 
 def show(title, rows):
@@ -217,6 +368,9 @@ def main() -> None:
     parser.add_argument(
         "--views", type=int, default=2, choices=(2, 4), help="4: the photos and their mirror images"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed calls per method for the time split (median)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     for spec in [] if args.only_photos else MARKERS:
@@ -226,6 +380,15 @@ def main() -> None:
             m.model, m.class_list, m.preprocessing, images, [m.marker_class] * len(images), m.box
         )
         show(f"digits CNN with marker {spec} (clean accuracy {m.clean_accuracy:.2f})", rows)
+        split = time_split(
+            m.model,
+            m.class_list,
+            m.preprocessing,
+            images,
+            [m.marker_class] * len(images),
+            args.repeats,
+        )
+        show_split(split)
     if args.photos or args.only_photos or args.more_photos:
         from leapcore.models import get_model
         from tests.engine.engine_support import photo_samples
@@ -245,6 +408,7 @@ def main() -> None:
                 f"EfficientNet-Lite0, {title} ({len(photos)} views)",
                 compare(model, class_list, pre, photos, targets),
             )
+            show_split(time_split(model, class_list, pre, photos, targets, args.repeats))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ from leapcore.isolation_methods import (
     blurred_substrate,
     class_logits,
     isolation_method,
+    logits_rows,
     make_background,
+    no_grad_rows,
     pair_keys,
 )
 from leapcore.rng import RowKey, Stream
@@ -56,7 +58,8 @@ def hierarchical_perturbation(
         substrate = make_background(
             config.isolation_background, source, config.seed + Stream.HIPE_SUBSTRATE, keys
         )
-        full = class_logits(model, source, cls, chunk_size)
+        full_rows = logits_rows(model, source, chunk_size)
+        full = full_rows.gather(1, cls[:, None]).squeeze(1)
         saliency = torch.zeros((n, 1, h, w), device=device)
         cell_h, cell_w = max(1, h // 4), max(1, w // 4)
         # Active cells: (pair, top, left) at the current cell size.
@@ -104,4 +107,6 @@ def hierarchical_perturbation(
         began,
         chunk_size,
         config.isolation_keep,
+        full_rows=full_rows,
+        rows=no_grad_rows(config, chunk_size),
     )

@@ -39,10 +39,11 @@ from leapcore.isolation_methods import (
     IsolationResult,
     background_noise,
     calibrate,
-    class_logits,
     get_isolation_method,
     isolation_method,
+    logits_rows,
     make_background,
+    no_grad_rows,
     pair_keys,
 )
 from leapcore.optim import BatchedAdam
@@ -63,6 +64,7 @@ __all__ = [
     "background_noise",
     "calibrate",
     "choose_classes",
+    "evidence_gradient",
     "evidence_map",
     "isolate_features",
     "isolate_with_mask",
@@ -188,8 +190,14 @@ def isolate_with_mask(
     source = images[torch.tensor([p[0] for p in pairs], device=device)]
     cls = torch.tensor([p[1] for p in pairs], device=device)
     n, _, h, w = source.shape
-    with torch.no_grad():
-        full = class_logits(model, source, cls, chunk_size)
+    gradient = None
+    if config.isolation_map == "evidence":
+        # The evidence's gradient is taken at the image, so it comes with the full logits.
+        full_rows, gradient = evidence_gradient(model, source, cls, chunk_size)
+    else:
+        with torch.no_grad():
+            full_rows = logits_rows(model, source, chunk_size)
+    full = full_rows.gather(1, cls[:, None]).squeeze(1)
     scale = full.abs().clamp_min(1.0)
     cell = mask_cell(config, h, w)
     grid = (max(1, h // cell), max(1, w // cell))
@@ -205,9 +213,11 @@ def isolate_with_mask(
         fixed = make_background(
             config.isolation_background, source, config.seed + Stream.ISOLATION_BACKGROUND, keys
         )
+    # A pair stops at a check after ``patience`` checks that follow a first one: with fewer steps
+    # than that no pair can stop, and the plateau is not tracked.
     plateau = (
         MetricPlateau(n, ISOLATION_CHECK_EVERY, ISOLATION_TOLERANCE, ISOLATION_PATIENCE)
-        if config.isolation_stop_early
+        if config.isolation_stop_early and steps >= ISOLATION_CHECK_EVERY * (ISOLATION_PATIENCE + 1)
         else None
     )
     active = list(range(n))
@@ -226,7 +236,9 @@ def isolate_with_mask(
         for start in range(0, len(active), chunk_size):
             local = slice(start, min(start + chunk_size, len(active)))
             rows = local if whole else as_rows(active[local], device)
-            mask = _upsample(param[rows], (h, w))
+            # One sigmoid for the mask and its smoothness penalty; the whole batch unsliced.
+            soft = rowwise.sigmoid(param if whole and len(active) <= chunk_size else param[rows])
+            mask = F.interpolate(soft, size=(h, w), mode="bilinear", align_corners=False)
             view = source[rows] * mask + noise[local if fixed is None else rows] * (1 - mask)
             logit = model(view).gather(1, cls[rows, None]).squeeze(1)
             kept = torch.minimum(logit, full[rows]) / scale[rows]
@@ -234,8 +246,7 @@ def isolate_with_mask(
             loss = (
                 -kept
                 + config.isolation_alpha_weight * coverage
-                + config.isolation_hf_weight
-                * penalties.high_frequency(rowwise.sigmoid(param[rows]))
+                + config.isolation_hf_weight * penalties.high_frequency(soft)
             ).sum()
             loss.backward()
             loss_total = loss_total + loss.detach()
@@ -276,7 +287,7 @@ def isolate_with_mask(
     )
     ranking = None
     if config.isolation_map == "evidence":
-        masks = evidence_map(model, source, cls, masks, background, chunk_size)
+        masks = evidence_map(model, source, cls, masks, background, chunk_size, gradient)
         # The reported mask is a top share of the map averaged over cells: regions, not speckle.
         ranking = F.avg_pool2d(masks, 2 * cell + 1, 1, cell, count_include_pad=False)
     result = IsolationResult.from_saliency(
@@ -292,9 +303,28 @@ def isolate_with_mask(
         chunk_size,
         config.isolation_keep,
         ranking,
+        full_rows=full_rows,
+        rows=no_grad_rows(config, chunk_size),
     )
     result.steps_run = steps_run
     return result
+
+
+def evidence_gradient(
+    model: torch.nn.Module, source: torch.Tensor, cls: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([P, K] logits, [P, C, H, W] gradient)`` of each pair's class log-probability at its image
+    (log-softmax; log-sigmoid for ``multilabel_logits``): one forward and backward pass per pair."""
+    logits, grads = [], []
+    for start in range(0, len(source), chunk_size):
+        rows = slice(start, start + chunk_size)
+        x = source[rows].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = model(x)
+            (grad,) = torch.autograd.grad(_log_probability(model, out, cls[rows]).sum(), x)
+        logits.append(out.detach())
+        grads.append(grad)
+    return torch.cat(logits), torch.cat(grads)
 
 
 def evidence_map(
@@ -304,6 +334,7 @@ def evidence_map(
     masks: torch.Tensor,
     background: torch.Tensor,
     chunk_size: int,
+    gradient: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``isolation_map: evidence``: the soft mask times each pixel's first-order evidence.
 
@@ -312,23 +343,18 @@ def evidence_map(
     absolute value per pair to [-1, 1]: what replacing the pixel by the background costs the class
     probability that deletion / insertion read, to first order. The weight is ``e + f`` where
     ``e > 0`` and ``f * (1 + e)`` elsewhere (``f`` = :data:`EVIDENCE_FLOOR`), so pixels that speak
-    against the class come last. The map is ``(mask + 1 - peak) * weight``, ``peak`` the pair's
-    largest mask value: a mask that reached ~1 somewhere (it found a region that keeps the class)
-    orders the pixels, and a mask that stayed soft admits the evidence outside it at ``1 - peak``
-    (:data:`EVIDENCE_SHARE`). One forward and backward pass per pair.
+    against the class come last. The map is ``(mask ** 2 + 1 - peak) * weight``, ``peak`` the
+    pair's largest mask value: a mask that reached ~1 somewhere (it found a region that keeps the
+    class) orders the pixels, and a mask that stayed soft admits the evidence outside it at
+    ``1 - peak`` (:data:`EVIDENCE_SHARE`). One forward and backward pass per pair
+    (:func:`evidence_gradient`), none when its ``gradient`` is given.
 
     Returns:
         ``[P, 1, H, W]`` in [0, 1], each pair's map scaled to a maximum of 1.
     """
-    out = []
-    for start in range(0, len(source), chunk_size):
-        rows = slice(start, start + chunk_size)
-        x = source[rows].detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            logp = _log_probability(model, model(x), cls[rows]).sum()
-            (grad,) = torch.autograd.grad(logp, x)
-        out.append((grad * (source[rows] - background[rows])).sum(1, keepdim=True).detach())
-    evidence = torch.cat(out)
+    if gradient is None:
+        _, gradient = evidence_gradient(model, source, cls, chunk_size)
+    evidence = (gradient * (source - background)).sum(1, keepdim=True)
     evidence = evidence / _peak(evidence.abs())
     weight = torch.where(
         evidence > 0, evidence + EVIDENCE_FLOOR, EVIDENCE_FLOOR * (1 + evidence.clamp_max(0))

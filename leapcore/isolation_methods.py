@@ -49,6 +49,13 @@ LEVELS = (
 )
 AUC_STEPS = 16
 
+# Forwards without autograd (calibration, kept, the AUCs) send this many times ``chunk_size`` rows per
+# model call unless ``max_batch_size`` caps every call: ``chunk_size`` budgets a forward and its
+# backward per row (:func:`leapcore.device.estimate_row_bytes` counts three forwards' activations),
+# and a forward without autograd holds at most one forward's. On 32 px CNNs a batch of 54 instead of
+# 18 cut the AUCs' time per image by about a fifth (issue 19, benchmarks/fidelity.py).
+NO_GRAD_ROWS = 3
+
 
 # Optional per-pair measures of an IsolationResult (None when not measured), in table order.
 PAIR_MEASURES = ("kept_prob", "prob_full", "prob_isolated", "deletion_auc", "insertion_auc")
@@ -89,6 +96,7 @@ class IsolationResult:
         None  # [P, 1, H, W] in [0, 1]: the map the mask is a top share of
     )
     map_seconds: float | None = None  # until the saliency was ready (before calibration, measures)
+    calibration_seconds: float | None = None  # the calibration into the reported mask
 
     @classmethod
     @torch.no_grad()
@@ -134,30 +142,52 @@ class IsolationResult:
         chunk_size: int,
         keep: float,
         ranking: torch.Tensor | None = None,
+        *,
+        full_rows: torch.Tensor | None = None,
+        rows: int | None = None,
     ) -> IsolationResult:
         """The reported result of a saliency map: calibrated mask, kept ratios and RISE AUCs.
 
         ``ranking`` (default: ``saliency``) is the map whose top share the calibration reports, e.g.
         the saliency smoothed so that the reported mask is made of regions; the AUCs always rank
-        ``saliency``, and ``keep <= 0`` reports ``saliency`` itself.
+        ``saliency``, and ``keep <= 0`` reports ``saliency`` itself. ``full_rows`` (``[P, K]``, the
+        logits of ``source``) saves a forward when the method has them; ``rows`` is the images per
+        forward pass (default ``chunk_size``; see :func:`no_grad_rows`). The logits that the
+        calibration read for the chosen mask are its kept logit and probability: no pass repeats.
         """
         map_seconds = time.perf_counter() - began
-        masks = calibrate(
-            model,
-            source,
-            classes,
-            saliency if ranking is None or keep <= 0 else ranking,
-            background,
-            logits_full,
-            keep,
-            chunk_size,
+        rows = rows or chunk_size
+        if full_rows is None:
+            full_rows = logits_rows(model, source, rows)
+        if keep > 0:
+            masks, isolated_rows = calibrated(
+                model,
+                source,
+                classes,
+                saliency if ranking is None else ranking,
+                background,
+                logits_full,
+                keep,
+                rows,
+                full_rows,
+            )
+            isolated = source * masks + background * (1 - masks)
+        else:
+            masks = saliency
+            isolated = source * masks + background * (1 - masks)
+            isolated_rows = logits_rows(model, isolated, rows)
+        calibration_seconds = time.perf_counter() - began - map_seconds
+        pick = classes[:, None]
+        result = cls(
+            pairs,
+            masks.cpu(),
+            isolated.cpu(),
+            logits_full.cpu(),
+            isolated_rows.gather(1, pick).squeeze(1).cpu(),
+            method,
         )
-        result = cls.from_masks(
-            model, pairs, source, classes, masks, background, logits_full, method, began, chunk_size
-        )
-        isolated = result.isolated.to(source.device)
-        p_full = class_probs(model, source, classes, chunk_size)
-        p_iso = class_probs(model, isolated, classes, chunk_size)
+        p_full = model_probabilities(model, full_rows).gather(1, pick).squeeze(1)
+        p_iso = model_probabilities(model, isolated_rows).gather(1, pick).squeeze(1)
         result.kept_prob = (p_iso / p_full.clamp_min(1e-12)).cpu()
         result.prob_full, result.prob_isolated = p_full.cpu(), p_iso.cpu()
         deletion, insertion = deletion_insertion_auc(
@@ -167,7 +197,8 @@ class IsolationResult:
             classes.tolist(),
             steps=AUC_STEPS,
             substrate="blur",
-            batch_size=chunk_size,
+            batch_size=rows,
+            image_logits=full_rows,
         )
         result.deletion_auc, result.insertion_auc = deletion.float(), insertion.float()
         shown = (saliency if ranking is None else ranking).clamp_min(0).flatten(1)
@@ -175,6 +206,7 @@ class IsolationResult:
         result.saliency = shown.view_as(saliency).cpu()
         result.seconds = time.perf_counter() - began
         result.map_seconds = map_seconds
+        result.calibration_seconds = calibration_seconds
         return result
 
     @property
@@ -274,6 +306,12 @@ def make_background(kind: str, source: torch.Tensor, seed: int, keys: list[RowKe
     return background_noise(seed, keys, tuple(source.shape[1:]), source.device)
 
 
+def no_grad_rows(config: EngineConfig, chunk_size: int) -> int:
+    """Images per forward pass without autograd: :data:`NO_GRAD_ROWS` x ``chunk_size``, or
+    ``chunk_size`` when the config's ``max_batch_size`` caps every model call."""
+    return chunk_size if config.max_batch_size is not None else NO_GRAD_ROWS * chunk_size
+
+
 @torch.no_grad()
 def calibrate(
     model: torch.nn.Module,
@@ -290,22 +328,80 @@ def calibrate(
     not fall further than ``1 - keep`` of its size). ``keep == 0`` returns the saliency itself."""
     if keep <= 0:
         return saliency
+    return calibrated(model, source, classes, saliency, background, full, keep, chunk_size)[0]
+
+
+@torch.no_grad()
+def calibrated(
+    model: torch.nn.Module,
+    source: torch.Tensor,
+    classes: torch.Tensor,
+    saliency: torch.Tensor,
+    background: torch.Tensor,
+    full: torch.Tensor,
+    keep: float,
+    rows: int,
+    full_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`calibrate` (``keep > 0``), and the ``[P, K]`` logits of each chosen isolated image.
+
+    The candidate levels of the pairs still searching are scored in blocks of
+    :func:`levels_per_pass` levels, one batch of views per block; a pair's level is the first of
+    :data:`LEVELS` that keeps ``keep`` whatever the block size, and a block costs one host
+    synchronisation. ``full_rows`` are the logits of ``source`` (the mask of share 1 isolates the
+    whole image); computed here when not given.
+    """
     n, _, h, w = saliency.shape
+    device = source.device
     flat = saliency.flatten(1)
     ranks = flat.argsort(1, descending=True).argsort(1).view(n, 1, h, w)
-    chosen = torch.full((n,), LEVELS[-1], device=source.device)
-    done = torch.zeros(n, dtype=torch.bool, device=source.device)
+    # Pixels kept per pair: all of them unless a searched level keeps ``keep``.
+    chosen = torch.full((n,), h * w, device=device)
+    if full_rows is None:
+        full_rows = logits_rows(model, source, rows)
+    isolated_rows = full_rows.clone()
     need = full - (1 - keep) * full.abs()
-    for level in LEVELS[:-1]:
-        todo = (~done).nonzero().flatten()
-        if len(todo) == 0:
-            break
-        top = (ranks[todo] < round(level * h * w)).to(source.dtype)
-        view = source[todo] * top + background[todo] * (1 - top)
-        ok = class_logits(model, view, classes[todo], chunk_size) >= need[todo]
-        chosen[todo[ok]] = level
-        done[todo[ok]] = True
-    return (ranks < (chosen * h * w).round().view(n, 1, 1, 1)).to(source.dtype)
+    searched = list(LEVELS[:-1])
+    todo = torch.arange(n, device=device)
+    while searched and len(todo):
+        block = searched[: levels_per_pass(device, rows, len(todo))]
+        searched = searched[len(block) :]
+        # Views ordered level-major: block[j] of pair todo[i] is row j * len(todo) + i.
+        pair = todo.repeat(len(block))
+        counts = torch.tensor(
+            [round(level * h * w) for level in block], device=device
+        ).repeat_interleave(len(todo))
+        top = (ranks[pair] < counts.view(-1, 1, 1, 1)).to(source.dtype)
+        view = source[pair] * top + background[pair] * (1 - top)
+        scored = logits_rows(model, view, rows)
+        ok = (scored.gather(1, classes[pair, None]).squeeze(1) >= need[pair]).view(len(block), -1)
+        # The first passing level of each pair in this block (argmax of a bool takes the first).
+        passed = ok.any(0)
+        first = ok.to(torch.int8).argmax(0)
+        winners = counts.view(len(block), -1)[first, 0]
+        chosen[todo] = torch.where(passed, winners, chosen[todo])
+        picked = scored.view(len(block), len(todo), -1)[first, torch.arange(len(todo))]
+        isolated_rows[todo] = torch.where(passed[:, None], picked, isolated_rows[todo])
+        todo = todo[~passed]  # the block's one host synchronisation
+    masks = (ranks < chosen.view(n, 1, 1, 1)).to(source.dtype)
+    return masks, isolated_rows
+
+
+def levels_per_pass(device: torch.device, rows: int, pairs: int) -> int:
+    """How many calibration levels one forward pass scores for ``pairs`` pairs still searching.
+
+    On the CPU one: a forward costs about its images there (32 px CNN: 0.09 ms per image in a batch
+    of 18, 54 or 186), so scoring levels past a pair's chosen one is wasted work; with 6 and 30
+    marker images, blocks of ``rows // pairs`` levels took 1.0-1.5x as long as one level per pass.
+    Elsewhere (a GPU, whose small batches cost their launches rather than their images) as many as
+    fill ``rows`` images; not measured in issue 19 (no GPU there).
+    """
+    return 1 if device.type == "cpu" else max(1, rows // max(1, pairs))
+
+
+def logits_rows(model: torch.nn.Module, images: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[N, K]`` the model's logits of ``images``, ``rows`` images per forward pass."""
+    return torch.cat([model(images[i : i + rows]) for i in range(0, len(images), rows)])
 
 
 def class_probs(
