@@ -208,11 +208,15 @@ def isolate_with_mask(
     steps = config.steps_for_isolation
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     last_finite = param.detach().clone()
-    fixed = None
-    if config.isolation_background != "noise":
-        fixed = make_background(
-            config.isolation_background, source, config.seed + Stream.ISOLATION_BACKGROUND, keys
-        )
+    # What masked-out pixels show in the result; the steps show it too unless it is noise, which
+    # they draw afresh every step.
+    background = make_background(
+        config.isolation_background, source, config.seed + Stream.ISOLATION_BACKGROUND, keys
+    )
+    fixed = None if config.isolation_background == "noise" else background
+    if gradient is not None:
+        # Kept as one value per pixel, not per channel, while the masks are optimised.
+        gradient = (gradient * (source - background)).sum(1, keepdim=True)
     # A pair stops at a check after ``patience`` checks that follow a first one: with fewer steps
     # than that no pair can stop, and the plateau is not tracked.
     plateau = (
@@ -282,12 +286,9 @@ def isolate_with_mask(
     steps_run = [steps if plateau is None else plateau.stopped_at.get(r, step) for r in range(n)]
     with torch.no_grad():
         masks = _upsample(param, (h, w))
-    background = make_background(
-        config.isolation_background, source, config.seed + Stream.ISOLATION_BACKGROUND, keys
-    )
     ranking = None
     if config.isolation_map == "evidence":
-        masks = evidence_map(model, source, cls, masks, background, chunk_size, gradient)
+        masks = evidence_map(model, source, cls, masks, background, chunk_size, evidence=gradient)
         # The reported mask is a top share of the map averaged over cells: regions, not speckle.
         ranking = F.avg_pool2d(masks, 2 * cell + 1, 1, cell, count_include_pad=False)
     result = IsolationResult.from_saliency(
@@ -334,7 +335,8 @@ def evidence_map(
     masks: torch.Tensor,
     background: torch.Tensor,
     chunk_size: int,
-    gradient: torch.Tensor | None = None,
+    *,
+    evidence: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``isolation_map: evidence``: the soft mask times each pixel's first-order evidence.
 
@@ -347,14 +349,15 @@ def evidence_map(
     pair's largest mask value: a mask that reached ~1 somewhere (it found a region that keeps the
     class) orders the pixels, and a mask that stayed soft admits the evidence outside it at
     ``1 - peak`` (:data:`EVIDENCE_SHARE`). One forward and backward pass per pair
-    (:func:`evidence_gradient`), none when its ``gradient`` is given.
+    (:func:`evidence_gradient`), none when ``evidence`` (``[P, 1, H, W]``, the pixels'
+    ``gradient . (image - background)`` before scaling) is given.
 
     Returns:
         ``[P, 1, H, W]`` in [0, 1], each pair's map scaled to a maximum of 1.
     """
-    if gradient is None:
+    if evidence is None:
         _, gradient = evidence_gradient(model, source, cls, chunk_size)
-    evidence = (gradient * (source - background)).sum(1, keepdim=True)
+        evidence = (gradient * (source - background)).sum(1, keepdim=True)
     evidence = evidence / _peak(evidence.abs())
     weight = torch.where(
         evidence > 0, evidence + EVIDENCE_FLOOR, EVIDENCE_FLOOR * (1 + evidence.clamp_max(0))

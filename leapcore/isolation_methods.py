@@ -52,8 +52,9 @@ AUC_STEPS = 16
 # Forwards without autograd (calibration, kept, the AUCs) send this many times ``chunk_size`` rows per
 # model call unless ``max_batch_size`` caps every call: ``chunk_size`` budgets a forward and its
 # backward per row (:func:`leapcore.device.estimate_row_bytes` counts three forwards' activations),
-# and a forward without autograd holds at most one forward's. On 32 px CNNs a batch of 54 instead of
-# 18 cut the AUCs' time per image by about a fifth (issue 19, benchmarks/fidelity.py).
+# and a forward without autograd holds at most one forward's. On the 32 px marker CNNs of
+# benchmarks/fidelity.py a forward took 0.096 ms of CPU per image in batches of 18, 0.089 in batches
+# of 54 (issue 19; a small gain, the rest of the time is the images themselves).
 NO_GRAD_ROWS = 3
 
 
@@ -391,8 +392,9 @@ def levels_per_pass(device: torch.device, rows: int, pairs: int) -> int:
     """How many calibration levels one forward pass scores for ``pairs`` pairs still searching.
 
     On the CPU one: a forward costs about its images there (32 px CNN: 0.09 ms per image in a batch
-    of 18, 54 or 186), so scoring levels past a pair's chosen one is wasted work; with 6 and 30
-    marker images, blocks of ``rows // pairs`` levels took 1.0-1.5x as long as one level per pass.
+    of 18, 54 or 186), so scoring levels past a pair's chosen one is wasted work. Measured on the
+    marker CNNs of ``benchmarks/fidelity.py`` (issue 19): with 30 images, blocks of
+    ``rows // pairs`` levels took 1.2-1.8x as long as one level per pass; with 6 about as long.
     Elsewhere (a GPU, whose small batches cost their launches rather than their images) as many as
     fill ``rows`` images; not measured in issue 19 (no GPU there).
     """

@@ -165,8 +165,9 @@ def test_the_evidence_gradient_comes_with_the_full_logits(case):
     logits, gradient = evidence_gradient(model, images, cls, 2)
     torch.testing.assert_close(logits, logits_rows(model, images, 5), atol=1e-6, rtol=0)
     masks = torch.rand(5, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
-    background = torch.zeros_like(images)
-    given = evidence_map(model, images, cls, masks, background, 2, gradient)
+    background = torch.rand(images.shape, generator=torch.Generator().manual_seed(8))
+    evidence = (gradient * (images - background)).sum(1, keepdim=True)
+    given = evidence_map(model, images, cls, masks, background, 2, evidence=evidence)
     assert torch.equal(given, evidence_map(model, images, cls, masks, background, 2))
 
 
