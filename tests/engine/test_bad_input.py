@@ -290,7 +290,9 @@ def test_inf_in_gradients_is_caught_too(digits):
 
 
 def test_nan_in_isolation_masks(digits):
-    model = NaNAfter(digits.model, bad=3)
+    # The first pass with gradients is the evidence gradient at the image (it also gives the full
+    # logits); the mask steps follow, so the 4th such pass is step 3.
+    model = NaNAfter(digits.model, bad=4)
     with pytest.raises(NonFiniteError, match="feature isolation: .* at step 3") as err:
         _run(
             digits,
