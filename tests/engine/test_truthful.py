@@ -317,8 +317,10 @@ def test_probe_is_the_start_image_stepped_up_its_target():
         flat = net(start)[0]
     rows = torch.arange(3)
     assert (probe[rows, [0, 2, 3]] > flat[[0, 2, 3]]).all()
-    relaxed = probe.clone()
-    relaxed[0, 0] -= 1.0  # row 0's probe passes it, row 1's ties (reached), row 2's falls short
+    # Other non-target logits than the probe's; row 0's probe passes the relaxed target logit,
+    # row 1's ties it (reached), row 2's falls short.
+    relaxed = torch.where(targets, probe, probe + torch.randn(3, 4))
+    relaxed[0, 0] -= 1.0
     relaxed[2, 3] += 1.0
     scores = entanglement(
         torch.zeros(1, 4), relaxed, targets=targets, measure="relaxed", probe_logits=probe
@@ -326,6 +328,7 @@ def test_probe_is_the_start_image_stepped_up_its_target():
     both = (share(relaxed, targets) * share(probe, targets)).sqrt()
     torch.testing.assert_close(scores[:2], both[:2])
     torch.testing.assert_close(scores[2], share(relaxed, targets)[2])
+    assert not torch.allclose(both[2], share(relaxed, targets)[2], atol=1e-3)
     assert (scores[targets] == 1).all()
     with pytest.raises(ValueError, match="1 or 3 start images"):
         probed(net, start.repeat(2, 1, 1, 1), targets)
