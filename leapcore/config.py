@@ -209,9 +209,10 @@ class EngineConfig(GeneralOptions):
         ENTANGLEMENT,
         note="On the digit CNNs every probe reaches its target and the probe raises the Spearman "
         "against held-out confusion from 0.67 (worst 0.53) to 0.71 (0.58). On the pretrained "
-        "EfficientNet-Lite0 with the demo's settings, 20 steps from grey fall short of every "
-        "demo class, and an unguarded probe replaced the ImageNet neighbours by noise (tabby: "
-        "sock, swimming trunks); the guard keeps the relaxed share there.",
+        "EfficientNet-Lite0 (`leap demo`), 20 steps from grey fall short of tabby and golden "
+        "retriever, where an unguarded probe shrank the ImageNet neighbours to noise (tabby: "
+        "tiger cat 0.62 -> 0.01); the guard keeps the relaxed share there, and where the probe "
+        "does reach (goldfish, Granny Smith) the neighbours stayed sensible (goldfish: tench).",
         ge=0,
     )
     entanglement_probe_step: float = _opt(
