@@ -61,11 +61,11 @@ INSECTS = set(range(300, 327))
 
 
 def test_entanglement_names_imagenet_neighbours(lite0_prototypes):
-    """The default entanglement's strongest other class is a bird for hummingbird (peacock 0.43
-    measured) and an insect for bee (fly 0.66). The probe from grey falls short of hummingbird's
-    and bee's target logits in 20 steps, so the guard keeps the relaxed share there; with the
-    guard switched off, bee's strongest neighbour became honeycomb (and in a scratch run of the
-    same config hummingbird's became television)."""
+    """The default entanglement's strongest other class is a bird for hummingbird and an insect for
+    bee (peacock 0.43 and fly 0.66 in a scratch run of this config). The probe from grey falls
+    short of their prototypes' target logits in 20 steps, so the guard keeps the relaxed share
+    there; with the guard switched off, bee's strongest neighbour became honeycomb (and in the
+    scratch run hummingbird's became television)."""
     scores = lite0_prototypes.entanglement.clone()
     scores[torch.arange(5), IMAGENET_TARGETS] = -1
     top = scores.argmax(1).tolist()
