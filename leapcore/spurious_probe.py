@@ -188,8 +188,9 @@ def describe_probe(p: ProbeEvidence) -> str:
     if math.isnan(p.flip_rate):
         return "paint probe not measured (fewer than two confident images of other classes)"
     return (
-        f"painted briefly from {p.starts} images of other classes, the class's blob reappears in "
-        f"{p.reappearance:.0%} of them and flips {p.flip_rate:.0%} of other images "
+        f"painted briefly from {p.starts} prototypes of other classes, the class's blob "
+        f"reappears in {p.reappearance:.0%} of them and, pasted onto confidently classified "
+        f"images of other classes, flips {p.flip_rate:.0%} of them "
         f"({p.flips}/{p.pastes}; control {p.control_flip_rate:.0%})"
     )
 
