@@ -14,10 +14,15 @@ digit and prints:
    confusion, mean (worst) over the models, hard and soft, plus the measure's own time per audit
    and its ratio to the prototype stage, then each model's soft Spearman. Every measure reads the
    same prototypes, per objective; the default is computed by ``engine.score_entanglement`` itself
-   (the relaxed share times the probe's, geometric mean), beside its two halves alone.
+   (the relaxed share times the probe's, geometric mean, on the rows whose probe reached its
+   target logit; the relaxed share elsewhere), beside the probe unguarded and its two halves alone.
+3. With ``--lite0``: the pretrained EfficientNet-Lite0 with ``leap demo``'s classes and settings:
+   each class's strongest neighbours by the relaxed share alone (probe off), the probe unguarded
+   and the default (guarded), whether each probe reached its target, and the time per class pair
+   of the relaxed share and of the default, side by side.
 
     PYTHONPATH=. python benchmarks/entanglement.py [--objectives margin logit] [--models 12]
-        [--defaults] [--all]
+        [--defaults] [--all] [--lite0]
 
 ``--defaults`` runs the engine's default schedule (slow on a CPU); otherwise the digits tests'
 fast one (100 steps, transform ``s``, lr 0.05). ``--all`` adds the measures that lost: the
@@ -45,6 +50,7 @@ from leapcore import engine  # noqa: E402
 from leapcore.entanglement import (  # noqa: E402
     entanglement,
     pair_entanglement,
+    probe_reached,
     probed,
     relaxed_logits,
     share,
@@ -160,6 +166,19 @@ def m_default(net, images, audit) -> np.ndarray:
     return pair_entanglement(scores).numpy()
 
 
+def m_unguarded(net, images, audit) -> np.ndarray:
+    """The relaxed share times the probe's (20 x 0.05) on every row, reached or not."""
+    mask = F.one_hot(TARGETS, 10).bool()
+    z = relaxed_logits(net, images, mask, 10, 0.02)
+    probe = probed(net, audit.baseline.image, mask, 20, 0.05)
+    reached = probe_reached(probe, [z, audit.prototypes.logits], mask)
+    REACHED.append((int(reached.sum()), len(reached)))
+    return pair_entanglement((share(z, mask) * share(probe, mask)).sqrt()).numpy()
+
+
+REACHED: list[tuple[int, int]] = []
+
+
 def m_relaxed(net, images, audit, steps: int = 10, step: float = 0.02) -> np.ndarray:
     mask = F.one_hot(TARGETS, 10).bool()
     z = relaxed_logits(net, images, mask, steps, step)
@@ -255,7 +274,8 @@ def m_boundary_distance(net, images, audit) -> np.ndarray:
 
 
 MEASURES: dict[str, Callable] = {
-    "relaxed (default: relaxed x probe)": m_default,
+    "relaxed (default: relaxed x guarded probe)": m_default,
+    "relaxed x probe, unguarded": m_unguarded,
     "relaxed without the probe (10 x 0.02)": m_relaxed,
     "probe alone (20 x 0.05 from the start image)": m_probe,
     "share": m_share,
@@ -277,14 +297,85 @@ MORE: dict[str, Callable] = {
 }
 
 
+def lite0_neighbours() -> None:
+    """``leap demo``'s audit on the pretrained EfficientNet-Lite0: neighbours and time per pair."""
+    from leapcli.demo import DEMO_CLASSES, DEMO_CONFIG
+    from leapcore.entanglement import target_logit
+    from leapcore.sources import load_model
+
+    loaded = load_model("efficientnet_lite0")
+    classes = list(loaded.class_list)
+    config = {**DEMO_CONFIG, "isolation": False, "entanglement_measure": "share"}
+    targets = [classes.index(c) for c in DEMO_CLASSES]
+    audit = engine.run(loaded.model, classes, config, targets, loaded.preprocessing)
+    cfg = audit.config
+    shape = engine.input_shape(cfg, "pt", loaded.preprocessing)
+    net = engine.build_model(
+        loaded.model, classes, loaded.preprocessing, shape, "pt", cfg.channels_last,
+        cfg.fold_batchnorm, cfg.output, cfg.region,
+    )  # fmt: skip
+    cpu, rows = torch.device("cpu"), len(targets)
+    mask = audit.prototypes.target_mask()
+    timed = {}
+    for name, steps in (("relaxed share alone (main: probe off)", 0), ("default (guarded)", 20)):
+        update = {"entanglement_measure": "relaxed", "entanglement_probe_steps": steps}
+        began = time.perf_counter()
+        scores = engine.score_entanglement(
+            net, audit.prototypes, audit.baseline.logits, cfg.model_copy(update=update), cpu, 64,
+            audit.baseline.image,
+        )  # fmt: skip
+        timed[name] = (scores, time.perf_counter() - began)
+    shown, _ = engine.isolation_inputs(audit.prototypes, [], cfg, len(classes), cpu)
+    relaxed = relaxed_logits(net, shown, mask)
+    probe = probed(net, audit.baseline.image, mask)
+    reached = probe_reached(probe, [relaxed, audit.prototypes.logits], mask)
+    unguarded = (share(relaxed, mask) * share(probe, mask)).sqrt()
+    print(
+        f"\n3. EfficientNet-Lite0, leap demo's classes and settings ({DEMO_CONFIG['max_steps']} steps)"
+    )
+    print(
+        "  target logit: prototype "
+        + " ".join(f"{v:.1f}" for v in target_logit(audit.prototypes.logits, mask).tolist())
+        + "; relaxed "
+        + " ".join(f"{v:.1f}" for v in target_logit(relaxed, mask).tolist())
+        + "; probe (20 x 0.05 from the start image) "
+        + " ".join(f"{v:.1f}" for v in target_logit(probe, mask).tolist())
+        + f"; probe reached: {reached.tolist()}"
+    )
+    versions = {**{k: v[0] for k, v in timed.items()}, "relaxed x probe, unguarded": unguarded}
+    for name, scores in versions.items():
+        print(f"  {name}:")
+        for r, t in enumerate(targets):
+            row = scores[r].clone()
+            row[t] = -1
+            top = row.topk(3)
+            names = ", ".join(
+                f"{classes[c]} {v:.2f}" for c, v in zip(top.indices.tolist(), top.values.tolist())
+            )
+            print(f"    {classes[t]:18s} -> {names}")
+    pairs = rows * (len(classes) - 1)
+    proto = audit.prototypes.seconds
+    print(f"  time (prototype stage {proto:.1f} s, {rows} rows x {len(classes) - 1} classes):")
+    for name, (_, seconds) in timed.items():
+        print(
+            f"    {name:40s} {seconds:6.2f} s, {1e3 * seconds / pairs:.2f} ms per class pair, "
+            f"{100 * seconds / proto:.1f} % of the prototype stage"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objectives", nargs="+", default=["margin", "logit"])
     parser.add_argument("--models", type=int, default=len(MODELS))
     parser.add_argument("--defaults", action="store_true")
     parser.add_argument("--all", action="store_true", help="also the boundary measures that lost")
+    parser.add_argument("--lite0", action="store_true", help="also the demo's Lite0 neighbours")
+    parser.add_argument("--only-lite0", action="store_true", help="only the Lite0 section")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.only_lite0:
+        lite0_neighbours()
+        return
     measures = {**MEASURES, **(MORE if args.all else {})}
     config = {"input_dim": [1, 32, 32], "isolation": False, "log_freq": 50}
     config.update({} if args.defaults else FAST)
@@ -364,6 +455,12 @@ def main() -> None:
         for name in measures:
             v = np.array(scores[(objective, name)])[:, 1]
             print(f"  {name:46s} " + " ".join(f"{x:5.2f}" for x in v))
+    reached = np.array(REACHED)
+    print(
+        f"\n  probes that reached their target: {reached[:, 0].sum()} of {reached[:, 1].sum()} rows"
+    )
+    if args.lite0:
+        lite0_neighbours()
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from leapcore.device import (
     peak_memory_mb,
     pick_device,
 )
-from leapcore.entanglement import entanglement, probed, relaxed_logits
+from leapcore.entanglement import entanglement, relaxed_entanglement
 from leapcore.errors import InputError
 from leapcore.isolation import IsolationResult, choose_classes, isolate_features
 from leapcore.lr_finder import LearningRateResult, find_learning_rate
@@ -404,42 +404,28 @@ def score_entanglement(
 ) -> torch.Tensor:
     """``[B, K]`` entanglement of the prototypes by ``config.entanglement_measure``.
 
-    ``relaxed`` first moves each prototype (as the model sees it, alpha on its background) a few
-    steps up its target logits (:func:`leapcore.entanglement.relaxed_logits`) and, with
-    ``entanglement_probe_steps > 0``, also the start image ``baseline_image``
-    (:func:`leapcore.entanglement.probed`); multi-label models keep the per-class gain formula.
+    ``relaxed``: :func:`leapcore.entanglement.relaxed_entanglement` on the prototypes as the
+    model sees them (alpha on its background), the probe from ``baseline_image``; multi-label
+    models keep the per-class gain formula.
     """
-    logits, probe = prototypes.logits, None
     measure = config.entanglement_measure
     if measure == "relaxed" and config.output != "multilabel_logits":
         shown, _ = isolation_inputs(prototypes, [], config, model.num_classes, device)
-        mask = prototypes.target_mask()
-        logits = relaxed_logits(
+        return relaxed_entanglement(
             model,
             shown,
-            mask,
-            config.entanglement_relax_steps,
-            config.entanglement_relax_step,
+            prototypes.logits,
+            prototypes.target_mask(),
+            config,
+            baseline_image,
             chunk_size,
         )
-        if config.entanglement_probe_steps:
-            if baseline_image is None:
-                raise ValueError("the 'relaxed' entanglement's probe needs the audit's start image")
-            probe = probed(
-                model,
-                baseline_image.to(device),
-                mask,
-                config.entanglement_probe_steps,
-                config.entanglement_probe_step,
-                chunk_size,
-            )
     return entanglement(
         baseline_logits,
-        logits,
+        prototypes.logits,
         output=config.output,
         targets=prototypes.target_mask(),
         measure=measure,
-        probe_logits=probe,
     )
 
 

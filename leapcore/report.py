@@ -233,7 +233,7 @@ def entanglement_heatmap(audit: Any, top: int = HEATMAP_COLUMNS, fmt: str = "png
         "relaxed": "entanglement (share of the non-target probability, relaxed)",
     }.get(measure, "entanglement (1 = rose as much as the target)")
     if measure == "relaxed" and getattr(audit.config, "entanglement_probe_steps", 0):
-        label = "entanglement (share of the non-target probability, relaxed and probed)"
+        label = "entanglement (share of the non-target probability, relaxed; probed where reached)"
     return entanglement_figure(scores, rows, names, fmt=fmt, label=label)
 
 
