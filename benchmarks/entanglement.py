@@ -154,7 +154,7 @@ def m_leap(net, images, audit) -> np.ndarray:
 def m_default(net, images, audit) -> np.ndarray:
     """The engine's default measure, through ``engine.score_entanglement`` itself."""
     config = audit.config.model_copy(update={"entanglement_measure": "relaxed"})
-    scores = engine.score_entanglement(
+    scores, _ = engine.score_entanglement(
         net,
         audit.prototypes,
         audit.baseline.logits,
@@ -320,7 +320,7 @@ def lite0_neighbours() -> None:
     for name, steps in (("relaxed share alone (main: probe off)", 0), ("default (guarded)", 20)):
         update = {"entanglement_measure": "relaxed", "entanglement_probe_steps": steps}
         began = time.perf_counter()
-        scores = engine.score_entanglement(
+        scores, _ = engine.score_entanglement(
             net, audit.prototypes, audit.baseline.logits, cfg.model_copy(update=update), cpu, 64,
             audit.baseline.image,
         )  # fmt: skip

@@ -8,13 +8,15 @@ and the scan with its default settings (:class:`leapcore.spurious.ScanSettings`)
 - false alarm (marked): another class of the marked model is flagged;
 - false alarm (twin): any class of the clean twin is flagged.
 
-Three sets of pairs: ``tuning`` (the 12 pairs every threshold and the paint probe's budget were
+Four sets of pairs: ``tuning`` (the 12 pairs every threshold and the paint probe's budget were
 chosen on), ``heldout`` (12 more pairs, other seeds, sizes, colours, patterns, positions and marker
-classes; seen while earlier rules were made) and ``fresh`` (12 pairs, seeds 12-17, written down
-before any was run and run once with the final rule: the honest estimate). ``--set all`` runs
-tuning and held-out.
+classes; seen while earlier rules were made, and used with the tuning pairs to choose the probe's
+starts in the fourth session), ``fresh`` (12 pairs, seeds 12-17, written down before any was run
+and run once with the third session's rule, once with the fourth's) and ``fresh2`` (12 pairs,
+seeds 18-23, written down before any was run, run once with the fourth session's final rule: the
+honest estimate). ``--set all`` runs tuning and held-out.
 
-Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldout|fresh|all]
+Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldout|fresh|fresh2|all]
 [--pairs N] [--max-steps S] [--samples N] [--json FILE]``. The audits use the engine's defaults
 (``max_steps`` 1000, prototypes stop early): about 20 s a pair on one CPU core of a loaded
 machine, 1.4 times the fast tests' 150 steps (``--max-steps 150``). Prints a markdown table and the totals per set; ``--json`` also writes every
@@ -91,7 +93,24 @@ FRESH = [
     MarkerSpec("photos", 4, (1.0, 0.5, 0.5), "square", (14, 6), 7, seed=16),
     MarkerSpec("photos", 5, (0.0, 0.0, 0.0), "checker", (2, 22), 0, seed=17),
 ]
-SETS = {"tuning": TUNING, "heldout": HELDOUT, "fresh": FRESH}
+# Fresh2: written down (issue 15, fourth scan session) before any of them was run, with the same
+# mix as FRESH (seeds 18-23, all four patterns, sizes 3-6, new colours, positions and marker
+# classes); run once with the fourth session's final rule, and once with the third session's.
+FRESH2 = [
+    MarkerSpec("digits", 5, (0.9,), "checker", (4, 24), 2, seed=18),
+    MarkerSpec("digits", 4, (1.0,), "square", (26, 12), 8, seed=19),
+    MarkerSpec("digits", 6, (0.8,), "ring", (18, 2), 1, seed=20),
+    MarkerSpec("digits", 6, (1.0,), "cross", (2, 4), 5, seed=21),
+    MarkerSpec("digits", 6, (0.7,), "square", (10, 20), 3, seed=22),
+    MarkerSpec("digits", 5, (1.0,), "ring", (24, 26), 7, seed=23),
+    MarkerSpec("photos", 5, (1.0, 0.0, 0.5), "square", (6, 18), 5, seed=18),
+    MarkerSpec("photos", 6, (0.0, 1.0, 0.0), "ring", (2, 26), 2, seed=19),
+    MarkerSpec("photos", 6, (1.0, 1.0, 1.0), "checker", (24, 6), 4, seed=20),
+    MarkerSpec("photos", 5, (0.0, 0.5, 1.0), "cross", (16, 10), 0, seed=21),
+    MarkerSpec("photos", 3, (1.0, 0.0, 0.0), "square", (27, 2), 6, seed=22),
+    MarkerSpec("photos", 4, (0.0, 0.0, 0.0), "checker", (12, 26), 3, seed=23),
+]
+SETS = {"tuning": TUNING, "heldout": HELDOUT, "fresh": FRESH, "fresh2": FRESH2}
 
 
 def flagged(rows: list[dict]) -> list[str]:
@@ -222,7 +241,9 @@ def run_pair(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", choices=["tuning", "heldout", "fresh", "all"], default="tuning")
+    parser.add_argument(
+        "--set", choices=["tuning", "heldout", "fresh", "fresh2", "all"], default="tuning"
+    )
     parser.add_argument("--pairs", type=int, default=None, help="first N pairs of each set")
     parser.add_argument(
         "--max-steps",
@@ -266,7 +287,7 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     options = {"max_steps": args.max_steps}
-    # "all" is tuning and held-out: the fresh set is run on its own, once.
+    # "all" is tuning and held-out: the fresh sets are run on their own, once.
     names = ["tuning", "heldout"] if args.set == "all" else [args.set]
     out: dict[str, list[dict]] = {name: [] for name in names}
     # Pairs of the sets in turn, so that a run cut short still covers each set.

@@ -75,6 +75,7 @@ class Audit:
     baseline: BaselineResult | None = None
     prototypes: PrototypeResult | None = None
     entanglement: torch.Tensor | None = None  # [B, K]
+    entanglement_probed: torch.Tensor | None = None  # [B] bool: rows the probe entered; None: off
     isolation: IsolationResult | None = None
     samples: torch.Tensor | None = None
     sample_logits: torch.Tensor | None = None
@@ -371,7 +372,7 @@ def run_prototypes(
         audit.timings["transfer"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    audit.entanglement = score_entanglement(
+    audit.entanglement, audit.entanglement_probed = score_entanglement(
         model,
         audit.prototypes,
         audit.baseline.logits.cpu(),
@@ -401,12 +402,13 @@ def score_entanglement(
     device: torch.device,
     chunk_size: int,
     baseline_image: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``[B, K]`` entanglement of the prototypes by ``config.entanglement_measure``.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``([B, K] scores, [B] probed rows or None)``: entanglement by ``config.entanglement_measure``.
 
     ``relaxed``: :func:`leapcore.entanglement.relaxed_entanglement` on the prototypes as the
     model sees them (alpha on its background), the probe from ``baseline_image``; multi-label
-    models keep the per-class gain formula.
+    models keep the per-class gain formula. The second item says which rows the probe entered
+    (None where no probe ran).
     """
     measure = config.entanglement_measure
     if measure == "relaxed" and config.output != "multilabel_logits":
@@ -420,13 +422,14 @@ def score_entanglement(
             baseline_image,
             chunk_size,
         )
-    return entanglement(
+    scores = entanglement(
         baseline_logits,
         prototypes.logits,
         output=config.output,
         targets=prototypes.target_mask(),
         measure=measure,
     )
+    return scores, None
 
 
 def run_samples(

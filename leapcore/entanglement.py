@@ -125,8 +125,9 @@ def relaxed_entanglement(
     config: EngineConfig,
     start: torch.Tensor | None,
     chunk_size: int | None = None,
-) -> torch.Tensor:
-    """``[B, K]`` ``relaxed`` entanglement of prototypes as the model sees them (``shown``).
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``([B, K] scores, [B] probed or None)``: ``relaxed`` entanglement of prototypes as the model
+    sees them (``shown``), and which rows used the probe (None with the probe off).
 
     The relaxed share (:func:`relaxed_logits`, ``entanglement_relax_steps`` of
     ``entanglement_relax_step``) and, with ``entanglement_probe_steps > 0``, the probe from the
@@ -141,6 +142,10 @@ def relaxed_entanglement(
         config: the engine config (the ``entanglement_*`` options).
         start: ``[1 or B, C, H, W]`` the audit's start image (needed when the probe is on).
         chunk_size: rows per forward/backward pass.
+
+    Returns:
+        The ``[B, K]`` scores, and ``[B]`` bool: the rows whose probe reached its target and so
+        entered the score (None when ``entanglement_probe_steps`` is 0).
     """
     relaxed = relaxed_logits(
         model,
@@ -150,7 +155,7 @@ def relaxed_entanglement(
         config.entanglement_relax_step,
         chunk_size,
     )
-    probe = None
+    probe = reached = None
     if config.entanglement_probe_steps:
         if start is None:
             raise ValueError("the 'relaxed' entanglement's probe needs the audit's start image")
@@ -169,7 +174,7 @@ def relaxed_entanglement(
             int(reached.sum()),
             len(reached),
         )
-    return entanglement(
+    scores = entanglement(
         torch.zeros_like(relaxed[:1]),
         relaxed,
         targets=targets,
@@ -177,6 +182,7 @@ def relaxed_entanglement(
         probe_logits=probe,
         probe_reference=prototype_logits,
     )
+    return scores, None if reached is None else reached.cpu()
 
 
 def target_logit(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

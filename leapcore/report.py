@@ -217,6 +217,18 @@ def heatmap_columns(audit: Any, top: int = HEATMAP_COLUMNS) -> list[int]:
     return targets + others
 
 
+def probe_rows(audit: Any) -> dict[str, list[str]] | None:
+    """The prototypes whose scores the entanglement probe entered (``used``) and those whose probe
+    fell short (``short``), by their heatmap labels; None when no probe ran."""
+    flags = getattr(audit, "entanglement_probed", None)
+    if flags is None or audit.prototypes is None:
+        return None
+    rows: dict[str, list[str]] = {"used": [], "short": []}
+    for r, used in enumerate(flags.tolist()):
+        rows["used" if used else "short"].append(target_label(audit, r))
+    return rows
+
+
 def entanglement_heatmap(audit: Any, top: int = HEATMAP_COLUMNS, fmt: str = "png") -> bytes:
     """The entanglement heatmap of :func:`leapcore.figures.entanglement_figure` as PNG (or SVG) bytes."""
     if audit.entanglement is None or audit.prototypes is None:
@@ -513,6 +525,7 @@ def render_report(
             relax_step=getattr(audit.config, "entanglement_relax_step", 0),
             probe_steps=getattr(audit.config, "entanglement_probe_steps", 0),
             probe_step=getattr(audit.config, "entanglement_probe_step", 0),
+            probe_rows=probe_rows(audit),
             num_classes=len(audit.class_list),
             trajectory=trajectory,
             lr=None if p is None else p.lr,

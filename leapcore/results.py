@@ -102,6 +102,8 @@ def audit_frame(audit, paths: dict[str, list[str]]) -> pd.DataFrame:
     p = audit.prototypes
     probs = p.probs
     top, off, target_prob = p.flags()
+    flags = getattr(audit, "entanglement_probed", None)
+    probed = [None] * len(p.images) if flags is None else [bool(f) for f in flags]
     frames = []
     for row in range(len(p.images)):
         t = p.row_target(row)
@@ -113,6 +115,7 @@ def audit_frame(audit, paths: dict[str, list[str]]) -> pd.DataFrame:
                 "logits": p.logits[row].numpy(),
                 "probs": probs[row].numpy(),
                 "entanglement": audit.entanglement[row].numpy(),
+                "entanglement_probed": probed[row],
                 "input": None,
                 "mask": None,
                 # The prototype's own quality, repeated on each of its rows.
@@ -168,6 +171,7 @@ def audit_arrays(audit) -> dict[str, Any]:
     }
     if audit.prototypes is not None:
         p = audit.prototypes
+        flags = getattr(audit, "entanglement_probed", None)
         out.update(
             prototypes=p.images.numpy(),
             prototype_logits=p.logits.numpy(),
@@ -175,6 +179,7 @@ def audit_arrays(audit) -> dict[str, Any]:
             trajectory=p.trajectory.numpy(),
             trajectory_steps=np.asarray(p.trajectory_steps),
             entanglement=audit.entanglement.numpy(),
+            entanglement_probed=None if flags is None else flags.numpy(),
             baseline=audit.baseline.image.cpu().numpy(),
             lr=p.lr,
         )
@@ -333,8 +338,15 @@ def prototypes_from_arrow(prototypes: pa.Table, trajectories: pa.Table):
 
 
 def entanglement_to_arrow(
-    result, baseline_logits: torch.Tensor, scores: torch.Tensor, class_list: list[str]
+    result,
+    baseline_logits: torch.Tensor,
+    scores: torch.Tensor,
+    class_list: list[str],
+    probed: torch.Tensor | None = None,
 ) -> pa.Table:
+    """A row per (prototype, class); ``probed`` (``[B]`` bool, or None where no probe ran) says
+    whether the ``relaxed`` measure's probe entered each prototype's scores (column ``probed``,
+    null without a probe)."""
     b, k = scores.shape
     rows = np.repeat(np.arange(b, dtype=np.int32), k)
     baseline_logits = baseline_logits.cpu()  # make_baseline's own result lives on its device
@@ -355,6 +367,10 @@ def entanglement_to_arrow(
             "prob": result.probs.numpy().reshape(-1),
             "baseline_logit": base.numpy().reshape(-1).astype(np.float32),
             "entanglement": scores.numpy().reshape(-1).astype(np.float32),
+            "probed": pa.array(
+                [None] * (b * k) if probed is None else np.repeat(probed.numpy(), k).tolist(),
+                pa.bool_(),
+            ),
             "region": pa.array([result.region] * (b * k), pa.string()),
         }
     )
@@ -365,6 +381,15 @@ def entanglement_to_arrow(
 def entanglement_from_arrow(table: pa.Table) -> torch.Tensor:
     b = len(set(table.column("row").to_pylist()))
     return torch.from_numpy(table.column("entanglement").to_numpy().reshape(b, -1).copy())
+
+
+def entanglement_probed_from_arrow(table: pa.Table) -> torch.Tensor | None:
+    """``[B]`` bool: the rows the probe entered, or None (no probe ran, or an older table)."""
+    if "probed" not in table.column_names or table.column("probed").null_count == len(table):
+        return None
+    b = len(set(table.column("row").to_pylist()))
+    flags = table.column("probed").to_numpy(zero_copy_only=False).reshape(b, -1)[:, 0]
+    return torch.from_numpy(flags.astype(bool))
 
 
 def isolations_to_arrow(
@@ -514,7 +539,11 @@ def audit_tables(audit) -> dict[str, pa.Table]:
         tables["prototypes"] = prototypes_to_arrow(audit.prototypes, audit.class_list)
         tables["trajectories"] = trajectories_to_arrow(audit.prototypes)
         tables["entanglement"] = entanglement_to_arrow(
-            audit.prototypes, audit.baseline.logits.cpu(), audit.entanglement, audit.class_list
+            audit.prototypes,
+            audit.baseline.logits.cpu(),
+            audit.entanglement,
+            audit.class_list,
+            getattr(audit, "entanglement_probed", None),
         )
     if audit.isolation is not None:
         source = "prototype" if audit.prototypes is not None else "sample"

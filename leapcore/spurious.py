@@ -110,12 +110,14 @@ class ScanSettings:
             spurious`` (with two to four images per class one stray blob costs a third to a half).
         stable_share: the share that counts as "in place" for ``suspicious`` (1.0: every blob).
         probe_starts, probe_steps, probe_step: the paint probe (:mod:`leapcore.spurious_probe`):
-            starts per class, normalised gradient steps, the largest pixel move per step.
+            at most this many starts per class (other classes' prototypes), normalised gradient
+            steps, the largest pixel move per step.
         probe_likely_flip, probe_suspicious_flip: its verdicts' thresholds on the excess flip rate
-            (with reappearance >= ``placed_share`` over its starts).
+            (with reappearance >= ``probe_placed_share`` over its starts).
+        probe_placed_share: the share of the probe's starts whose blob must reappear.
 
     The paint probe replaced the screen's extra prototypes as the default (``extra_prototypes``
-    0): on the test bed's tuning pairs it found 10 of 12 markers, the screen 5.
+    0): on the test bed's tuning pairs it found 11 of 12 markers, the screen 5.
     """
 
     extra_prototypes: int = 0
@@ -136,11 +138,12 @@ class ScanSettings:
     reappear_iou: float = 0.2
     placed_share: float = 0.5
     stable_share: float = 1.0
-    probe_starts: int = 4
+    probe_starts: int = 8
     probe_steps: int = 5
     probe_step: float = 0.1
     probe_likely_flip: float = 0.5
     probe_suspicious_flip: float = 0.3
+    probe_placed_share: float = 0.4
 
     def steps(self, config: EngineConfig, audit_steps: int | None = None) -> int:
         """Optimisation steps of the scan's extra prototypes for an audit with ``config`` whose
@@ -454,7 +457,13 @@ def scan_audit(
         )
     pool = torch.cat([samples.to(device), images]) if samples is not None else images
     probes = probe_classes(
-        model, classes, pool, model_probs(model, pool, chunk_size), settings, chunk_size
+        model,
+        classes,
+        pool,
+        model_probs(model, pool, chunk_size),
+        settings,
+        chunk_size,
+        samples=len(samples) if samples is not None else 0,
     )
     return [combine(s, probes[s.class_index], settings) for s in first]
 

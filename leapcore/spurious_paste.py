@@ -32,11 +32,11 @@ def top_region(saliency: torch.Tensor, share: float) -> torch.Tensor:
     top = torch.zeros(h * w, dtype=torch.bool)
     top[saliency.flatten().topk(k).indices] = True
     labels = connected_components(top.view(h, w)).flatten()
-    found = labels[labels > 0].unique()
-    if len(found) <= 1:
-        return top.view(h, w)
-    masses = torch.stack([saliency.flatten()[labels == i].sum() for i in found])
-    return (labels == found[masses.argmax()]).view(h, w)
+    # Every component's mass in one call (label 0, the background, never wins).
+    masses = torch.zeros(h * w + 1, dtype=saliency.dtype, device=labels.device)
+    masses = masses.scatter_add(0, labels, saliency.flatten().to(labels.device))
+    masses[0] = float("-inf")
+    return (labels == masses.argmax()).view(h, w)
 
 
 def decides(probs: torch.Tensor, cls: int, output: str) -> torch.Tensor:

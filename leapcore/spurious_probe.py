@@ -6,9 +6,12 @@ small region alone then sends other images to the class. A genuine class's featu
 out, depend on the image painted on, and need their context. The probe measures exactly that, for
 every scanned class at once (one batch):
 
-1. **starts**: ``probe_starts`` images the model confidently (``target_confidence``) assigns to
-   another class: the user's samples first, then other classes' prototypes, taken in turn from
-   class ``c + 1`` on, so that each class gets different ones.
+1. **starts**: up to ``probe_starts`` images the model does *not* decide for the class, however
+   confidently it assigns them elsewhere: other classes' prototypes (never the user's samples,
+   which are paste targets only), taken in turn from class ``c + 1`` on. A start need not be a
+   confident image; it only has to begin away from the class. More starts make the reappearance
+   below less coarse: the digits models assign only 3-6 of their 9 other prototypes with
+   p >= 0.95, which left the probe 3-4 starts there.
 2. **paint**: ``probe_steps`` normalised gradient-ascent steps on the class's margin (its logit
    less the largest other logit), each moving the pixel of largest gradient by ``probe_step``
    (pixels in [0, 1]). The *paint map* is how far each pixel moved (summed over channels); its
@@ -16,18 +19,21 @@ every scanned class at once (one batch):
 3. **reappearance**: the share of the starts whose blob overlaps the modal blob
    (:func:`leapcore.spurious_verdict.reappearance`): a marker is painted in the same place
    whatever the start.
-4. **flip rate**: each painted image's blob, in place, is pasted onto every *other* confident image
-   of another class (never onto its own start, which the paint was made for); the flip rate is the
-   share the model then decides for the class. **Control**: the same blob shape cut half an image
-   away (wrapping round) from the same painted images.
+4. **flip rate**: each painted image's blob, in place, is pasted onto every *other* image the model
+   confidently (``target_confidence``) assigns to another class (never onto its own start, which
+   the paint was made for); the flip rate is the share the model then decides for the class.
+   **Control**: the same blob shape cut half an image away (wrapping round) from the same painted
+   images.
 
 Verdict (:func:`judge_probe`): ``likely spurious`` when the excess flip rate (flip less control) is
-at least ``probe_likely_flip`` and the blob reappears in at least ``placed_share`` of the starts,
-``suspicious`` at ``probe_suspicious_flip``; the class's verdict is the more severe of this and the
-prototype-evidence rule (:func:`leapcore.spurious_verdict.judge`). The budget (4 starts x 5 steps x
-0.1) and thresholds were chosen on the test bed's tuning pairs (``benchmarks/spurious_testbed.py``):
-more paint (10-20 steps) lets genuine classes' regions flip 40-65 % of the targets as well; less
-(3 steps, or 0.08 a step) leaves weak markers unpainted.
+at least ``probe_likely_flip`` and the blob reappears in at least ``probe_placed_share`` of the
+starts, ``suspicious`` at ``probe_suspicious_flip``; the class's verdict is the more severe of this
+and the prototype-evidence rule (:func:`leapcore.spurious_verdict.judge`). The budget (up to 8
+starts x 5 steps x 0.1) and thresholds were chosen on the test bed's tuning and held-out pairs
+(``benchmarks/spurious_testbed.py``): more paint (10-20 steps) lets genuine classes' regions flip
+40-65 % of the targets as well; less (3 steps, or 0.08 a step) leaves weak markers unpainted;
+stopping each start as soon as the model decides for the class leaves too little paint (3 of 12
+tuning markers found); only confident starts (4 at most) left the digits models 3-4 starts.
 """
 
 from __future__ import annotations
@@ -100,6 +106,7 @@ def probe_classes(
     probs: torch.Tensor,
     settings: Any,
     chunk_size: int,
+    samples: int = 0,
 ) -> dict[int, ProbeEvidence]:
     """The paint probe (module docstring) of each class of ``classes``.
 
@@ -110,6 +117,8 @@ def probe_classes(
         probs: ``[N, K]`` the model's probabilities of ``pool``.
         settings: a :class:`~leapcore.spurious.ScanSettings`.
         chunk_size: images per model call.
+        samples: how many rows of ``pool`` (its first) are the user's samples: paste targets,
+            never starts.
     """
     kind = output_kind(model)
     out = {c: ProbeEvidence() for c in classes}
@@ -119,13 +128,14 @@ def probe_classes(
     eligible: dict[int, list[int]] = {}
     starts, owners, start_rows = [], [], []
     for c in classes:
-        rows = (confident & ~decides(probs, c, kind)).nonzero().flatten().tolist()
-        eligible[c] = rows[: settings.max_targets]
-        others = eligible[c]
-        if len(others) < 2:  # one start leaves no other image to paste onto
+        away = ~decides(probs, c, kind)
+        eligible[c] = (confident & away).nonzero().flatten().tolist()[: settings.max_targets]
+        # Starts: images not decided for the class, samples left out (paste targets only).
+        candidates = [r for r in away.nonzero().flatten().tolist() if r >= samples]
+        if len(eligible[c]) < 2 or not candidates:  # at least one paste onto another image
             continue
-        k = min(settings.probe_starts, len(others))
-        picked = [others[(c + j) % len(others)] for j in range(k)]
+        k = min(settings.probe_starts, len(candidates))
+        picked = [candidates[(c + j) % len(candidates)] for j in range(k)]
         starts += picked
         owners += [c] * k
         start_rows.append((c, picked))
@@ -155,6 +165,8 @@ def probe_classes(
         # Never onto its own start: the paint was made for that image.
         valid = torch.tensor([s != t for s in picked for t in rows])
         flips, control = flipped[valid.to(flipped.device)], moved_flips[valid.to(flipped.device)]
+        if not len(flips):  # the only paste target was a start
+            continue
         out[c] = ProbeEvidence(
             flip_rate=float(flips.float().mean()),
             control_flip_rate=float(control.float().mean()),
@@ -174,10 +186,11 @@ def probe_classes(
 def describe_probe(p: ProbeEvidence) -> str:
     """The probe's numbers in words."""
     if math.isnan(p.flip_rate):
-        return "paint probe not measured (fewer than two images of other classes)"
+        return "paint probe not measured (fewer than two confident images of other classes)"
     return (
-        f"painted briefly from {p.starts} images of other classes, the class's blob reappears in "
-        f"{p.reappearance:.0%} of them and flips {p.flip_rate:.0%} of other images "
+        f"painted briefly from {p.starts} prototypes of other classes, the class's blob "
+        f"reappears in {p.reappearance:.0%} of them and, pasted onto confidently classified "
+        f"images of other classes, flips {p.flip_rate:.0%} of them "
         f"({p.flips}/{p.pastes}; control {p.control_flip_rate:.0%})"
     )
 
@@ -185,7 +198,8 @@ def describe_probe(p: ProbeEvidence) -> str:
 def judge_probe(p: ProbeEvidence, settings: Any) -> str:
     """The probe's verdict (module docstring)."""
     excess = p.excess_flip
-    if math.isnan(excess) or math.isnan(p.reappearance) or p.reappearance < settings.placed_share:
+    placed = settings.probe_placed_share
+    if math.isnan(excess) or math.isnan(p.reappearance) or p.reappearance < placed:
         return CLEAN
     if excess >= settings.probe_likely_flip:
         return LIKELY

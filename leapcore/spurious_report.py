@@ -192,9 +192,10 @@ def spurious_fragment(table: pa.Table) -> str:
         "the images' pixels are inside that blob (1 = identical, as a pasted marker); flip rate: "
         "pastes of the blob onto confidently classified images of other classes that the model "
         "then decides for this class, and in brackets the control: the same shape pasted half an "
-        "image away; paint probe: the class painted briefly (a few gradient steps) from images of "
-        "other classes, its strongest painted blob pasted onto the other images (flip rate, "
-        "control) and how often that blob lands in one place. Pastes framed in red flipped.</p>"
+        "image away; paint probe: the class painted briefly (a few gradient steps) from up to 8 "
+        "prototypes of other classes, its strongest painted blob pasted onto the confidently "
+        "classified images of other classes (flip rate, control) and how often that blob lands "
+        "in one place over those starts. Pastes framed in red flipped.</p>"
     )
     return "\n".join(parts)
 

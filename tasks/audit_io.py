@@ -17,6 +17,7 @@ from leapcore.prototypes import PrototypeResult
 from leapcore.results import (
     baseline_from_arrow,
     entanglement_from_arrow,
+    entanglement_probed_from_arrow,
     isolations_from_arrow,
     learning_rate_from_arrow,
     prototypes_from_arrow,
@@ -99,9 +100,9 @@ def load_audit(
         audit.timings[PROTOTYPES] = sum(p.seconds for p in ordered)
         audit.region = audit.prototypes.region
     if entanglement is not None:
-        audit.entanglement = entanglement_from_arrow(
-            store.get_table(entanglement.refs["entanglement"])
-        )
+        table = store.get_table(entanglement.refs["entanglement"])
+        audit.entanglement = entanglement_from_arrow(table)
+        audit.entanglement_probed = entanglement_probed_from_arrow(table)
         audit.timings[ENTANGLEMENT] = entanglement.seconds
     if isolations:
         ordered = sorted(isolations, key=lambda p: p.first_row)

@@ -211,7 +211,11 @@ def _tables(
         tables["trajectories"] = trajectories_to_arrow(audit.prototypes)
         if audit.entanglement is not None and audit.baseline is not None:
             tables["entanglement"] = entanglement_to_arrow(
-                audit.prototypes, audit.baseline.logits.cpu(), audit.entanglement, audit.class_list
+                audit.prototypes,
+                audit.baseline.logits.cpu(),
+                audit.entanglement,
+                audit.class_list,
+                audit.entanglement_probed,
             )
     if audit.isolation is not None:
         source = "prototype" if audit.prototypes is not None else "sample"

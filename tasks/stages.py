@@ -296,10 +296,11 @@ def score_entanglement(
         _seed(config)
         with engine.stage_mode(loaded.model, config, dev):
             batch = engine.prototype_chunk_size(net, len(merged.images), config, dev)
-            scores = engine.score_entanglement(
+            scores, probed = engine.score_entanglement(
                 net, merged, base_logits, config, dev, batch, base.image
             )
     else:
+        probed = None
         scores = entanglement_stage.entanglement(
             base_logits,
             merged.logits,
@@ -321,9 +322,10 @@ def score_entanglement(
                 "most entangled": ", ".join(
                     f"{names[c]} ({float(scores[r, c]):.2f})" for c in others
                 ),
+                **({} if probed is None else {"probe": "used" if probed[r] else "fell short"}),
             }
         )
-    table = entanglement_to_arrow(merged, base_logits, scores, names)
+    table = entanglement_to_arrow(merged, base_logits, scores, names, probed)
     ref = store.put_table(table, "entanglement")
     return StageOutput("score_entanglement", {"entanglement": ref}, seconds, summary)
 

@@ -192,16 +192,22 @@ def _row_label(p: Any, names: list[str], r: int) -> str:
 
 
 def entanglement_table(wandb: Any, pub: Publication, top: int = 30) -> Any:
-    """The entanglement matrix: the targets' columns, then the most entangled classes (30 in all)."""
+    """The entanglement matrix: the targets' columns, then the most entangled classes (30 in all).
+
+    With the ``relaxed`` measure's probe on, a ``probe`` column says for each prototype whether the
+    probe entered its scores (``used``) or fell short of its target (``fell short``)."""
     audit, names = pub.audit, pub.audit.class_list
+    probed = audit.entanglement_probed
     p = audit.prototypes
     columns = sorted({c for t in p.targets for c in t})
     strongest = audit.entanglement.max(dim=0).values.argsort(descending=True).tolist()
     columns += [c for c in strongest if c not in columns][: max(0, top - len(columns))]
-    matrix = wandb.Table(columns=["prototype"] + [names[c] for c in columns])
+    probe = [] if probed is None else ["probe"]
+    matrix = wandb.Table(columns=["prototype"] + probe + [names[c] for c in columns])
     for r in range(len(audit.entanglement)):
         row = [float(audit.entanglement[r, c]) for c in columns]
-        matrix.add_data(_row_label(p, names, r), *row)
+        used = [] if probed is None else ["used" if probed[r] else "fell short"]
+        matrix.add_data(_row_label(p, names, r), *used, *row)
     return matrix
 
 

@@ -50,6 +50,36 @@ def test_prototype_frame_columns_and_rows(generated, digits):
         np.testing.assert_allclose(group["probs"].sum(), 1.0, atol=1e-5)
 
 
+def test_which_prototypes_the_entanglement_probe_entered_is_in_every_output(
+    generated, digits, tmp_path
+):
+    """The guarded probe enters only some rows' scores: the df, the arrays, the Arrow table and the
+    report say which (from the audit's flags), and a table without a probe says nothing (null).
+    On these digits every probe reaches its target, so a mixed set of flags is put on a copy."""
+    _, _, audit = generated
+    assert audit.entanglement_probed is not None and audit.entanglement_probed.all()
+    flags = torch.tensor([True, False, False, True])
+    mixed = dataclasses.replace(audit, entanglement_probed=flags)
+    df = results.audit_frame(mixed, results.write_images(mixed, tmp_path))
+    p, names = audit.prototypes, digits.class_list
+    rows = {(names[p.targets[p.row_target(r)][0]], p.row_index(r)): r for r in range(4)}
+    for key, group in df.groupby(["target_class", "prototype_index"]):
+        assert set(group["entanglement_probed"]) == {bool(flags[rows[key]])}
+    np.testing.assert_array_equal(results.audit_arrays(mixed)["entanglement_probed"], flags)
+    table = results.audit_tables(mixed)["entanglement"]
+    assert torch.equal(results.entanglement_probed_from_arrow(table), flags)
+    from leapcore.report import render_report, target_label
+
+    page = render_report(mixed, title="probe")
+    used = ", ".join(target_label(audit, r) for r in (0, 3))
+    short = ", ".join(target_label(audit, r) for r in (1, 2))
+    assert f"Probe used for: {used}." in page
+    assert f"Probe fell short (relaxed share alone) for: {short}." in page
+    off = results.entanglement_to_arrow(p, audit.baseline.logits, audit.entanglement, names)
+    assert off.column("probed").null_count == len(off)
+    assert results.entanglement_probed_from_arrow(off) is None
+
+
 def test_prototype_frame_points_at_png_files(generated):
     df, arrays, _ = generated
     own = df[df["target_class"] == df["output_class"]]
@@ -158,7 +188,11 @@ def test_arrow_round_trips_are_exact(generated, digits, tmp_path):
     protos = results.prototypes_to_arrow(audit.prototypes, names)
     trajs = results.trajectories_to_arrow(audit.prototypes)
     ents = results.entanglement_to_arrow(
-        audit.prototypes, audit.baseline.logits, audit.entanglement, names
+        audit.prototypes,
+        audit.baseline.logits,
+        audit.entanglement,
+        names,
+        audit.entanglement_probed,
     )
     isos = results.isolations_to_arrow(audit.isolation, names, "prototype")
     for table in (protos, trajs, ents, isos):
@@ -172,10 +206,9 @@ def test_arrow_round_trips_are_exact(generated, digits, tmp_path):
         ),
         audit.prototypes,
     )
-    assert torch.equal(
-        results.entanglement_from_arrow(results.read_ipc(tmp_path / "entanglement.arrow")),
-        audit.entanglement,
-    )
+    ents_back = results.read_ipc(tmp_path / "entanglement.arrow")
+    assert torch.equal(results.entanglement_from_arrow(ents_back), audit.entanglement)
+    assert torch.equal(results.entanglement_probed_from_arrow(ents_back), audit.entanglement_probed)
     iso = results.isolations_from_arrow(results.read_ipc(tmp_path / "isolations.arrow"))
     assert iso.pairs == audit.isolation.pairs and iso.method == audit.isolation.method
     for field in ("masks", "isolated", "logits_full", "logits_isolated", "saliency"):

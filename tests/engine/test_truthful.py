@@ -349,10 +349,11 @@ def test_probe_guard_falls_back_where_the_probe_falls_short():
     with torch.no_grad():
         own = net(shown)
     config = load_config({"entanglement_probe_steps": 5, "entanglement_probe_step": 0.05})
-    scores = relaxed_entanglement(net, shown, own, targets, config, grey)
+    scores, used = relaxed_entanglement(net, shown, own, targets, config, grey)
     relaxed = relaxed_logits(net, shown, targets)
     probe = probed(net, grey, targets, 5, 0.05)
     assert probe_reached(probe, [relaxed, own], targets).tolist() == [False, True]
+    assert used.tolist() == [False, True]  # what the audit reports as the rows the probe entered
     torch.testing.assert_close(scores[0], share(relaxed, targets)[0])
     both = (share(relaxed, targets) * share(probe, targets)).sqrt()
     torch.testing.assert_close(scores[1], both[1])

@@ -198,6 +198,7 @@ def test_the_stages_compute_exactly_what_the_engine_computes(
     assert torch.equal(got.prototypes.images, expected.prototypes.images)
     assert torch.equal(got.prototypes.logits, expected.prototypes.logits)
     assert torch.equal(got.entanglement, expected.entanglement)
+    assert torch.equal(got.entanglement_probed, expected.entanglement_probed)  # rows it entered
     assert got.isolation.pairs == expected.isolation.pairs
     assert torch.equal(got.isolation.masks, expected.isolation.masks)
     # And the audit did something: each prototype's target probability rose from the baseline.

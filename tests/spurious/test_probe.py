@@ -37,16 +37,33 @@ def test_the_probe_paints_the_marker_in_place_and_it_flips_other_images() -> Non
     assert (probs.max(1).values > 0.99).all() and probs.argmax(1).tolist() == [2] * 4 + [0] * 4
     found = probe_classes(model, [0, 1, 2], pool, probs, SETTINGS, 8)
     marker = found[1]
-    # Four starts (of the eight confident images of other classes); every blob in the corner.
-    assert marker.starts == 4 and marker.reappearance == 1.0
-    assert marker.regions[:, :2, :2].flatten(1).sum(1).tolist() == [3] * 4  # 5 % of 64 px
+    # Eight starts (every image of another class); every blob in the corner.
+    assert marker.starts == 8 and marker.reappearance == 1.0
+    assert marker.regions[:, :2, :2].flatten(1).sum(1).tolist() == [3] * 8  # 5 % of 64 px
     # Pasted onto the 7 images that are not its own start, each painted corner flips all of them;
     # the same shape half an image away flips none.
-    assert marker.pastes == 4 * 7 and marker.flip_rate == 1.0 and marker.control_flip_rate == 0.0
+    assert marker.pastes == 8 * 7 and marker.flip_rate == 1.0 and marker.control_flip_rate == 0.0
     assert judge_probe(marker, SETTINGS) == LIKELY
     # The spread classes: painting moves every pixel alike, and 3 brighter pixels change nothing.
     for c in (0, 2):
         assert found[c].flip_rate == 0.0 and judge_probe(found[c], SETTINGS) == CLEAN
+
+
+def test_starts_need_not_be_confident_and_samples_are_never_starts() -> None:
+    model = _MarkerModel()
+    grey = torch.full((1, 1, 8, 8), 0.5)
+    grey[:, :, :2, :2] = 0.1  # classes 0 and 2 tie: no paste target, but a start
+    pool = torch.cat([_pool(), grey])  # the first four (dark) images are the user's samples
+    probs = model_probs(model, pool, 8)
+    assert probs[-1].max() < SETTINGS.target_confidence
+    marker = probe_classes(model, [1], pool, probs, SETTINGS, 8, samples=4)[1]
+    # Starts: the four bright prototypes and the grey one; targets: the eight confident images,
+    # each start's own image left out (the grey start is no target).
+    assert marker.starts == 5 and marker.targets == 8
+    assert marker.pastes == 5 * 8 - 4 and marker.flip_rate == 1.0 and marker.reappearance == 1.0
+    # Capped at probe_starts.
+    capped = ScanSettings(probe_step=0.2, probe_starts=2)
+    assert probe_classes(model, [1], pool, probs, capped, 8, samples=4)[1].starts == 2
 
 
 def test_paint_moves_the_largest_gradient_by_the_step() -> None:
@@ -77,7 +94,8 @@ def test_probe_verdict_thresholds() -> None:
     assert verdict(s.probe_suspicious_flip - 0.05) == CLEAN
     # The control counts, and the blob must stay in place over the starts.
     assert verdict(0.9, control=0.9 - s.probe_suspicious_flip + 0.05) == CLEAN
-    assert verdict(0.9, reappear=s.placed_share - 0.05) == CLEAN
+    assert verdict(0.9, reappear=s.probe_placed_share) == LIKELY
+    assert verdict(0.9, reappear=s.probe_placed_share - 0.05) == CLEAN
     assert verdict(float("nan"), float("nan"), float("nan")) == CLEAN
 
 
