@@ -13,10 +13,12 @@ chosen on), ``heldout`` (12 more pairs, other seeds, sizes, colours, patterns, p
 classes; seen while earlier rules were made, and used with the tuning pairs to choose the probe's
 starts in the fourth session), ``fresh`` (12 pairs, seeds 12-17, written down before any was run
 and run once with the third session's rule, once with the fourth's) and ``fresh2`` (12 pairs,
-seeds 18-23, written down before any was run, run once with the fourth session's final rule: the
-honest estimate). ``--set all`` runs tuning and held-out.
+seeds 18-23, written down before any was run, run once with the fourth session's final rule) and
+``fresh3`` (12 pairs, seeds 24-29, written down after the fifth session's moving-blob branch was
+fixed and before any was run; run once: the newest honest estimate). ``--set all`` runs tuning and
+held-out.
 
-Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldout|fresh|fresh2|all]
+Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldout|fresh|fresh2|fresh3|all]
 [--pairs N] [--max-steps S] [--samples N] [--json FILE]``. The audits use the engine's defaults
 (``max_steps`` 1000, prototypes stop early): about 20 s a pair on one CPU core of a loaded
 machine, 1.4 times the fast tests' 150 steps (``--max-steps 150``). Prints a markdown table and the totals per set; ``--json`` also writes every
@@ -110,7 +112,25 @@ FRESH2 = [
     MarkerSpec("photos", 3, (1.0, 0.0, 0.0), "square", (27, 2), 6, seed=22),
     MarkerSpec("photos", 4, (0.0, 0.0, 0.0), "checker", (12, 26), 3, seed=23),
 ]
-SETS = {"tuning": TUNING, "heldout": HELDOUT, "fresh": FRESH, "fresh2": FRESH2}
+# Fresh3: written down (issue 15, fifth scan session) before any of them was run, with the same
+# mix (seeds 24-29, all four patterns, sizes 3-7, new colours, positions and marker classes), after
+# the probe's moving-blob branch was fixed on tuning and held-out; run once, and judged with and
+# without that branch on the same audits (``--rejudge``).
+FRESH3 = [
+    MarkerSpec("digits", 4, (0.9,), "ring", (22, 8), 6, seed=24),
+    MarkerSpec("digits", 6, (1.0,), "square", (4, 16), 9, seed=25),
+    MarkerSpec("digits", 5, (0.8,), "cross", (16, 26), 2, seed=26),
+    MarkerSpec("digits", 5, (1.0,), "checker", (8, 8), 0, seed=27),
+    MarkerSpec("digits", 3, (0.9,), "square", (2, 2), 4, seed=28),
+    MarkerSpec("digits", 7, (1.0,), "ring", (20, 14), 8, seed=29),
+    MarkerSpec("photos", 5, (0.0, 1.0, 0.5), "checker", (18, 26), 1, seed=24),
+    MarkerSpec("photos", 4, (1.0, 0.0, 0.0), "ring", (6, 6), 7, seed=25),
+    MarkerSpec("photos", 6, (1.0, 1.0, 0.0), "cross", (24, 24), 2, seed=26),
+    MarkerSpec("photos", 5, (0.5, 0.0, 1.0), "square", (10, 14), 6, seed=27),
+    MarkerSpec("photos", 3, (0.0, 1.0, 1.0), "checker", (26, 16), 0, seed=28),
+    MarkerSpec("photos", 6, (0.0, 0.0, 0.0), "square", (2, 12), 5, seed=29),
+]
+SETS = {"tuning": TUNING, "heldout": HELDOUT, "fresh": FRESH, "fresh2": FRESH2, "fresh3": FRESH3}
 
 
 def flagged(rows: list[dict]) -> list[str]:
@@ -241,9 +261,7 @@ def run_pair(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--set", choices=["tuning", "heldout", "fresh", "fresh2", "all"], default="tuning"
-    )
+    parser.add_argument("--set", choices=[*SETS, "all"], default="tuning")
     parser.add_argument("--pairs", type=int, default=None, help="first N pairs of each set")
     parser.add_argument(
         "--max-steps",

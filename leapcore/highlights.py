@@ -25,7 +25,10 @@ def spurious_highlights(audit: Any, context: ReportContext) -> list[str]:
     rows = [r for r in table.to_pylist() if r["verdict"] in ("likely spurious", "suspicious")]
 
     def probe(r: dict) -> bool:  # the scan's paint probe set the verdict (leapcore.spurious_probe)
-        return r.get("decided_by") == "paint probe"
+        return (r.get("decided_by") or "").startswith("paint probe")
+
+    def where(r: dict) -> str:  # its moving-blob branch: the blob is not in one place every time
+        return "not always in one place" if "moving" in r["decided_by"] else "in one place"
 
     def flips(r: dict) -> float:
         return (r.get("probe_flip_rate") if probe(r) else r.get("flip_rate")) or 0.0
@@ -33,7 +36,7 @@ def spurious_highlights(audit: Any, context: ReportContext) -> list[str]:
     rows.sort(key=lambda r: (r["verdict"] != "likely spurious", -flips(r)))
     return [
         f"Spurious-feature scan: {r['class_name']} is {r['verdict']}: painted briefly onto images "
-        "of other classes, it puts a small blob in one place that, pasted onto other images, "
+        f"of other classes, it puts a small blob {where(r)} that, pasted onto other images, "
         f"flips {fmt_pct(r.get('probe_flip_rate'))} of them to it "
         f"({fmt_pct(r.get('probe_control_flip_rate'))} when pasted elsewhere)."
         if probe(r)

@@ -115,6 +115,8 @@ class ScanSettings:
         probe_likely_flip, probe_suspicious_flip: its verdicts' thresholds on the excess flip rate
             (with reappearance >= ``probe_placed_share`` over its starts).
         probe_placed_share: the share of the probe's starts whose blob must reappear.
+        probe_moving_flip: the probe's moving-blob branch: ``suspicious`` at this excess flip
+            rate whatever the reappearance.
 
     The paint probe replaced the screen's extra prototypes as the default (``extra_prototypes``
     0): on the test bed's tuning pairs it found 11 of 12 markers, the screen 5.
@@ -144,6 +146,7 @@ class ScanSettings:
     probe_likely_flip: float = 0.5
     probe_suspicious_flip: float = 0.3
     probe_placed_share: float = 0.4
+    probe_moving_flip: float = 0.75
 
     def steps(self, config: EngineConfig, audit_steps: int | None = None) -> int:
         """Optimisation steps of the scan's extra prototypes for an audit with ``config`` whose
@@ -177,7 +180,7 @@ class ClassScan:
     probe_control_flip_rate: float = float("nan")
     probe_reappearance: float = float("nan")
     probe_pastes: int = 0
-    decided_by: str = "images"  # which rule set the verdict: "images" or "paint probe"
+    decided_by: str = "images"  # which rule set it: "images", "paint probe" or "... (moving blob)"
     evidence_png: bytes = field(default=b"", repr=False)
     paste_png: bytes = field(default=b"", repr=False)
     details: dict = field(default_factory=dict, repr=False)  # per-image numbers (not in the table)

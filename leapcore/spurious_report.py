@@ -195,7 +195,8 @@ def spurious_fragment(table: pa.Table) -> str:
         "image away; paint probe: the class painted briefly (a few gradient steps) from up to 8 "
         "prototypes of other classes, its strongest painted blob pasted onto the confidently "
         "classified images of other classes (flip rate, control) and how often that blob lands "
-        "in one place over those starts. Pastes framed in red flipped.</p>"
+        "in one place over those starts (a blob that flips most of them, and not when pasted "
+        "elsewhere, is suspicious even when it moves). Pastes framed in red flipped.</p>"
     )
     return "\n".join(parts)
 
@@ -203,9 +204,11 @@ def spurious_fragment(table: pa.Table) -> str:
 def _why(row: dict) -> str:
     """The reason behind a verdict, folded (open for a flagged class): the numbers are in the
     row's other cells, the sentence says how they were read."""
-    decided = {"paint probe": "by the paint probe", "images": "by the class's images"}.get(
-        row.get("decided_by") or "", ""
-    )
+    decided = {
+        "paint probe": "by the paint probe",
+        "paint probe (moving blob)": "by the paint probe, its blob not always in one place",
+        "images": "by the class's images",
+    }.get(row.get("decided_by") or "", "")
     label = f"why (decided {decided})" if decided else "why"
     state = "" if row["verdict"] == "clean" else " open"
     return f"<details{state}><summary>{label}</summary>{html.escape(row['reason'])}</details>"

@@ -95,7 +95,7 @@ def test_probe_verdict_thresholds() -> None:
     # The control counts, and the blob must stay in place over the starts.
     assert verdict(0.9, control=0.9 - s.probe_suspicious_flip + 0.05) == CLEAN
     assert verdict(0.9, reappear=s.probe_placed_share) == LIKELY
-    assert verdict(0.9, reappear=s.probe_placed_share - 0.05) == CLEAN
+    assert verdict(s.probe_moving_flip - 0.05, reappear=s.probe_placed_share - 0.05) == CLEAN
     assert verdict(float("nan"), float("nan"), float("nan")) == CLEAN
 
 
