@@ -6,8 +6,15 @@ import math
 
 import torch
 
-from leapcore.spurious import CLEAN, LIKELY, SUSPICIOUS, ScanSettings, model_probs
-from leapcore.spurious_probe import ProbeEvidence, judge_probe, paint, probe_classes
+from leapcore.spurious import CLEAN, LIKELY, SUSPICIOUS, ClassScan, ScanSettings, model_probs
+from leapcore.spurious_probe import (
+    ProbeEvidence,
+    combine,
+    judge_probe,
+    paint,
+    probe_classes,
+    probe_rule,
+)
 
 
 class _MarkerModel(torch.nn.Module):
@@ -122,3 +129,93 @@ def test_a_probe_verdict_is_told_with_the_probes_numbers() -> None:
     assert "flips 90 % of them" in items[0] and "(5 % when pasted elsewhere)" in items[0]
     assert "ring is suspicious: a small blob holds 20 % of its evidence" in items[1]
     assert "flips 60 % of them" in items[1]
+
+
+class _MovingMarkerModel(torch.nn.Module):
+    """As :class:`_MarkerModel`, but class 1's marker is any of three corners (top-left,
+    top-right, bottom-left): painting from an image brightens the corner already brightest, so
+    the blob lands in different corners from different starts. Half an image away (the control)
+    no corner is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean((1, 2, 3))
+        corners = torch.stack(
+            [
+                x[:, 0, :2, :2].mean((1, 2)),
+                x[:, 0, :2, 6:].mean((1, 2)),
+                x[:, 0, 6:, :2].mean((1, 2)),
+            ]
+        )
+        marker = 40 * (corners.max(0).values - 0.5) - 3
+        return torch.stack([10 * (mean - 0.5), marker, 10 * (0.5 - mean)], 1)
+
+
+def _moving_pool() -> torch.Tensor:
+    """Four dark and four bright images; in image i the corner ``i % 3`` is a little brighter
+    than the other two (3, 3 and 2 images)."""
+    pool = _pool()
+    corners = ((slice(0, 2), slice(0, 2)), (slice(0, 2), slice(6, 8)), (slice(6, 8), slice(0, 2)))
+    for i, image in enumerate(pool):
+        for j, (rows, cols) in enumerate(corners):
+            image[0, rows, cols] = 0.12 if j == i % 3 else 0.1
+    return pool
+
+
+def test_a_blob_that_moves_between_starts_but_flips_is_suspicious() -> None:
+    model, pool = _MovingMarkerModel(), _moving_pool()
+    probs = model_probs(model, pool, 8)
+    assert (probs.max(1).values > 0.99).all() and probs.argmax(1).tolist() == [2] * 4 + [0] * 4
+    found = probe_classes(model, [0, 1, 2], pool, probs, SETTINGS, 8)
+    marker = found[1]
+    # The blob lands in the start's brightest corner: 3 of the 8 starts share the modal one.
+    assert marker.starts == 8 and marker.reappearance == 3 / 8 < SETTINGS.probe_placed_share
+    # Each painted corner flips every other image; half an image away, none.
+    assert marker.flip_rate == 1.0 and marker.control_flip_rate == 0.0
+    verdict, branch = probe_rule(marker, SETTINGS)
+    assert (verdict, branch) == (SUSPICIOUS, "paint probe (moving blob)")
+    # The class's verdict says so, and its report sentence does not claim one place.
+    nan = float("nan")
+    own = ClassScan(1, "marker", CLEAN, "own images", 0.2, nan, nan, 0.0, 0.0, 0, 4, 0.05, 1, 0)
+    scan = combine(own, marker, SETTINGS)
+    assert scan.verdict == SUSPICIOUS and scan.decided_by == "paint probe (moving blob)"
+    assert "moving-blob branch" in scan.reason and "in a fixed place" not in scan.reason
+    # The spread classes stay clean under both branches.
+    for c in (0, 2):
+        assert probe_rule(found[c], SETTINGS) == (CLEAN, "")
+
+
+def test_the_moving_blob_branch_needs_a_high_excess_over_its_control() -> None:
+    s = ScanSettings()
+    low = s.probe_placed_share - 0.1  # the blob moves between starts
+
+    def rule(flip: float, control: float = 0.0, reappear: float = low) -> tuple[str, str]:
+        return probe_rule(ProbeEvidence(flip, control, reappear), s)
+
+    assert rule(s.probe_moving_flip) == (SUSPICIOUS, "paint probe (moving blob)")
+    assert rule(s.probe_moving_flip - 0.05) == (CLEAN, "")
+    # A region of any place flips as well: the control counts.
+    assert rule(1.0, control=1.0 - s.probe_moving_flip + 0.05) == (CLEAN, "")
+    # In place, the placed branch decides (and says so).
+    assert rule(s.probe_moving_flip, reappear=s.probe_placed_share) == (LIKELY, "paint probe")
+    assert rule(float("nan"), reappear=float("nan")) == (CLEAN, "")
+
+
+def test_a_moving_blob_verdict_is_not_told_as_one_place() -> None:
+    import pyarrow as pa
+
+    from leapcore.highlights import spurious_highlights
+    from leapcore.report import ReportContext
+    from leapcore.spurious_report import _why
+
+    row = {
+        "class_name": "marker",
+        "verdict": "suspicious",
+        "decided_by": "paint probe (moving blob)",
+    }
+    row |= {"probe_flip_rate": 0.87, "probe_control_flip_rate": 0.0, "reason": "r"}
+    items = spurious_highlights(
+        None, ReportContext(tables={"spurious": pa.Table.from_pylist([row])})
+    )
+    assert "marker is suspicious: painted briefly" in items[0]
+    assert "a small blob not always in one place" in items[0] and "flips 87 % of them" in items[0]
+    assert "its blob not always in one place" in _why(row)
