@@ -22,7 +22,9 @@ Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldo
 [--pairs N] [--max-steps S] [--samples N] [--json FILE]``. The audits use the engine's defaults
 (``max_steps`` 1000, prototypes stop early): about 20 s a pair on one CPU core of a loaded
 machine, 1.4 times the fast tests' 150 steps (``--max-steps 150``). Prints a markdown table and the totals per set; ``--json`` also writes every
-class's numbers, so that a verdict rule can be re-applied without re-running the audits.
+class's numbers, so that a verdict rule can be re-applied without re-running the audits
+(``--rejudge FILE``; ``--setting probe_moving_flip=2`` re-judges without the probe's moving-blob
+branch, as before the fifth session).
 """
 
 from __future__ import annotations
