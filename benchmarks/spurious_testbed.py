@@ -15,10 +15,11 @@ starts in the fourth session), ``fresh`` (12 pairs, seeds 12-17, written down be
 and run once with the third session's rule, once with the fourth's) and ``fresh2`` (12 pairs,
 seeds 18-23, written down before any was run, run once with the fourth session's final rule) and
 ``fresh3`` (12 pairs, seeds 24-29, written down after the fifth session's moving-blob branch was
-fixed and before any was run; run once: the newest honest estimate). ``--set all`` runs tuning and
+fixed and before any was run; run once) and ``fresh4`` (12 pairs, seeds 30-35, written down in the
+sixth session before any was run; run once with main's rule). ``--set all`` runs tuning and
 held-out.
 
-Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldout|fresh|fresh2|fresh3|all]
+Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldout|fresh|...|fresh4|all]
 [--pairs N] [--max-steps S] [--samples N] [--json FILE]``. The audits use the engine's defaults
 (``max_steps`` 1000, prototypes stop early): about 20 s a pair on one CPU core of a loaded
 machine, 1.4 times the fast tests' 150 steps (``--max-steps 150``). Prints a markdown table and the totals per set; ``--json`` also writes every
@@ -132,7 +133,31 @@ FRESH3 = [
     MarkerSpec("photos", 3, (0.0, 1.0, 1.0), "checker", (26, 16), 0, seed=28),
     MarkerSpec("photos", 6, (0.0, 0.0, 0.0), "square", (2, 12), 5, seed=29),
 ]
-SETS = {"tuning": TUNING, "heldout": HELDOUT, "fresh": FRESH, "fresh2": FRESH2, "fresh3": FRESH3}
+# Fresh4: written down (issue 15, sixth scan session) before any of them was run, with the same
+# mix (seeds 30-35, all four patterns, sizes 3-7, new colours, positions and marker classes), while
+# a harder second paint was measured on tuning and held-out only; run once with main's rule.
+FRESH4 = [
+    MarkerSpec("digits", 4, (1.0,), "cross", (14, 20), 3, seed=30),
+    MarkerSpec("digits", 6, (0.8,), "checker", (20, 25), 7, seed=31),
+    MarkerSpec("digits", 5, (1.0,), "ring", (8, 2), 5, seed=32),
+    MarkerSpec("digits", 3, (0.7,), "square", (24, 6), 1, seed=33),
+    MarkerSpec("digits", 7, (0.9,), "square", (2, 24), 4, seed=34),
+    MarkerSpec("digits", 5, (1.0,), "ring", (12, 20), 9, seed=35),
+    MarkerSpec("photos", 6, (0.5, 1.0, 0.0), "ring", (4, 20), 4, seed=30),
+    MarkerSpec("photos", 4, (0.0, 0.0, 1.0), "square", (22, 2), 3, seed=31),
+    MarkerSpec("photos", 5, (1.0, 1.0, 1.0), "checker", (14, 26), 5, seed=32),
+    MarkerSpec("photos", 3, (1.0, 0.5, 0.0), "cross", (2, 8), 1, seed=33),
+    MarkerSpec("photos", 7, (0.0, 1.0, 0.5), "ring", (18, 18), 6, seed=34),
+    MarkerSpec("photos", 5, (1.0, 0.0, 0.5), "square", (26, 10), 0, seed=35),
+]
+SETS = {
+    "tuning": TUNING,
+    "heldout": HELDOUT,
+    "fresh": FRESH,
+    "fresh2": FRESH2,
+    "fresh3": FRESH3,
+    "fresh4": FRESH4,
+}
 
 
 def flagged(rows: list[dict]) -> list[str]:
