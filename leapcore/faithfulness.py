@@ -85,6 +85,21 @@ def _check(images: torch.Tensor, maps: torch.Tensor, targets: Sequence[int], ste
         raise ValueError(f"steps must be between 1 and the number of pixels ({h * w}); got {steps}")
 
 
+def _ranks_and_budgets(
+    maps: torch.Tensor, steps: int, h: int, w: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([N, H * W] rank of each pixel in its map, highest first; ties by pixel index,
+    [steps + 1] pixel budgets)``: a pixel is changed at point ``k`` when its rank is below
+    ``budgets[k]``."""
+    n = maps.shape[0]
+    maps = maps.to(device=device, dtype=torch.float32).reshape(n, h * w)
+    order = torch.argsort(maps, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(h * w, device=device).expand(n, -1))
+    budgets = torch.tensor([round(k * h * w / steps) for k in range(steps + 1)], device=device)
+    return rank, budgets
+
+
 def perturbation_curves(
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
@@ -117,11 +132,7 @@ def perturbation_curves(
     n, c, h, w = images.shape
     device = images.device
     base = substrate_images(images, substrate)
-    maps = maps.to(device=device, dtype=torch.float32).reshape(n, h * w)
-    order = torch.argsort(maps, dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(h * w, device=device).expand(n, -1))
-    budgets = torch.tensor([round(k * h * w / steps) for k in range(steps + 1)], device=device)
+    rank, budgets = _ranks_and_budgets(maps, steps, h, w, device)
     target_index = torch.as_tensor(list(targets), dtype=torch.long, device=device)
     rows = max(1, batch_size or _DEFAULT_ROWS)
     total = n * (steps + 1)
@@ -178,11 +189,7 @@ def deletion_insertion_curves(
     n, _, h, w = images.shape
     device = images.device
     base = substrate_images(images, substrate)
-    maps = maps.to(device=device, dtype=torch.float32).reshape(n, h * w)
-    order = torch.argsort(maps, dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(h * w, device=device).expand(n, -1))
-    budgets = torch.tensor([round(k * h * w / steps) for k in range(steps + 1)], device=device)
+    rank, budgets = _ranks_and_budgets(maps, steps, h, w, device)
     target_index = torch.as_tensor(list(targets), dtype=torch.long, device=device)
     # Per image, in this order: deletion points 0 (the image, unless given) .. steps (the
     # substrate), then insertion points 1 .. steps - 1.
