@@ -31,6 +31,8 @@ def wandb_records(run_dir: str | Path) -> Iterator[Any]:
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
         pos += _HEADER
+        if pos + length > len(data):
+            break  # a record W&B is still writing: only whole records are read
         chunk, pos = data[pos : pos + length], pos + length
         if kind == 1:  # full
             payload = chunk
@@ -51,12 +53,14 @@ def wandb_records(run_dir: str | Path) -> Iterator[Any]:
 
 def wait_written(run_dir: str | Path, timeout: float = 60.0) -> bool:
     """Wait until the run file holds its ``exit`` record; False if it did not within ``timeout``."""
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + timeout
     while True:
         try:
             if any(r.WhichOneof("record_type") == "exit" for r in wandb_records(run_dir)):
                 return True
-        except (ValueError, struct.error):
+        except (ValueError, struct.error, DecodeError):
             pass  # not written far enough yet
         if time.monotonic() > deadline:
             return False
