@@ -180,7 +180,7 @@ def relaxed_entanglement(
         targets=targets,
         measure="relaxed",
         probe_logits=probe,
-        probe_reference=prototype_logits,
+        probe_used=reached,
     )
     return scores, None if reached is None else reached.cpu()
 
@@ -222,7 +222,7 @@ def entanglement(
     targets: torch.Tensor | None = None,
     measure: Measure = "share",
     probe_logits: torch.Tensor | None = None,
-    probe_reference: torch.Tensor | None = None,
+    probe_used: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Entanglement of every class with each row's target, ``[B, K]``.
 
@@ -247,8 +247,9 @@ def entanglement(
             Where the probe reached its target (:func:`probe_reached`) the score is the geometric
             mean ``sqrt(e_c(relaxed) * e_c(probe))`` of the two shares; elsewhere the relaxed
             share alone (targets exactly 1 either way).
-        probe_reference: ``[B, K]`` logits the probe's target logit must also reach (the
-            prototypes before the relaxation); ``prototype_logits`` is always a reference.
+        probe_used: ``[B]`` bool, the rows whose probe reached its target, when the caller has
+            them (:func:`relaxed_entanglement` checks against the prototypes before and after the
+            relaxation); default: :func:`probe_reached` against ``prototype_logits``.
 
     Returns:
         ``[B, K]`` entanglement scores.
@@ -268,10 +269,10 @@ def entanglement(
         if probe_logits is not None and measure == "relaxed":
             if targets is None:
                 raise ValueError("the probed entanglement needs each row's target classes")
-            references = [prototype_logits] + ([] if probe_reference is None else [probe_reference])
-            reached = probe_reached(probe_logits, references, targets)
+            if probe_used is None:
+                probe_used = probe_reached(probe_logits, [prototype_logits], targets)
             probed_scores = (scores * share(probe_logits, targets)).sqrt()
-            scores = torch.where(reached[:, None], probed_scores, scores)
+            scores = torch.where(probe_used.to(scores.device)[:, None], probed_scores, scores)
         return scores
     if measure != "leap":
         raise ValueError(unknown_measure_message(measure))

@@ -172,10 +172,10 @@ class IsolationResult:
                 rows,
                 full_rows,
             )
-            isolated = source * masks + background * (1 - masks)
         else:
-            masks = saliency
-            isolated = source * masks + background * (1 - masks)
+            masks, isolated_rows = saliency, None
+        isolated = source * masks + background * (1 - masks)
+        if isolated_rows is None:
             isolated_rows = logits_rows(model, isolated, rows)
         calibration_seconds = time.perf_counter() - began - map_seconds
         pick = classes[:, None]
