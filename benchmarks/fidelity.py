@@ -2,8 +2,8 @@
 
 Printed side by side: RISE deletion / insertion AUC (blurred substrate, 16 budgets), the share of the
 map's mass inside a planted marker (digits CNNs trained here in seconds, markers of several sizes,
-colours and positions; ``--markers new`` runs only the three held out from tuning), seconds per image and model passes per image. ``--photos`` adds the
-pretrained EfficientNet-Lite0 on scikit-learn's sample photos (slow on a CPU; ``--views 4`` adds
+colours and positions; ``--markers new`` runs only the three held out from tuning), seconds per
+image and model passes per image. ``--photos`` adds the pretrained EfficientNet-Lite0 on scikit-learn's sample photos (slow on a CPU; ``--views 4`` adds
 their mirror images); ``--more-photos`` adds a second table on four of scikit-image's photos (chelsea,
 coffee, rocket, astronaut), mirrored too with ``--views 4``: two photos are too few to tell methods
 apart by a few hundredths.

@@ -30,6 +30,7 @@ from leapcore import hipe as _hipe  # noqa: F401  (registers "hipe")
 from leapcore import penalties, rowwise, stopping
 from leapcore.convergence import MetricPlateau, as_rows
 from leapcore.errors import InputError, NonFiniteError
+from leapcore.evidence_fill import fill_gaps
 from leapcore.isolation_methods import (
     AUC_STEPS,
     ISOLATION_METHODS,
@@ -362,7 +363,7 @@ def evidence_map(
     weight = torch.where(
         evidence > 0, evidence + EVIDENCE_FLOOR, EVIDENCE_FLOOR * (1 + evidence.clamp_max(0))
     )
-    saliency = (masks**2 + EVIDENCE_SHARE * (1 - _peak(masks))) * weight
+    saliency = fill_gaps((masks**2 + EVIDENCE_SHARE * (1 - _peak(masks))) * weight, masks)
     return saliency / _peak(saliency)
 
 

@@ -50,24 +50,26 @@ def test_multilabel_classes_read_their_own_sigmoid():
 
 def test_soft_mask_admits_the_evidence_outside_it_at_one_minus_its_peak():
     """Pixels with the same evidence for class 0. A mask that peaks at 1 on pixel 0 (it found the
-    region) leaves pixel 1 outside it at the floor and ranks pixel 2, half in, by the mask's square;
-    a mask that stays soft (peak 0.4) admits pixel 1 at ``(0 + 1 - 0.4) / (0.4 ** 2 + 1 - 0.4)`` of
-    pixel 0."""
+    region) ranks pixel 1, half in, by the mask's square and leaves pixel 2 outside it at the floor
+    (at the region's edge, not in a gap that :mod:`leapcore.evidence_fill` fills); a mask that stays
+    soft (peak 0.4) admits pixel 1 at ``(0 + 1 - 0.4) / (0.4 ** 2 + 1 - 0.4)`` of pixel 0."""
     model = linear([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
-    confident = run(model, torch.tensor([[[[1.0, 0.0, 0.5]]]]), (1.0, 1.0, 1.0))
+    confident = run(model, torch.tensor([[[[1.0, 0.5, 0.0]]]]), (1.0, 1.0, 1.0))
     assert confident[0] == pytest.approx(1.0)
-    assert confident[1] == pytest.approx(0.0, abs=1e-6)
-    assert confident[2] == pytest.approx(0.25, abs=1e-3), confident
+    assert confident[1] == pytest.approx(0.25, abs=1e-3), confident
+    assert confident[2] == pytest.approx(0.0, abs=1e-6)
     soft = run(model, torch.tensor([[[[0.4, 0.0, 0.0]]]]), (1.0, 1.0, 1.0))
     assert soft[0] == pytest.approx(1.0)
     assert soft[1] == pytest.approx(0.6 / 0.76, abs=1e-3), soft
 
 
 def test_pixels_against_the_class_come_last():
-    """A pixel that lowers class 0's probability ranks below one without evidence, inside the mask."""
-    model = linear([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0]])
+    """A pixel that lowers class 0's probability ranks below one without evidence, inside the mask.
+    (At the region's edge: one between two pixels with evidence is a gap that
+    :mod:`leapcore.evidence_fill` raises to its lower neighbour's value.)"""
+    model = linear([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     source = torch.ones(1, 1, 1, 3)
     masks = torch.ones(1, 1, 1, 3)
     saliency = evidence_map(model, source, torch.tensor([0]), masks, torch.zeros_like(source), 1)
-    assert saliency[0, 0, 0, 1] < saliency[0, 0, 0, 2] <= EVIDENCE_FLOOR + 1e-6
+    assert saliency[0, 0, 0, 2] < saliency[0, 0, 0, 1] <= EVIDENCE_FLOOR + 1e-6
     assert saliency[0, 0, 0, 0] == pytest.approx(1.0)

@@ -195,6 +195,39 @@ def test_default_saliency_concentrates_on_the_planted_marker(marker_model):
     assert iso.deletion_auc.mean() < 0.5, iso.deletion_auc
 
 
+def test_default_saliency_ranks_the_whole_marker_first(marker_model):
+    """Issue 19: deletion removes the top pixels first, so the whole marker, not only its edges,
+    must rank near the top. The first-order evidence ranks the inside of a uniform patch low (its
+    gradient is small or negative); the default map fills such gaps from their neighbours
+    (:mod:`leapcore.evidence_fill`). Measured on these 6 images: 0.95 of the marker's pixels among
+    the map's top 64 (a sixteenth of the image, the first deletion budget), RISE deletion 0.126;
+    without the fill 0.70 and 0.225; captum's Occlusion (226 forwards per image) deleted 0.168 on 30
+    images of this model."""
+    m = marker_model
+    images = m.images[:6]
+    audit = engine.run(
+        m.model,
+        m.class_list,
+        {"input_dim": [1, 32, 32], "max_steps": 60, "log_freq": 30, "isolation_keep": 0},
+        [m.marker_class],
+        m.preprocessing,
+        samples=images,
+    )
+    maps = audit.isolation.masks[:, 0]
+    top, left, bottom, right = m.box
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    inside[top:bottom, left:right] = True
+    first = maps.flatten(1).argsort(dim=1, descending=True, stable=True)[:, :64]
+    share = inside.flatten()[first].float().sum(1) / inside.sum()
+    assert share.mean() > 0.85, share
+
+    def logits(x):
+        return m.model(m.preprocessing(x))
+
+    deletion, _ = deletion_insertion_auc(logits, images, maps, [m.marker_class] * len(images))
+    assert deletion.mean() < 0.17, deletion
+
+
 # ---------------------------------------------------------------------------------------------- #
 # Transfer to reference models
 # ---------------------------------------------------------------------------------------------- #
