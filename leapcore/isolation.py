@@ -349,7 +349,9 @@ def evidence_map(
     against the class come last. The map is ``(mask ** 2 + 1 - peak) * weight``, ``peak`` the
     pair's largest mask value: a mask that reached ~1 somewhere (it found a region that keeps the
     class) orders the pixels, and a mask that stayed soft admits the evidence outside it at
-    ``1 - peak`` (:data:`EVIDENCE_SHARE`). One forward and backward pass per pair
+    ``1 - peak`` (:data:`EVIDENCE_SHARE`). Gaps inside a region of evidence (the inside of a uniform
+    patch, whose one-pixel gradient is small) are then filled from their neighbours when the mask is
+    confident (:func:`leapcore.evidence_fill.fill_gaps`). One forward and backward pass per pair
     (:func:`evidence_gradient`), none when ``evidence`` (``[P, 1, H, W]``, the pixels'
     ``gradient . (image - background)`` before scaling) is given.
 
