@@ -33,16 +33,28 @@ FILL_POWER = 16
 
 
 def closing(maps: torch.Tensor, size: int = FILL_SIZE) -> torch.Tensor:
-    """Grey-scale closing of ``[P, 1, H, W]`` non-negative maps with a ``size`` square.
+    """Grey-scale closing of ``[P, 1, H, W]`` non-negative maps with a ``size`` square (odd).
 
     Outside the image counts as 0 (no evidence), so the closing does not raise the pixels along the
-    border either.
+    border either. Computed as shifted maxima and minima along each axis (a square is separable):
+    on the CPU ``max_pool2d`` at stride 1 took 30x as long on 32 px maps.
     """
     pad = size // 2
-    padded = F.pad(maps, (pad, pad, pad, pad), value=0.0)
-    dilated = F.max_pool2d(padded, size, stride=1, padding=pad)
-    eroded = -F.max_pool2d(-dilated, size, stride=1, padding=pad)
-    return eroded[..., pad : pad + maps.shape[-2], pad : pad + maps.shape[-1]]
+    padded = F.pad(maps, (2 * pad, 2 * pad, 2 * pad, 2 * pad), value=0.0)
+    dilated = _filter(padded, size, torch.maximum)
+    return _filter(dilated, size, torch.minimum)
+
+
+def _filter(maps: torch.Tensor, size: int, pick) -> torch.Tensor:
+    """``pick`` (max or min) over each ``size`` square that fits inside ``maps``: each side shrinks
+    by ``size - 1``."""
+    for dim in (-1, -2):
+        length = maps.shape[dim] - size + 1
+        out = maps.narrow(dim, 0, length)
+        for shift in range(1, size):
+            out = pick(out, maps.narrow(dim, shift, length))
+        maps = out
+    return maps
 
 
 def fill_gaps(saliency: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
