@@ -47,6 +47,7 @@ from leapcore.spurious_probe import ProbeEvidence, judge_probe  # noqa: E402
 from tests.spurious.testbed import (  # noqa: E402
     MarkerSpec,
     audit_prototypes,
+    data_samples,
     scan,
     train_pair,
 )
@@ -260,18 +261,55 @@ def user_samples(trained, count: int, seed: int) -> torch.Tensor:
     return trained.test_x[torch.randperm(len(trained.test_x), generator=gen)[:count]]
 
 
+SAMPLE_SOURCES = ("unmarked", "data")
+
+
+def pair_samples(
+    spec: MarkerSpec, trained, count: int, source: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(marked model's samples, twin's samples)`` for ``--samples``: ``unmarked``, the same
+    ``count`` unmarked held-out images for both (:func:`user_samples`); ``data``, each model's own
+    held-out images from its data (:func:`tests.spurious.testbed.data_samples`: the marker on
+    ``spec.share`` of them for the marked model, the same images unmarked for the twin)."""
+    if source == "unmarked":
+        images = user_samples(trained, count, spec.seed)
+        return images, images
+    if source == "data":
+        return data_samples(spec, trained, count)
+    raise ValueError(f"unknown sample source {source!r}: one of {', '.join(SAMPLE_SOURCES)}")
+
+
+def _timed_scan(audited, settings, samples=None) -> tuple[list, float]:
+    began = time.perf_counter()
+    result = scan(audited, settings, samples)
+    return result, time.perf_counter() - began
+
+
 def run_pair(
-    spec: MarkerSpec, options: dict, samples: int = 0, settings: ScanSettings | None = None
+    spec: MarkerSpec,
+    options: dict,
+    samples: int = 0,
+    settings: ScanSettings | None = None,
+    source: str = "unmarked",
 ) -> dict:
     began = time.perf_counter()
     marked, twin = train_pair(spec)
     audits = (audit_prototypes(marked, **options), audit_prototypes(twin, **options))
-    scans, twin_scans = (scan(a, settings) for a in audits)
+    (scans, t_marked), (twin_scans, t_twin) = (_timed_scan(a, settings) for a in audits)
+    seconds = {"marked": t_marked, "twin": t_twin}
     extra = {}
     if samples:
-        images = user_samples(marked, samples, spec.seed)  # the same images for both models
-        with_samples = [[_numbers(s) for s in scan(a, settings, images)] for a in audits]
-        extra = {"marked_samples": with_samples[0], "twin_samples": with_samples[1]}
+        images = pair_samples(spec, marked, samples, source)
+        with_samples = []
+        for key, audited, own in zip(("marked_samples", "twin_samples"), audits, images):
+            result, seconds[key] = _timed_scan(audited, settings, own)
+            with_samples.append([_numbers(s) for s in result])
+        extra = {
+            "marked_samples": with_samples[0],
+            "twin_samples": with_samples[1],
+            "sample_source": source,
+            "sample_count": samples,
+        }
     return {
         "label": spec.label(),
         "spec": asdict(spec),
@@ -282,6 +320,7 @@ def run_pair(
         "marked": [_numbers(s) for s in scans],
         "twin": [_numbers(s) for s in twin_scans],
         **extra,
+        "scan_seconds": seconds,
         "seconds": time.perf_counter() - began,
     }
 
@@ -302,7 +341,15 @@ def main() -> None:
         "--samples",
         type=int,
         default=0,
-        help="also scan with this many held-out unmarked images of any class as user samples",
+        help="also scan with this many held-out images of any class as user samples",
+    )
+    parser.add_argument(
+        "--sample-source",
+        choices=SAMPLE_SOURCES,
+        default="unmarked",
+        help="unmarked: the same unmarked images for both models of a pair (earlier sessions' "
+        "numbers); data: each model's own held-out images, the marker planted on the spec's "
+        "share of them for the marked model (as a team's own data would be)",
     )
     parser.add_argument(
         "--rejudge",
@@ -341,7 +388,7 @@ def main() -> None:
         specs = SETS[name][: args.pairs]
         if i >= len(specs):
             continue
-        out[name].append(run_pair(specs[i], options, args.samples, settings))
+        out[name].append(run_pair(specs[i], options, args.samples, settings, args.sample_source))
         print(f"[{name}] {specs[i].label()}: {out[name][-1]['seconds']:.0f} s", flush=True)
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))
