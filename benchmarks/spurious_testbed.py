@@ -26,6 +26,13 @@ machine, 1.4 times the fast tests' 150 steps (``--max-steps 150``). Prints a mar
 class's numbers, so that a verdict rule can be re-applied without re-running the audits
 (``--rejudge FILE``; ``--setting probe_moving_flip=2`` re-judges without the probe's moving-blob
 branch, as before the fifth session).
+
+``--samples N`` also scans each pair with N held-out images as the user's samples;
+``--sample-source unmarked`` (the default) gives both models the same N unmarked images,
+``--sample-source data`` each model its own (:func:`tests.spurious.testbed.data_samples`: the marker
+on the spec's share of them for the marked model, as in a team's own data). The records then hold
+``marked_samples`` / ``twin_samples``, ``sample_source`` and ``sample_count``, and every record the
+scans' seconds (``scan_seconds``).
 """
 
 from __future__ import annotations
@@ -170,6 +177,29 @@ def _numbers(scan) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
 
+def _shown(row: dict, verdict=None) -> str:
+    """A stored row's verdict, with the rule that decided it when flagged (not when re-judged)."""
+    if verdict is not None or row["verdict"] == CLEAN or "decided_by" not in row:
+        return row["verdict"]
+    return f"{row['verdict']} ({row['decided_by']})"
+
+
+def with_samples(records: list[dict]) -> list[dict]:
+    """``records`` with their scans with samples (``--samples``) in place of the scans without."""
+    return [dict(r, marked=r["marked_samples"], twin=r["twin_samples"]) for r in records]
+
+
+def _tables(name: str, records: list[dict], verdict=None) -> str:
+    out = f"\n## {name} ({len(records)} pairs)\n\n{summarise(records, verdict)}"
+    if records and "marked_samples" in records[0]:
+        rec = records[0]
+        source = f"{rec.get('sample_count', '')} {rec.get('sample_source', 'unmarked')}".strip()
+        out += (
+            f"\n\n## {name} with samples ({source})\n\n{summarise(with_samples(records), verdict)}"
+        )
+    return out
+
+
 def summarise(records: list[dict], verdict=None) -> str:
     """Markdown table and totals of ``records`` (one per pair, as in the ``--json`` file); with
     ``verdict(row) -> str`` the rows are re-judged first."""
@@ -205,7 +235,7 @@ def summarise(records: list[dict], verdict=None) -> str:
             for k in ("probe_reappearance", "probe_flip_rate", "probe_control_flip_rate")
         )
         lines.append(
-            f"| {rec['label']} | {rec['marker_flip_rate']:.0%} | {target['verdict']} | "
+            f"| {rec['label']} | {rec['marker_flip_rate']:.0%} | {_shown(target, verdict)} | "
             f"{numbers} | {probe} | {', '.join(flagged(others)) or '-'} | "
             f"{', '.join(flagged(twin)) or '-'} |"
         )
@@ -375,7 +405,7 @@ def main() -> None:
         verdict = rejudge(settings)
         for name, records in json.loads(args.rejudge.read_text()).items():
             if args.set in (name, "all"):
-                print(f"\n## {name} ({len(records)} pairs)\n\n{summarise(records, verdict)}")
+                print(_tables(name, records, verdict))
         return
     torch.set_num_threads(1)
     options = {"max_steps": args.max_steps}
@@ -393,7 +423,7 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))
     for name, records in out.items():
-        print(f"\n## {name} ({len(records)} pairs)\n\n{summarise(records)}")
+        print(_tables(name, records))
 
 
 if __name__ == "__main__":
