@@ -8,6 +8,13 @@ and the scan with its default settings (:class:`leapcore.spurious.ScanSettings`)
 - false alarm (marked): another class of the marked model is flagged;
 - false alarm (twin): any class of the clean twin is flagged.
 
+``--samples N`` also scans each pair with N held-out images as the user's samples;
+``--sample-source unmarked`` (the default) gives both models the same N unmarked images,
+``--sample-source data`` each model its own (:func:`tests.spurious.testbed.data_samples`: the marker
+on the spec's share of them for the marked model, as in a team's own data). The records then hold
+``marked_samples`` / ``twin_samples``, ``sample_source`` and ``sample_count``, and every record the
+scans' seconds (``scan_seconds``).
+
 Four sets of pairs: ``tuning`` (the 12 pairs every threshold and the paint probe's budget were
 chosen on), ``heldout`` (12 more pairs, other seeds, sizes, colours, patterns, positions and marker
 classes; seen while earlier rules were made, and used with the tuning pairs to choose the probe's
@@ -26,13 +33,6 @@ machine, 1.4 times the fast tests' 150 steps (``--max-steps 150``). Prints a mar
 class's numbers, so that a verdict rule can be re-applied without re-running the audits
 (``--rejudge FILE``; ``--setting probe_moving_flip=2`` re-judges without the probe's moving-blob
 branch, as before the fifth session).
-
-``--samples N`` also scans each pair with N held-out images as the user's samples;
-``--sample-source unmarked`` (the default) gives both models the same N unmarked images,
-``--sample-source data`` each model its own (:func:`tests.spurious.testbed.data_samples`: the marker
-on the spec's share of them for the marked model, as in a team's own data). The records then hold
-``marked_samples`` / ``twin_samples``, ``sample_source`` and ``sample_count``, and every record the
-scans' seconds (``scan_seconds``).
 """
 
 from __future__ import annotations
