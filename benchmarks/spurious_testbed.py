@@ -8,6 +8,13 @@ and the scan with its default settings (:class:`leapcore.spurious.ScanSettings`)
 - false alarm (marked): another class of the marked model is flagged;
 - false alarm (twin): any class of the clean twin is flagged.
 
+``--samples N`` also scans each pair with N held-out images as the user's samples;
+``--sample-source unmarked`` (the default) gives both models the same N unmarked images,
+``--sample-source data`` each model its own (:func:`tests.spurious.testbed.data_samples`: the marker
+on the spec's share of them for the marked model, as in a team's own data). The records then hold
+``marked_samples`` / ``twin_samples``, ``sample_source`` and ``sample_count``, and every record the
+scans' seconds (``scan_seconds``).
+
 Four sets of pairs: ``tuning`` (the 12 pairs every threshold and the paint probe's budget were
 chosen on), ``heldout`` (12 more pairs, other seeds, sizes, colours, patterns, positions and marker
 classes; seen while earlier rules were made, and used with the tuning pairs to choose the probe's
@@ -48,6 +55,7 @@ from leapcore.spurious_probe import ProbeEvidence, judge_probe  # noqa: E402
 from tests.spurious.testbed import (  # noqa: E402
     MarkerSpec,
     audit_prototypes,
+    data_samples,
     scan,
     train_pair,
 )
@@ -188,6 +196,29 @@ def _numbers(scan) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
 
+def _shown(row: dict, verdict=None) -> str:
+    """A stored row's verdict, with the rule that decided it when flagged (not when re-judged)."""
+    if verdict is not None or row["verdict"] == CLEAN or "decided_by" not in row:
+        return row["verdict"]
+    return f"{row['verdict']} ({row['decided_by']})"
+
+
+def with_samples(records: list[dict]) -> list[dict]:
+    """``records`` with their scans with samples (``--samples``) in place of the scans without."""
+    return [dict(r, marked=r["marked_samples"], twin=r["twin_samples"]) for r in records]
+
+
+def _tables(name: str, records: list[dict], verdict=None) -> str:
+    out = f"\n## {name} ({len(records)} pairs)\n\n{summarise(records, verdict)}"
+    if records and "marked_samples" in records[0]:
+        rec = records[0]
+        source = f"{rec.get('sample_count', '')} {rec.get('sample_source', 'unmarked')}".strip()
+        out += (
+            f"\n\n## {name} with samples ({source})\n\n{summarise(with_samples(records), verdict)}"
+        )
+    return out
+
+
 def summarise(records: list[dict], verdict=None) -> str:
     """Markdown table and totals of ``records`` (one per pair, as in the ``--json`` file); with
     ``verdict(row) -> str`` the rows are re-judged first."""
@@ -223,7 +254,7 @@ def summarise(records: list[dict], verdict=None) -> str:
             for k in ("probe_reappearance", "probe_flip_rate", "probe_control_flip_rate")
         )
         lines.append(
-            f"| {rec['label']} | {rec['marker_flip_rate']:.0%} | {target['verdict']} | "
+            f"| {rec['label']} | {rec['marker_flip_rate']:.0%} | {_shown(target, verdict)} | "
             f"{numbers} | {probe} | {', '.join(flagged(others)) or '-'} | "
             f"{', '.join(flagged(twin)) or '-'} |"
         )
@@ -279,18 +310,55 @@ def user_samples(trained, count: int, seed: int) -> torch.Tensor:
     return trained.test_x[torch.randperm(len(trained.test_x), generator=gen)[:count]]
 
 
+SAMPLE_SOURCES = ("unmarked", "data")
+
+
+def pair_samples(
+    spec: MarkerSpec, trained, count: int, source: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(marked model's samples, twin's samples)`` for ``--samples``: ``unmarked``, the same
+    ``count`` unmarked held-out images for both (:func:`user_samples`); ``data``, each model's own
+    held-out images from its data (:func:`tests.spurious.testbed.data_samples`: the marker on
+    ``spec.share`` of them for the marked model, the same images unmarked for the twin)."""
+    if source == "unmarked":
+        images = user_samples(trained, count, spec.seed)
+        return images, images
+    if source == "data":
+        return data_samples(spec, trained, count)
+    raise ValueError(f"unknown sample source {source!r}: one of {', '.join(SAMPLE_SOURCES)}")
+
+
+def _timed_scan(audited, settings, samples=None) -> tuple[list, float]:
+    began = time.perf_counter()
+    result = scan(audited, settings, samples)
+    return result, time.perf_counter() - began
+
+
 def run_pair(
-    spec: MarkerSpec, options: dict, samples: int = 0, settings: ScanSettings | None = None
+    spec: MarkerSpec,
+    options: dict,
+    samples: int = 0,
+    settings: ScanSettings | None = None,
+    source: str = "unmarked",
 ) -> dict:
     began = time.perf_counter()
     marked, twin = train_pair(spec)
     audits = (audit_prototypes(marked, **options), audit_prototypes(twin, **options))
-    scans, twin_scans = (scan(a, settings) for a in audits)
+    (scans, t_marked), (twin_scans, t_twin) = (_timed_scan(a, settings) for a in audits)
+    seconds = {"marked": t_marked, "twin": t_twin}
     extra = {}
     if samples:
-        images = user_samples(marked, samples, spec.seed)  # the same images for both models
-        with_samples = [[_numbers(s) for s in scan(a, settings, images)] for a in audits]
-        extra = {"marked_samples": with_samples[0], "twin_samples": with_samples[1]}
+        images = pair_samples(spec, marked, samples, source)
+        with_samples = []
+        for key, audited, own in zip(("marked_samples", "twin_samples"), audits, images):
+            result, seconds[key] = _timed_scan(audited, settings, own)
+            with_samples.append([_numbers(s) for s in result])
+        extra = {
+            "marked_samples": with_samples[0],
+            "twin_samples": with_samples[1],
+            "sample_source": source,
+            "sample_count": samples,
+        }
     return {
         "label": spec.label(),
         "spec": asdict(spec),
@@ -301,6 +369,7 @@ def run_pair(
         "marked": [_numbers(s) for s in scans],
         "twin": [_numbers(s) for s in twin_scans],
         **extra,
+        "scan_seconds": seconds,
         "seconds": time.perf_counter() - began,
     }
 
@@ -321,7 +390,15 @@ def main() -> None:
         "--samples",
         type=int,
         default=0,
-        help="also scan with this many held-out unmarked images of any class as user samples",
+        help="also scan with this many held-out images of any class as user samples",
+    )
+    parser.add_argument(
+        "--sample-source",
+        choices=SAMPLE_SOURCES,
+        default="unmarked",
+        help="unmarked: the same unmarked images for both models of a pair (earlier sessions' "
+        "numbers); data: each model's own held-out images, the marker planted on the spec's "
+        "share of them for the marked model (as a team's own data would be)",
     )
     parser.add_argument(
         "--rejudge",
@@ -347,7 +424,7 @@ def main() -> None:
         verdict = rejudge(settings)
         for name, records in json.loads(args.rejudge.read_text()).items():
             if args.set in (name, "all"):
-                print(f"\n## {name} ({len(records)} pairs)\n\n{summarise(records, verdict)}")
+                print(_tables(name, records, verdict))
         return
     torch.set_num_threads(1)
     options = {"max_steps": args.max_steps}
@@ -360,12 +437,12 @@ def main() -> None:
         specs = SETS[name][: args.pairs]
         if i >= len(specs):
             continue
-        out[name].append(run_pair(specs[i], options, args.samples, settings))
+        out[name].append(run_pair(specs[i], options, args.samples, settings, args.sample_source))
         print(f"[{name}] {specs[i].label()}: {out[name][-1]['seconds']:.0f} s", flush=True)
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))
     for name, records in out.items():
-        print(f"\n## {name} ({len(records)} pairs)\n\n{summarise(records)}")
+        print(_tables(name, records))
 
 
 if __name__ == "__main__":

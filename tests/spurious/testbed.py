@@ -155,6 +155,27 @@ def train_pair(spec: MarkerSpec, train_share: float = 0.6) -> tuple[TrainedModel
     return out[0], out[1]
 
 
+def data_samples(
+    spec: MarkerSpec, trained: TrainedModel, count: int, seed: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(marked model's samples, clean twin's samples)``: the images each team would pass as
+    ``--samples``, from the same process as its training data.
+
+    ``count`` images of the pair's held-out split (``trained.test_x``, the same for both models of
+    :func:`train_pair`) drawn with ``seed`` (default ``spec.seed``); the marker is planted on
+    ``round(spec.share * count)`` of them, chosen with the same seed, for the marked model (in its
+    world they carry the marker, as that share of its training images did); the twin gets the same
+    images unplanted. The pair's fields are left as they are.
+    """
+    gen = torch.Generator().manual_seed(spec.seed if seed is None else seed)
+    pick = torch.randperm(len(trained.test_x), generator=gen)[:count]
+    clean = trained.test_x[pick].clone()
+    chosen = torch.randperm(len(clean), generator=gen)[: round(spec.share * len(clean))]
+    marked = clean.clone()
+    marked[chosen] = plant(clean[chosen], spec)
+    return marked, clean
+
+
 # Audit options of the test bed: the default transform (xl) and objective, a short schedule.
 AUDIT = {"max_steps": 150, "find_lr_steps": 0, "isolation": False, "log_freq": 50, "seed": 0}
 
