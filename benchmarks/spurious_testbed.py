@@ -23,10 +23,11 @@ and run once with the third session's rule, once with the fourth's) and ``fresh2
 seeds 18-23, written down before any was run, run once with the fourth session's final rule) and
 ``fresh3`` (12 pairs, seeds 24-29, written down after the fifth session's moving-blob branch was
 fixed and before any was run; run once) and ``fresh4`` (12 pairs, seeds 30-35, written down in the
-sixth session before any was run; run once with main's rule). ``--set all`` runs tuning and
-held-out.
+sixth session before any was run; run once with main's rule) and ``fresh5`` (12 pairs, seeds
+36-41, written down in the seventh session before any was run, while a per-model rule was made on
+the other sets; run once). ``--set all`` runs tuning and held-out.
 
-Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldout|fresh|...|fresh4|all]
+Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldout|fresh|...|fresh5|all]
 [--pairs N] [--max-steps S] [--samples N] [--json FILE]``. The audits use the engine's defaults
 (``max_steps`` 1000, prototypes stop early): about 20 s a pair on one CPU core of a loaded
 machine, 1.4 times the fast tests' 150 steps (``--max-steps 150``). Prints a markdown table and the totals per set; ``--json`` also writes every
@@ -158,6 +159,23 @@ FRESH4 = [
     MarkerSpec("photos", 7, (0.0, 1.0, 0.5), "ring", (18, 18), 6, seed=34),
     MarkerSpec("photos", 5, (1.0, 0.0, 0.5), "square", (26, 10), 0, seed=35),
 ]
+# Fresh5: written down (issue 15, seventh scan session) before any of them was run, with the same
+# mix (seeds 36-41, all four patterns, sizes 3-7, new colours, positions incl. corners and the
+# centre, marker classes), while a per-model rule was developed on the sets above only; run once.
+FRESH5 = [
+    MarkerSpec("digits", 5, (1.0,), "checker", (0, 0), 8, seed=36),
+    MarkerSpec("digits", 4, (0.8,), "cross", (14, 14), 2, seed=37),
+    MarkerSpec("digits", 6, (0.9,), "square", (26, 0), 6, seed=38),
+    MarkerSpec("digits", 7, (1.0,), "ring", (6, 18), 0, seed=39),
+    MarkerSpec("digits", 3, (1.0,), "square", (29, 29), 5, seed=40),
+    MarkerSpec("digits", 5, (0.7,), "checker", (16, 4), 9, seed=41),
+    MarkerSpec("photos", 5, (1.0, 0.0, 1.0), "ring", (27, 27), 6, seed=36),
+    MarkerSpec("photos", 6, (0.0, 0.5, 1.0), "square", (13, 13), 2, seed=37),
+    MarkerSpec("photos", 4, (1.0, 1.0, 0.0), "checker", (0, 28), 7, seed=38),
+    MarkerSpec("photos", 7, (0.0, 0.0, 0.0), "cross", (20, 6), 3, seed=39),
+    MarkerSpec("photos", 3, (0.5, 1.0, 0.0), "square", (4, 14), 1, seed=40),
+    MarkerSpec("photos", 6, (1.0, 1.0, 1.0), "ring", (8, 24), 4, seed=41),
+]
 SETS = {
     "tuning": TUNING,
     "heldout": HELDOUT,
@@ -165,6 +183,7 @@ SETS = {
     "fresh2": FRESH2,
     "fresh3": FRESH3,
     "fresh4": FRESH4,
+    "fresh5": FRESH5,
 }
 
 

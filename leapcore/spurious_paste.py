@@ -74,8 +74,13 @@ def paste_flips(
     targets: torch.Tensor,
     cls: int,
     chunk_size: int,
+    only: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Paste each source's region, in place, onto every target image.
+
+    Args:
+        only: ``[S * T]`` bool: the pastes the model is asked about (None: all); the others are
+            reported as not flipped with a NaN probability.
 
     Returns:
         ``(pasted, flipped, prob)``: ``[S * T, C, H, W]`` images (source-major), ``[S * T]`` bool:
@@ -88,5 +93,13 @@ def paste_flips(
     pasted = (targets[None] * (1 - keep[:, None]) + (sources * keep)[:, None]).reshape(
         s * t, *targets.shape[1:]
     )
-    probs = model_probs(model, pasted, chunk_size)
-    return pasted, decides(probs, cls, output_kind(model)), probs[:, cls]
+    if only is None:
+        probs = model_probs(model, pasted, chunk_size)
+        return pasted, decides(probs, cls, output_kind(model)), probs[:, cls]
+    only = only.to(device)
+    probs = model_probs(model, pasted[only], chunk_size)
+    flipped = torch.zeros(s * t, dtype=torch.bool, device=probs.device)
+    prob = torch.full((s * t,), float("nan"), device=probs.device)
+    flipped[only.to(probs.device)] = decides(probs, cls, output_kind(model))
+    prob[only.to(probs.device)] = probs[:, cls]
+    return pasted, flipped, prob

@@ -68,7 +68,7 @@ class ProbeEvidence:
     starts: int = 0
     painted: torch.Tensor | None = field(default=None, repr=False)  # [k, C, H, W]
     regions: torch.Tensor | None = field(default=None, repr=False)  # [k, H, W] bool
-    pasted: torch.Tensor | None = field(default=None, repr=False)
+    pasted: torch.Tensor | None = field(default=None, repr=False)  # the first start's pastes
     flipped: torch.Tensor | None = field(default=None, repr=False)
     targets: int = 0
 
@@ -165,26 +165,36 @@ def probe_classes(
         share = reappearance(regions, settings.reappear_iou)[0]
         rows = eligible[c]
         targets = pool[rows]
-        pasted, flipped, _ = paste_flips(model, images, regions, targets, c, chunk_size)
-        h, w = regions.shape[-2:]
-        moved = torch.roll(regions, (h // 2, w // 2), dims=(-2, -1))
-        _, moved_flips, _ = paste_flips(model, images, moved, targets, c, chunk_size)
         # Never onto its own start: the paint was made for that image.
         valid = torch.tensor([s != t for s in picked for t in rows])
-        flips, control = flipped[valid.to(flipped.device)], moved_flips[valid.to(flipped.device)]
-        if not len(flips):  # the only paste target was a start
+        if not bool(valid.any()):  # the only paste target was a start
             continue
+        pasted, flipped, _ = paste_flips(model, images, regions, targets, c, chunk_size, only=valid)
+        flips = flipped[valid.to(flipped.device)]
+        rate = float(flips.float().mean())
+        # The control only lowers the excess flip rate, so below every threshold the verdict is
+        # clean whatever it is: not measured there (on a 7-class Lite0 audit the probe's pastes
+        # were 40 % of the scan).
+        control = float("nan")
+        if rate >= min(settings.probe_suspicious_flip, settings.probe_moving_flip):
+            h, w = regions.shape[-2:]
+            moved = torch.roll(regions, (h // 2, w // 2), dims=(-2, -1))
+            _, moved_flips, _ = paste_flips(
+                model, images, moved, targets, c, chunk_size, only=valid
+            )
+            control = float(moved_flips[valid.to(moved_flips.device)].float().mean())
         out[c] = ProbeEvidence(
-            flip_rate=float(flips.float().mean()),
-            control_flip_rate=float(control.float().mean()),
+            flip_rate=rate,
+            control_flip_rate=control,
             reappearance=share,
             flips=int(flips.sum()),
             pastes=len(flips),
             starts=k,
             painted=images.cpu(),
             regions=regions,
-            pasted=pasted,
-            flipped=flipped,
+            # The first start's pastes, for the evidence image (its own start left out).
+            pasted=pasted[: len(rows)][valid[: len(rows)].to(pasted.device)],
+            flipped=flipped[: len(rows)][valid[: len(rows)].to(flipped.device)],
             targets=len(rows),
         )
     return out
@@ -198,7 +208,12 @@ def describe_probe(p: ProbeEvidence) -> str:
         f"painted briefly from {p.starts} prototypes of other classes, the class's blob "
         f"reappears in {p.reappearance:.0%} of them and, pasted onto confidently classified "
         f"images of other classes, flips {p.flip_rate:.0%} of them "
-        f"({p.flips}/{p.pastes}; control {p.control_flip_rate:.0%})"
+        f"({p.flips}/{p.pastes}; control "
+        + (
+            "not measured: below every threshold)"
+            if math.isnan(p.control_flip_rate)
+            else f"{p.control_flip_rate:.0%})"
+        )
     )
 
 
@@ -252,7 +267,7 @@ def combine(scan: Any, p: ProbeEvidence, settings: Any) -> Any:
         )
         if p.painted is not None:
             scan.evidence_png = evidence_png(list(p.painted[:6]), p.regions[:6])
-            scan.paste_png = paste_png(p.pasted, p.flipped, p.targets)
+            scan.paste_png = paste_png(p.pasted, p.flipped, len(p.pasted))
     else:
         scan.reason = f"{scan.reason}; {words}"
     return scan

@@ -30,8 +30,10 @@ both), and a concentration-and-consistency branch only added false alarms. The t
 chosen on the test bed's tuning pairs; its held-out pairs give the honest rates (``docs/spurious.md``).
 
 Without images of other classes the flip rates are NaN: the verdict is ``clean`` and its reason
-says that logit dependence was "not measured (no images of other classes ...)". With one image no
-blob can reappear (reappearance NaN: "n/a (one image)"), so the verdict is ``clean``.
+says that logit dependence was "not measured (no images of other classes ...)". With fewer than
+three images (``ScanSettings.position_images``) position is not judged (reappearance NaN: "n/a (fewer
+than three images)"): with two, the modal blob would always reappear in half of them. The verdict
+is then ``clean``.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def describe(evidence: Evidence) -> str:
     )
     return (
         f"{e.concentration:.0%} of the evidence in one blob, "
-        f"blob reappears in {_fmt(e.reappearance, '.0%', 'n/a (one image)')} of the images, "
+        f"blob reappears in {_fmt(e.reappearance, '.0%', 'n/a (fewer than three images)')} of the images, "
         f"content consistency {_fmt(e.consistency, '.2f', 'n/a')}, {flips}"
     )
 

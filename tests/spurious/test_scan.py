@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from leapcore.spurious import (
     CLEAN,
@@ -83,7 +84,15 @@ def test_the_marked_class_is_flagged_and_the_clean_twin_raises_no_alarm(scanned)
     assert "prototypes alone (no samples given)" in marked.reason
     assert [s.class_name for s in twin_scans if s.verdict != CLEAN] == []
     # No class of the twin reaches the probe's threshold (measured: digits 0.00, photos 0.22).
-    worst = max(s.probe_flip_rate - s.probe_control_flip_rate for s in twin_scans)
+    # A class whose probe flip rate is below every probe threshold has no control (it can only
+    # lower the excess): its flip rate bounds the excess.
+    lowest = min(settings.probe_suspicious_flip, settings.probe_moving_flip)
+    for s in [*scans, *twin_scans]:
+        assert math.isnan(s.probe_control_flip_rate) == (s.probe_flip_rate < lowest), s.reason
+    worst = max(
+        s.probe_flip_rate - (s.probe_control_flip_rate if s.probe_flip_rate >= lowest else 0)
+        for s in twin_scans
+    )
     assert worst < settings.probe_suspicious_flip
     assert marked.evidence_png.startswith(b"\x89PNG") and marked.paste_png.startswith(b"\x89PNG")
 
@@ -216,9 +225,51 @@ def test_verdict_thresholds() -> None:
     assert verdict(conc=0.9, consist=1.0) == CLEAN
     verdict_, reason = judge(Evidence(0.3, 1.0, 0.5, float("nan"), float("nan")), s)
     assert verdict_ == CLEAN and "flip rate not measured (no images of other classes)" in reason
-    # One image: position not measured, so not flagged however much it flips.
+    # Fewer than three images: position not measured, so not flagged however much it flips.
     verdict_, reason = judge(Evidence(0.3, float("nan"), float("nan"), 0.9, 0.0), s)
-    assert verdict_ == CLEAN and "n/a (one image)" in reason
+    assert verdict_ == CLEAN and "n/a (fewer than three images)" in reason
+
+
+class _Bright(torch.nn.Module):
+    """Class 1 when some 4x4 square is bright, wherever it is; class 0 otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        peak = F.avg_pool2d(x.mean(1, keepdim=True), 4, stride=1).flatten(1).max(1).values
+        z1 = 30 * peak - 15
+        return torch.stack([torch.zeros_like(z1), z1], 1)
+
+
+def _bright_square(top: int, left: int) -> torch.Tensor:
+    x = torch.zeros(1, 16, 16)
+    x[:, top : top + 4, left : left + 4] = 1
+    return x
+
+
+@pytest.mark.parametrize(
+    "places, expected",
+    [
+        ([(1, 1), (11, 11)], CLEAN),  # two blobs in two places: position not judged
+        ([(1, 1), (11, 11), (1, 11)], CLEAN),  # three places: the blob moves
+        ([(1, 1), (1, 1), (1, 1)], LIKELY),  # three images, one place
+    ],
+)
+def test_position_is_judged_from_three_images_or_not_at_all(places, expected) -> None:
+    """A bright square anywhere is the class, and pasted alone it flips dark images wherever it
+    sits: a genuine feature, not a fixed marker, when it sits in different places. With two
+    images the modal blob always "reappeared" in half of them (>= ``placed_share``), so two blobs
+    in two places were ``likely spurious``; now two images leave position n/a."""
+    from leapcore.config import load_config
+
+    targets = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.1
+    images = torch.cat([torch.stack([_bright_square(*p) for p in places]), targets])
+    owners = [1] * len(places) + [0] * len(targets)
+    config = load_config({"input_dim": [1, 16, 16]})
+    (found,) = scan_classes(_Bright(), [1], ["dark", "bright"], images, owners, None, config, 16)
+    assert found.flip_rate > 0.5 and found.control_flip_rate == 0, found.reason
+    assert found.verdict == expected, found.reason
+    if len(places) < ScanSettings().position_images:
+        assert math.isnan(found.reappearance)
+        assert "n/a (fewer than three images)" in found.reason
 
 
 def test_a_single_class_audit_without_samples_says_the_flip_rate_was_not_measured(
