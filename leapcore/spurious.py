@@ -22,7 +22,8 @@ The numbers behind the verdict (reappearance of the blob, consistency of its con
 rate over the control) and the verdict rule are in :mod:`leapcore.spurious_verdict`. A paste
 "flips" an image when the model's own decision rule then gives the class: the top class for
 ``logits`` models, a sigmoid probability >= 0.5 for ``multilabel_logits`` models (other classes may
-stay present). Paste targets are the user's samples first, then other classes' prototypes.
+stay present). The image rule's paste targets are the user's samples first, then other classes'
+prototypes; the paint probe's are prototypes only.
 
 Most classes have one image of their own (one prototype, no samples), so no position can be
 compared there. The **paint probe** (:mod:`leapcore.spurious_probe`) therefore paints each class

@@ -120,7 +120,8 @@ def probe_classes(
     Args:
         model: pixel-space images -> logits.
         classes: class indices to probe.
-        pool: ``[N, C, H, W]`` candidate starts and paste targets (samples first, then prototypes).
+        pool: ``[N, C, H, W]`` candidate starts and paste targets (``scan_audit`` passes the
+            prototypes only).
         probs: ``[N, K]`` the model's probabilities of ``pool``.
         settings: a :class:`~leapcore.spurious.ScanSettings`.
         chunk_size: images per model call.
