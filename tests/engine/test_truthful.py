@@ -171,15 +171,11 @@ def test_planted_marker_gets_most_of_the_mask(marker_model):
     assert mass.mean() > 0.5, mass
 
 
-def test_default_saliency_concentrates_on_the_planted_marker(marker_model):
-    """Issue 19: the saliency map itself (``isolation_keep: 0``), what the deletion / insertion AUCs
-    rank and ``benchmarks/fidelity.py`` compares with captum, puts most of its mass on the marker.
-    Measured on these 6 images: 0.57 with the default (``isolation_map: evidence``; 0.51 with the
-    mask x logit evidence of before, 0.46-0.63 per image, deletion 0.22); the soft mask
-    alone 0.39 after 100 steps at lr 0.1 (the default before) and 0.17 after the default 10 steps;
-    captum's IntegratedGradients 0.31 (absolute) / 0.42 (signed), GradientShap 0.11 / 0.16."""
+@pytest.fixture(scope="module")
+def saliency_audit(marker_model):
+    """The marker model's default saliency map (``isolation_keep: 0``) on its first 6 images."""
     m = marker_model
-    audit = engine.run(
+    return engine.run(
         m.model,
         m.class_list,
         {"input_dim": [1, 32, 32], "max_steps": 60, "log_freq": 30, "isolation_keep": 0},
@@ -187,15 +183,24 @@ def test_default_saliency_concentrates_on_the_planted_marker(marker_model):
         m.preprocessing,
         samples=m.images[:6],
     )
-    iso = audit.isolation
+
+
+def test_default_saliency_concentrates_on_the_planted_marker(marker_model, saliency_audit):
+    """Issue 19: the saliency map itself (``isolation_keep: 0``), what the deletion / insertion AUCs
+    rank and ``benchmarks/fidelity.py`` compares with captum, puts most of its mass on the marker.
+    Measured on these 6 images: 0.57 with the default (``isolation_map: evidence``; 0.51 with the
+    mask x logit evidence of before, 0.46-0.63 per image, deletion 0.22); the soft mask
+    alone 0.39 after 100 steps at lr 0.1 (the default before) and 0.17 after the default 10 steps;
+    captum's IntegratedGradients 0.31 (absolute) / 0.42 (signed), GradientShap 0.11 / 0.16."""
+    iso = saliency_audit.isolation
     assert iso.masks.min() >= 0 and iso.masks.max() <= 1
-    mass = marker_mass(iso.masks[:, 0], m.box)
+    mass = marker_mass(iso.masks[:, 0], marker_model.box)
     assert mass.mean() > 0.45, mass
     # And it ranks: deleting its top pixels first removes the marker class far sooner than random.
     assert iso.deletion_auc.mean() < 0.5, iso.deletion_auc
 
 
-def test_default_saliency_ranks_the_whole_marker_first(marker_model):
+def test_default_saliency_ranks_the_whole_marker_first(marker_model, saliency_audit):
     """Issue 19: deletion removes the top pixels first, so the whole marker, not only its edges,
     must rank near the top. The first-order evidence ranks the inside of a uniform patch low (its
     gradient is small or negative); the default map fills such gaps from their neighbours
@@ -205,15 +210,7 @@ def test_default_saliency_ranks_the_whole_marker_first(marker_model):
     on 30 images of this model."""
     m = marker_model
     images = m.images[:6]
-    audit = engine.run(
-        m.model,
-        m.class_list,
-        {"input_dim": [1, 32, 32], "max_steps": 60, "log_freq": 30, "isolation_keep": 0},
-        [m.marker_class],
-        m.preprocessing,
-        samples=images,
-    )
-    maps = audit.isolation.masks[:, 0]
+    maps = saliency_audit.isolation.masks[:, 0]
     top, left, bottom, right = m.box
     inside = torch.zeros(32, 32, dtype=torch.bool)
     inside[top:bottom, left:right] = True
