@@ -25,9 +25,11 @@ seeds 18-23, written down before any was run, run once with the fourth session's
 fixed and before any was run; run once) and ``fresh4`` (12 pairs, seeds 30-35, written down in the
 sixth session before any was run; run once with main's rule) and ``fresh5`` (12 pairs, seeds
 36-41, written down in the seventh session before any was run, while a per-model rule was made on
-the other sets; run once). ``--set all`` runs tuning and held-out.
+the other sets; run once) and ``fresh6`` (12 pairs, seeds 42-47, written down in the seventh
+session after the samples fixes were committed, before any was run; run once, with and without
+each model's own samples). ``--set all`` runs tuning and held-out.
 
-Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldout|fresh|...|fresh5|all]
+Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldout|fresh|...|fresh6|all]
 [--pairs N] [--max-steps S] [--samples N] [--json FILE]``. The audits use the engine's defaults
 (``max_steps`` 1000, prototypes stop early): about 20 s a pair on one CPU core of a loaded
 machine, 1.4 times the fast tests' 150 steps (``--max-steps 150``). Prints a markdown table and the totals per set; ``--json`` also writes every
@@ -176,6 +178,22 @@ FRESH5 = [
     MarkerSpec("photos", 3, (0.5, 1.0, 0.0), "square", (4, 14), 1, seed=40),
     MarkerSpec("photos", 6, (1.0, 1.0, 1.0), "ring", (8, 24), 4, seed=41),
 ]
+# Written down in the seventh session after the scan's samples fixes (the probe on prototypes
+# only, position from three images) were committed, before any of them was run.
+FRESH6 = [
+    MarkerSpec("digits", 4, (1.0,), "ring", (27, 14), 1, seed=42),
+    MarkerSpec("digits", 6, (0.8,), "checker", (3, 26), 7, seed=43),
+    MarkerSpec("digits", 5, (1.0,), "cross", (26, 26), 4, seed=44),
+    MarkerSpec("digits", 3, (0.9,), "square", (15, 2), 3, seed=45),
+    MarkerSpec("digits", 7, (0.6,), "square", (0, 12), 8, seed=46),
+    MarkerSpec("digits", 5, (1.0,), "ring", (20, 8), 2, seed=47),
+    MarkerSpec("photos", 4, (0.0, 1.0, 1.0), "ring", (2, 2), 0, seed=42),
+    MarkerSpec("photos", 5, (1.0, 0.5, 0.0), "checker", (27, 20), 5, seed=43),
+    MarkerSpec("photos", 6, (0.5, 0.0, 0.5), "cross", (10, 10), 2, seed=44),
+    MarkerSpec("photos", 3, (1.0, 1.0, 1.0), "square", (28, 4), 7, seed=45),
+    MarkerSpec("photos", 7, (0.0, 0.8, 0.0), "ring", (18, 24), 3, seed=46),
+    MarkerSpec("photos", 5, (0.2, 0.2, 1.0), "square", (6, 22), 6, seed=47),
+]
 SETS = {
     "tuning": TUNING,
     "heldout": HELDOUT,
@@ -184,6 +202,7 @@ SETS = {
     "fresh3": FRESH3,
     "fresh4": FRESH4,
     "fresh5": FRESH5,
+    "fresh6": FRESH6,
 }
 
 
