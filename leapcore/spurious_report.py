@@ -168,9 +168,12 @@ def spurious_fragment(table: pa.Table) -> str:
             if r["pastes"]
             else "not measured (no images of other classes)"
         )
+        # The probe's control is run only where its flip rate reaches a threshold.
+        control = _cell(r.get("probe_control_flip_rate"), ".0%")
+        control = "not run: below every threshold" if control == "n/a" else control
         probe = (
             f"{_cell(r.get('probe_flip_rate'), '.0%')} ({r.get('probe_pastes')} pastes; control "
-            f"{_cell(r.get('probe_control_flip_rate'), '.0%')}), "
+            f"{control}), "
             f"{_cell(r.get('probe_reappearance'), '.0%')}"
             if r.get("probe_pastes")
             else "not measured"

@@ -324,6 +324,14 @@ def test_table_metrics_and_tag(scanned) -> None:
         assert "<details><summary>why" in clean_row
     assert metrics["spurious/flagged_classes"] == sum(s.verdict != CLEAN for s in scans)
     assert name in spurious_tag(table)
+    # A probe control that was not run (flip rate below every threshold) says so, not "n/a";
+    # a class's probe control that ran shows its rate.
+    for s in scans:
+        cell = fragment.split(f"<td>{s.class_name}</td>")[1].split("</tr>")[0]
+        if s.probe_pastes and math.isnan(s.probe_control_flip_rate):
+            assert "control not run: below every threshold" in cell
+        elif s.probe_pastes:
+            assert f"pastes; control {s.probe_control_flip_rate:.0%}" in cell
 
 
 def test_hybrid_targets_are_named_as_not_scanned(scanned) -> None:
