@@ -8,7 +8,7 @@ every scanned class at once (one batch):
 
 1. **starts**: up to ``probe_starts`` images the model does *not* decide for the class, however
    confidently it assigns them elsewhere: other classes' prototypes (never the user's samples,
-   which are paste targets only), taken in turn from class ``c + 1`` on. A start need not be a
+   which feed only the image rule), taken in turn from class ``c + 1`` on. A start need not be a
    confident image; it only has to begin away from the class. More starts make the reappearance
    below less coarse: the digits models assign only 3-6 of their 9 other prototypes with
    p >= 0.95, which left the probe 3-4 starts there.
@@ -113,7 +113,6 @@ def probe_classes(
     probs: torch.Tensor,
     settings: Any,
     chunk_size: int,
-    samples: int = 0,
 ) -> dict[int, ProbeEvidence]:
     """The paint probe (module docstring) of each class of ``classes``.
 
@@ -125,8 +124,6 @@ def probe_classes(
         probs: ``[N, K]`` the model's probabilities of ``pool``.
         settings: a :class:`~leapcore.spurious.ScanSettings`.
         chunk_size: images per model call.
-        samples: how many rows of ``pool`` (its first) are the user's samples: paste targets,
-            never starts.
     """
     kind = output_kind(model)
     out = {c: ProbeEvidence() for c in classes}
@@ -138,8 +135,8 @@ def probe_classes(
     for c in classes:
         away = ~decides(probs, c, kind)
         eligible[c] = (confident & away).nonzero().flatten().tolist()[: settings.max_targets]
-        # Starts: images not decided for the class, samples left out (paste targets only).
-        candidates = [r for r in away.nonzero().flatten().tolist() if r >= samples]
+        # Starts: images not decided for the class, however confident.
+        candidates = away.nonzero().flatten().tolist()
         if len(eligible[c]) < 2 or not candidates:  # at least one paste onto another image
             continue
         k = min(settings.probe_starts, len(candidates))
@@ -211,7 +208,7 @@ def describe_probe(p: ProbeEvidence) -> str:
         f"images of other classes, flips {p.flip_rate:.0%} of them "
         f"({p.flips}/{p.pastes}; control "
         + (
-            "not measured: below every threshold)"
+            "not run: below every threshold)"
             if math.isnan(p.control_flip_rate)
             else f"{p.control_flip_rate:.0%})"
         )

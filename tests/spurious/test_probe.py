@@ -56,21 +56,22 @@ def test_the_probe_paints_the_marker_in_place_and_it_flips_other_images() -> Non
         assert found[c].flip_rate == 0.0 and judge_probe(found[c], SETTINGS) == CLEAN
 
 
-def test_starts_need_not_be_confident_and_samples_are_never_starts() -> None:
+def test_starts_need_not_be_confident() -> None:
     model = _MarkerModel()
     grey = torch.full((1, 1, 8, 8), 0.5)
     grey[:, :, :2, :2] = 0.1  # classes 0 and 2 tie: no paste target, but a start
-    pool = torch.cat([_pool(), grey])  # the first four (dark) images are the user's samples
+    pool = torch.cat([_pool(), grey])
     probs = model_probs(model, pool, 8)
     assert probs[-1].max() < SETTINGS.target_confidence
-    marker = probe_classes(model, [1], pool, probs, SETTINGS, 8, samples=4)[1]
-    # Starts: the four bright prototypes and the grey one; targets: the eight confident images,
-    # each start's own image left out (the grey start is no target).
-    assert marker.starts == 5 and marker.targets == 8
-    assert marker.pastes == 5 * 8 - 4 and marker.flip_rate == 1.0 and marker.reappearance == 1.0
+    marker = probe_classes(model, [1], pool, probs, SETTINGS, 8)[1]
+    # Starts: 8 of the 9 images not of the class, taken from row 1 on (rows 1-8: the grey one
+    # too); targets: the eight confident images, each start's own image left out (the grey start
+    # is no target): 8 x 8 - 7 pastes.
+    assert marker.starts == 8 and marker.targets == 8
+    assert marker.pastes == 8 * 8 - 7 and marker.flip_rate == 1.0 and marker.reappearance == 1.0
     # Capped at probe_starts.
     capped = ScanSettings(probe_step=0.2, probe_starts=2)
-    assert probe_classes(model, [1], pool, probs, capped, 8, samples=4)[1].starts == 2
+    assert probe_classes(model, [1], pool, probs, capped, 8)[1].starts == 2
 
 
 def test_paint_moves_the_largest_gradient_by_the_step() -> None:
