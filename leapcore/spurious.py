@@ -259,6 +259,7 @@ def scan_classes(
     config: EngineConfig,
     chunk_size: int,
     settings: ScanSettings | None = None,
+    prototype_probs: torch.Tensor | None = None,
 ) -> list[ClassScan]:
     """Scan each class of ``classes`` (see the module docstring).
 
@@ -273,6 +274,7 @@ def scan_classes(
         config: the audit's options (seed, isolation background, hierarchical-perturbation cell).
         chunk_size: images per model call.
         settings: scan options; defaults to :class:`ScanSettings`.
+        prototype_probs: ``model_probs`` of ``prototypes``, when the caller has them.
     """
     settings = settings or ScanSettings()
     device = prototypes.device
@@ -280,7 +282,11 @@ def scan_classes(
     kind = output_kind(model)
     # Paste targets: the user's samples first (real images), then other classes' prototypes.
     pool = torch.cat([samples, prototypes])
-    probs = model_probs(model, pool, chunk_size) if len(pool) else torch.zeros(0, 0)
+    parts = [model_probs(model, samples, chunk_size)] if len(samples) else []
+    if len(prototypes):
+        own_probs = prototype_probs
+        parts.append(model_probs(model, prototypes, chunk_size) if own_probs is None else own_probs)
+    probs = torch.cat(parts) if parts else torch.zeros(0, 0)
     sample_probs, proto_probs = probs[: len(samples)], probs[len(samples) :]
     # Evidence images: each class's prototypes that the model decides for it (an off-target
     # prototype shows another class's evidence) and the samples it decides for it.
@@ -463,8 +469,10 @@ def scan_audit(
     device = start.device
     images, owners = _single_target_rows(prototypes, device)
     names = names or [str(i) for i in range(int(prototypes.logits.shape[1]))]
+    # One forward of the prototypes serves both rules.
+    probs = model_probs(model, images, chunk_size) if len(images) else torch.zeros(0, 0)
     first = scan_classes(
-        model, classes, names, images, owners, samples, config, chunk_size, settings
+        model, classes, names, images, owners, samples, config, chunk_size, settings, probs
     )
     if settings.extra_prototypes > 0 and classes:
         first = _with_extras(
@@ -475,9 +483,7 @@ def scan_audit(
     # prototypes do (on the test bed, with 32 of each model's own held-out images, 8 of the 10
     # clean classes flagged were the probe's; their excess rose from 0.02-0.33 to 0.35-0.49),
     # and the samples already enter the image rule above.
-    probes = probe_classes(
-        model, classes, images, model_probs(model, images, chunk_size), settings, chunk_size
-    )
+    probes = probe_classes(model, classes, images, probs, settings, chunk_size)
     return [combine(s, probes[s.class_index], settings) for s in first]
 
 

@@ -4,24 +4,52 @@ its paint probe; :mod:`leapcore.spurious` re-exports them)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from leapcore.outputs import model_probabilities
 
 
 def connected_components(mask: torch.Tensor) -> torch.Tensor:
     """Labels ``[H, W]`` (0 = background, else 1 + the smallest flat index in the component) of
-    the 8-connected components of a bool ``mask``: max-label propagation by 3x3 max pooling."""
+    the 8-connected components of a bool ``mask``.
+
+    Union by minimum over the foreground's neighbour pairs, with pointer jumping: every foreground
+    pixel points to a pixel of its component with a smaller or equal index, each round lowers
+    the pointers across every neighbour pair and then follows them to their ends, and the rounds
+    stop when nothing changes (then each component points to its smallest index). It works on
+    the foreground pixels only, in a few rounds; propagating labels over the whole image by 3x3
+    max pooling, as before, took one round per pixel of the longest path in a component, and
+    on a 7-class EfficientNet-Lite0 scan (49 maps of 224 x 224) 5 % of the scan's time.
+    """
     h, w = mask.shape
-    ids = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, 1, h, w)
-    keep = mask.view(1, 1, h, w).float()
-    labels = (h * w + 1 - ids) * keep  # propagate the max, i.e. the smallest index
+    fg = mask.flatten().nonzero().flatten()  # ascending: position order is flat-index order
+    out = torch.zeros(h * w, dtype=torch.long)
+    if len(fg) == 0:
+        return out.view(h, w)
+    position = torch.full((h * w,), -1, dtype=torch.long)
+    position[fg] = torch.arange(len(fg))
+    ends: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    for dy, dx in ((0, 1), (1, -1), (1, 0), (1, 1)):  # each neighbour pair once
+        x0, x1 = max(0, -dx), w - max(0, dx)
+        both = mask[: h - dy, x0:x1] & mask[dy:, x0 + dx : x1 + dx]
+        ys, xs = both.nonzero().unbind(1)
+        flat = ys * w + xs + x0
+        ends[0].append(position[flat])
+        ends[1].append(position[flat + dy * w + dx])
+    a, b = torch.cat(ends[0]), torch.cat(ends[1])
+    pointer = torch.arange(len(fg))
     while True:
-        grown = F.max_pool2d(labels, 3, stride=1, padding=1) * keep
-        if torch.equal(grown, labels):
+        low = torch.minimum(pointer[a], pointer[b])
+        lowered = pointer.scatter_reduce(0, a, low, "amin").scatter_reduce(0, b, low, "amin")
+        while True:
+            jumped = lowered[lowered]
+            if torch.equal(jumped, lowered):
+                break
+            lowered = jumped
+        if torch.equal(lowered, pointer):
             break
-        labels = grown
-    return torch.where(keep > 0, h * w + 1 - labels, torch.zeros_like(labels)).long().view(h, w)
+        pointer = lowered
+    out[fg] = fg[pointer] + 1
+    return out.view(h, w)
 
 
 def top_region(saliency: torch.Tensor, share: float) -> torch.Tensor:
