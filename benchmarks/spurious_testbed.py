@@ -328,6 +328,7 @@ def rejudge(settings: ScanSettings):
             _nan(row.get("consistency")),
             _nan(row["flip_rate"]),
             _nan(row["control_flip_rate"]),
+            _nan(row.get("elsewhere_ratio")),  # absent (NaN) in records before it existed
         )
         proto = judge(evidence, settings)[0]
         probe = judge_probe(
