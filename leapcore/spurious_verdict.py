@@ -56,7 +56,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 CLEAN, SUSPICIOUS, LIKELY = "clean", "suspicious", "likely spurious"
 VERDICTS = (CLEAN, SUSPICIOUS, LIKELY)  # in order of severity
@@ -138,7 +137,11 @@ def consistency(images: torch.Tensor, region: torch.Tensor) -> float:
 
 
 def elsewhere_ratio(
-    sources: torch.Tensor, region: torch.Tensor, targets: torch.Tensor, max_positions: int = 1024
+    sources: torch.Tensor,
+    region: torch.Tensor,
+    targets: torch.Tensor,
+    max_positions: int = 1024,
+    max_pixels: int = 2048,
 ) -> float:
     """How much better the blob's content is matched elsewhere in other classes' images than in
     place: the median (over ``sources``) of the median (over ``targets``) of the best match of
@@ -152,8 +155,10 @@ def elsewhere_ratio(
         sources: ``[S, C, H, W]`` the class's images (pixels in [0, 1]).
         region: ``[H, W]`` bool, the blob.
         targets: ``[T, C, H, W]`` images of other classes.
-        max_positions: placements searched per target at most (a stride over larger images; one
-            pixel up to 64x64 images).
+        max_positions: placements searched per target at most (every one at 32x32 px; a stride
+            over larger images, whose coarser search finds worse matches: a larger ratio).
+        max_pixels: pixel values (channels x blob pixels) compared at most, evenly spaced (all
+            of them at 32x32 px: at most 3 x 51): bounds the cost on large images.
 
     Returns:
         The ratio; NaN without sources, targets or region.
@@ -163,18 +168,28 @@ def elsewhere_ratio(
     ys, xs = region.nonzero(as_tuple=True)
     r0, r1, c0, c1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
     h, w = r1 - r0, c1 - c0
-    inside = region[r0:r1, c0:c1].flatten().repeat(targets.shape[1])  # unfold's (C, h, w) order
+    inside = region[r0:r1, c0:c1].flatten().repeat(targets.shape[1]).nonzero().flatten()
+    if len(inside) > max_pixels:  # unfold's (C, h, w) order; evenly thinned on large images
+        inside = inside[torch.linspace(0, len(inside) - 1, max_pixels).long()]
     sources, targets = sources.float(), targets.float()
     patches = sources[:, :, r0:r1, c0:c1].flatten(1)[:, inside]  # [S, n]
     here = targets[:, :, r0:r1, c0:c1].flatten(1)[:, inside]
     in_place = (here[None] - patches[:, None]).abs().mean(-1)  # [S, T]
-    places = (targets.shape[-2] - h + 1) * (targets.shape[-1] - w + 1)
-    stride = max(1, math.ceil(math.sqrt(places / max_positions)))
-    best = torch.empty_like(in_place)
-    for t, target in enumerate(targets):
-        cols = F.unfold(target[None], (h, w), stride=stride)[0][inside]  # [n, L]
-        for i, patch in enumerate(patches):
-            best[i, t] = (cols - patch[:, None]).abs().mean(0).min()
+    height, width = targets.shape[-2:]
+    stride = max(1, math.ceil(math.sqrt((height - h + 1) * (width - w + 1) / max_positions)))
+    # Every placement's pixels as one gather (unfold's columns, only the compared rows).
+    tops = torch.arange(0, height - h + 1, stride)
+    lefts = torch.arange(0, width - w + 1, stride)
+    channel, rest = inside // (h * w), inside % (h * w)
+    offsets = channel * height * width + (rest // w) * width + rest % w  # [n]
+    index = offsets[:, None] + (tops[:, None] * width + lefts[None, :]).flatten()[None]  # [n, L]
+    best = torch.stack(
+        [
+            (t[index][None] - patches[:, :, None]).abs().mean(1).min(1).values
+            for t in targets.flatten(1)
+        ],
+        1,
+    )  # [S, T]
     elsewhere = best.median(1).values.median()
     return float(elsewhere / in_place.median(1).values.median().clamp_min(1e-6))
 
