@@ -27,9 +27,11 @@ sixth session before any was run; run once with main's rule) and ``fresh5`` (12 
 36-41, written down in the seventh session before any was run, while a per-model rule was made on
 the other sets; run once) and ``fresh6`` (12 pairs, seeds 42-47, written down in the seventh
 session after the samples fixes were committed, before any was run; run once, with and without
-each model's own samples). ``--set all`` runs tuning and held-out.
+each model's own samples) and ``fresh7`` (12 pairs, seeds 48-53, written down in the eighth
+session before any was run, while a rule against alarms on genuine strokes was made on the other
+sets; run once). ``--set all`` runs tuning and held-out.
 
-Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldout|fresh|...|fresh6|all]
+Run: ``PYTHONPATH=$PWD python benchmarks/spurious_testbed.py [--set tuning|heldout|fresh|...|fresh7|all]
 [--pairs N] [--max-steps S] [--samples N] [--json FILE]``. The audits use the engine's defaults
 (``max_steps`` 1000, prototypes stop early): about 20 s a pair on one CPU core of a loaded
 machine, 1.4 times the fast tests' 150 steps (``--max-steps 150``). Prints a markdown table and the totals per set; ``--json`` also writes every
@@ -194,6 +196,23 @@ FRESH6 = [
     MarkerSpec("photos", 7, (0.0, 0.8, 0.0), "ring", (18, 24), 3, seed=46),
     MarkerSpec("photos", 5, (0.2, 0.2, 1.0), "square", (6, 22), 6, seed=47),
 ]
+# Fresh7: written down (issue 15, eighth session, helper h15c) before any of them was run, while a
+# rule against false alarms on genuine positional strokes was made on the sets above only; run once
+# with the final rule, with and without each model's own samples.
+FRESH7 = [
+    MarkerSpec("digits", 5, (0.9,), "ring", (9, 25), 6, seed=48),
+    MarkerSpec("digits", 4, (1.0,), "checker", (28, 8), 0, seed=49),
+    MarkerSpec("digits", 6, (0.7,), "cross", (2, 16), 9, seed=50),
+    MarkerSpec("digits", 3, (1.0,), "square", (18, 27), 2, seed=51),
+    MarkerSpec("digits", 7, (0.8,), "checker", (22, 0), 5, seed=52),
+    MarkerSpec("digits", 5, (1.0,), "square", (6, 10), 1, seed=53),
+    MarkerSpec("photos", 5, (1.0, 0.0, 0.0), "cross", (27, 2), 4, seed=48),
+    MarkerSpec("photos", 4, (0.0, 0.5, 0.0), "ring", (16, 8), 1, seed=49),
+    MarkerSpec("photos", 6, (1.0, 1.0, 0.5), "square", (2, 26), 6, seed=50),
+    MarkerSpec("photos", 3, (0.0, 0.0, 1.0), "checker", (24, 18), 2, seed=51),
+    MarkerSpec("photos", 7, (1.0, 0.0, 1.0), "square", (8, 4), 7, seed=52),
+    MarkerSpec("photos", 5, (0.5, 0.5, 0.5), "ring", (20, 26), 3, seed=53),
+]
 SETS = {
     "tuning": TUNING,
     "heldout": HELDOUT,
@@ -203,6 +222,7 @@ SETS = {
     "fresh4": FRESH4,
     "fresh5": FRESH5,
     "fresh6": FRESH6,
+    "fresh7": FRESH7,
 }
 
 
@@ -308,6 +328,7 @@ def rejudge(settings: ScanSettings):
             _nan(row.get("consistency")),
             _nan(row["flip_rate"]),
             _nan(row["control_flip_rate"]),
+            _nan(row.get("elsewhere_ratio")),  # absent (NaN) in records before it existed
         )
         proto = judge(evidence, settings)[0]
         probe = judge_probe(

@@ -106,6 +106,13 @@ EVIDENCE_FLOOR = 0.01
 # deleted / inserted 0.217 / 0.513, mask x logit evidence (the default before) 0.239 / 0.515, captum's
 # IntegratedGradients read signed 0.108 / 0.425: there the mask costs deletion.
 EVIDENCE_SHARE = 1.0
+# Tried against those photos and rejected (issue 19, h19p; /work/notes/issue-19-photos.md): evidence
+# integrated along the path from the background (2-16 points: 0.208-0.238 / 0.489-0.508), the mask
+# steps' own view gradients (free: 0.247 / 0.465, with the image's 0.212 / 0.504 but sklearn insertion
+# 0.334 < IG's 0.350), evidence at the blurred side, with the mask's region removed, of the logit,
+# smoothed, rank mixes. What the mask changes on photos is the order of the half of the pixels whose
+# evidence is <= 0: without the mask there, 0.126 / 0.449 (the evidence alone's trade); no map tried
+# both deleted under IG's 0.108 and inserted over Occlusion's 0.553.
 
 # Isolation early stop (``isolation_stop_early``): every 10 steps, a pair whose window means of kept
 # logit share and coverage both moved by at most 0.01 since the previous check, twice in a row, stops.

@@ -28,6 +28,7 @@ SCHEMA = pa.schema(
         ("stability", pa.float32()),
         ("reappearance", pa.float32()),
         ("consistency", pa.float32()),
+        ("elsewhere_ratio", pa.float32()),
         ("centroid_spread", pa.float32()),
         ("flip_rate", pa.float32()),
         ("control_flip_rate", pa.float32()),
@@ -79,8 +80,8 @@ def _number(value: Any) -> float:
 
 def spurious_metrics(table: pa.Table) -> dict[str, float]:
     """MLflow metrics: ``spurious/<class>/{concentration,stability,reappearance,consistency,
-    flip_rate,control_flip_rate,probe_flip_rate,probe_control_flip_rate,probe_reappearance,
-    severity}`` (severity 0 clean, 1 suspicious, 2 likely spurious;
+    elsewhere_ratio,flip_rate,control_flip_rate,probe_flip_rate,probe_control_flip_rate,
+    probe_reappearance,severity}`` (severity 0 clean, 1 suspicious, 2 likely spurious;
     NaN numbers are left out) and the flagged count."""
     out: dict[str, float] = {}
     rows = table.to_pylist()
@@ -92,6 +93,7 @@ def spurious_metrics(table: pa.Table) -> dict[str, float]:
             "stability",
             "reappearance",
             "consistency",
+            "elsewhere_ratio",
             "flip_rate",
             "control_flip_rate",
             "probe_flip_rate",
