@@ -142,7 +142,8 @@ def test_scan_asks_for_the_prototypes_classes_once() -> None:
     same = [b for b in whole if torch.equal(b, protos.images)]
     # Once for both rules' class predictions (it was twice), once as the evidence maps' unoccluded
     # logits (one prototype per class: each is its class's evidence image, on target or not).
-    assert len(same) == 2
+    # Fewer would be fine (those logits could come from the first call); more is a recomputation.
+    assert 1 <= len(same) <= 2, len(same)
 
 
 def test_given_probabilities_give_the_same_scan() -> None:
