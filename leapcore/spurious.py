@@ -124,6 +124,12 @@ class ScanSettings:
         probe_starts, probe_steps, probe_step: the paint probe (:mod:`leapcore.spurious_probe`):
             at most this many starts per class (other classes' prototypes), normalised gradient
             steps, the largest pixel move per step.
+        probe_targets: the probe pastes each start's blob onto at most this many images of other
+            classes (``max_targets`` is the image rule's): 8 starts x 8 targets, about 56 pastes
+            per class, where 8 x 16 made the probe's pastes grow with the class count up to 16
+            classes (on Lite0 they were half of a 16-class scan). No test-bed model has more than
+            9 confident prototypes of other classes: the cap changed 1 of 1944 class rows' paste
+            count on nine sets, and no verdict.
         probe_likely_flip, probe_suspicious_flip: its verdicts' thresholds on the excess flip rate
             (with reappearance >= ``probe_placed_share`` over its starts).
         probe_placed_share: the share of the probe's starts whose blob must reappear.
@@ -155,6 +161,7 @@ class ScanSettings:
     position_images: int = 3
     elsewhere_ratio: float = 0.23
     probe_starts: int = 8
+    probe_targets: int = 8
     probe_steps: int = 5
     probe_step: float = 0.1
     probe_likely_flip: float = 0.5

@@ -134,7 +134,7 @@ def probe_classes(
     starts, owners, start_rows = [], [], []
     for c in classes:
         away = ~decides(probs, c, kind)
-        eligible[c] = (confident & away).nonzero().flatten().tolist()[: settings.max_targets]
+        eligible[c] = (confident & away).nonzero().flatten().tolist()[: settings.probe_targets]
         # Starts: images not decided for the class, however confident.
         candidates = away.nonzero().flatten().tolist()
         if len(eligible[c]) < 2 or not candidates:  # at least one paste onto another image
