@@ -32,8 +32,9 @@ also prints its **model work** (:class:`ModelWork`: images with and without grad
 counted as two forwards) for the audit and the scan. On Lite0 that ratio tracks the seconds (20.5 %
 of the work, 19.0 % of the seconds at 7 classes). Per class, the audit's work is flat (about 800
 forward-equivalents on Lite0) while the paint probe's grows with ``min(probe_starts, K - 1)`` and
-its pastes with ``min(probe_starts, K - 1) x min(max_targets, K - 1)``: with the default settings
-the Lite0 scan passes 25 % at about 9 classes (29 % of the work at 10, 33 % at 16).
+its pastes with ``min(probe_starts, K - 1) x min(probe_targets, K - 1)``: with the default settings
+the Lite0 scan passes 25 % at about 9 classes (28 % of the work at 10, 27 % at 16, with the
+probe's pastes capped at ``probe_targets`` 8 per start; 29 % and 33 % before the cap).
 """
 
 from __future__ import annotations
