@@ -24,6 +24,11 @@ every scanned class at once (one batch):
    the paint was made for); the flip rate is the share the model then decides for the class.
    **Control**: the same blob shape cut half an image away (wrapping round) from the same painted
    images.
+5. **early stop**: steps 2-4 run first for a class's first ``probe_early_starts`` (4) starts; only
+   where their flip rate reaches ``probe_early_stop`` (0.1) are the rest painted, and the class's
+   numbers are then those of all its starts. On nine test-bed sets (1944 classes) every class the
+   probe flagged had 0.22 or more on its first 4 starts, 90 % of the classes stopped, and no
+   verdict changed; the paint was half of a Lite0 scan.
 
 Verdict (:func:`judge_probe`): ``likely spurious`` when the excess flip rate (flip less control) is
 at least ``probe_likely_flip`` and the blob reappears in at least ``probe_placed_share`` of the
@@ -71,6 +76,7 @@ class ProbeEvidence:
     pasted: torch.Tensor | None = field(default=None, repr=False)  # the first start's pastes
     flipped: torch.Tensor | None = field(default=None, repr=False)
     targets: int = 0
+    planned: int = 0  # starts available; more than ``starts`` where the probe stopped early
 
     @property
     def excess_flip(self) -> float:
@@ -114,7 +120,10 @@ def probe_classes(
     settings: Any,
     chunk_size: int,
 ) -> dict[int, ProbeEvidence]:
-    """The paint probe (module docstring) of each class of ``classes``.
+    """The paint probe (module docstring) of each class of ``classes``, in two rounds: the first
+    ``probe_early_starts`` starts of every class, then the rest of its ``probe_starts`` only for
+    the classes whose first flip rate reaches ``probe_early_stop`` (their numbers are then those
+    of all their starts, pasted again together).
 
     Args:
         model: pixel-space images -> logits.
@@ -131,7 +140,7 @@ def probe_classes(
         return out
     confident = probs.max(1).values >= settings.target_confidence
     eligible: dict[int, list[int]] = {}
-    starts, owners, start_rows = [], [], []
+    picked: dict[int, list[int]] = {}
     for c in classes:
         away = ~decides(probs, c, kind)
         eligible[c] = (confident & away).nonzero().flatten().tolist()[: settings.probe_targets]
@@ -140,62 +149,101 @@ def probe_classes(
         if len(eligible[c]) < 2 or not candidates:  # at least one paste onto another image
             continue
         k = min(settings.probe_starts, len(candidates))
-        picked = [candidates[(c + j) % len(candidates)] for j in range(k)]
-        starts += picked
-        owners += [c] * k
-        start_rows.append((c, picked))
-    if not starts:
-        return out
-    painted, maps = paint(
-        model,
-        pool[starts],
-        owners,
-        settings.probe_steps,
-        settings.probe_step,
-        chunk_size,
+        picked[c] = [candidates[(c + j) % len(candidates)] for j in range(k)]
+    first = max(1, settings.probe_early_starts)
+    painted = _paint_starts(
+        model, pool, {c: rows[:first] for c, rows in picked.items()}, settings, chunk_size
     )
-    at = 0
-    for c, picked in start_rows:
-        k = len(picked)
-        images, paint_maps = painted[at : at + k], maps[at : at + k]
-        at += k
-        regions = torch.stack([top_region(m, settings.region_share) for m in paint_maps])
-        share = reappearance(regions, settings.reappear_iou)[0]
-        rows = eligible[c]
-        targets = pool[rows]
-        # Never onto its own start: the paint was made for that image.
-        valid = torch.tensor([s != t for s in picked for t in rows])
-        if not bool(valid.any()):  # the only paste target was a start
-            continue
-        pasted, flipped, _ = paste_flips(model, images, regions, targets, c, chunk_size, only=valid)
-        flips = flipped[valid.to(flipped.device)]
-        rate = float(flips.float().mean())
-        # The control only lowers the excess flip rate, so below every threshold the verdict is
-        # clean whatever it is: not measured there (on a 7-class Lite0 audit the probe's pastes
-        # were 40 % of the scan).
-        control = float("nan")
-        if rate >= min(settings.probe_suspicious_flip, settings.probe_moving_flip):
-            h, w = regions.shape[-2:]
-            moved = torch.roll(regions, (h // 2, w // 2), dims=(-2, -1))
-            _, moved_flips, _ = paste_flips(
-                model, images, moved, targets, c, chunk_size, only=valid
-            )
-            control = float(moved_flips[valid.to(moved_flips.device)].float().mean())
-        out[c] = ProbeEvidence(
-            flip_rate=rate,
-            control_flip_rate=control,
-            reappearance=share,
-            flips=int(flips.sum()),
-            pastes=len(flips),
-            starts=k,
-            painted=images.cpu(),
-            regions=regions,
-            # The first start's pastes, for the evidence image (its own start left out).
-            pasted=pasted[: len(rows)][valid[: len(rows)].to(pasted.device)],
-            flipped=flipped[: len(rows)][valid[: len(rows)].to(flipped.device)],
-            targets=len(rows),
+    for c, (images, maps) in painted.items():
+        out[c] = _probe_one(
+            model, c, images, maps, picked[c][:first], pool, eligible[c], settings, chunk_size
         )
+        out[c].planned = len(picked[c])
+    more = {
+        c: rows[first:]
+        for c, rows in picked.items()
+        if len(rows) > first and out[c].flip_rate >= settings.probe_early_stop
+    }
+    for c, (images, maps) in _paint_starts(model, pool, more, settings, chunk_size).items():
+        images = torch.cat([painted[c][0], images])
+        maps = torch.cat([painted[c][1], maps])
+        out[c] = _probe_one(
+            model, c, images, maps, picked[c], pool, eligible[c], settings, chunk_size
+        )
+        out[c].planned = len(picked[c])
     return out
+
+
+def _paint_starts(
+    model: torch.nn.Module,
+    pool: torch.Tensor,
+    starts: dict[int, list[int]],
+    settings: Any,
+    chunk_size: int,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Each class's painted starts and paint maps, ``{class: (images, maps)}``, painted in one
+    batch for every class of ``starts`` (``{class: pool rows}``)."""
+    rows = [r for c in starts for r in starts[c]]
+    if not rows:
+        return {}
+    owners = [c for c in starts for _ in starts[c]]
+    images, maps = paint(
+        model, pool[rows], owners, settings.probe_steps, settings.probe_step, chunk_size
+    )
+    out, at = {}, 0
+    for c, picked in starts.items():
+        out[c] = (images[at : at + len(picked)], maps[at : at + len(picked)])
+        at += len(picked)
+    return out
+
+
+def _probe_one(
+    model: torch.nn.Module,
+    c: int,
+    images: torch.Tensor,
+    paint_maps: torch.Tensor,
+    picked: list[int],
+    pool: torch.Tensor,
+    rows: list[int],
+    settings: Any,
+    chunk_size: int,
+) -> ProbeEvidence:
+    """Class ``c``'s probe numbers from its painted starts (``picked``, pool rows) pasted onto the
+    pool rows ``rows``."""
+    k = len(picked)
+    regions = torch.stack([top_region(m, settings.region_share) for m in paint_maps])
+    share = reappearance(regions, settings.reappear_iou)[0]
+    targets = pool[rows]
+    # Never onto its own start: the paint was made for that image.
+    valid = torch.tensor([s != t for s in picked for t in rows])
+    if not bool(valid.any()):  # the only paste target was a start
+        return ProbeEvidence()
+    pasted, flipped, _ = paste_flips(model, images, regions, targets, c, chunk_size, only=valid)
+    flips = flipped[valid.to(flipped.device)]
+    rate = float(flips.float().mean())
+    # The control only lowers the excess flip rate, so below every threshold the verdict is
+    # clean whatever it is: not measured there (on a 7-class Lite0 audit the probe's pastes
+    # were 40 % of the scan).
+    control = float("nan")
+    if rate >= min(settings.probe_suspicious_flip, settings.probe_moving_flip):
+        h, w = regions.shape[-2:]
+        moved = torch.roll(regions, (h // 2, w // 2), dims=(-2, -1))
+        _, moved_flips, _ = paste_flips(model, images, moved, targets, c, chunk_size, only=valid)
+        control = float(moved_flips[valid.to(moved_flips.device)].float().mean())
+    return ProbeEvidence(
+        flip_rate=rate,
+        control_flip_rate=control,
+        reappearance=share,
+        flips=int(flips.sum()),
+        pastes=len(flips),
+        starts=k,
+        painted=images.cpu(),
+        regions=regions,
+        # The first start's pastes, for the evidence image (its own start left out).
+        pasted=pasted[: len(rows)][valid[: len(rows)].to(pasted.device)],
+        flipped=flipped[: len(rows)][valid[: len(rows)].to(flipped.device)],
+        targets=len(rows),
+    )
 
 
 def describe_probe(p: ProbeEvidence) -> str:
@@ -203,7 +251,14 @@ def describe_probe(p: ProbeEvidence) -> str:
     if math.isnan(p.flip_rate):
         return "paint probe not measured (fewer than two confident images of other classes)"
     return (
-        f"painted briefly from {p.starts} prototypes of other classes, the class's blob "
+        f"painted briefly from {p.starts} prototypes of other classes"
+        + (
+            f" (the first {p.starts} of {p.planned}: under the early-stop flip rate, the rest "
+            "were not painted)"
+            if p.planned > p.starts
+            else ""
+        )
+        + ", the class's blob "
         f"reappears in {p.reappearance:.0%} of them and, pasted onto confidently classified "
         f"images of other classes, flips {p.flip_rate:.0%} of them "
         f"({p.flips}/{p.pastes}; control "
@@ -248,7 +303,12 @@ def combine(scan: Any, p: ProbeEvidence, settings: Any) -> Any:
     scan.probe_control_flip_rate = p.control_flip_rate
     scan.probe_reappearance = p.reappearance
     scan.probe_pastes = p.pastes
-    scan.details["probe"] = {"starts": p.starts, "targets": p.targets, "flips": p.flips}
+    scan.details["probe"] = {
+        "starts": p.starts,
+        "planned": p.planned,
+        "targets": p.targets,
+        "flips": p.flips,
+    }
     verdict, branch = probe_rule(p, settings)
     words = describe_probe(p)
     if VERDICTS.index(verdict) > VERDICTS.index(scan.verdict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -10,6 +11,7 @@ from leapcore.spurious import CLEAN, LIKELY, SUSPICIOUS, ClassScan, ScanSettings
 from leapcore.spurious_probe import (
     ProbeEvidence,
     combine,
+    describe_probe,
     judge_probe,
     paint,
     probe_classes,
@@ -220,3 +222,27 @@ def test_a_moving_blob_verdict_is_not_told_as_one_place() -> None:
     assert "marker is suspicious: painted briefly" in items[0]
     assert "a small blob not always in one place" in items[0] and "flips 87 % of them" in items[0]
     assert "its blob not always in one place" in _why(row)
+
+
+def test_a_class_whose_first_starts_flip_nothing_stops_there_and_a_marker_paints_all() -> None:
+    model, pool = _MarkerModel(), _pool()
+    probs = model_probs(model, pool, 8)
+    early = ScanSettings(probe_step=0.2, probe_early_starts=2)
+    found = probe_classes(model, [0, 1, 2], pool, probs, early, 8)
+    # The spread classes flip nothing with their first 2 of 4 starts: the other 2 are not painted.
+    for c in (0, 2):
+        assert (found[c].starts, found[c].planned, found[c].flip_rate) == (2, 4, 0.0)
+        assert found[c].pastes == 2 * 4 - 2 and "the first 2 of 4" in describe_probe(found[c])
+    # The marker flips everything with its first 2: all 8 are painted, and its numbers are those
+    # of the probe that never stops.
+    full = probe_classes(model, [0, 1, 2], pool, probs, replace(early, probe_early_stop=0.0), 8)
+    marker = found[1]
+    assert (marker.starts, marker.planned, marker.pastes) == (8, 8, 8 * 7)
+    assert "the first" not in describe_probe(marker)
+    assert (marker.flip_rate, marker.reappearance, judge_probe(marker, early)) == (
+        full[1].flip_rate,
+        full[1].reappearance,
+        LIKELY,
+    )
+    # Stopping hid nothing: painted from all their starts, the spread classes still flip nothing.
+    assert [(full[c].starts, full[c].flip_rate) for c in (0, 2)] == [(4, 0.0), (4, 0.0)]
