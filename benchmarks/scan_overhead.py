@@ -33,8 +33,10 @@ counted as two forwards) for the audit and the scan. On Lite0 that ratio tracks 
 of the work, 19.0 % of the seconds at 7 classes). Per class, the audit's work is flat (about 800
 forward-equivalents on Lite0) while the paint probe's grows with ``min(probe_starts, K - 1)`` and
 its pastes with ``min(probe_starts, K - 1) x min(probe_targets, K - 1)``: with the default settings
-the Lite0 scan passes 25 % at about 9 classes (28 % of the work at 10, 27 % at 16, with the
-probe's pastes capped at ``probe_targets`` 8 per start; 29 % and 33 % before the cap).
+the Lite0 scan passed 25 % at about 9 classes (29 % of the work at 10, 33 % at 16). With the
+probe's pastes capped at ``probe_targets`` 8 per start, 28 % and 27 %; with its early stop (a
+class's first ``probe_early_starts`` 4 starts, the rest only where they flip >= 10 %), 17 % at
+both.
 """
 
 from __future__ import annotations
@@ -267,7 +269,8 @@ def measure(case: Case, options: dict, repeats: int, settings: ScanSettings) -> 
     steps = first.prototypes.extras.get("stopped_at") if first.prototypes.extras else None
     print(f"audit prototype steps: {first.prototypes.steps} (rows stopped at {steps})")
     print(
-        f"scan: {scan_seconds:.1f} s (paint probe {settings.probe_starts} starts x "
+        f"scan: {scan_seconds:.1f} s (paint probe {settings.probe_early_starts} starts, "
+        f"{settings.probe_starts} where they flip >= {settings.probe_early_stop:.0%}, x "
         f"{settings.probe_steps} steps per class; {settings.extra_prototypes} extra prototypes x "
         f"<= {settings.steps(cfg, first.prototypes.steps)} steps per screened class)"
     )
