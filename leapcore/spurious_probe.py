@@ -151,25 +151,24 @@ def probe_classes(
         k = min(settings.probe_starts, len(candidates))
         picked[c] = [candidates[(c + j) % len(candidates)] for j in range(k)]
     first = max(1, settings.probe_early_starts)
-    painted = _paint_starts(
-        model, pool, {c: rows[:first] for c, rows in picked.items()}, settings, chunk_size
-    )
-    for c, (images, maps) in painted.items():
-        out[c] = _probe_one(
-            model, c, images, maps, picked[c][:first], pool, eligible[c], settings, chunk_size
-        )
-        out[c].planned = len(picked[c])
+    starts = {c: rows[:first] for c, rows in picked.items()}
+    pastes = {
+        c: _paste_starts(model, c, images, maps, starts[c], pool, eligible[c], settings, chunk_size)
+        for c, (images, maps) in _paint_starts(model, pool, starts, settings, chunk_size).items()
+    }
     more = {
         c: rows[first:]
         for c, rows in picked.items()
-        if len(rows) > first and out[c].flip_rate >= settings.probe_early_stop
+        if len(rows) > first and pastes[c].rate >= settings.probe_early_stop
     }
+    # The rest of a going-on class's starts are painted and pasted; its first ones are not again.
     for c, (images, maps) in _paint_starts(model, pool, more, settings, chunk_size).items():
-        images = torch.cat([painted[c][0], images])
-        maps = torch.cat([painted[c][1], maps])
-        out[c] = _probe_one(
-            model, c, images, maps, picked[c], pool, eligible[c], settings, chunk_size
+        rest = _paste_starts(
+            model, c, images, maps, more[c], pool, eligible[c], settings, chunk_size
         )
+        pastes[c] = pastes[c].joined(rest)
+    for c, found in pastes.items():
+        out[c] = _evidence(model, c, found, pool[eligible[c]], settings, chunk_size)
         out[c].planned = len(picked[c])
     return out
 
@@ -197,7 +196,32 @@ def _paint_starts(
     return out
 
 
-def _probe_one(
+@dataclass
+class _Pastes:
+    """One class's painted starts and their pastes onto its targets, start-major."""
+
+    images: torch.Tensor  # [k, C, H, W] painted starts
+    regions: torch.Tensor  # [k, H, W] their blobs
+    valid: torch.Tensor  # [k * T] bool: not onto its own start
+    flipped: torch.Tensor  # [k * T] bool
+    first: tuple[torch.Tensor, torch.Tensor]  # the first start's valid pastes and flips
+
+    @property
+    def rate(self) -> float:
+        return float(self.flipped[self.valid.to(self.flipped.device)].float().mean())
+
+    def joined(self, rest: _Pastes) -> _Pastes:
+        """These starts followed by ``rest``'s (the first start's pastes stay these)."""
+        return _Pastes(
+            torch.cat([self.images, rest.images]),
+            torch.cat([self.regions, rest.regions]),
+            torch.cat([self.valid, rest.valid]),
+            torch.cat([self.flipped, rest.flipped]),
+            self.first,
+        )
+
+
+def _paste_starts(
     model: torch.nn.Module,
     c: int,
     images: torch.Tensor,
@@ -207,42 +231,56 @@ def _probe_one(
     rows: list[int],
     settings: Any,
     chunk_size: int,
-) -> ProbeEvidence:
-    """Class ``c``'s probe numbers from its painted starts (``picked``, pool rows) pasted onto the
-    pool rows ``rows``."""
-    k = len(picked)
+) -> _Pastes:
+    """Class ``c``'s painted starts (``picked``, pool rows), each blob pasted in place onto the
+    pool rows ``rows`` (never onto its own start: the paint was made for that image; with at
+    least two targets, as :func:`probe_classes` requires, every start has one)."""
     regions = torch.stack([top_region(m, settings.region_share) for m in paint_maps])
-    share = reappearance(regions, settings.reappear_iou)[0]
-    targets = pool[rows]
-    # Never onto its own start: the paint was made for that image.
     valid = torch.tensor([s != t for s in picked for t in rows])
-    if not bool(valid.any()):  # the only paste target was a start
-        return ProbeEvidence()
-    pasted, flipped, _ = paste_flips(model, images, regions, targets, c, chunk_size, only=valid)
-    flips = flipped[valid.to(flipped.device)]
+    pasted, flipped, _ = paste_flips(model, images, regions, pool[rows], c, chunk_size, only=valid)
+    own = valid[: len(rows)]
+    first = (
+        pasted[: len(rows)][own.to(pasted.device)],
+        flipped[: len(rows)][own.to(flipped.device)],
+    )
+    return _Pastes(images, regions, valid, flipped, first)
+
+
+def _evidence(
+    model: torch.nn.Module,
+    c: int,
+    found: _Pastes,
+    targets: torch.Tensor,
+    settings: Any,
+    chunk_size: int,
+) -> ProbeEvidence:
+    """Class ``c``'s probe numbers from its pastes onto ``targets``."""
+    flips = found.flipped[found.valid.to(found.flipped.device)]
     rate = float(flips.float().mean())
     # The control only lowers the excess flip rate, so below every threshold the verdict is
     # clean whatever it is: not measured there (on a 7-class Lite0 audit the probe's pastes
     # were 40 % of the scan).
     control = float("nan")
     if rate >= min(settings.probe_suspicious_flip, settings.probe_moving_flip):
-        h, w = regions.shape[-2:]
-        moved = torch.roll(regions, (h // 2, w // 2), dims=(-2, -1))
-        _, moved_flips, _ = paste_flips(model, images, moved, targets, c, chunk_size, only=valid)
-        control = float(moved_flips[valid.to(moved_flips.device)].float().mean())
+        h, w = found.regions.shape[-2:]
+        moved = torch.roll(found.regions, (h // 2, w // 2), dims=(-2, -1))
+        _, moved_flips, _ = paste_flips(
+            model, found.images, moved, targets, c, chunk_size, only=found.valid
+        )
+        control = float(moved_flips[found.valid.to(moved_flips.device)].float().mean())
     return ProbeEvidence(
         flip_rate=rate,
         control_flip_rate=control,
-        reappearance=share,
+        reappearance=reappearance(found.regions, settings.reappear_iou)[0],
         flips=int(flips.sum()),
         pastes=len(flips),
-        starts=k,
-        painted=images.cpu(),
-        regions=regions,
+        starts=len(found.images),
+        painted=found.images.cpu(),
+        regions=found.regions,
         # The first start's pastes, for the evidence image (its own start left out).
-        pasted=pasted[: len(rows)][valid[: len(rows)].to(pasted.device)],
-        flipped=flipped[: len(rows)][valid[: len(rows)].to(flipped.device)],
-        targets=len(rows),
+        pasted=found.first[0],
+        flipped=found.first[1],
+        targets=len(targets),
     )
 
 
