@@ -305,8 +305,8 @@ def scan_classes(
     pool = torch.cat([samples, prototypes])
     parts = [model_probs(model, samples, chunk_size)] if len(samples) else []
     if len(prototypes):
-        own_probs = prototype_probs
-        parts.append(model_probs(model, prototypes, chunk_size) if own_probs is None else own_probs)
+        known = prototype_probs is not None
+        parts.append(prototype_probs if known else model_probs(model, prototypes, chunk_size))
     probs = torch.cat(parts) if parts else torch.zeros(0, 0)
     sample_probs, proto_probs = probs[: len(samples)], probs[len(samples) :]
     # Evidence images: each class's prototypes that the model decides for it (an off-target
