@@ -423,10 +423,8 @@ def _scan_one(
     evidence = Evidence(concentration, share, content, flip_rate, control)
     verdict, reason = judge(evidence, settings)
     if verdict != CLEAN:  # only a flagged class pays for the content check
-        placed = judged.nonzero().flatten()[reappears]
-        mine = [i for i in mass.argsort(descending=True).tolist() if i in placed.tolist()] or [
-            modal
-        ]
+        placed = set(judged.nonzero().flatten()[reappears].tolist())
+        mine = [i for i in mass.argsort(descending=True).tolist() if i in placed] or [modal]
         ratio = elsewhere_ratio(stack[mine[: settings.max_sources]], regions[modal], targets.cpu())
         evidence = replace(evidence, elsewhere=ratio)
         verdict, reason = judge(evidence, settings)

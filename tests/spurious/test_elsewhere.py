@@ -19,7 +19,13 @@ from .testbed import MarkerSpec, audit_prototypes, data_samples, scan, train_pai
 # empty bottom of a 7 sits in one place in every 7, and pasted onto a 6, 8 or 3 it wipes their
 # bottom stroke, so they turn into 7s.
 SPEC = MarkerSpec("digits", 5, (0.9,), "ring", (2, 14), 6, seed=8)
-GENUINE = 7
+# The other one: "digits cross 4 px at (14, 20) -> class 3, seed 30" (FRESH4), whose twin's 4 the
+# old rule called suspicious (every image's blob in place, excess flip 0.25): the left end of a 4's
+# bar, pasted onto 3s and 8s, makes them 4s.
+PAIRS = {
+    "heldout s8": (SPEC, 7),
+    "fresh4 s30": (MarkerSpec("digits", 4, (1.0,), "cross", (14, 20), 3, seed=30), 4),
+}
 
 
 def _bars(count: int, gen: torch.Generator) -> torch.Tensor:
@@ -58,16 +64,19 @@ def test_the_ratio_is_small_for_content_other_images_hold_elsewhere_and_large_fo
     assert verdict == CLEAN and "only elsewhere" in reason and f"{familiar:.2f} times" in reason
 
 
-@pytest.fixture(scope="module")
-def scanned():
+@pytest.fixture(scope="module", params=list(PAIRS))
+def scanned(request):
+    spec, genuine = PAIRS[request.param]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the benchmark
     try:
-        marked, twin = train_pair(SPEC)
+        marked, twin = train_pair(spec)
         audits = audit_prototypes(marked), audit_prototypes(twin)
-        own, clean = data_samples(SPEC, marked, 32)
+        own, clean = data_samples(spec, marked, 32)
         old = ScanSettings(elsewhere_ratio=0.0)  # the rule before the content check
         yield {
+            "spec": spec,
+            "genuine": genuine,
             "marked": scan(audits[0], samples=own),
             "twin": scan(audits[1], samples=clean),
             "twin_old": scan(audits[1], old, samples=clean),
@@ -78,31 +87,23 @@ def scanned():
 
 def test_a_genuine_stroke_in_place_is_clean_and_the_marker_stays_flagged(scanned) -> None:
     settings = ScanSettings()
-    old = {s.class_index: s for s in scanned["twin_old"]}[GENUINE]
-    new = {s.class_index: s for s in scanned["twin"]}[GENUINE]
-    # Without the check the twin's 7 is flagged by the image rule (measured: reappearance 0.71 of
-    # 7 images, excess flip 0.41, ratio 0.06) ...
-    assert (old.verdict, old.decided_by) == (LIKELY, "images")
-    assert old.reappearance >= settings.placed_share
-    assert old.flip_rate - old.control_flip_rate >= settings.likely_flip
+    old = {s.class_index: s for s in scanned["twin_old"]}[scanned["genuine"]]
+    new = {s.class_index: s for s in scanned["twin"]}[scanned["genuine"]]
+    # Without the check the twin's genuine class is flagged by the image rule (measured: the 7
+    # likely spurious, reappearance 0.71 of 7 images, excess flip 0.41, ratio 0.06; the 4
+    # suspicious, reappearance 1.0, excess 0.25, ratio 0.20) ...
+    assert old.verdict != CLEAN and old.decided_by == "images"
+    assert (old.verdict, new.verdict) == (judge(_evidence(old, float("nan")), settings)[0], CLEAN)
     # ... with it, the same numbers and a content that other digits hold elsewhere: clean.
     assert new.verdict == CLEAN and "only elsewhere" in new.reason
     assert new.elsewhere_ratio < settings.elsewhere_ratio
     assert (new.reappearance, new.flip_rate) == (old.reappearance, old.flip_rate)
     assert all(s.verdict == CLEAN for s in scanned["twin"]), "the twin raises no alarm"
-    # The marker is foreign to the data: still flagged by the image rule (measured ratio 0.33).
-    marker = {s.class_index: s for s in scanned["marked"]}[SPEC.marker_class]
+    # The marker is foreign to the data: still flagged by the image rule (measured ratios 0.33, 0.36).
+    marker = {s.class_index: s for s in scanned["marked"]}[scanned["spec"].marker_class]
     assert (marker.verdict, marker.decided_by) == (LIKELY, "images")
     assert marker.elsewhere_ratio >= settings.elsewhere_ratio
-    evidence = Evidence(
-        marker.concentration,
-        marker.reappearance,
-        marker.consistency,
-        marker.flip_rate,
-        marker.control_flip_rate,
-        marker.elsewhere_ratio,
-    )
-    assert judge(evidence, settings)[0] == marker.verdict
+    assert judge(_evidence(marker), settings)[0] == marker.verdict
     # Only classes whose numbers the image rule would flag pay for the check; the rest have none.
     for s in scanned["marked"] + scanned["twin"]:
         excess = s.flip_rate - s.control_flip_rate
@@ -112,3 +113,15 @@ def test_a_genuine_stroke_in_place_is_clean_and_the_marker_stays_flagged(scanned
             excess >= settings.suspicious_flip and stable
         )
         assert math.isnan(s.elsewhere_ratio) == (not would), s.class_name
+
+
+def _evidence(scan_row, elsewhere: float | None = None) -> Evidence:
+    """A scanned class's image-rule numbers as the verdict's :class:`Evidence`."""
+    return Evidence(
+        scan_row.concentration,
+        scan_row.reappearance,
+        scan_row.consistency,
+        scan_row.flip_rate,
+        scan_row.control_flip_rate,
+        scan_row.elsewhere_ratio if elsewhere is None else elsewhere,
+    )
