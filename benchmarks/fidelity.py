@@ -28,6 +28,9 @@ of all six photos, :func:`heldout_photos`), kept out of every tuning.
   picture) and ``signed`` (summed over channels, positive = evidence for the class), which ranks
   better on deletion / insertion for every method but Saliency (whose gradient has no sign to use).
 - Every method runs once on one image before it is timed (imports, allocator, thread pools).
+- Under each table, issue 19's goal read off it (:func:`against_captum`): the measures on which
+  leapcore's default loses to a captum row, and which captum rows it dominates (at least as good on
+  every measure, better on one) or is dominated by; gaps under :data:`LEVEL` count as level.
 
     PYTHONPATH=. python benchmarks/fidelity.py [--images 6] [--markers all] [--photos] [--views 2]
         [--more-photos] [--heldout-photos] [--repeats 3]
@@ -357,6 +360,62 @@ def show(title, rows):
         print(f"{name:26s} {d:9.3f} {i:9.3f} {m:7.2f} {s:8.3f} {ms:9.3f} {p:7.0f} {g:5.0f}")
 
 
+# Differences under this are printed as level, not as a win or a loss: a few images' noise.
+LEVEL = 0.005
+CAPTUM = ("Saliency", "IntegratedGradients", "GradientShap", "Occlusion")
+
+
+def against_captum(rows, ours="leapcore mask"):
+    """Issue 19's goal, read off one table: leapcore's default row against every captum row.
+
+    Returns ``{"won": [...], "level": [...], "lost": [...], "dominated_by": [...],
+    "dominates": [...]}``: the first three list ``(measure, captum row, ours, theirs)`` per measure
+    (deletion: lower is better; insertion and marker mass: higher; mass only where a marker was
+    planted); ``dominated_by`` names the captum rows at least as good on every measure and better
+    on one, ``dominates`` those that leapcore is at least as good as on every measure and better on
+    one (differences under :data:`LEVEL` count as level).
+    """
+    table = {name: (d, i, m) for name, d, i, m, *_ in rows}
+    mine = table[ours]
+    measures = [("deletion", 0, -1), ("insertion", 1, 1)]
+    if mine[2] == mine[2]:  # not NaN: a marker was planted
+        measures.append(("marker mass", 2, 1))
+    out = {"won": [], "level": [], "lost": [], "dominated_by": [], "dominates": []}
+    for name, theirs in table.items():
+        if not name.startswith(CAPTUM):
+            continue
+        signs = []
+        for measure, index, better in measures:
+            gain = better * (mine[index] - theirs[index])
+            sign = 0 if abs(gain) < LEVEL else (1 if gain > 0 else -1)
+            signs.append(sign)
+            key = {1: "won", 0: "level", -1: "lost"}[sign]
+            out[key].append((measure, name, mine[index], theirs[index]))
+        if min(signs) >= 0 and max(signs) > 0:
+            out["dominates"].append(name)
+        if max(signs) <= 0 and min(signs) < 0:
+            out["dominated_by"].append(name)
+    return out
+
+
+def show_verdict(rows):
+    """One line per outcome under a table: where the default loses, and the dominance summary."""
+    verdict = against_captum(rows)
+    lost = "; ".join(
+        f"{measure} to {name} ({mine:.3f} vs {theirs:.3f})"
+        for measure, name, mine, theirs in verdict["lost"]
+    )
+    print(
+        f"  leapcore default against captum ({len(verdict['won'])} won, "
+        f"{len(verdict['level'])} level within {LEVEL}, {len(verdict['lost'])} lost): "
+        f"{'lost ' + lost if lost else 'no measure lost'}"
+    )
+    print(
+        f"  it dominates {', '.join(verdict['dominates']) or 'no captum row'}; dominated by "
+        f"{', '.join(verdict['dominated_by']) or 'none'}"
+    )
+
+
 SKIMAGE_PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
 
 
@@ -444,6 +503,7 @@ def main() -> None:
             m.model, m.class_list, m.preprocessing, images, [m.marker_class] * len(images), m.box
         )
         show(f"digits CNN with marker {spec} (clean accuracy {m.clean_accuracy:.2f})", rows)
+        show_verdict(rows)
         split = time_split(
             m.model,
             m.class_list,
@@ -471,10 +531,9 @@ def main() -> None:
                 photos = torch.cat([photos, photos.flip(-1)])
             with torch.no_grad():
                 targets = model(apply(pre, photos)).argmax(1).tolist()
-            show(
-                f"EfficientNet-Lite0, {title} ({len(photos)} views)",
-                compare(model, class_list, pre, photos, targets),
-            )
+            rows = compare(model, class_list, pre, photos, targets)
+            show(f"EfficientNet-Lite0, {title} ({len(photos)} views)", rows)
+            show_verdict(rows)
             show_split(time_split(model, class_list, pre, photos, targets, args.repeats))
 
 
