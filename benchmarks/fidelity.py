@@ -28,12 +28,16 @@ of all six photos, :func:`heldout_photos`), kept out of every tuning.
   picture) and ``signed`` (summed over channels, positive = evidence for the class), which ranks
   better on deletion / insertion for every method but Saliency (whose gradient has no sign to use).
 - Every method runs once on one image before it is timed (imports, allocator, thread pools).
+- ``--substrates mean,zero`` reads every map's deletion / insertion again on those substrates
+  (each image's mean colour, black) after RISE's blur, with a verdict each: a ranking fitted to
+  the blur (issue 19, h19u: a few gradient steps on the measure itself beat every method there
+  with adversarial half-blurred blends) carries little to another substrate.
 - Under each table, issue 19's goal read off it (:func:`against_captum`): the measures on which
   leapcore's default loses to a captum row, and which captum rows it dominates (at least as good on
   every measure, better on one) or is dominated by; gaps under :data:`LEVEL` count as level.
 
     PYTHONPATH=. python benchmarks/fidelity.py [--images 6] [--markers all] [--photos] [--views 2]
-        [--more-photos] [--heldout-photos] [--repeats 3]
+        [--more-photos] [--heldout-photos] [--repeats 3] [--substrates mean,zero]
 """
 
 from __future__ import annotations
@@ -188,7 +192,11 @@ def apply(pre, x):
 OLD_MASK = {"isolation_map": "mask", "isolation_steps": 100, "isolation_lr": 0.1}
 
 
-def compare(model, class_list, pre, images, targets, box=None):
+def compare(model, class_list, pre, images, targets, box=None, substrates=()):
+    """Rows ``(method, deletion, insertion, marker mass, s/image, map s/image, passes, grad)``
+    on RISE's blur, and ``{substrate: rows}`` with the AUCs read again on each of ``substrates``
+    (``mean``, ``zero``; the other columns repeated): a map fitted to one substrate shows there."""
+
     def forward(x):
         return model(apply(pre, x))
 
@@ -216,6 +224,7 @@ def compare(model, class_list, pre, images, targets, box=None):
         ),
     }
     rows = []
+    others = {substrate: [] for substrate in substrates}
     with eval_mode(model):
         for name, fn in methods.items():
             fn(images[:1], targets[:1])  # warm-up, not timed
@@ -236,18 +245,17 @@ def compare(model, class_list, pre, images, targets, box=None):
                 with torch.no_grad():
                     deletion, insertion = deletion_insertion_auc(forward, images, m, targets)
                 mass = float(marker_mass(m, box).mean()) if box is not None else float("nan")
-                rows.append(
-                    (
-                        name + view,
-                        float(deletion.mean()),
-                        float(insertion.mean()),
-                        mass,
-                        seconds,
-                        map_seconds,
-                        *passes,
+                rest = (mass, seconds, map_seconds, *passes)
+                rows.append((name + view, float(deletion.mean()), float(insertion.mean()), *rest))
+                for substrate, table in others.items():
+                    with torch.no_grad():
+                        deletion, insertion = deletion_insertion_auc(
+                            forward, images, m, targets, substrate=substrate
+                        )
+                    table.append(
+                        (name + view, float(deletion.mean()), float(insertion.mean()), *rest)
                     )
-                )
-    return rows
+    return rows, others
 
 
 def time_split(model, class_list, pre, images, targets, repeats):
@@ -416,6 +424,17 @@ def show_verdict(rows):
     )
 
 
+def show_tables(title, rows, others):
+    """The table on RISE's blur with its verdict, then the AUCs on each other substrate with theirs."""
+    show(title, rows)
+    show_verdict(rows)
+    for substrate, table in others.items():
+        print(f"  the same maps, AUCs on the {substrate!r} substrate:")
+        for name, d, i, mass, *_ in table:
+            print(f"  {name:26s} {d:9.3f} {i:9.3f} {mass:7.2f}")
+        show_verdict(table)
+
+
 SKIMAGE_PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
 
 
@@ -494,16 +513,35 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="timed calls per method for the time split (median)"
     )
+    parser.add_argument(
+        "--substrates",
+        default="",
+        help="comma-separated substrates (mean, zero) to read every map's AUCs on again, after "
+        "RISE's blur: a map fitted to one substrate shows there",
+    )
     args = parser.parse_args()
+    substrates = tuple(filter(None, args.substrates.split(",")))
+    for substrate in substrates:
+        if substrate not in ("mean", "zero"):
+            parser.error(
+                f"--substrates: {substrate!r} is not one of mean, zero (blur is always read)"
+            )
     torch.manual_seed(0)
     for spec in [] if args.only_photos else MARKER_SETS[args.markers]:
         m = train_marker_model(**spec)
         images = m.images[: args.images]
-        rows = compare(
-            m.model, m.class_list, m.preprocessing, images, [m.marker_class] * len(images), m.box
+        rows, others = compare(
+            m.model,
+            m.class_list,
+            m.preprocessing,
+            images,
+            [m.marker_class] * len(images),
+            m.box,
+            substrates,
         )
-        show(f"digits CNN with marker {spec} (clean accuracy {m.clean_accuracy:.2f})", rows)
-        show_verdict(rows)
+        show_tables(
+            f"digits CNN with marker {spec} (clean accuracy {m.clean_accuracy:.2f})", rows, others
+        )
         split = time_split(
             m.model,
             m.class_list,
@@ -531,9 +569,8 @@ def main() -> None:
                 photos = torch.cat([photos, photos.flip(-1)])
             with torch.no_grad():
                 targets = model(apply(pre, photos)).argmax(1).tolist()
-            rows = compare(model, class_list, pre, photos, targets)
-            show(f"EfficientNet-Lite0, {title} ({len(photos)} views)", rows)
-            show_verdict(rows)
+            rows, others = compare(model, class_list, pre, photos, targets, substrates=substrates)
+            show_tables(f"EfficientNet-Lite0, {title} ({len(photos)} views)", rows, others)
             show_split(time_split(model, class_list, pre, photos, targets, args.repeats))
 
 
