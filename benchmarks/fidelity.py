@@ -195,7 +195,8 @@ OLD_MASK = {"isolation_map": "mask", "isolation_steps": 100, "isolation_lr": 0.1
 def compare(model, class_list, pre, images, targets, box=None, substrates=()):
     """Rows ``(method, deletion, insertion, marker mass, s/image, map s/image, passes, grad)``
     on RISE's blur, and ``{substrate: rows}`` with the AUCs read again on each of ``substrates``
-    (``mean``, ``zero``; the other columns repeated): a map fitted to one substrate shows there."""
+    (``mean``, ``zero``; no marker mass, the timing columns repeated): a map fitted to one
+    substrate shows there."""
 
     def forward(x):
         return model(apply(pre, x))
@@ -225,6 +226,7 @@ def compare(model, class_list, pre, images, targets, box=None, substrates=()):
     }
     rows = []
     others = {substrate: [] for substrate in substrates}
+    nan = float("nan")
     with eval_mode(model):
         for name, fn in methods.items():
             fn(images[:1], targets[:1])  # warm-up, not timed
@@ -244,16 +246,19 @@ def compare(model, class_list, pre, images, targets, box=None, substrates=()):
             for view, m in views.items():
                 with torch.no_grad():
                     deletion, insertion = deletion_insertion_auc(forward, images, m, targets)
-                mass = float(marker_mass(m, box).mean()) if box is not None else float("nan")
-                rest = (mass, seconds, map_seconds, *passes)
-                rows.append((name + view, float(deletion.mean()), float(insertion.mean()), *rest))
+                mass = float(marker_mass(m, box).mean()) if box is not None else nan
+                timing = (seconds, map_seconds, *passes)
+                rows.append(
+                    (name + view, float(deletion.mean()), float(insertion.mean()), mass, *timing)
+                )
                 for substrate, table in others.items():
                     with torch.no_grad():
                         deletion, insertion = deletion_insertion_auc(
                             forward, images, m, targets, substrate=substrate
                         )
+                    # The mass does not depend on the substrate: those tables leave it out.
                     table.append(
-                        (name + view, float(deletion.mean()), float(insertion.mean()), *rest)
+                        (name + view, float(deletion.mean()), float(insertion.mean()), nan, *timing)
                     )
     return rows, others
 
@@ -430,8 +435,8 @@ def show_tables(title, rows, others):
     show_verdict(rows)
     for substrate, table in others.items():
         print(f"  the same maps, AUCs on the {substrate!r} substrate:")
-        for name, d, i, mass, *_ in table:
-            print(f"  {name:26s} {d:9.3f} {i:9.3f} {mass:7.2f}")
+        for name, d, i, *_ in table:
+            print(f"  {name:26s} {d:9.3f} {i:9.3f}")
         show_verdict(table)
 
 
