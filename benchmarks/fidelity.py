@@ -76,6 +76,8 @@ NEW_MARKERS = [
     {"size": 4, "position": (18, 22), "value": 0.25, "seed": 5},
 ]
 MARKER_SETS = {"old": MARKERS, "new": NEW_MARKERS, "all": MARKERS + NEW_MARKERS}
+# The captum methods compared, in the tables' order.
+CAPTUM = ("Saliency", "IntegratedGradients", "GradientShap", "Occlusion")
 
 
 def captum_maps(name, forward, images, targets):
@@ -217,7 +219,7 @@ def compare(model, class_list, pre, images, targets, box=None, substrates=()):
         "leapcore mask": leapcore({}),
         "leapcore mask (old)": leapcore(OLD_MASK),
         "leapcore HiPE": leapcore({"use_hipe": True, "hipe_min_cell": 1}),
-        **{n: captum(n) for n in ("Saliency", "IntegratedGradients", "GradientShap", "Occlusion")},
+        **{n: captum(n) for n in CAPTUM},
         "random": lambda x, t: (
             torch.rand(x.shape[0], 1, *x.shape[2:], generator=torch.Generator().manual_seed(0)),
             None,
@@ -375,7 +377,6 @@ def show(title, rows):
 
 # Differences under this are printed as level, not as a win or a loss: a few images' noise.
 LEVEL = 0.005
-CAPTUM = ("Saliency", "IntegratedGradients", "GradientShap", "Occlusion")
 
 
 def against_captum(rows, ours="leapcore mask"):
